@@ -1,0 +1,19 @@
+"""CoDA-GQA-L in JAX: bounded-memory differential attention and its saveable state."""
+
+from .bounded import CoDAGQALandmark
+from .config import AttentionConfig, BankConfig, lf_band_dims
+from .state import BankMetrics, BankState, select_rows, stack_states
+from .unbounded import BaselineGQA, CoDAGQA
+
+__all__ = [
+    "AttentionConfig",
+    "BankConfig",
+    "BankMetrics",
+    "BankState",
+    "BaselineGQA",
+    "CoDAGQA",
+    "CoDAGQALandmark",
+    "lf_band_dims",
+    "select_rows",
+    "stack_states",
+]

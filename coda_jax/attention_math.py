@@ -1,0 +1,78 @@
+"""Pure-jnp (differential) grouped-query attention: the numerical reference.
+
+Every attention variant in the package funnels into :func:`differential_attention`;
+GPU kernels (``pallas_kernels``) are checked against it.
+
+Shapes: q (B, Lq, H, Dh); k, v (B, Lk, Hkv, Dh); lam (B, Lq, H);
+mask broadcastable to (B, Lq, Lk), True = may attend. K/V are never
+repeated per query head: queries are grouped as (Hkv, G) instead.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .primitives import head_rms_norm
+
+
+def causal_mask(q_len: int, k_len: int) -> jax.Array:
+    """Lower-right aligned causal mask (Lq, Lk): query i sees keys ``<= i + Lk - Lq``."""
+    q_idx = jnp.arange(q_len)[:, None] + (k_len - q_len)
+    return jnp.arange(k_len)[None, :] <= q_idx
+
+
+def _grouped_scores(q: jax.Array, k: jax.Array) -> jax.Array:
+    """(B, Lq, Hkv, S, Dh) x (B, Lk, Hkv, Dh) -> float32 logits (B, Hkv, S, Lq, Lk)."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhsd,bkhd->bhsqk", q, k, preferred_element_type=jnp.float32)
+    return logits * scale
+
+
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                      mask: jax.Array | None = None,
+                      bias: jax.Array | None = None) -> jax.Array:
+    """Softmax attention of grouped queries q (B, Lq, Hkv, S, Dh) -> (B, Lq, Hkv, S, Dh).
+
+    ``mask`` (bool, True = attend) and ``bias`` (additive) broadcast to (B, Lq, Lk).
+    A fully masked row yields a uniform average instead of NaN, so padded
+    queries stay finite under ``jax.grad``.
+    """
+    logits = _grouped_scores(q, k)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)[:, None, None]
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhsqk,bkhd->bqhsd", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.astype(v.dtype)
+
+
+def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                           q_noise: jax.Array | None = None,
+                           lam: jax.Array | None = None,
+                           mask: jax.Array | None = None,
+                           bias: jax.Array | None = None,
+                           norm_weight: jax.Array | None = None,
+                           head_norm: bool = True,
+                           eps: float = 1e-6) -> jax.Array:
+    """``HeadNorm(Attn(q, K, V) - lam * Attn(q_noise, K, V))`` -> (B, Lq, H, Dh).
+
+    With ``q_noise=None`` only the signal stream is computed (standard GQA
+    attention, optionally head-normed). Both streams share one pass over K/V:
+    they are stacked as extra query rows of each KV group.
+    """
+    b, lq, h, dh = q.shape
+    hkv = k.shape[2]
+    g = h // hkv
+    streams = [q] if q_noise is None else [q, q_noise]
+    stacked = jnp.concatenate([s.reshape(b, lq, hkv, g, dh) for s in streams], axis=3)
+    out = grouped_attention(stacked, k, v, mask=mask, bias=bias)
+    signal = out[:, :, :, :g].reshape(b, lq, h, dh)
+    if q_noise is not None:
+        noise = out[:, :, :, g:].reshape(b, lq, h, dh)
+        signal = signal - lam[..., None].astype(signal.dtype) * noise
+    if head_norm:
+        signal = head_rms_norm(signal, norm_weight, eps)
+    return signal

@@ -1,0 +1,268 @@
+"""CoDA-GQA-L: bounded-memory differential attention (the reference's CoDAGQALandmarkPerf2).
+
+``prefill`` runs a ``lax.scan`` over fixed-size blocks (a ragged tail is padded
+and masked) and ``step`` decodes one token; both are jit-compiled once per
+shape and never synchronise with the host. See ``memory.py`` for the write rules.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import memory
+from .attention_math import causal_mask
+from .config import AttentionConfig, BankConfig, HeadNormMode, LfBand, MemInit, WritePolicy
+from .projections import AttentionCore, _linear
+from .state import POSITION_DTYPE, BankState, where_rows
+
+# How many times each compiled entry point has been traced (a retrace shows up here).
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+
+
+class CoDAGQALandmark(AttentionCore):
+    """Bounded differential attention over ``[recent W | exact Me | summary Ms]`` slots.
+
+    Keywords and defaults are the reference's. Additions: ``head_dim`` (when it
+    is not ``embed_dim // num_heads``, as in Qwen3), ``qkv_bias``/``o_bias``,
+    ``differential`` (False: lambda fixed at 0 and no noise stream, i.e. plain
+    GQA over the same bounded buffer) and ``lf_band`` (``"reference"``: key dims
+    ``[Dh/2:]`` as the reference; ``"frequency"``: the slowest RoPE pairs under
+    either pairing).
+    """
+
+    def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int, window: int,
+                 num_landmarks_exact: int, num_landmarks_summary: int,
+                 rope_base: float = 10_000.0, lambda_init_bias: float = -6.0,
+                 theta_init: float = math.pi / 2,
+                 write_policy: WritePolicy = "gated", write_gate_init_bias: float = -2.0,
+                 write_gate_threshold_exact: float = 0.10,
+                 write_gate_threshold_summary: float = 0.05,
+                 exact_match_threshold: float = 0.90, exact_novelty_threshold: float = 0.70,
+                 exact_refresh_on_hit: bool = False, exact_candidates_per_block: int = 8,
+                 summary_eta_init_logit: float = -3.0, summary_candidates_per_block: int = 64,
+                 summary_overwrite_on_insert: bool = True,
+                 min_landmarks_exact: int | None = None, max_landmarks_exact: int | None = None,
+                 min_landmarks_summary: int | None = None,
+                 max_landmarks_summary: int | None = None,
+                 expansion_t_max: int = 1_000_000, mem_init: MemInit = "random_normal",
+                 mask_unused_memory: bool = True, detach_evicted: bool = True,
+                 eps: float = 1e-6, collect_metrics: bool = False,
+                 head_norm_mode: HeadNormMode = "full", rope_interleaved: bool = True,
+                 head_dim: int | None = None, differential: bool = True,
+                 lf_band: LfBand = "reference", qkv_bias: bool = False, o_bias: bool = False,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        attn_cfg = AttentionConfig(
+            embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            head_dim=head_dim, rope_base=rope_base, rope_interleaved=rope_interleaved,
+            head_norm_mode=head_norm_mode, eps=eps, differential=differential,
+            qkv_bias=qkv_bias, o_bias=o_bias)
+        self.bank_cfg = BankConfig(
+            window=window, num_landmarks_exact=num_landmarks_exact,
+            num_landmarks_summary=num_landmarks_summary, write_policy=write_policy,
+            write_gate_threshold_exact=write_gate_threshold_exact,
+            write_gate_threshold_summary=write_gate_threshold_summary,
+            exact_match_threshold=exact_match_threshold,
+            exact_novelty_threshold=exact_novelty_threshold,
+            exact_refresh_on_hit=exact_refresh_on_hit,
+            exact_candidates_per_block=exact_candidates_per_block,
+            summary_candidates_per_block=summary_candidates_per_block,
+            summary_overwrite_on_insert=summary_overwrite_on_insert,
+            min_landmarks_exact=min_landmarks_exact, max_landmarks_exact=max_landmarks_exact,
+            min_landmarks_summary=min_landmarks_summary,
+            max_landmarks_summary=max_landmarks_summary, expansion_t_max=expansion_t_max,
+            mem_init=mem_init, mask_unused_memory=mask_unused_memory,
+            detach_evicted=detach_evicted, collect_metrics=collect_metrics, lf_band=lf_band)
+        super().__init__(attn_cfg, lambda_init_bias=lambda_init_bias, theta_init=theta_init,
+                         param_dtype=param_dtype, rngs=rngs)
+        self.write_proj = _linear(
+            embed_dim, 1, bias=True, param_dtype=param_dtype, rngs=rngs,
+            kernel_init=nnx.initializers.zeros,
+            bias_init=nnx.initializers.constant(write_gate_init_bias))
+        self.summary_eta_logit = nnx.Param(
+            jnp.full((num_kv_heads,), summary_eta_init_logit, param_dtype))
+
+    # ------------------------------------------------------------------ state
+    @property
+    def layout(self) -> memory.BankLayout:
+        return memory.bank_layout(self.bank_cfg, self.num_kv_heads, self.head_dim,
+                                  self.attn_cfg.rope_interleaved)
+
+    @property
+    def window(self) -> int:
+        return self.bank_cfg.window
+
+    def init_state(self, batch_size: int, dtype=jnp.float32, *, key: jax.Array | None = None,
+                   mem_init: MemInit | None = None) -> BankState:
+        """A fresh state for ``batch_size`` documents; ``key`` seeds ``random_normal`` banks.
+
+        ``mem_init`` overrides the layer's (the reference's trainer uses ``"zeros"``).
+        """
+        return memory.init_state(self.layout, int(batch_size), dtype, key,
+                                 mem_init or self.bank_cfg.mem_init)
+
+    def cache_bytes(self, *, batch_size: int, dtype=jnp.bfloat16) -> int:
+        """Bytes of the whole state (every leaf) for ``batch_size`` documents."""
+        shapes = jax.eval_shape(lambda: memory.init_state(
+            self.layout, int(batch_size), dtype, None, "zeros"))
+        return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes)))
+
+    def check_state(self, state: BankState, batch_size: int | None = None) -> None:
+        """Raise ``ValueError`` naming the first leaf whose shape does not fit this layer."""
+        if not isinstance(state, BankState):
+            raise ValueError(f"expected a BankState, got {type(state).__name__}")
+        batch = state.batch_size if batch_size is None else batch_size
+        expected = jax.eval_shape(lambda: memory.init_state(
+            self.layout, batch, state.k_buf.dtype, None, "zeros"))
+        exp_leaves = jax.tree_util.tree_leaves_with_path(expected)
+        got_leaves = jax.tree.leaves(state)
+        if len(exp_leaves) != len(got_leaves):
+            raise ValueError(
+                "state does not match this layer: "
+                f"collect_metrics={self.bank_cfg.collect_metrics} but the state "
+                f"{'has' if state.metrics is not None else 'lacks'} metrics")
+        for (path, exp), got in zip(exp_leaves, got_leaves):
+            if tuple(exp.shape) != tuple(got.shape):
+                name = jax.tree_util.keystr(path)
+                raise ValueError(
+                    f"state does not match this layer: {name} has shape {tuple(got.shape)}, "
+                    f"expected {tuple(exp.shape)} (window={self.window}, "
+                    f"exact={self.bank_cfg.num_exact}, summary={self.bank_cfg.num_summary}, "
+                    f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                    f"batch={batch})")
+
+    # --------------------------------------------------------------- compute
+    def _write_gate(self, x: jax.Array) -> jax.Array:
+        if not self.bank_cfg.gated:
+            return jnp.ones(x.shape[:-1], jnp.float32)
+        return jax.nn.sigmoid(self.write_proj(x)[..., 0].astype(jnp.float32))
+
+    def _prefill_block(self, x: jax.Array, count: jax.Array, state: BankState,
+                       training: bool) -> tuple[jax.Array, BankState]:
+        """One block x (B, T, D) with ``count`` (B,) valid tokens per row."""
+        batch, block, _ = x.shape
+        positions = state.pos[:, None] + jnp.arange(block, dtype=POSITION_DTYPE)[None, :]
+        q = self.project_q(x, positions)
+        k, v = self.project_kv(x, positions)
+        keys = jnp.concatenate([state.k_buf, k.astype(state.k_buf.dtype)], axis=1)
+        values = jnp.concatenate([state.v_buf, v.astype(state.v_buf.dtype)], axis=1)
+        prefix = state.allowed if self.bank_cfg.mask_unused_memory else jnp.ones_like(state.allowed)
+        in_block = causal_mask(block, block)[None] & (jnp.arange(block) < count[:, None])[:, None, :]
+        mask = jnp.concatenate(
+            [jnp.broadcast_to(prefix[:, None, :], (batch, block, prefix.shape[1])), in_block], -1)
+        y = self.attend(x, q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask)
+        new_state = memory.write_block(
+            self.layout, state, k=k, v=v, gate=self._write_gate(x), count=count,
+            eta_logit=self.summary_eta_logit[...], training=training)
+        # Rows with nothing in this block keep their state bit for bit.
+        return y, where_rows(count > 0, new_state, state)
+
+    def _prefill_segment(self, x: jax.Array, lengths: jax.Array, state: BankState, *,
+                         block_size: int, training: bool) -> tuple[jax.Array, BankState]:
+        batch, seg_len, dim = x.shape
+        n_blocks = seg_len // block_size
+        blocks = x.reshape(batch, n_blocks, block_size, dim).swapaxes(0, 1)
+        starts = jnp.arange(n_blocks, dtype=POSITION_DTYPE)[:, None] * block_size
+        counts = jnp.clip(lengths[None, :] - starts, 0, block_size)
+
+        def body(st, inputs):
+            xb, cb = inputs
+            return jax.lax.cond(
+                jnp.any(cb > 0),
+                lambda s: self._prefill_block(xb, cb, s, training)[::-1],
+                lambda s: (s, jnp.zeros_like(xb)), st)
+
+        state, ys = jax.lax.scan(body, state, (blocks, counts))
+        return ys.swapaxes(0, 1).reshape(batch, seg_len, dim), state
+
+    def _step(self, x: jax.Array, state: BankState, training: bool
+              ) -> tuple[jax.Array, BankState]:
+        positions = state.pos[:, None]
+        q = self.project_q(x, positions)
+        k, v = self.project_kv(x, positions)
+        state = memory.write_one(
+            self.layout, state, k=k[:, 0], v=v[:, 0], gate=self._write_gate(x)[:, 0],
+            eta_logit=self.summary_eta_logit[...], training=training)
+        mask = state.allowed if self.bank_cfg.mask_unused_memory else jnp.ones_like(state.allowed)
+        y = self.attend(x, q, state.k_buf.astype(q.dtype), state.v_buf.astype(q.dtype),
+                        mask=mask[:, None, :])
+        return y, state
+
+    # ------------------------------------------------------------ public API
+    def prefill(self, x: jax.Array, state: BankState, *, block_size: int = 256,
+                lengths=None, training: bool = False,
+                chunks_per_call: int = 8) -> tuple[jax.Array, BankState]:
+        """Process a prompt x (B, L, D) block by block; return (y (B, L, D), new state).
+
+        ``lengths`` (B,) marks rows shorter than L (their tail is padding: no
+        output, no state change). The compiled unit is ``chunks_per_call``
+        blocks, so prompts of any length reuse one compilation per block size.
+        ``training=True`` freezes bank expansion, as the reference does in
+        training mode. The input state is not modified.
+        """
+        self.check_input(x)
+        self.check_state(state, x.shape[0])
+        if block_size <= 0 or chunks_per_call <= 0:
+            raise ValueError("block_size and chunks_per_call must be positive, got "
+                             f"{block_size} and {chunks_per_call}")
+        batch, length, dim = x.shape
+        lengths = self._check_lengths(lengths, batch, length)
+        if length == 0:
+            return x, state
+        seg = block_size * chunks_per_call
+        n_seg = -(-length // seg)
+        x = jnp.pad(x, ((0, 0), (0, n_seg * seg - length), (0, 0)))
+        graphdef, params = nnx.split(self)
+        outputs = []
+        for i in range(n_seg):
+            seg_lengths = jnp.clip(lengths - i * seg, 0, seg)
+            y, state = _prefill_segment_jit(graphdef, params, x[:, i * seg:(i + 1) * seg],
+                                            seg_lengths, state, block_size=block_size,
+                                            training=training)
+            outputs.append(y)
+        y = jnp.concatenate(outputs, axis=1)[:, :length]
+        return y, state
+
+    def step(self, x: jax.Array, state: BankState, *, training: bool = False
+             ) -> tuple[jax.Array, BankState]:
+        """Decode one token per row: x (B, 1, D) -> (y (B, 1, D), new state).
+
+        Rows may be at different positions. The input state is not modified.
+        """
+        self.check_input(x)
+        if x.shape[1] != 1:
+            raise ValueError(f"step takes one token per row, x (B, 1, D); got {tuple(x.shape)}")
+        self.check_state(state, x.shape[0])
+        graphdef, params = nnx.split(self)
+        return _step_jit(graphdef, params, x, state, training=training)
+
+    @staticmethod
+    def _check_lengths(lengths, batch: int, length: int) -> jax.Array:
+        if lengths is None:
+            return jnp.full((batch,), length, POSITION_DTYPE)
+        if not isinstance(lengths, jax.core.Tracer):
+            host = np.asarray(lengths)
+            if host.shape != (batch,) or (host < 0).any() or (host > length).any():
+                raise ValueError(f"lengths must be {batch} integers in [0, {length}], "
+                                 f"got {host.tolist()}")
+        return jnp.asarray(lengths, POSITION_DTYPE)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "block_size", "training"))
+def _prefill_segment_jit(graphdef, params, x, lengths, state, *, block_size, training):
+    TRACE_COUNTS["prefill"] += 1
+    layer = nnx.merge(graphdef, params)
+    return layer._prefill_segment(x, lengths, state, block_size=block_size, training=training)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "training"))
+def _step_jit(graphdef, params, x, state, *, training):
+    TRACE_COUNTS["step"] += 1
+    layer = nnx.merge(graphdef, params)
+    return layer._step(x, state, training)

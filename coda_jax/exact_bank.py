@@ -1,0 +1,158 @@
+"""Exact landmark bank: value-routed, novelty-filtered, LRU slots of evicted tokens.
+
+Routing compares normalised *values* (RoPE-free) with the bank's values,
+averaged over KV heads. A kept candidate whose best match is below the
+novelty threshold is inserted (free slot first, then least recently used);
+one at or above the match threshold is a hit (refreshed if
+``exact_refresh_on_hit``). Every function works on whole batches with fixed
+shapes; per-row quantities (active size, fill) are arrays. We follow the
+reference's PyTorch path, including where its prefill and decode rules differ.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from .config import BankConfig
+from .primitives import l2_normalize
+
+MASKED_SCORE = -1e9
+STAMP_MAX = jnp.iinfo(jnp.int32).max
+STAMP_MIN = -STAMP_MAX
+
+
+class ExactUpdate(NamedTuple):
+    k: jax.Array            # (B, Me, Hkv, Dh)
+    v: jax.Array
+    used: jax.Array         # (B, Me) bool
+    last: jax.Array         # (B, Me) LRU stamps
+    frustrated: jax.Array   # (B,) int32: novel tokens that found no free slot
+    hits: jax.Array         # (B,) int32 kept candidates that matched a slot
+    inserts: jax.Array      # (B,) int32 novel candidates written
+    overwrites: jax.Array   # (B,) int32 slot writes (inserts + refreshes)
+    gated_out: jax.Array    # (B,) int32 candidates below the write-gate threshold
+
+
+def value_scores(cand_v: jax.Array, mem_v: jax.Array) -> jax.Array:
+    """Cosine similarity of candidate and bank values, mean over KV heads.
+
+    cand_v (B, T, Hkv, Dh), mem_v (B, M, Hkv, Dh) -> (B, T, M), float32.
+    """
+    scores = jnp.einsum("bthd,bmhd->btm", l2_normalize(cand_v), l2_normalize(mem_v))
+    return scores / cand_v.shape[2]
+
+
+def _keep(cfg: BankConfig, gate: jax.Array, valid: jax.Array) -> jax.Array:
+    if not cfg.gated:
+        return valid
+    return valid & (gate >= cfg.write_gate_threshold_exact)
+
+
+def _write_slots(mem: jax.Array, onehot: jax.Array, idx: jax.Array, write: jax.Array,
+                 cand: jax.Array) -> jax.Array:
+    """``mem[idx] += write * (cand - mem[idx])`` for every token, summed per slot.
+
+    The delta form (as the reference's scatter_add) keeps a non-writing token
+    from undoing a write to the same slot and lets gradients reach both the
+    old slot and the candidate.
+    """
+    old = jnp.take_along_axis(mem, idx[:, :, None, None], axis=1)
+    delta = write[:, :, None, None].astype(mem.dtype) * (cand.astype(mem.dtype) - old)
+    contrib = jnp.einsum("btm,bthd->bmhd", onehot.astype(mem.dtype), delta,
+                         preferred_element_type=jnp.float32)
+    return mem + contrib.astype(mem.dtype)
+
+
+def update_block(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: jax.Array,
+                 last: jax.Array, active: jax.Array, cand_k: jax.Array, cand_v: jax.Array,
+                 cand_pos: jax.Array, cand_gate: jax.Array,
+                 cand_valid: jax.Array) -> ExactUpdate:
+    """Route T candidates (sorted by gate, descending) into the bank at once (prefill)."""
+    num_slots = mem_k.shape[1]
+    slots = jnp.arange(num_slots)
+    inactive = slots[None, :] >= active[:, None]                         # (B, M)
+
+    scores = value_scores(cand_v, mem_v)
+    scores = jnp.where((inactive | ~used)[:, None, :], MASKED_SCORE, scores)
+    best_score = jnp.max(scores, axis=-1)
+    best_idx = jnp.argmax(scores, axis=-1)
+    any_used = jnp.any(used, axis=-1)[:, None]
+
+    keep = _keep(cfg, cand_gate, cand_valid)
+    novel = ~any_used | (best_score < cfg.exact_novelty_threshold)
+    hit = any_used & (best_score >= cfg.exact_match_threshold)
+    novel_keep = novel & keep
+
+    # Insertion order: empty or inactive slots first (by index), then used
+    # active slots by stamp. Inactive slots rank first as in the reference's
+    # PyTorch prefill path (its comment says otherwise; its code does this).
+    rank_key = jnp.where(used & ~inactive, last, STAMP_MIN)
+    lru_order = jnp.argsort(rank_key, axis=-1, stable=True)
+    novel_rank = jnp.cumsum(novel_keep.astype(jnp.int32), axis=-1) - 1
+    novel_cap = novel_keep & (novel_rank < active[:, None])
+    assigned = jnp.take_along_axis(lru_order, jnp.clip(novel_rank, 0, num_slots - 1), axis=1)
+
+    idx = jnp.where(novel_cap, assigned, best_idx)
+    touch = keep & (~novel | novel_cap)
+    if cfg.exact_refresh_on_hit:
+        overwrite = keep & (novel_cap | hit)
+    else:
+        overwrite = novel_cap
+
+    onehot = idx[:, :, None] == slots[None, None, :]                      # (B, T, M)
+    touched = onehot & touch[:, :, None]
+    new_stamp = jnp.max(jnp.where(touched, cand_pos[:, :, None], STAMP_MIN), axis=1)
+    last = jnp.where(jnp.any(touched, axis=1), new_stamp, last).astype(last.dtype)
+
+    mem_k = _write_slots(mem_k, onehot, idx, overwrite, cand_k)
+    mem_v = _write_slots(mem_v, onehot, idx, overwrite, cand_v)
+    used = used | jnp.any(onehot & overwrite[:, :, None], axis=1)
+
+    count = lambda m: jnp.sum(m, axis=-1, dtype=jnp.int32)  # noqa: E731
+    return ExactUpdate(
+        k=mem_k, v=mem_v, used=used, last=last,
+        frustrated=count(novel_keep & ~novel_cap), hits=count(hit & keep),
+        inserts=count(novel_cap), overwrites=count(overwrite),
+        gated_out=count(cand_valid & ~keep))
+
+
+def update_one(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: jax.Array,
+               last: jax.Array, active: jax.Array, k: jax.Array, v: jax.Array,
+               pos: jax.Array, gate: jax.Array, valid: jax.Array) -> ExactUpdate:
+    """Route one evicted token per row (decode): k/v (B, Hkv, Dh), pos/gate/valid (B,)."""
+    num_slots = mem_k.shape[1]
+    slots = jnp.arange(num_slots)
+    active_slot = slots[None, :] < active[:, None]
+
+    scores = value_scores(v[:, None], mem_v)[:, 0]                        # (B, M)
+    scores = jnp.where(active_slot & used, scores, MASKED_SCORE)
+    best_score = jnp.max(scores, axis=-1)
+    best_idx = jnp.argmax(scores, axis=-1)
+    any_used = jnp.any(used & active_slot, axis=-1)
+
+    keep = _keep(cfg, gate, valid)
+    novel = ~any_used | (best_score < cfg.exact_novelty_threshold)
+    hit = any_used & (best_score >= cfg.exact_match_threshold)
+
+    free = ~used & active_slot
+    free_exists = jnp.any(free, axis=-1)
+    lru_idx = jnp.argmin(jnp.where(used & active_slot, last, STAMP_MAX), axis=-1)
+    insert_idx = jnp.where(free_exists, jnp.argmax(free, axis=-1), lru_idx)
+    idx = jnp.where(novel, insert_idx, best_idx)
+    overwrite = (novel | hit if cfg.exact_refresh_on_hit else novel) & keep
+
+    onehot = idx[:, None] == slots[None, :]                               # (B, M)
+    last = jnp.where(onehot & keep[:, None], pos[:, None], last).astype(last.dtype)
+    mem_k = _write_slots(mem_k, onehot[:, None], idx[:, None], overwrite[:, None], k[:, None])
+    mem_v = _write_slots(mem_v, onehot[:, None], idx[:, None], overwrite[:, None], v[:, None])
+    used = used | (onehot & overwrite[:, None])
+
+    as_int = lambda m: m.astype(jnp.int32)  # noqa: E731
+    return ExactUpdate(
+        k=mem_k, v=mem_v, used=used, last=last,
+        frustrated=as_int(novel & keep & ~free_exists), hits=as_int(hit & keep),
+        inserts=as_int(novel & keep), overwrites=as_int(overwrite),
+        gated_out=as_int(valid & ~keep))

@@ -1,0 +1,101 @@
+"""Small building blocks: RoPE (both pairings), the Givens pair rotation, head RMSNorm.
+
+Layout convention everywhere in this package: tokens before heads,
+``(B, L, H, Dh)``, as ``jax.nn.dot_product_attention`` and the Pallas kernels use.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@functools.lru_cache(maxsize=64)
+def rope_inv_freq(head_dim: int, base: float) -> np.ndarray:
+    """Inverse frequencies ``base ** (-2i / head_dim)`` of the rotary pairs, float32."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    return (np.float32(1.0) / np.power(np.float32(base), exponents)).astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables for integer positions of any shape -> ``positions.shape + (Dh/2,)``.
+
+    Angles are formed in float32 (as the reference and transformers do).
+    """
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _split_pairs(x: jax.Array, interleaved: bool) -> tuple[jax.Array, jax.Array]:
+    if interleaved:
+        return x[..., 0::2], x[..., 1::2]
+    half = x.shape[-1] // 2
+    return x[..., :half], x[..., half:]
+
+
+def _join_pairs(a: jax.Array, b: jax.Array, interleaved: bool) -> jax.Array:
+    if interleaved:
+        return jnp.stack([a, b], axis=-1).reshape(*a.shape[:-1], 2 * a.shape[-1])
+    return jnp.concatenate([a, b], axis=-1)
+
+
+def rotate_pairs(x: jax.Array, cos: jax.Array, sin: jax.Array, *, interleaved: bool) -> jax.Array:
+    """Rotate each feature pair of ``x`` (..., Dh) by the angle whose cos/sin are given.
+
+    ``cos``/``sin`` broadcast against ``x[..., : Dh // 2]``. Pairs are
+    ``(2i, 2i+1)`` when ``interleaved`` (the reference's default) and
+    ``(i, i + Dh/2)`` otherwise (Llama/Qwen convention). Computed in the wider
+    of x's dtype and float32, returned in x's dtype.
+    """
+    dtype = x.dtype
+    a, b = _split_pairs(x.astype(jnp.promote_types(dtype, jnp.float32)), interleaved)
+    out = _join_pairs(a * cos - b * sin, a * sin + b * cos, interleaved)
+    return out.astype(dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, *,
+               interleaved: bool) -> jax.Array:
+    """RoPE for ``x`` (B, L, H, Dh) at integer ``positions`` (B, L) or (L,)."""
+    cos, sin = rope_tables(positions, inv_freq)
+    return rotate_pairs(x, cos[..., None, :], sin[..., None, :], interleaved=interleaved)
+
+
+def givens_rotate(q: jax.Array, theta: jax.Array) -> jax.Array:
+    """The noise query: rotate every interleaved pair of head h by ``theta[h, i]``.
+
+    q: (..., H, Dh); theta: (H, Dh/2). The reference always pairs (2i, 2i+1)
+    here, whatever the RoPE pairing, and so do we.
+    """
+    theta = theta.astype(jnp.float32)
+    return rotate_pairs(q, jnp.cos(theta), jnp.sin(theta), interleaved=True)
+
+
+def head_rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, in float32, then scaled by ``weight``."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if weight is not None:
+        xf = xf * weight.astype(jnp.float32)
+    return xf.astype(x.dtype)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """``x / max(||x||, eps)`` over the last axis (``torch.nn.functional.normalize``)."""
+    xf = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(xf * xf, axis=-1, keepdims=True))
+    return xf / jnp.maximum(norm, eps)
+
+
+class HeadwiseRMSNorm(nnx.Module):
+    """RMSNorm across head_dim, applied per (batch, token, head), with a learned scale."""
+
+    def __init__(self, head_dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((head_dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return head_rms_norm(x, self.weight[...], self.eps)

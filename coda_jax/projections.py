@@ -1,0 +1,114 @@
+"""The parameters of one attention layer and the per-token maps built from them.
+
+``AttentionCore`` owns q/k/v/o projections and, for differential attention,
+the Givens angles ``theta``, the cancellation gate ``lambda_proj`` and the head
+norm. Every attention layer derives from it, so parameter names match the
+reference's (``q_proj``, ``theta``, ``head_norm.weight``...), and weight
+conversion and the arithmetic live in one place.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .attention_math import differential_attention
+from .config import AttentionConfig
+from .primitives import HeadwiseRMSNorm, apply_rope, givens_rotate, rope_inv_freq
+
+
+def _linear(cfg_in: int, cfg_out: int, *, bias: bool, param_dtype, rngs: nnx.Rngs,
+            kernel_init=None, bias_init=None) -> nnx.Linear:
+    # torch.nn.Linear's default init: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
+    bound = 1.0 / math.sqrt(cfg_in)
+
+    def uniform(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return nnx.Linear(cfg_in, cfg_out, use_bias=bias, param_dtype=param_dtype,
+                      kernel_init=kernel_init or uniform, bias_init=bias_init or uniform,
+                      rngs=rngs)
+
+
+class AttentionCore(nnx.Module):
+    """Projections of one (differential) GQA layer; see :class:`AttentionConfig`."""
+
+    def __init__(self, cfg: AttentionConfig, *, lambda_init_bias: float = -6.0,
+                 theta_init: float = math.pi / 2, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.attn_cfg = cfg
+        h, hkv, dh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
+        self.q_proj = _linear(d, h * dh, bias=cfg.qkv_bias, param_dtype=param_dtype, rngs=rngs)
+        self.k_proj = _linear(d, hkv * dh, bias=cfg.qkv_bias, param_dtype=param_dtype, rngs=rngs)
+        self.v_proj = _linear(d, hkv * dh, bias=cfg.qkv_bias, param_dtype=param_dtype, rngs=rngs)
+        self.o_proj = _linear(h * dh, d, bias=cfg.o_bias, param_dtype=param_dtype, rngs=rngs)
+        if cfg.differential:
+            self.theta = nnx.Param(jnp.full((h, dh // 2), theta_init, param_dtype))
+            self.lambda_proj = _linear(d, h, bias=True, param_dtype=param_dtype, rngs=rngs,
+                                       bias_init=nnx.initializers.constant(lambda_init_bias))
+        else:
+            self.theta = None
+            self.lambda_proj = None
+        if cfg.head_norm_mode == "full":
+            self.head_norm = HeadwiseRMSNorm(dh, eps=cfg.eps, param_dtype=param_dtype)
+        else:
+            self.head_norm = None
+
+    @property
+    def embed_dim(self) -> int:
+        return self.attn_cfg.embed_dim
+
+    @property
+    def num_heads(self) -> int:
+        return self.attn_cfg.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.attn_cfg.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.attn_cfg.head_dim
+
+    @property
+    def inv_freq(self):
+        return rope_inv_freq(self.attn_cfg.head_dim, self.attn_cfg.rope_base)
+
+    def check_input(self, x: jax.Array, *, what: str = "x") -> None:
+        if x.ndim != 3 or x.shape[-1] != self.attn_cfg.embed_dim:
+            raise ValueError(
+                f"{what} must have shape (batch, length, embed_dim={self.attn_cfg.embed_dim}), "
+                f"got {tuple(x.shape)}")
+
+    def project_q(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """RoPE'd queries (B, L, H, Dh) for tokens at integer ``positions`` (B, L)."""
+        b, l, _ = x.shape
+        q = self.q_proj(x).reshape(b, l, self.attn_cfg.num_heads, self.attn_cfg.head_dim)
+        return apply_rope(q, positions, self.inv_freq, interleaved=self.attn_cfg.rope_interleaved)
+
+    def project_kv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """RoPE'd keys and raw values, each (B, L, Hkv, Dh)."""
+        b, l, _ = x.shape
+        shape = (b, l, self.attn_cfg.num_kv_heads, self.attn_cfg.head_dim)
+        k = self.k_proj(x).reshape(shape)
+        v = self.v_proj(x).reshape(shape)
+        return apply_rope(k, positions, self.inv_freq, interleaved=self.attn_cfg.rope_interleaved), v
+
+    def attend(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, *,
+               mask: jax.Array | None = None, bias: jax.Array | None = None) -> jax.Array:
+        """Differential (or plain) attention of queries q over k/v, then o_proj -> (B, L, D)."""
+        cfg = self.attn_cfg
+        q_noise = lam = None
+        if cfg.differential:
+            q_noise = givens_rotate(q, self.theta[...])
+            lam = jax.nn.sigmoid(self.lambda_proj(x).astype(jnp.float32))
+        out = differential_attention(
+            q, k, v, q_noise=q_noise, lam=lam, mask=mask, bias=bias,
+            norm_weight=None if self.head_norm is None else self.head_norm.weight[...],
+            head_norm=self.head_norm is not None, eps=cfg.eps)
+        b, l = q.shape[:2]
+        y = self.o_proj(out.reshape(b, l, cfg.num_heads * cfg.head_dim))
+        return y.astype(x.dtype)

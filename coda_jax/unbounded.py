@@ -1,0 +1,103 @@
+"""Unbounded attention with an O(L) K/V cache: differential (CoDAGQA) and plain GQA.
+
+Both return ``(y, (k, v))`` where k/v hold the whole sequence so far,
+``(B, L_total, Hkv, Dh)`` with RoPE applied to k, ready to pass back as
+``past_key_value``. Causal masking is aligned to the lower right, so a query
+block after a past cache sees the whole past (the reference aligns it to the
+upper left, which is wrong when a past is given; see the README).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .attention_math import causal_mask
+from .config import AttentionConfig, HeadNormMode
+from .projections import AttentionCore
+
+KVCache = tuple[jax.Array, jax.Array]
+
+
+class _UnboundedAttention(AttentionCore):
+    """Shared forward of the unbounded layers."""
+
+    def __call__(self, x: jax.Array, *, is_causal: bool = True,
+                 attention_mask: jax.Array | None = None,
+                 past_key_value: KVCache | None = None) -> tuple[jax.Array, KVCache]:
+        """x (B, L, D) -> (y (B, L, D), (k, v) including the past).
+
+        ``attention_mask``: bool (True = attend) or additive float, broadcastable
+        to (B, L, L_total); when given, ``is_causal`` is ignored (as in the reference).
+        """
+        self.check_input(x)
+        b, l, _ = x.shape
+        offset = 0 if past_key_value is None else past_key_value[0].shape[1]
+        positions = jnp.broadcast_to(offset + jnp.arange(l), (b, l))
+        q = self.project_q(x, positions)
+        k, v = self.project_kv(x, positions)
+        if past_key_value is not None:
+            k = jnp.concatenate([past_key_value[0].astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([past_key_value[1].astype(v.dtype), v], axis=1)
+        mask = bias = None
+        if attention_mask is not None:
+            attention_mask = jnp.asarray(attention_mask)
+            if attention_mask.dtype == jnp.bool_:
+                mask = _to_3d(attention_mask)
+            else:
+                bias = _to_3d(attention_mask)
+        elif is_causal:
+            mask = causal_mask(l, k.shape[1])[None]
+        return self.attend(x, q, k, v, mask=mask, bias=bias), (k, v)
+
+
+def _to_3d(mask: jax.Array) -> jax.Array:
+    """Accept (Lq, Lk), (B, Lq, Lk) or torch-style (B, 1, Lq, Lk) masks."""
+    if mask.ndim == 4:
+        if mask.shape[1] != 1:
+            raise ValueError("per-head attention masks are not supported; pass (B, 1, Lq, Lk)")
+        mask = mask[:, 0]
+    if mask.ndim == 2:
+        mask = mask[None]
+    return mask
+
+
+class CoDAGQA(_UnboundedAttention):
+    """Unbounded differential attention: ``HeadNorm(Attn(q) - lambda * Attn(R_theta q))``.
+
+    Keywords and defaults follow the reference's ``CoDAGQA``; ``head_dim``,
+    ``qkv_bias``/``o_bias`` and ``differential`` are additions.
+    """
+
+    def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int,
+                 rope_base: float = 10_000.0, lambda_init_bias: float = -6.0,
+                 theta_init: float = math.pi / 2, eps: float = 1e-6,
+                 head_norm_mode: HeadNormMode = "full", rope_interleaved: bool = True,
+                 head_dim: int | None = None, differential: bool = True,
+                 qkv_bias: bool = False, o_bias: bool = False,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        cfg = AttentionConfig(embed_dim=embed_dim, num_heads=num_heads,
+                              num_kv_heads=num_kv_heads, head_dim=head_dim,
+                              rope_base=rope_base, rope_interleaved=rope_interleaved,
+                              head_norm_mode=head_norm_mode, eps=eps,
+                              differential=differential, qkv_bias=qkv_bias, o_bias=o_bias)
+        super().__init__(cfg, lambda_init_bias=lambda_init_bias, theta_init=theta_init,
+                         param_dtype=param_dtype, rngs=rngs)
+
+
+class BaselineGQA(_UnboundedAttention):
+    """Standard grouped-query attention with RoPE (one attention stream, no head norm)."""
+
+    def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int,
+                 rope_base: float = 10_000.0, rope_interleaved: bool = True,
+                 head_dim: int | None = None, qkv_bias: bool = False, o_bias: bool = False,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        cfg = AttentionConfig(embed_dim=embed_dim, num_heads=num_heads,
+                              num_kv_heads=num_kv_heads, head_dim=head_dim,
+                              rope_base=rope_base, rope_interleaved=rope_interleaved,
+                              head_norm_mode="identity", differential=False,
+                              qkv_bias=qkv_bias, o_bias=o_bias)
+        super().__init__(cfg, param_dtype=param_dtype, rngs=rngs)
