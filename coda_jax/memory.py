@@ -207,8 +207,9 @@ def write_block(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Ar
             keep_valid)
     g_recent = zero_out(_take(stream_g, source(keep_pos)))
 
-    num_cand = min(max(cfg.exact_candidates_per_block if cfg.num_exact else 0,
-                       cfg.summary_candidates_per_block if cfg.num_summary else 0), block)
+    n_exact = min(cfg.exact_candidates_per_block if cfg.num_exact else 0, block)
+    n_summary = min(cfg.summary_candidates_per_block if cfg.num_summary else 0, block)
+    num_cand = max(n_exact, n_summary)
 
     exact_fn = summary_fn = None
     if num_cand > 0:
@@ -225,8 +226,6 @@ def write_block(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Ar
             cand_k, cand_v, cand_g = jax.lax.stop_gradient((cand_k, cand_v, cand_g))
         cand_pos = state.pos[:, None] - filled + rank
         cand_valid = jnp.arange(num_cand)[None, :] < evicted[:, None]
-        n_exact = min(cfg.exact_candidates_per_block, num_cand)
-        n_summary = min(cfg.summary_candidates_per_block, num_cand)
         if n_exact > 0:
             def exact_fn(**bank):
                 return exact_bank.update_block(

@@ -174,7 +174,7 @@ def load_reference_weights(layer: nnx.Module, state_dict: Mapping[str, Any]) -> 
                              f"{expected[key].shape}")
     for key, value in arrays.items():
         variable, transposed = _variable_for(layer, key)
-        variable.value = jnp.asarray(value.T if transposed else value, variable.value.dtype)
+        variable[...] = jnp.asarray(value.T if transposed else value, variable[...].dtype)
 
 
 _METRIC_NAMES = tuple(BankMetrics.__dataclass_fields__)

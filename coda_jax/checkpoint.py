@@ -1,0 +1,168 @@
+"""Save and restore bounded states with Orbax, fingerprinted against the model.
+
+A saved state records the bank and attention configs of every layer and a
+hash of the weights that produced it; restoring into a different config (or,
+unless told otherwise, different weights) raises a ``ValueError`` that names
+the difference. Nothing is unpickled. A save never clobbers an existing
+checkpoint unless ``overwrite=True``, and then only after the new one is
+complete on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from .bounded import CoDAGQALandmark
+from .state import BankState
+
+FORMAT = "coda_jax.bank_state/1"
+_HASH_FULL_LIMIT = 1 << 20   # hash small arrays whole; sample larger ones
+_HASH_SAMPLES = 1 << 16
+
+
+def _layers_of(model: Any) -> list[CoDAGQALandmark]:
+    """The bounded layers whose states a model carries (one layer, a list, or
+    any object with a ``bank_layers`` sequence)."""
+    if isinstance(model, CoDAGQALandmark):
+        return [model]
+    layers = getattr(model, "bank_layers", model)
+    if isinstance(layers, Sequence) and layers and all(
+            isinstance(layer, CoDAGQALandmark) for layer in layers):
+        return list(layers)
+    raise ValueError("save_state/load_state need a CoDAGQALandmark, a sequence of them, "
+                     f"or a model with .bank_layers; got {type(model).__name__}")
+
+
+def weights_fingerprint(layers: Sequence[nnx.Module]) -> str:
+    """sha256 over every parameter's path, shape, dtype and values (large arrays sampled)."""
+    digest = hashlib.sha256()
+    for i, layer in enumerate(layers):
+        for path, variable in sorted(nnx.iter_graph(layer), key=lambda item: str(item[0])):
+            if not isinstance(variable, nnx.Param):
+                continue
+            value = variable[...]
+            digest.update(f"{i}/{path}/{value.shape}/{value.dtype}".encode())
+            flat = value.reshape(-1)
+            if flat.size > _HASH_FULL_LIMIT:
+                flat = flat[:: flat.size // _HASH_SAMPLES]
+            digest.update(np.asarray(flat).tobytes())
+    return digest.hexdigest()
+
+
+def _describe(layers: Sequence[CoDAGQALandmark], state: BankState) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "num_layers": len(layers),
+        "stacked": len(layers) > 1,
+        "batch_size": int(state.batch_size),
+        "dtype": str(jnp.dtype(state.k_buf.dtype)),
+        "configs": [{"attention": dataclasses.asdict(layer.attn_cfg),
+                     "bank": dataclasses.asdict(layer.bank_cfg)} for layer in layers],
+        "weights_sha256": weights_fingerprint(layers),
+        "jax_version": jax.__version__,
+    }
+
+
+def _expected_state(layers: Sequence[CoDAGQALandmark], batch_size: int, dtype) -> Any:
+    shapes = [jax.eval_shape(lambda layer=layer: layer.init_state(batch_size, dtype,
+                                                                  mem_init="zeros"))
+              for layer in layers]
+    if len(layers) == 1:
+        return shapes[0]
+    return jax.tree.map(lambda *leaves: jax.ShapeDtypeStruct(
+        (len(leaves),) + leaves[0].shape, leaves[0].dtype), *shapes)
+
+
+def _check_matches(layers, state) -> None:
+    expected = _expected_state(layers, state.batch_size, state.k_buf.dtype)
+    got = jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), state)
+    want = jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), expected)
+    if jax.tree.structure(got) != jax.tree.structure(want) or got != want:
+        raise ValueError("the state does not belong to this model: its leaves are "
+                         f"{jax.tree.leaves(got)}, the model expects {jax.tree.leaves(want)}")
+
+
+def save_state(path: str | os.PathLike, state: BankState, model: Any, *,
+               overwrite: bool = False) -> Path:
+    """Write ``state`` (one layer's, or a layer stack's with a leading layer axis)
+    of ``model`` to the directory ``path``; return the absolute path."""
+    path = Path(path).absolute()
+    layers = _layers_of(model)
+    _check_matches(layers, state)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    meta = _describe(layers, state)
+    staging = path.with_name(f".{path.name}.saving-{uuid.uuid4().hex[:8]}")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(staging, ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    if path.exists():  # only now that the new checkpoint is complete
+        shutil.rmtree(path)
+    staging.rename(path)
+    return path
+
+
+def read_state_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata saved beside a state (configs, weights fingerprint, batch, dtype)."""
+    path = Path(path).absolute()
+    if not path.is_dir():
+        raise FileNotFoundError(f"no saved state at {path}")
+    if not (path / "meta").is_dir() or not (path / "state").is_dir():
+        raise ValueError(f"{path} is not a saved coda_jax state (no meta/ and state/ inside)")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        meta = checkpointer.restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a saved coda_jax state (format "
+                         f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    return meta
+
+
+def _config_differences(saved: list[dict], layers: Sequence[CoDAGQALandmark]) -> list[str]:
+    diffs = []
+    for i, (old, layer) in enumerate(zip(saved, layers)):
+        now = {"attention": dataclasses.asdict(layer.attn_cfg),
+               "bank": dataclasses.asdict(layer.bank_cfg)}
+        for group in ("attention", "bank"):
+            for key in sorted(set(old[group]) | set(now[group])):
+                a, b = old[group].get(key), now[group].get(key)
+                if a != b and not (isinstance(a, list) and tuple(a) == b):
+                    diffs.append(f"layer {i} {key}: saved {a!r}, model {b!r}")
+    return diffs
+
+
+def load_state(path: str | os.PathLike, model: Any, *, check_weights: bool = True
+               ) -> BankState:
+    """Restore a state saved by :func:`save_state` for ``model``.
+
+    Raises ``ValueError`` when the saved configs differ from the model's, and,
+    with ``check_weights``, when the weights that produced the state differ.
+    """
+    path = Path(path).absolute()
+    meta = read_state_metadata(path)
+    layers = _layers_of(model)
+    if meta["num_layers"] != len(layers):
+        raise ValueError(f"{path} holds a state of {meta['num_layers']} layer(s); "
+                         f"the model has {len(layers)}")
+    diffs = _config_differences(meta["configs"], layers)
+    if diffs:
+        raise ValueError(f"the state at {path} was saved for another config: " + "; ".join(diffs))
+    if check_weights and meta["weights_sha256"] != weights_fingerprint(layers):
+        raise ValueError(f"the state at {path} was computed by different weights "
+                         "(weights fingerprint differs); pass check_weights=False to load anyway")
+    abstract = _expected_state(layers, meta["batch_size"], jnp.dtype(meta["dtype"]))
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(path, ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract)))
+    return restored.state
