@@ -109,8 +109,7 @@ class CoDAGQALandmark(AttentionCore):
 
     def cache_bytes(self, *, batch_size: int, dtype=jnp.bfloat16) -> int:
         """Bytes of the whole state (every leaf) for ``batch_size`` documents."""
-        shapes = jax.eval_shape(lambda: memory.init_state(
-            self.layout, int(batch_size), dtype, None, "zeros"))
+        shapes = memory.state_shapes(self.layout, int(batch_size), jnp.dtype(dtype))
         return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes)))
 
     def check_state(self, state: BankState, batch_size: int | None = None) -> None:
@@ -118,8 +117,7 @@ class CoDAGQALandmark(AttentionCore):
         if not isinstance(state, BankState):
             raise ValueError(f"expected a BankState, got {type(state).__name__}")
         batch = state.batch_size if batch_size is None else batch_size
-        expected = jax.eval_shape(lambda: memory.init_state(
-            self.layout, batch, state.k_buf.dtype, None, "zeros"))
+        expected = memory.state_shapes(self.layout, int(batch), jnp.dtype(state.k_buf.dtype))
         exp_leaves = jax.tree_util.tree_leaves_with_path(expected)
         got_leaves = jax.tree.leaves(state)
         if len(exp_leaves) != len(got_leaves):
@@ -157,6 +155,7 @@ class CoDAGQALandmark(AttentionCore):
         mask = jnp.concatenate(
             [jnp.broadcast_to(prefix[:, None, :], (batch, block, prefix.shape[1])), in_block], -1)
         y = self.attend(x, q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask)
+        y = jnp.where((jnp.arange(block)[None, :] < count[:, None])[..., None], y, 0)
         new_state = memory.write_block(
             self.layout, state, k=k, v=v, gate=self._write_gate(x), count=count,
             eta_logit=self.summary_eta_logit[...], training=training)
@@ -218,11 +217,10 @@ class CoDAGQALandmark(AttentionCore):
         seg = block_size * chunks_per_call
         n_seg = -(-length // seg)
         x = jnp.pad(x, ((0, 0), (0, n_seg * seg - length), (0, 0)))
-        graphdef, params = nnx.split(self)
         outputs = []
         for i in range(n_seg):
             seg_lengths = jnp.clip(lengths - i * seg, 0, seg)
-            y, state = _prefill_segment_jit(graphdef, params, x[:, i * seg:(i + 1) * seg],
+            y, state = _prefill_segment_jit(self, x[:, i * seg:(i + 1) * seg],
                                             seg_lengths, state, block_size=block_size,
                                             training=training)
             outputs.append(y)
@@ -239,8 +237,7 @@ class CoDAGQALandmark(AttentionCore):
         if x.shape[1] != 1:
             raise ValueError(f"step takes one token per row, x (B, 1, D); got {tuple(x.shape)}")
         self.check_state(state, x.shape[0])
-        graphdef, params = nnx.split(self)
-        return _step_jit(graphdef, params, x, state, training=training)
+        return _step_jit(self, x, state, training=training)
 
     @staticmethod
     def _check_lengths(lengths, batch: int, length: int) -> jax.Array:
@@ -254,15 +251,15 @@ class CoDAGQALandmark(AttentionCore):
         return jnp.asarray(lengths, POSITION_DTYPE)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "block_size", "training"))
-def _prefill_segment_jit(graphdef, params, x, lengths, state, *, block_size, training):
+# NNX modules are pytrees: the layer travels into jit as its arrays plus a
+# static tree definition (config included), far cheaper than nnx.split per call.
+@functools.partial(jax.jit, static_argnames=("block_size", "training"))
+def _prefill_segment_jit(layer, x, lengths, state, *, block_size, training):
     TRACE_COUNTS["prefill"] += 1
-    layer = nnx.merge(graphdef, params)
     return layer._prefill_segment(x, lengths, state, block_size=block_size, training=training)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "training"))
-def _step_jit(graphdef, params, x, state, *, training):
+@functools.partial(jax.jit, static_argnames=("training",))
+def _step_jit(layer, x, state, *, training):
     TRACE_COUNTS["step"] += 1
-    layer = nnx.merge(graphdef, params)
     return layer._step(x, state, training)

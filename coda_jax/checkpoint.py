@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from .bounded import CoDAGQALandmark
+from .memory import state_shapes
 from .state import BankState
 
 FORMAT = "coda_jax.bank_state/1"
@@ -76,9 +77,7 @@ def _describe(layers: Sequence[CoDAGQALandmark], state: BankState) -> dict[str, 
 
 
 def _expected_state(layers: Sequence[CoDAGQALandmark], batch_size: int, dtype) -> Any:
-    shapes = [jax.eval_shape(lambda layer=layer: layer.init_state(batch_size, dtype,
-                                                                  mem_init="zeros"))
-              for layer in layers]
+    shapes = [state_shapes(layer.layout, batch_size, jnp.dtype(dtype)) for layer in layers]
     if len(layers) == 1:
         return shapes[0]
     return jax.tree.map(lambda *leaves: jax.ShapeDtypeStruct(

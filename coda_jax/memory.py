@@ -96,6 +96,12 @@ def init_state(layout: BankLayout, batch_size: int, dtype, key: jax.Array | None
         metrics=BankMetrics.zeros(batch_size) if cfg.collect_metrics else None)
 
 
+@functools.lru_cache(maxsize=64)
+def state_shapes(layout: BankLayout, batch_size: int, dtype) -> BankState:
+    """Shapes and dtypes of a state (``jax.ShapeDtypeStruct`` leaves), without allocating."""
+    return jax.eval_shape(lambda: init_state(layout, batch_size, dtype, None, "zeros"))
+
+
 def _ceiling(lo: int, thresholds: np.ndarray, tokens_seen: jax.Array) -> jax.Array:
     if thresholds.size == 0:
         return jnp.full_like(tokens_seen, lo)

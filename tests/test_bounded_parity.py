@@ -52,6 +52,22 @@ def test_matrix_covers_every_pair():
     assert len(CASES) < 40
 
 
+# Switches outside the matrix, each on top of one matrix case.
+EXTRA = [
+    {"mask_unused_memory": False},
+    {"mem_init": "zeros"},
+    {"detach_evicted": False},
+    {"expansion_t_max": 0},
+    {"exact_match_threshold": 0.5, "exact_novelty_threshold": 0.3},
+    {"write_gate_threshold_exact": 0.3, "write_gate_threshold_summary": 0.2},
+    {"exact_candidates_per_block": 8, "summary_candidates_per_block": 64},
+    {"num_heads": 8, "num_kv_heads": 1},
+    {"num_heads": 2, "num_kv_heads": 2},
+    {"collect_metrics": True},
+]
+EXTRA_CASES = [CASES[i % len(CASES)] | {"extra": extra} for i, extra in enumerate(EXTRA)]
+
+
 def _layer_kwargs(case: dict) -> dict:
     kw = dict(embed_dim=EMBED, num_heads=HEADS, num_kv_heads=KV_HEADS, window=case["window"],
               num_landmarks_exact=case["exact"], num_landmarks_summary=case["summary"],
@@ -62,7 +78,7 @@ def _layer_kwargs(case: dict) -> dict:
     if case["expansion"]:
         kw |= dict(min_landmarks_exact=min(2, case["exact"]),
                    min_landmarks_summary=min(2, case["summary"]), expansion_t_max=40)
-    return kw
+    return kw | case.get("extra", {})
 
 
 def _prompt_len(case: dict) -> int:
@@ -89,7 +105,8 @@ def assert_state_equal(ours, ref_state, layer, what: str) -> None:
                                       np.asarray(getattr(want, name)), err_msg=f"{what} {name}")
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+@pytest.mark.parametrize("case", CASES + EXTRA_CASES,
+                         ids=lambda c: "-".join(f"{v}" for v in c.values()))
 def test_prefill_decode_and_state_match_reference(case):
     seed = zlib.crc32(repr(sorted(case.items())).encode())
     gen = torch.Generator().manual_seed(seed)

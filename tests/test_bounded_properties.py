@@ -1,0 +1,267 @@
+"""Properties of the bounded layer beyond one-to-one parity: compile counts,
+boundedness, batching of documents at different positions, switches the
+reference lacks, gradients, metrics and input validation."""
+
+from __future__ import annotations
+
+import coda_gqa_l
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from coda_jax import CoDAGQA, CoDAGQALandmark, select_rows, stack_states
+from coda_jax.bounded import TRACE_COUNTS
+from convert import from_reference, load_reference_weights, reference_state_dict
+from oracle import assert_close, reference_landmark, sorted_reference_topk, to_jnp
+
+SMALL = dict(embed_dim=64, num_heads=4, num_kv_heads=2)
+
+
+def _layer(seed: int = 0, **kw) -> CoDAGQALandmark:
+    """A JAX layer with weights moved off their init (via a perturbed reference)."""
+    cfg = SMALL | dict(window=8, num_landmarks_exact=4, num_landmarks_summary=4) | kw
+    overrides = {k: cfg.pop(k) for k in ("lf_band", "differential") if k in cfg}
+    return from_reference(reference_landmark(seed, **cfg), **overrides)
+
+
+def _x(seed: int, batch: int, length: int) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), (batch, length, 64))
+
+
+def test_window_covering_the_prompt_equals_unbounded_attention():
+    layer = _layer(window=64)
+    unbounded = CoDAGQA(**SMALL, rngs=nnx.Rngs(0))
+    weights = {k: v for k, v in reference_state_dict(layer).items()
+               if not k.startswith(("write_proj", "summary_eta_logit"))}
+    load_reference_weights(unbounded, weights)
+    x = _x(1, 2, 44)
+    call = nnx.jit(lambda m, x, cache: m(x, past_key_value=cache))
+    want, cache = unbounded(x[:, :40])
+    got, state = layer.prefill(x[:, :40], layer.init_state(2, key=jax.random.key(0)),
+                               block_size=16)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for t in range(40, 44):
+        want_t, cache = call(unbounded, x[:, t:t + 1], cache)
+        got_t, state = layer.step(x[:, t:t + 1], state)
+        np.testing.assert_allclose(got_t, want_t, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_compiles_once_for_any_length_and_step_once_for_1000_steps():
+    layer = _layer(window=16)
+    state = layer.init_state(1, key=jax.random.key(0))
+    TRACE_COUNTS.clear()
+    for length in (5, 37, 200, 64, 129):
+        y, _ = layer.prefill(_x(length, 1, length), state, block_size=16)
+        assert y.shape == (1, length, 64)
+    assert TRACE_COUNTS["prefill"] == 1
+    x = _x(0, 1, 1)
+    for _ in range(1000):
+        _, state = layer.step(x, state)
+    assert int(state.pos[0]) == 1000
+    assert TRACE_COUNTS["step"] == 1
+
+
+def test_state_is_bounded_after_100k_decode_tokens():
+    layer = _layer(window=8)
+    state = layer.init_state(2, key=jax.random.key(0))
+    _, state = layer.prefill(_x(1, 2, 10), state, block_size=4)
+    bytes_after_10 = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+
+    @jax.jit
+    def decode(layer, state):
+        def body(i, st):
+            x = jax.random.normal(jax.random.fold_in(jax.random.key(7), i), (2, 1, 64))
+            return layer.step(x, st)[1]
+        return jax.lax.fori_loop(0, 100_000, body, state)
+
+    state = decode(layer, state)
+    assert int(state.pos[0]) == 100_010
+    assert sum(leaf.nbytes for leaf in jax.tree.leaves(state)) == bytes_after_10
+    assert bytes_after_10 == layer.cache_bytes(batch_size=2, dtype=jnp.float32)
+    for leaf in jax.tree.leaves(state):
+        assert not np.isnan(np.asarray(leaf, np.float64)).any()
+    assert bool(state.allowed.all())
+
+
+def test_documents_at_different_positions_share_one_batch():
+    layer = _layer(window=8, num_landmarks_exact=4, num_landmarks_summary=4,
+                   min_landmarks_exact=2, expansion_t_max=30)
+    docs = [_x(10, 1, 11), _x(11, 1, 30)]
+    states = [layer.prefill(d, layer.init_state(1, key=jax.random.key(i)), block_size=4)[1]
+              for i, d in enumerate(docs)]
+    batch = stack_states(*states)
+    np.testing.assert_array_equal(batch.pos, [11, 30])
+    for t in range(12):
+        x = _x(100 + t, 2, 1)
+        y, batch = layer.step(x, batch)
+        for row in range(2):
+            y_row, states[row] = layer.step(x[row:row + 1], states[row])
+            np.testing.assert_allclose(y[row:row + 1], y_row, rtol=1e-5, atol=1e-6)
+    for row in range(2):
+        for a, b in zip(jax.tree.leaves(select_rows(batch, slice(row, row + 1))),
+                        jax.tree.leaves(states[row])):
+            np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_ragged_prompts_in_one_batch_equal_separate_prefills():
+    layer = _layer(window=8)
+    x = _x(3, 3, 29)
+    lengths = [29, 5, 17]
+    y, state = layer.prefill(x, layer.init_state(3, mem_init="zeros"), block_size=8,
+                             lengths=lengths)
+    for row, n in enumerate(lengths):
+        y_row, s_row = layer.prefill(x[row:row + 1, :n], layer.init_state(1, mem_init="zeros"),
+                                     block_size=8)
+        np.testing.assert_allclose(y[row, :n], y_row[0], rtol=1e-5, atol=1e-6)
+        assert not np.asarray(y[row, n:]).any()
+        for a, b in zip(jax.tree.leaves(select_rows(state, slice(row, row + 1))),
+                        jax.tree.leaves(s_row)):
+            np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_non_differential_switch_is_gqa_over_the_same_buffer():
+    """differential=False equals the reference with its lambda forced to 0."""
+    ref = reference_landmark(5, **SMALL, window=8, num_landmarks_exact=4,
+                             num_landmarks_summary=4)
+    with torch.no_grad():
+        ref.lambda_proj.weight.zero_()
+        ref.lambda_proj.bias.fill_(-1e4)
+    ours = CoDAGQALandmark(**SMALL, window=8, num_landmarks_exact=4, num_landmarks_summary=4,
+                           differential=False, rngs=nnx.Rngs(0))
+    assert ours.theta is None and ours.lambda_proj is None
+    load_reference_weights(ours, {k: v for k, v in ref.state_dict().items()
+                                  if not k.startswith(("theta", "lambda_proj"))})
+    x = torch.randn(2, 30, 64)
+    init = ref.init_state(batch_size=2, device="cpu", dtype=torch.float32)
+    from convert import state_from_reference
+    state = state_from_reference(init, ours)
+    with torch.no_grad(), sorted_reference_topk():
+        want, _ = ref.prefill_chunked(x, init, block_size=8)
+    got, _ = ours.prefill(to_jnp(x), state, block_size=8)
+    assert_close(got, want)
+
+
+def test_frequency_band_keeps_the_fast_pairs_of_summary_keys_zero():
+    kw = dict(window=4, num_landmarks_exact=0, num_landmarks_summary=4, rope_interleaved=False)
+    x = _x(4, 1, 40)
+    for band in ("reference", "frequency"):
+        layer = _layer(6, lf_band=band, **kw)
+        _, state = layer.prefill(x, layer.init_state(1, key=jax.random.key(0)), block_size=8)
+        summary = np.asarray(state.k_buf[:, layer.layout.summary_slice])
+        band_mask = np.isin(np.arange(16), layer.layout.lf_dims)
+        assert np.abs(summary[..., ~band_mask]).max() == 0
+        assert np.abs(summary[..., band_mask]).max() > 0
+    # Under interleaved pairing both bands are the same dims: identical results.
+    a = _layer(7, lf_band="reference")
+    b = _layer(7, lf_band="frequency")
+    ya, _ = a.prefill(x, a.init_state(1, key=jax.random.key(1)), block_size=8)
+    yb, _ = b.prefill(x, b.init_state(1, key=jax.random.key(1)), block_size=8)
+    np.testing.assert_array_equal(ya, yb)
+
+
+def test_gradients_through_evictions_match_the_reference():
+    torch.manual_seed(0)
+    ref = reference_landmark(11, **SMALL, window=8, num_landmarks_exact=4,
+                             num_landmarks_summary=4, detach_evicted=False,
+                             write_gate_threshold_exact=0.0, write_gate_threshold_summary=0.0)
+    ref.train()
+    layer = from_reference(ref)
+    x = torch.randn(2, 40, 64)
+    weight = torch.randn(2, 40, 64)
+    xr = x.clone().requires_grad_(True)
+    with sorted_reference_topk():
+        y, _ = ref.prefill_chunked(xr, ref.init_state(batch_size=2, device="cpu",
+                                                      dtype=torch.float32, mem_init="zeros"),
+                                   block_size=8)
+        (y * weight).sum().backward()
+
+    def loss(layer, x):
+        y, _ = layer.prefill(x, layer.init_state(2, mem_init="zeros"), block_size=8,
+                             training=True)
+        return jnp.sum(y * to_jnp(weight))
+
+    grads, grad_x = jax.grad(loss, argnums=(0, 1))(layer, to_jnp(x))
+    assert_close(grad_x, xr.grad, rtol=1e-4, what="d/dx")
+    ours = reference_state_dict(grads)
+    assert np.abs(ours["write_proj.weight"]).max() > 0
+    for name, p in ref.named_parameters():
+        assert np.isfinite(ours[name]).all(), name
+        assert_close(ours[name], p.grad, rtol=1e-4, what=f"d/d{name}")
+
+
+def test_metrics_count_what_the_reference_counts_in_prefill():
+    kw = SMALL | dict(window=4, num_landmarks_exact=4, num_landmarks_summary=4,
+                      collect_metrics=True, min_landmarks_exact=1, expansion_t_max=20)
+    ref = reference_landmark(12, **kw)
+    layer = from_reference(ref)
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(5, 64, generator=gen)
+    x = table[torch.randint(0, 5, (1, 60), generator=gen)]
+    init = ref.init_state(batch_size=1, device="cpu", dtype=torch.float32)
+    from convert import state_from_reference
+    state = state_from_reference(init, layer)
+    with torch.no_grad(), sorted_reference_topk():
+        _, ref_state = ref.prefill_chunked(x, init, block_size=8)
+    _, state = layer.prefill(to_jnp(x), state, block_size=8)
+    m = ref_state.metrics
+    assert m["total_evictions"] > 0 and m["exact_hits"] + m["exact_inserts"] > 0
+    for name in ("total_evictions", "tokens_gated_out", "exact_hits", "exact_inserts",
+                 "exact_overwrites", "exact_frustrated", "summary_updates", "summary_inserts",
+                 "summary_frustrated", "expansions_exact", "expansions_summary"):
+        assert int(getattr(state.metrics, name)[0]) == m[name], name
+
+
+def test_cache_bytes_is_the_true_size_and_smaller_than_the_reference():
+    layer = _layer(window=256, num_landmarks_exact=64, num_landmarks_summary=64)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        state = layer.init_state(3, dtype, key=jax.random.key(0))
+        actual = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+        assert layer.cache_bytes(batch_size=3, dtype=dtype) == actual
+    ref = coda_gqa_l.CoDAGQALandmarkPerf2(**SMALL, window=256, num_landmarks_exact=64,
+                                          num_landmarks_summary=64)
+    assert layer.cache_bytes(batch_size=1, dtype=jnp.bfloat16) < ref.cache_bytes(
+        batch_size=1, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(embed_dim=60, num_heads=8, num_kv_heads=2), "divisible by num_heads"),
+    (dict(embed_dim=64, num_heads=4, num_kv_heads=3), "divisible by num_kv_heads"),
+    (dict(embed_dim=36, num_heads=4, num_kv_heads=2), "head_dim must be even"),
+    (dict(window=0), "window must be a positive"),
+    (dict(min_landmarks_exact=5, max_landmarks_exact=2), "min_landmarks_exact"),
+    (dict(min_landmarks_summary=3, max_landmarks_summary=1), "min_landmarks_summary"),
+    (dict(write_policy="sometimes"), "write_policy"),
+    (dict(lf_band="middle"), "lf_band"),
+])
+def test_bad_configs_are_clear_errors(kwargs, message):
+    cfg = SMALL | dict(window=8, num_landmarks_exact=4, num_landmarks_summary=4) | kwargs
+    with pytest.raises(ValueError, match=message):
+        CoDAGQALandmark(**cfg, rngs=nnx.Rngs(0))
+
+
+def test_bad_inputs_and_foreign_states_are_clear_errors():
+    layer = _layer(window=8)
+    state = layer.init_state(2, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="embed_dim=64"):
+        layer.prefill(jnp.zeros((2, 5, 32)), state)
+    with pytest.raises(ValueError, match="one token per row"):
+        layer.step(jnp.zeros((2, 3, 64)), state)
+    with pytest.raises(ValueError, match="k_buf"):
+        layer.step(jnp.zeros((3, 1, 64)), state)
+    other = _layer(window=16)
+    with pytest.raises(ValueError, match="window=8"):
+        layer.prefill(jnp.zeros((2, 5, 64)), other.init_state(2, key=jax.random.key(0)))
+    with pytest.raises(ValueError, match="metrics"):
+        layer.step(jnp.zeros((2, 1, 64)), _layer(collect_metrics=True).init_state(
+            2, key=jax.random.key(0)))
+    with pytest.raises(ValueError, match="lengths"):
+        layer.prefill(jnp.zeros((2, 5, 64)), state, lengths=[5, 6])
+    with pytest.raises(ValueError, match="block_size"):
+        layer.prefill(jnp.zeros((2, 5, 64)), state, block_size=0)
+    with pytest.raises(ValueError, match="PRNG key"):
+        layer.init_state(2)
