@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .primitives import head_rms_norm
+from .primitives import einsum_f32, head_rms_norm
 
 
 def causal_mask(q_len: int, k_len: int) -> jax.Array:
@@ -25,7 +25,7 @@ def causal_mask(q_len: int, k_len: int) -> jax.Array:
 def _grouped_scores(q: jax.Array, k: jax.Array) -> jax.Array:
     """(B, Lq, Hkv, S, Dh) x (B, Lk, Hkv, Dh) -> float32 logits (B, Hkv, S, Lq, Lk)."""
     scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhsd,bkhd->bhsqk", q, k, preferred_element_type=jnp.float32)
+    logits = einsum_f32("bqhsd,bkhd->bhsqk", q, k)
     return logits * scale
 
 
@@ -44,8 +44,7 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     if mask is not None:
         logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhsqk,bkhd->bqhsd", probs.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
+    out = einsum_f32("bhsqk,bkhd->bqhsd", probs.astype(v.dtype), v)
     return out.astype(v.dtype)
 
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import BankConfig
-from .primitives import l2_normalize
+from .primitives import einsum_f32, l2_normalize
 
 MASKED_SCORE = -1e9
 STAMP_MAX = jnp.iinfo(jnp.int32).max
@@ -61,8 +61,7 @@ def _write_slots(mem: jax.Array, onehot: jax.Array, idx: jax.Array, write: jax.A
     """
     old = jnp.take_along_axis(mem, idx[:, :, None, None], axis=1)
     delta = write[:, :, None, None].astype(mem.dtype) * (cand.astype(mem.dtype) - old)
-    contrib = jnp.einsum("btm,bthd->bmhd", onehot.astype(mem.dtype), delta,
-                         preferred_element_type=jnp.float32)
+    contrib = einsum_f32("btm,bthd->bmhd", onehot.astype(mem.dtype), delta)
     return mem + contrib.astype(mem.dtype)
 
 

@@ -83,6 +83,14 @@ def head_rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Arr
     return xf.astype(x.dtype)
 
 
+def einsum_f32(spec: str, *operands: jax.Array) -> jax.Array:
+    """einsum accumulating in float32; low-precision operands stay low-precision
+    on accelerators, and are widened on CPU, whose dot has no bf16 x bf16 -> f32."""
+    if jax.default_backend() == "cpu":
+        operands = tuple(o.astype(jnp.promote_types(o.dtype, jnp.float32)) for o in operands)
+    return jnp.einsum(spec, *operands, preferred_element_type=jnp.float32)
+
+
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     """``x / max(||x||, eps)`` over the last axis (``torch.nn.functional.normalize``)."""
     xf = x.astype(jnp.float32)

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from coda_jax import BaselineGQA, BankMetrics, BankState, CoDAGQA, CoDAGQALandmark
-from coda_jax.primitives import l2_normalize, rope_inv_freq
+from coda_jax.primitives import l2_normalize
 
 ADAPTER_PREFIX = "coda."
 _ADAPTER_CLASSES = {"LlamaCoDAAdapter", "Qwen3CoDAAdapter", "EveCoDAAdapter"}
@@ -37,14 +37,16 @@ def _to_numpy(tensor: Any) -> np.ndarray:
 
 
 def _rope_base(inv_freq: np.ndarray, head_dim: int) -> float:
-    """Recover the RoPE base from the reference's float32 inverse frequencies."""
+    """Recover the RoPE base from the reference's float32 inverse frequencies.
+
+    float32 keeps ~7 digits, so the estimate is snapped to the nearest
+    integer when within 1e-5 relative (every base in practice is one).
+    """
     if inv_freq.size < 2:
         return 10_000.0
     estimate = float(inv_freq[1]) ** (-head_dim / 2.0)
-    for candidate in (round(estimate), round(estimate, 2), estimate):
-        if np.array_equal(rope_inv_freq(head_dim, float(candidate)), inv_freq):
-            return float(candidate)
-    return estimate
+    nearest = float(round(estimate))
+    return nearest if abs(estimate - nearest) <= 1e-5 * estimate else estimate
 
 
 def _unwrap(module: Any) -> Any:
@@ -103,6 +105,9 @@ def from_reference(module: Any, *, param_dtype=jnp.float32, **overrides: Any):
     """
     inner = _unwrap(module)
     name = type(inner).__name__
+    if name not in ("CoDAGQALandmarkPerf2", "CoDAGQA", "BaselineGQA"):
+        raise ValueError(f"from_reference does not know {name}; expected CoDAGQALandmarkPerf2, "
+                         f"CoDAGQA, BaselineGQA or a reference adapter")
     kwargs = _common_kwargs(inner)
     if name == "CoDAGQALandmarkPerf2":
         cls = CoDAGQALandmark
@@ -110,12 +115,9 @@ def from_reference(module: Any, *, param_dtype=jnp.float32, **overrides: Any):
     elif name == "CoDAGQA":
         cls = CoDAGQA
         kwargs |= _differential_kwargs(inner)
-    elif name == "BaselineGQA":
+    else:
         cls = BaselineGQA
         kwargs["rope_interleaved"] = bool(getattr(inner, "rope_interleaved", True))
-    else:
-        raise ValueError(f"from_reference does not know {name}; expected CoDAGQALandmarkPerf2, "
-                         f"CoDAGQA, BaselineGQA or a reference adapter")
     layer = cls(**(kwargs | overrides), param_dtype=param_dtype, rngs=nnx.Rngs(0))
     load_reference_weights(layer, inner.state_dict())
     return layer
