@@ -196,7 +196,7 @@ class CoDAGQALandmark(AttentionCore):
     # ------------------------------------------------------------ public API
     def prefill(self, x: jax.Array, state: BankState, *, block_size: int = 256,
                 lengths=None, training: bool = False,
-                chunks_per_call: int = 8) -> tuple[jax.Array, BankState]:
+                chunks_per_call: int = 4) -> tuple[jax.Array, BankState]:
         """Process a prompt x (B, L, D) block by block; return (y (B, L, D), new state).
 
         ``lengths`` (B,) marks rows shorter than L (their tail is padding: no

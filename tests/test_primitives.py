@@ -37,7 +37,7 @@ def test_givens_rotation_matches_reference_and_is_orthogonal():
     q = jax.random.normal(jax.random.key(0), (2, 5, 4, 8))
     theta = jax.random.uniform(jax.random.key(1), (4, 4), minval=-3, maxval=3)
     got = givens_rotate(q, theta)
-    t = torch.from_numpy(np.asarray(theta))
+    t = torch.from_numpy(np.array(theta))
     want = ref_prims._apply_pairwise_rotation(_bhld(q), torch.cos(t), torch.sin(t))
     assert_close(_bhld(got), want, rtol=1e-6)
     np.testing.assert_allclose(jnp.linalg.norm(got, axis=-1), jnp.linalg.norm(q, axis=-1),

@@ -1,0 +1,176 @@
+"""One bounded layer, ours vs the PyTorch reference, in the same process on one GPU.
+
+bf16, batch 1, medium cache (W=256, Me=64, Ms=64), L=4096, the two layer
+shapes of ``reference-figures.md``. Reports prefill tokens/s (block 256 and
+1024) and decode tokens/s (ours: per-token ``layer.step`` calls, and a compiled
+loop of steps, which is how generation runs; the reference: its ``step``),
+plus the relative difference of the two implementations' bf16 outputs.
+
+    python benchmarks/bench_layer.py --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata as md
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SHAPES = [dict(embed_dim=512, num_heads=8, num_kv_heads=2),
+          dict(embed_dim=4096, num_heads=32, num_kv_heads=8)]
+CACHE = dict(window=256, num_landmarks_exact=64, num_landmarks_summary=64)
+LENGTH = 4096
+BLOCKS = (256, 1024)
+DECODE_STEPS = 256
+
+
+def _median_seconds(fn, *, warmup: int = 2, repeats: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_ours(shape: dict, x_np: np.ndarray, tokens_np: np.ndarray, ref_module) -> dict:
+    from convert import from_reference
+
+    layer = from_reference(ref_module, param_dtype=jnp.bfloat16)
+    x = jnp.asarray(x_np, jnp.bfloat16)
+    state0 = layer.init_state(1, jnp.bfloat16, key=jax.random.key(0))
+    out = {}
+    for block in BLOCKS:
+        def run(block=block):
+            y, st = layer.prefill(x, state0, block_size=block)
+            jax.block_until_ready((y, st))
+        out[f"prefill_block{block}_tokens_per_s"] = LENGTH / _median_seconds(run)
+    y_ours, state = layer.prefill(x, state0, block_size=1024)
+
+    tokens = jnp.asarray(tokens_np, jnp.bfloat16)
+
+    def per_call():
+        st = state
+        for t in range(64):
+            y, st = layer.step(tokens[:, t:t + 1], st)
+        jax.block_until_ready((y, st))
+    out["decode_per_call_tokens_per_s"] = 64 / _median_seconds(per_call)
+
+    @jax.jit
+    def loop(layer, xs, st):
+        def body(s, x_t):
+            y, s = layer.step(x_t[:, None], s)
+            return s, y
+        return jax.lax.scan(body, st, xs.swapaxes(0, 1))
+
+    def compiled():
+        jax.block_until_ready(loop(layer, tokens, state))
+    out["decode_compiled_loop_tokens_per_s"] = DECODE_STEPS / _median_seconds(compiled)
+    out["state_bytes"] = layer.cache_bytes(batch_size=1, dtype=jnp.bfloat16)
+    return out, np.asarray(y_ours, np.float32)
+
+
+def bench_reference(ref, x_np: np.ndarray, tokens_np: np.ndarray) -> dict:
+    import torch
+
+    dev = torch.device("cuda")
+    x = torch.from_numpy(x_np).to(dev, torch.bfloat16)
+    tokens = torch.from_numpy(tokens_np).to(dev, torch.bfloat16)
+    torch.manual_seed(0)
+
+    def sync(fn):
+        def wrapped():
+            with torch.no_grad():
+                fn()
+            torch.cuda.synchronize()
+        return wrapped
+
+    out = {}
+    for block in BLOCKS:
+        def run(block=block):
+            st = ref.init_state(batch_size=1, device=dev, dtype=torch.bfloat16)
+            ref.prefill_chunked(x, st, block_size=block)
+        out[f"prefill_block{block}_tokens_per_s"] = LENGTH / _median_seconds(sync(run),
+                                                                             repeats=3)
+    with torch.no_grad():
+        st = ref.init_state(batch_size=1, device=dev, dtype=torch.bfloat16)
+        y_ref, st = ref.prefill_chunked(x, st, block_size=1024)
+
+    def decode():
+        import copy
+        s = copy.deepcopy(st)
+        for t in range(64):
+            ref.step(tokens[:, t:t + 1], s)
+    out["decode_tokens_per_s"] = 64 / _median_seconds(sync(decode), repeats=3)
+    out["state_bytes"] = ref.cache_bytes(batch_size=1, dtype=torch.bfloat16)
+    return out, y_ref.float().cpu().numpy()
+
+
+def versions() -> dict:
+    names = ["jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "torch", "triton",
+             "coda-gqa-l", "transformers"]
+    found = {}
+    for name in names:
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def main() -> None:
+    import torch
+    import coda_gqa_l
+    from coda_gqa_l import memory_banks
+
+    # The reference's fused summary-bank kernel crashes when num_kv_heads > 1.
+    memory_banks._HAS_TRITON_SUMMARY = False
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    results = {
+        "what": "one bounded CoDA-GQA-L layer, bf16, batch 1, L=4096, "
+                "W=256 Me=64 Ms=64; medians of repeated timings after warm-up",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": jax.devices()[0].device_kind,
+        "torch_device": torch.cuda.get_device_name(0),
+        "versions": versions(),
+        "shapes": [],
+    }
+    rng = np.random.default_rng(0)
+    for shape in SHAPES:
+        torch.manual_seed(0)
+        ref = coda_gqa_l.CoDAGQALandmarkPerf2(**shape, **CACHE).cuda().to(torch.bfloat16).eval()
+        with torch.no_grad():  # realistic gates: not all tied at init
+            ref.write_proj.weight.normal_(0, 0.05)
+        x = rng.standard_normal((1, LENGTH, shape["embed_dim"]), np.float32)
+        tokens = rng.standard_normal((1, DECODE_STEPS, shape["embed_dim"]), np.float32)
+        ref_out, y_ref = bench_reference(ref, x, tokens)
+        ours_out, y_ours = bench_ours(shape, x, tokens, ref)
+        ratios = {f"prefill_block{b}": ours_out[f"prefill_block{b}_tokens_per_s"]
+                  / ref_out[f"prefill_block{b}_tokens_per_s"] for b in BLOCKS}
+        ratios["decode_per_call"] = (ours_out["decode_per_call_tokens_per_s"]
+                                     / ref_out["decode_tokens_per_s"])
+        ratios["decode_compiled_loop"] = (ours_out["decode_compiled_loop_tokens_per_s"]
+                                          / ref_out["decode_tokens_per_s"])
+        window_err = float(np.abs(y_ours[:, :256] - y_ref[:, :256]).max()
+                           / np.abs(y_ref[:, :256]).max())
+        entry = {"shape": shape, "ours": ours_out, "reference": ref_out, "ratios": ratios,
+                 "bf16_output_rel_diff_first_window": window_err}
+        results["shapes"].append(entry)
+        print(json.dumps(entry, indent=1), flush=True)
+        del ref
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
