@@ -69,14 +69,16 @@ def main() -> None:
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--implementation", default=None, choices=[None, "xla", "cudnn"])
     a = p.parse_args()
     layer = CoDAGQALandmark(embed_dim=a.embed_dim, num_heads=a.heads, num_kv_heads=a.kv_heads,
                             window=256, num_landmarks_exact=64, num_landmarks_summary=64,
-                            param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+                            param_dtype=jnp.bfloat16, implementation=a.implementation,
+                            rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (1, a.length, a.embed_dim), jnp.bfloat16)
     state = layer.init_state(1, jnp.bfloat16, key=jax.random.key(2))
 
-    print(f"prefill L={a.length} block={a.block} D={a.embed_dim}")
+    print(f"prefill L={a.length} block={a.block} D={a.embed_dim} impl={a.implementation}")
     traced(lambda: jax.block_until_ready(layer.prefill(x, state, block_size=a.block)), a.top)
     _, state = layer.prefill(x, state, block_size=a.block)
 

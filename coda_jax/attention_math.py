@@ -10,6 +10,8 @@ repeated per query head: queries are grouped as (Hkv, G) instead.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 
@@ -29,20 +31,53 @@ def _grouped_scores(q: jax.Array, k: jax.Array) -> jax.Array:
     return logits * scale
 
 
+Implementation = Literal["xla", "cudnn"]
+MASKED_LOGIT = -1e9  # finite: a fully masked row averages uniformly instead of NaN
+
+
+def resolve_implementation(requested: str | None, dtype) -> Implementation:
+    """``None`` picks cuDNN's fused attention on GPU for 16-bit inputs, else XLA."""
+    if requested not in (None, "xla", "cudnn"):
+        raise ValueError(f"implementation must be 'xla', 'cudnn' or None, got {requested!r}")
+    if requested is not None:
+        return requested
+    low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if jax.default_backend() == "gpu" and low_precision else "xla"
+
+
+def _cudnn_attention(q, k, v, mask, bias):
+    """cuDNN flash attention of grouped queries; masks become an additive bias."""
+    b, lq, hkv, s, dh = q.shape
+    total = None
+    if bias is not None:
+        total = bias.astype(jnp.float32)
+    if mask is not None:
+        masked = jnp.where(mask, 0.0, MASKED_LOGIT)
+        total = masked if total is None else total + masked
+    if total is not None:
+        total = jnp.broadcast_to(total, (total.shape[0], lq, k.shape[1]))[:, None].astype(q.dtype)
+    out = jax.nn.dot_product_attention(q.reshape(b, lq, hkv * s, dh), k, v, bias=total,
+                                       implementation="cudnn")
+    return out.reshape(b, lq, hkv, s, dh)
+
+
 def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                       mask: jax.Array | None = None,
-                      bias: jax.Array | None = None) -> jax.Array:
+                      bias: jax.Array | None = None,
+                      implementation: Implementation = "xla") -> jax.Array:
     """Softmax attention of grouped queries q (B, Lq, Hkv, S, Dh) -> (B, Lq, Hkv, S, Dh).
 
     ``mask`` (bool, True = attend) and ``bias`` (additive) broadcast to (B, Lq, Lk).
     A fully masked row yields a uniform average instead of NaN, so padded
     queries stay finite under ``jax.grad``.
     """
+    if implementation == "cudnn":
+        return _cudnn_attention(q, k, v, mask, bias)
     logits = _grouped_scores(q, k)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)[:, None, None]
     if mask is not None:
-        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(mask[:, None, None], logits, MASKED_LOGIT)
     probs = jax.nn.softmax(logits, axis=-1)
     out = einsum_f32("bhsqk,bkhd->bqhsd", probs.astype(v.dtype), v)
     return out.astype(v.dtype)
@@ -55,7 +90,8 @@ def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                            bias: jax.Array | None = None,
                            norm_weight: jax.Array | None = None,
                            head_norm: bool = True,
-                           eps: float = 1e-6) -> jax.Array:
+                           eps: float = 1e-6,
+                           implementation: Implementation = "xla") -> jax.Array:
     """``HeadNorm(Attn(q, K, V) - lam * Attn(q_noise, K, V))`` -> (B, Lq, H, Dh).
 
     With ``q_noise=None`` only the signal stream is computed (standard GQA
@@ -67,7 +103,7 @@ def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     g = h // hkv
     streams = [q] if q_noise is None else [q, q_noise]
     stacked = jnp.concatenate([s.reshape(b, lq, hkv, g, dh) for s in streams], axis=3)
-    out = grouped_attention(stacked, k, v, mask=mask, bias=bias)
+    out = grouped_attention(stacked, k, v, mask=mask, bias=bias, implementation=implementation)
     signal = out[:, :, :, :g].reshape(b, lq, h, dh)
     if q_noise is not None:
         noise = out[:, :, :, g:].reshape(b, lq, h, dh)

@@ -32,9 +32,10 @@ class CoDAGQALandmark(AttentionCore):
     Keywords and defaults are the reference's. Additions: ``head_dim`` (when it
     is not ``embed_dim // num_heads``, as in Qwen3), ``qkv_bias``/``o_bias``,
     ``differential`` (False: lambda fixed at 0 and no noise stream, i.e. plain
-    GQA over the same bounded buffer) and ``lf_band`` (``"reference"``: key dims
+    GQA over the same bounded buffer), ``lf_band`` (``"reference"``: key dims
     ``[Dh/2:]`` as the reference; ``"frequency"``: the slowest RoPE pairs under
-    either pairing).
+    either pairing) and ``implementation`` (``"xla"``, ``"cudnn"`` or None for
+    cuDNN on GPU with 16-bit inputs).
     """
 
     def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int, window: int,
@@ -57,7 +58,8 @@ class CoDAGQALandmark(AttentionCore):
                  head_norm_mode: HeadNormMode = "full", rope_interleaved: bool = True,
                  head_dim: int | None = None, differential: bool = True,
                  lf_band: LfBand = "reference", qkv_bias: bool = False, o_bias: bool = False,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, implementation: str | None = None,
+                 rngs: nnx.Rngs):
         attn_cfg = AttentionConfig(
             embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
             head_dim=head_dim, rope_base=rope_base, rope_interleaved=rope_interleaved,
@@ -80,7 +82,7 @@ class CoDAGQALandmark(AttentionCore):
             mem_init=mem_init, mask_unused_memory=mask_unused_memory,
             detach_evicted=detach_evicted, collect_metrics=collect_metrics, lf_band=lf_band)
         super().__init__(attn_cfg, lambda_init_bias=lambda_init_bias, theta_init=theta_init,
-                         param_dtype=param_dtype, rngs=rngs)
+                         param_dtype=param_dtype, implementation=implementation, rngs=rngs)
         self.write_proj = _linear(
             embed_dim, 1, bias=True, param_dtype=param_dtype, rngs=rngs,
             kernel_init=nnx.initializers.zeros,
@@ -171,11 +173,10 @@ class CoDAGQALandmark(AttentionCore):
         counts = jnp.clip(lengths[None, :] - starts, 0, block_size)
 
         def body(st, inputs):
-            xb, cb = inputs
-            return jax.lax.cond(
-                jnp.any(cb > 0),
-                lambda s: self._prefill_block(xb, cb, s, training)[::-1],
-                lambda s: (s, jnp.zeros_like(xb)), st)
+            # No lax.cond to skip empty padding blocks: on GPU its predicate is
+            # read back by the host every block, stalling the stream.
+            y, st = self._prefill_block(*inputs, st, training)
+            return st, y
 
         state, ys = jax.lax.scan(body, state, (blocks, counts))
         return ys.swapaxes(0, 1).reshape(batch, seg_len, dim), state
@@ -190,7 +191,7 @@ class CoDAGQALandmark(AttentionCore):
             eta_logit=self.summary_eta_logit[...], training=training)
         mask = state.allowed if self.bank_cfg.mask_unused_memory else jnp.ones_like(state.allowed)
         y = self.attend(x, q, state.k_buf.astype(q.dtype), state.v_buf.astype(q.dtype),
-                        mask=mask[:, None, :])
+                        mask=mask[:, None, :], fused=False)
         return y, state
 
     # ------------------------------------------------------------ public API

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import BankConfig
-from .primitives import einsum_f32, l2_normalize
+from .primitives import einsum_f32, l2_normalize, materialise
 
 MASKED_SCORE = -1e9
 STAMP_MAX = jnp.iinfo(jnp.int32).max
@@ -100,6 +100,7 @@ def update_block(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: j
         overwrite = keep & (novel_cap | hit)
     else:
         overwrite = novel_cap
+    idx, touch, overwrite = materialise(idx, touch, overwrite)
 
     onehot = idx[:, :, None] == slots[None, None, :]                      # (B, T, M)
     touched = onehot & touch[:, :, None]
@@ -142,6 +143,7 @@ def update_one(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: jax
     insert_idx = jnp.where(free_exists, jnp.argmax(free, axis=-1), lru_idx)
     idx = jnp.where(novel, insert_idx, best_idx)
     overwrite = (novel | hit if cfg.exact_refresh_on_hit else novel) & keep
+    idx, keep, overwrite = materialise(idx, keep, overwrite)
 
     onehot = idx[:, None] == slots[None, :]                               # (B, M)
     last = jnp.where(onehot & keep[:, None], pos[:, None], last).astype(last.dtype)

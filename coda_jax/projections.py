@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention_math import differential_attention
+from .attention_math import differential_attention, resolve_implementation
 from .config import AttentionConfig
 from .primitives import HeadwiseRMSNorm, apply_rope, givens_rotate, rope_inv_freq
 
@@ -38,8 +38,12 @@ class AttentionCore(nnx.Module):
 
     def __init__(self, cfg: AttentionConfig, *, lambda_init_bias: float = -6.0,
                  theta_init: float = math.pi / 2, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 implementation: str | None = None, rngs: nnx.Rngs):
+        resolve_implementation(implementation, jnp.float32)  # validate early
         self.attn_cfg = cfg
+        # How attention is computed (not part of the model's identity):
+        # None = cuDNN on GPU for bf16/fp16 inputs, XLA otherwise.
+        self.implementation = implementation
         h, hkv, dh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
         self.q_proj = _linear(d, h * dh, bias=cfg.qkv_bias, param_dtype=param_dtype, rngs=rngs)
         self.k_proj = _linear(d, hkv * dh, bias=cfg.qkv_bias, param_dtype=param_dtype, rngs=rngs)
@@ -98,8 +102,13 @@ class AttentionCore(nnx.Module):
         return apply_rope(k, positions, self.inv_freq, interleaved=self.attn_cfg.rope_interleaved), v
 
     def attend(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, *,
-               mask: jax.Array | None = None, bias: jax.Array | None = None) -> jax.Array:
-        """Differential (or plain) attention of queries q over k/v, then o_proj -> (B, L, D)."""
+               mask: jax.Array | None = None, bias: jax.Array | None = None,
+               fused: bool = True) -> jax.Array:
+        """Differential (or plain) attention of queries q over k/v, then o_proj -> (B, L, D).
+
+        ``fused=False`` forces the XLA path (single-token decode, where a fused
+        flash kernel has nothing to tile).
+        """
         cfg = self.attn_cfg
         q_noise = lam = None
         if cfg.differential:
@@ -108,7 +117,9 @@ class AttentionCore(nnx.Module):
         out = differential_attention(
             q, k, v, q_noise=q_noise, lam=lam, mask=mask, bias=bias,
             norm_weight=None if self.head_norm is None else self.head_norm.weight[...],
-            head_norm=self.head_norm is not None, eps=cfg.eps)
+            head_norm=self.head_norm is not None, eps=cfg.eps,
+            implementation=resolve_implementation(self.implementation, q.dtype) if fused
+            else "xla")
         b, l = q.shape[:2]
         y = self.o_proj(out.reshape(b, l, cfg.num_heads * cfg.head_dim))
         return y.astype(x.dtype)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .config import BankConfig
 from .exact_bank import MASKED_SCORE
-from .primitives import l2_normalize
+from .primitives import l2_normalize, materialise
 
 
 class SummaryUpdate(NamedTuple):
@@ -69,7 +69,7 @@ def update_block(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: j
     gate-weighted mean of the candidates routed to it. ``weight`` (B, T) is 0
     for candidates that must not count (gated out or padding)."""
     num_slots = mem_k.shape[1]
-    idx = _route(cand_k, mem_k, active, lf_dims)                            # (B, T)
+    idx = materialise(_route(cand_k, mem_k, active, lf_dims))[0]          # (B, T)
     onehot = (idx[:, :, None] == jnp.arange(num_slots)).astype(jnp.float32)  # (B, T, Ms)
     weighted = onehot * weight[:, :, None].astype(jnp.float32)
     count = jnp.sum(weighted, axis=1)                                       # (B, Ms)
@@ -114,6 +114,7 @@ def update_one(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: jax
         eta = jnp.where(is_new[:, None], 1.0, eta)
     eta = eta * keep[:, None]                                               # (B, Hkv)
     eta = jnp.where(onehot[:, :, None], eta[:, None, :], 0.0)[..., None]    # (B, Ms, Hkv, 1)
+    eta, keep, is_new = materialise(eta, keep, is_new)
 
     lf_mask = np.isin(np.arange(mem_k.shape[-1]), lf_dims)
     new_k, new_v = _blend(mem_k, mem_v, k[:, None].astype(jnp.float32),
