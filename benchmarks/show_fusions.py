@@ -1,0 +1,14 @@
+"""Print the fused computations of an HLO dump that contain a given op pattern."""
+import re
+import sys
+
+text = open(sys.argv[1]).read()
+pattern = sys.argv[2]
+limit = int(sys.argv[3]) if len(sys.argv) > 3 else 80
+blocks = re.split(r"\n(?=%\S+ \()", text)
+for block in blocks:
+    head = block.split("\n", 1)[0]
+    if pattern in block and "fused" in head:
+        lines = block.split("\n")
+        print("\n".join(l[:220] for l in lines[:limit]))
+        print("-----")
