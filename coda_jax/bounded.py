@@ -178,7 +178,9 @@ class CoDAGQALandmark(AttentionCore):
             y, st = self._prefill_block(*inputs, st, training)
             return st, y
 
-        state, ys = jax.lax.scan(body, state, (blocks, counts))
+        # Unrolled: a GPU while loop reads its predicate back on the host every
+        # iteration, so the next block's kernels could not be queued in advance.
+        state, ys = jax.lax.scan(body, state, (blocks, counts), unroll=True)
         return ys.swapaxes(0, 1).reshape(batch, seg_len, dim), state
 
     def _step(self, x: jax.Array, state: BankState, training: bool
