@@ -27,6 +27,7 @@ def kernel_summary(trace_dir: str, top: int) -> str:
     path = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0]
     data = jax.profiler.ProfileData.from_file(path)
     totals: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    first, last = float("inf"), 0.0
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -37,12 +38,13 @@ def kernel_summary(trace_dir: str, top: int) -> str:
                 entry = totals[event.name]
                 entry[0] += 1
                 entry[1] += event.duration_ns / 1e3
-    names = sorted({f"{pl.name}:{ln.name}" for pl in data.planes for ln in pl.lines})
-    print("  trace lines:", ", ".join(names)[:400])
+                first = min(first, event.start_ns)
+                last = max(last, event.start_ns + event.duration_ns)
     total_us = sum(v[1] for v in totals.values())
     count = sum(v[0] for v in totals.values())
     rows = sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]
-    lines = [f"  kernels: {count}, summed GPU time {total_us / 1e3:.3f} ms"]
+    lines = [f"  kernels: {count}, summed GPU time {total_us / 1e3:.3f} ms, "
+             f"first kernel start to last kernel end {(last - first) / 1e6:.3f} ms"]
     lines += [f"  {us / 1e3:8.3f} ms {n:6d}x  {name[:100]}" for name, (n, us) in rows]
     return "\n".join(lines)
 

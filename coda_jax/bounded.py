@@ -19,6 +19,7 @@ from flax import nnx
 from . import memory
 from .attention_math import causal_mask
 from .config import AttentionConfig, BankConfig, HeadNormMode, LfBand, MemInit, WritePolicy
+from .primitives import materialise
 from .projections import AttentionCore, _linear
 from .state import POSITION_DTYPE, BankState, where_rows
 
@@ -186,8 +187,10 @@ class CoDAGQALandmark(AttentionCore):
     def _step(self, x: jax.Array, state: BankState, training: bool
               ) -> tuple[jax.Array, BankState]:
         positions = state.pos[:, None]
-        q = self.project_q(x, positions)
-        k, v = self.project_kv(x, positions)
+        # With one token the projections are vector-matrix products, which XLA
+        # may rewrite as multiply-reduce and fuse into the buffer writes,
+        # recomputing them per written element (measured 40x slower): compute them once.
+        q, k, v = materialise(self.project_q(x, positions), *self.project_kv(x, positions))
         state = memory.write_one(
             self.layout, state, k=k[:, 0], v=v[:, 0], gate=self._write_gate(x)[:, 0],
             eta_logit=self.summary_eta_logit[...], training=training)

@@ -94,9 +94,9 @@ def einsum_f32(spec: str, *operands: jax.Array) -> jax.Array:
 def materialise(*values: jax.Array) -> tuple[jax.Array, ...]:
     """Compute small decisions (routing indices, gates) once, before the writes using them.
 
-    Without this barrier XLA may fuse a whole scoring chain (normalise, dot,
-    argmax) into the buffer writes that consume it and recompute it for every
-    written element: a decode step 40x slower was measured on an H100 at head_dim 128.
+    Without this barrier XLA may fuse a whole producer chain (a projection
+    rewritten as multiply-reduce, a normalise-dot-argmax) into the buffer writes
+    that consume it and recompute it for every written element.
     """
     return jax.lax.optimization_barrier(values)
 
