@@ -23,6 +23,9 @@ from .primitives import materialise
 from .projections import AttentionCore, _linear
 from .state import POSITION_DTYPE, BankState, where_rows
 
+# Blocks of one prefill call unrolled per loop iteration (a tuning knob).
+PREFILL_UNROLL: int | bool = 1
+
 # How many times each compiled entry point has been traced (a retrace shows up here).
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
@@ -166,7 +169,8 @@ class CoDAGQALandmark(AttentionCore):
         return y, where_rows(count > 0, new_state, state)
 
     def _prefill_segment(self, x: jax.Array, lengths: jax.Array, state: BankState, *,
-                         block_size: int, training: bool) -> tuple[jax.Array, BankState]:
+                         block_size: int, training: bool, unroll: int | bool
+                         ) -> tuple[jax.Array, BankState]:
         batch, seg_len, dim = x.shape
         n_blocks = seg_len // block_size
         blocks = x.reshape(batch, n_blocks, block_size, dim).swapaxes(0, 1)
@@ -179,9 +183,7 @@ class CoDAGQALandmark(AttentionCore):
             y, st = self._prefill_block(*inputs, st, training)
             return st, y
 
-        # Unrolled: a GPU while loop reads its predicate back on the host every
-        # iteration, so the next block's kernels could not be queued in advance.
-        state, ys = jax.lax.scan(body, state, (blocks, counts), unroll=True)
+        state, ys = jax.lax.scan(body, state, (blocks, counts), unroll=unroll)
         return ys.swapaxes(0, 1).reshape(batch, seg_len, dim), state
 
     def _step(self, x: jax.Array, state: BankState, training: bool
@@ -228,7 +230,7 @@ class CoDAGQALandmark(AttentionCore):
             seg_lengths = jnp.clip(lengths - i * seg, 0, seg)
             y, state = _prefill_segment_jit(self, x[:, i * seg:(i + 1) * seg],
                                             seg_lengths, state, block_size=block_size,
-                                            training=training)
+                                            training=training, unroll=PREFILL_UNROLL)
             outputs.append(y)
         y = jnp.concatenate(outputs, axis=1)[:, :length]
         return y, state
@@ -259,10 +261,11 @@ class CoDAGQALandmark(AttentionCore):
 
 # NNX modules are pytrees: the layer travels into jit as its arrays plus a
 # static tree definition (config included), far cheaper than nnx.split per call.
-@functools.partial(jax.jit, static_argnames=("block_size", "training"))
-def _prefill_segment_jit(layer, x, lengths, state, *, block_size, training):
+@functools.partial(jax.jit, static_argnames=("block_size", "training", "unroll"))
+def _prefill_segment_jit(layer, x, lengths, state, *, block_size, training, unroll):
     TRACE_COUNTS["prefill"] += 1
-    return layer._prefill_segment(x, lengths, state, block_size=block_size, training=training)
+    return layer._prefill_segment(x, lengths, state, block_size=block_size, training=training,
+                                  unroll=unroll)
 
 
 @functools.partial(jax.jit, static_argnames=("training",))
