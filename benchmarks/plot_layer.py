@@ -1,0 +1,54 @@
+"""Plot ours/reference speed ratios of one bounded layer from committed H100 results.
+
+    python benchmarks/plot_layer.py --prefill benchmarks/results/layer_h100_v1.json \
+        --decode benchmarks/results/layer_h100_v2.json --out docs/layer_h100.png
+
+Prefill and decode figures may come from different runs (see
+benchmarks/results/NOTES.md); each ratio is taken within its own run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--prefill", required=True)
+    p.add_argument("--decode", required=True)
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    prefill = json.load(open(a.prefill))["shapes"]
+    decode = json.load(open(a.decode))["shapes"]
+    bars = [("prefill, block 256", prefill, "prefill_block256", 10),
+            ("prefill, block 1024", prefill, "prefill_block1024", 10),
+            ("decode, compiled loop", decode, "decode_compiled_loop", 20),
+            ("decode, one call per token", decode, "decode_per_call", 20)]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.38
+    for i, shape_idx in enumerate((0, 1)):
+        shape = prefill[shape_idx]["shape"]
+        label = f"D={shape['embed_dim']}, H={shape['num_heads']}, Hkv={shape['num_kv_heads']}"
+        values = [runs[shape_idx]["ratios"][key] for _, runs, key, _ in bars]
+        xs = [j + (i - 0.5) * width for j in range(len(bars))]
+        rects = ax.bar(xs, values, width, label=label)
+        ax.bar_label(rects, fmt="%.1fx", fontsize=8)
+    for j, (_, _, _, target) in enumerate(bars):
+        ax.hlines(target, j - 0.45, j + 0.45, colors="k", linestyles="dashed", linewidth=1)
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=9)
+    ax.set_yscale("log")
+    ax.set_ylabel("speed-up over the PyTorch reference")
+    ax.set_title("One bounded layer on an H100, bf16, batch 1, L=4096 (dashed: target)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(a.out, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
