@@ -147,44 +147,56 @@ class CoDAGQALandmark(AttentionCore):
             return jnp.ones(x.shape[:-1], jnp.float32)
         return jax.nn.sigmoid(self.write_proj(x)[..., 0].astype(jnp.float32))
 
-    def _prefill_block(self, x: jax.Array, count: jax.Array, state: BankState,
+    def _prefill_block(self, tokens: dict, count: jax.Array, state: BankState,
                        training: bool) -> tuple[jax.Array, BankState]:
-        """One block x (B, T, D) with ``count`` (B,) valid tokens per row."""
-        batch, block, _ = x.shape
-        positions = state.pos[:, None] + jnp.arange(block, dtype=POSITION_DTYPE)[None, :]
-        q = self.project_q(x, positions)
-        k, v = self.project_kv(x, positions)
+        """One block of projected tokens (q, k, v, lam, gate; T per row) with
+        ``count`` (B,) valid tokens per row -> (per-head outputs, new state)."""
+        q, k, v = tokens["q"], tokens["k"], tokens["v"]
+        batch, block = q.shape[:2]
         keys = jnp.concatenate([state.k_buf, k.astype(state.k_buf.dtype)], axis=1)
         values = jnp.concatenate([state.v_buf, v.astype(state.v_buf.dtype)], axis=1)
         prefix = state.allowed if self.bank_cfg.mask_unused_memory else jnp.ones_like(state.allowed)
-        in_block = causal_mask(block, block)[None] & (jnp.arange(block) < count[:, None])[:, None, :]
+        valid = jnp.arange(block)[None, :] < count[:, None]
+        in_block = causal_mask(block, block)[None] & valid[:, None, :]
         mask = jnp.concatenate(
             [jnp.broadcast_to(prefix[:, None, :], (batch, block, prefix.shape[1])), in_block], -1)
-        y = self.attend(x, q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask)
-        y = jnp.where((jnp.arange(block)[None, :] < count[:, None])[..., None], y, 0)
+        heads = self.mix_heads(q, keys.astype(q.dtype), values.astype(q.dtype), tokens["lam"],
+                               mask=mask)
+        heads = jnp.where(valid[:, :, None, None], heads, 0)
         new_state = memory.write_block(
-            self.layout, state, k=k, v=v, gate=self._write_gate(x), count=count,
+            self.layout, state, k=k, v=v, gate=tokens["gate"], count=count,
             eta_logit=self.summary_eta_logit[...], training=training)
         # Rows with nothing in this block keep their state bit for bit.
-        return y, where_rows(count > 0, new_state, state)
+        return heads, where_rows(count > 0, new_state, state)
 
     def _prefill_segment(self, x: jax.Array, lengths: jax.Array, state: BankState, *,
                          block_size: int, training: bool, unroll: int | bool
                          ) -> tuple[jax.Array, BankState]:
-        batch, seg_len, dim = x.shape
+        batch, seg_len, _ = x.shape
         n_blocks = seg_len // block_size
-        blocks = x.reshape(batch, n_blocks, block_size, dim).swapaxes(0, 1)
+        # Projections for the whole segment at once (large matmuls, fewer
+        # kernels per block); valid tokens of a row sit at pos, pos + 1, ...
+        positions = state.pos[:, None] + jnp.arange(seg_len, dtype=POSITION_DTYPE)[None, :]
+        k, v = self.project_kv(x, positions)
+        tokens = {"q": self.project_q(x, positions), "k": k, "v": v,
+                  "lam": self.cancellation_gate(x), "gate": self._write_gate(x)}
+        per_block = jax.tree.map(
+            lambda a: a.reshape(batch, n_blocks, block_size, *a.shape[2:]).swapaxes(0, 1),
+            tokens)
         starts = jnp.arange(n_blocks, dtype=POSITION_DTYPE)[:, None] * block_size
         counts = jnp.clip(lengths[None, :] - starts, 0, block_size)
 
         def body(st, inputs):
             # No lax.cond to skip empty padding blocks: on GPU its predicate is
             # read back by the host every block, stalling the stream.
-            y, st = self._prefill_block(*inputs, st, training)
-            return st, y
+            heads, st = self._prefill_block(*inputs, st, training)
+            return st, heads
 
-        state, ys = jax.lax.scan(body, state, (blocks, counts), unroll=unroll)
-        return ys.swapaxes(0, 1).reshape(batch, seg_len, dim), state
+        state, heads = jax.lax.scan(body, state, (per_block, counts), unroll=unroll)
+        heads = heads.swapaxes(0, 1).reshape(batch, seg_len, *heads.shape[3:])
+        y = self.merge_heads(heads, x.dtype)
+        valid = jnp.arange(seg_len)[None, :] < lengths[:, None]
+        return jnp.where(valid[..., None], y, 0), state
 
     def _step(self, x: jax.Array, state: BankState, training: bool
               ) -> tuple[jax.Array, BankState]:

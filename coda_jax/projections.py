@@ -101,25 +101,40 @@ class AttentionCore(nnx.Module):
         v = self.v_proj(x).reshape(shape)
         return apply_rope(k, positions, self.inv_freq, interleaved=self.attn_cfg.rope_interleaved), v
 
-    def attend(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, *,
-               mask: jax.Array | None = None, bias: jax.Array | None = None,
-               fused: bool = True) -> jax.Array:
-        """Differential (or plain) attention of queries q over k/v, then o_proj -> (B, L, D).
+    def cancellation_gate(self, x: jax.Array) -> jax.Array | None:
+        """lambda = sigmoid(lambda_proj(x)) per token and head (B, L, H), float32;
+        None without differential attention."""
+        if not self.attn_cfg.differential:
+            return None
+        return jax.nn.sigmoid(self.lambda_proj(x).astype(jnp.float32))
+
+    def mix_heads(self, q: jax.Array, k: jax.Array, v: jax.Array, lam: jax.Array | None, *,
+                  mask: jax.Array | None = None, bias: jax.Array | None = None,
+                  fused: bool = True) -> jax.Array:
+        """Per-head output ``HeadNorm(Attn(q) - lam * Attn(R_theta q))`` -> (B, L, H, Dh).
 
         ``fused=False`` forces the XLA path (single-token decode, where a fused
         flash kernel has nothing to tile).
         """
         cfg = self.attn_cfg
-        q_noise = lam = None
-        if cfg.differential:
-            q_noise = givens_rotate(q, self.theta[...])
-            lam = jax.nn.sigmoid(self.lambda_proj(x).astype(jnp.float32))
-        out = differential_attention(
+        q_noise = givens_rotate(q, self.theta[...]) if cfg.differential else None
+        return differential_attention(
             q, k, v, q_noise=q_noise, lam=lam, mask=mask, bias=bias,
             norm_weight=None if self.head_norm is None else self.head_norm.weight[...],
             head_norm=self.head_norm is not None, eps=cfg.eps,
             implementation=resolve_implementation(self.implementation, q.dtype) if fused
             else "xla")
-        b, l = q.shape[:2]
-        y = self.o_proj(out.reshape(b, l, cfg.num_heads * cfg.head_dim))
-        return y.astype(x.dtype)
+
+    def merge_heads(self, heads: jax.Array, dtype) -> jax.Array:
+        """o_proj of per-head outputs (B, L, H, Dh) -> (B, L, D) in ``dtype``."""
+        b, l = heads.shape[:2]
+        y = self.o_proj(heads.reshape(b, l, self.attn_cfg.num_heads * self.attn_cfg.head_dim))
+        return y.astype(dtype)
+
+    def attend(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, *,
+               mask: jax.Array | None = None, bias: jax.Array | None = None,
+               fused: bool = True) -> jax.Array:
+        """Differential (or plain) attention of x's queries q over k/v, then o_proj -> (B, L, D)."""
+        heads = self.mix_heads(q, k, v, self.cancellation_gate(x), mask=mask, bias=bias,
+                               fused=fused)
+        return self.merge_heads(heads, x.dtype)

@@ -99,12 +99,11 @@ def test_documents_at_different_positions_share_one_batch():
         y, batch = layer.step(x, batch)
         for row in range(2):
             y_row, states[row] = layer.step(x[row:row + 1], states[row])
-            np.testing.assert_allclose(y[row:row + 1], y_row, rtol=1e-5, atol=1e-6)
+            assert_close(y[row:row + 1], y_row, what=f"step {t} row {row}")
     for row in range(2):
         for a, b in zip(jax.tree.leaves(select_rows(batch, slice(row, row + 1))),
                         jax.tree.leaves(states[row])):
-            np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
-                                       rtol=1e-5, atol=1e-6)
+            assert_close(a, b, what=f"state row {row}")
 
 
 def test_ragged_prompts_in_one_batch_equal_separate_prefills():
@@ -116,12 +115,11 @@ def test_ragged_prompts_in_one_batch_equal_separate_prefills():
     for row, n in enumerate(lengths):
         y_row, s_row = layer.prefill(x[row:row + 1, :n], layer.init_state(1, mem_init="zeros"),
                                      block_size=8)
-        np.testing.assert_allclose(y[row, :n], y_row[0], rtol=1e-5, atol=1e-6)
+        assert_close(y[row, :n], y_row[0], what=f"output row {row}")
         assert not np.asarray(y[row, n:]).any()
         for a, b in zip(jax.tree.leaves(select_rows(state, slice(row, row + 1))),
                         jax.tree.leaves(s_row)):
-            np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
-                                       rtol=1e-5, atol=1e-6)
+            assert_close(a, b, what=f"state row {row}")
 
 
 def test_non_differential_switch_is_gqa_over_the_same_buffer():

@@ -49,7 +49,7 @@ def test_head_rms_norm_matches_reference():
     w = jax.random.normal(jax.random.key(3), (8,))
     norm = ref_prims.HeadwiseRMSNorm(8, eps=1e-6)
     with torch.no_grad():
-        norm.weight.copy_(torch.from_numpy(np.asarray(w)))
+        norm.weight.copy_(torch.from_numpy(np.array(w)))
         want = norm(_bhld(x))
     assert_close(_bhld(head_rms_norm(x, w, 1e-6)), want, rtol=1e-6)
 
