@@ -86,15 +86,8 @@ def main() -> None:
 
     tokens = jax.random.normal(jax.random.key(3), (1, a.steps, a.embed_dim), jnp.bfloat16)
 
-    @jax.jit
-    def loop(layer, xs, st):
-        def body(s, x_t):
-            y, s = layer.step(x_t[:, None], s)
-            return s, y
-        return jax.lax.scan(body, st, xs.swapaxes(0, 1))
-
     print(f"decode loop of {a.steps} steps")
-    traced(lambda: jax.block_until_ready(loop(layer, tokens, state)), a.top)
+    traced(lambda: jax.block_until_ready(layer.decode(tokens, state)), a.top)
     print(f"decode per call x {a.steps}")
 
     def per_call():

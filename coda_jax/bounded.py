@@ -259,6 +259,14 @@ class CoDAGQALandmark(AttentionCore):
         self.check_state(state, x.shape[0])
         return _step_jit(self, x, state, training=training)
 
+    def decode(self, xs: jax.Array, state: BankState, *, training: bool = False
+               ) -> tuple[jax.Array, BankState]:
+        """Feed xs (B, T, D) one token at a time by the decode rule, in one compiled
+        loop (a ``lax.scan`` of ``step``): -> (y (B, T, D), new state)."""
+        self.check_input(xs)
+        self.check_state(state, xs.shape[0])
+        return _decode_jit(self, xs, state, training=training)
+
     @staticmethod
     def _check_lengths(lengths, batch: int, length: int) -> jax.Array:
         if lengths is None:
@@ -284,3 +292,15 @@ def _prefill_segment_jit(layer, x, lengths, state, *, block_size, training, unro
 def _step_jit(layer, x, state, *, training):
     TRACE_COUNTS["step"] += 1
     return layer._step(x, state, training)
+
+
+@functools.partial(jax.jit, static_argnames=("training",))
+def _decode_jit(layer, xs, state, *, training):
+    TRACE_COUNTS["decode"] += 1
+
+    def body(st, x_t):
+        y, st = layer._step(x_t[:, None], st, training)
+        return st, y[:, 0]
+
+    state, ys = jax.lax.scan(body, state, xs.swapaxes(0, 1))
+    return ys.swapaxes(0, 1), state

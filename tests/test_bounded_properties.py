@@ -64,6 +64,19 @@ def test_prefill_compiles_once_for_any_length_and_step_once_for_1000_steps():
     assert TRACE_COUNTS["step"] == 1
 
 
+def test_decode_loop_equals_repeated_steps():
+    layer = _layer(window=4, collect_metrics=True)
+    state = layer.prefill(_x(20, 2, 9), layer.init_state(2, key=jax.random.key(0)),
+                          block_size=4)[1]
+    xs = _x(21, 2, 11)
+    ys, looped = layer.decode(xs, state)
+    for t in range(11):
+        y_t, state = layer.step(xs[:, t:t + 1], state)
+        assert_close(ys[:, t:t + 1], y_t, what=f"decode step {t}")
+    for a, b in zip(jax.tree.leaves(looped), jax.tree.leaves(state)):
+        assert_close(a, b, what="state after the loop")
+
+
 def test_state_is_bounded_after_100k_decode_tokens():
     layer = _layer(window=8)
     state = layer.init_state(2, key=jax.random.key(0))
