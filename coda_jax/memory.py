@@ -76,7 +76,7 @@ def init_state(layout: BankLayout, batch_size: int, dtype, key: jax.Array | None
         bank_shape = (batch_size, cfg.num_exact + cfg.num_summary) + shape[2:]
         k_bank = 0.02 * jax.random.normal(k_key, bank_shape, jnp.float32)
         v_bank = 0.02 * jax.random.normal(v_key, bank_shape, jnp.float32)
-        lf_mask = np.isin(np.arange(layout.head_dim), layout.lf_dims)
+        lf_mask = summary_bank.band_mask(layout.lf_dims, layout.head_dim)
         is_summary = (np.arange(bank_shape[1]) >= cfg.num_exact)[:, None, None]
         k_bank = jnp.where(is_summary & ~lf_mask, 0.0, k_bank)
         k_buf = k_buf.at[:, bank].set(k_bank.astype(dtype))

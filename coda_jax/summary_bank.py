@@ -30,6 +30,11 @@ class SummaryUpdate(NamedTuple):
     inserts: jax.Array     # (B,) int32 slots written for the first time
 
 
+def band_mask(lf_dims: np.ndarray, head_dim: int) -> np.ndarray:
+    """Boolean (head_dim,) mask of the LF band (static, host-side)."""
+    return np.isin(np.arange(head_dim), lf_dims)
+
+
 def lf_scores(cand_k: jax.Array, mem_k: jax.Array, lf_dims: np.ndarray) -> jax.Array:
     """Cosine similarity of the LF key bands, mean over KV heads -> (B, T, Ms) float32."""
     cand = l2_normalize(cand_k[..., lf_dims])
@@ -83,8 +88,8 @@ def update_block(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: j
     eta = jax.nn.sigmoid(eta_logit.astype(jnp.float32))[None, None, :, None]   # (1,1,Hkv,1)
     if cfg.summary_overwrite_on_insert:
         eta = jnp.where(new_slot[:, :, None, None], 1.0, eta)
-    lf_mask = np.isin(np.arange(mem_k.shape[-1]), lf_dims)
-    new_k, new_v = _blend(mem_k, mem_v, avg_k, avg_v, eta, lf_mask, energy_scale)
+    new_k, new_v = _blend(mem_k, mem_v, avg_k, avg_v, eta, band_mask(lf_dims, mem_k.shape[-1]),
+                          energy_scale)
     new_k = jnp.where(hit_slot[:, :, None, None], new_k, mem_k)
     new_v = jnp.where(hit_slot[:, :, None, None], new_v, mem_v)
     used = used | hit_slot
@@ -116,9 +121,9 @@ def update_one(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: jax
     eta = jnp.where(onehot[:, :, None], eta[:, None, :], 0.0)[..., None]    # (B, Ms, Hkv, 1)
     eta, keep, is_new = materialise(eta, keep, is_new)
 
-    lf_mask = np.isin(np.arange(mem_k.shape[-1]), lf_dims)
     new_k, new_v = _blend(mem_k, mem_v, k[:, None].astype(jnp.float32),
-                          v[:, None].astype(jnp.float32), eta, lf_mask, energy_scale)
+                          v[:, None].astype(jnp.float32), eta,
+                          band_mask(lf_dims, mem_k.shape[-1]), energy_scale)
     used = used | (onehot & keep[:, None])
     as_int = lambda m: m.astype(jnp.int32)  # noqa: E731
     return SummaryUpdate(k=new_k, v=new_v, used=used,
