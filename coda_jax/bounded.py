@@ -220,7 +220,8 @@ class CoDAGQALandmark(AttentionCore):
         """Process a prompt x (B, L, D) block by block; return (y (B, L, D), new state).
 
         ``lengths`` (B,) marks rows shorter than L (their tail is padding: no
-        output, no state change). The compiled unit is ``chunks_per_call``
+        output, no state change); host values are range-checked, device arrays
+        are clipped to [0, L] rather than read back. The compiled unit is ``chunks_per_call``
         blocks, so prompts of any length reuse one compilation per block size.
         ``training=True`` freezes bank expansion, as the reference does in
         training mode. The input state is not modified.
@@ -271,12 +272,16 @@ class CoDAGQALandmark(AttentionCore):
     def _check_lengths(lengths, batch: int, length: int) -> jax.Array:
         if lengths is None:
             return jnp.full((batch,), length, POSITION_DTYPE)
-        if not isinstance(lengths, jax.core.Tracer):
-            host = np.asarray(lengths)
-            if host.shape != (batch,) or (host < 0).any() or (host > length).any():
-                raise ValueError(f"lengths must be {batch} integers in [0, {length}], "
-                                 f"got {host.tolist()}")
-        return jnp.asarray(lengths, POSITION_DTYPE)
+        if isinstance(lengths, jax.Array):
+            # Device values are not read back (no host sync): shape-checked and clipped.
+            if lengths.shape != (batch,):
+                raise ValueError(f"lengths must have shape ({batch},), got {lengths.shape}")
+            return jnp.clip(lengths, 0, length).astype(POSITION_DTYPE)
+        host = np.asarray(lengths)
+        if host.shape != (batch,) or (host < 0).any() or (host > length).any():
+            raise ValueError(f"lengths must be {batch} integers in [0, {length}], "
+                             f"got {host.tolist()}")
+        return jnp.asarray(host, POSITION_DTYPE)
 
 
 # NNX modules are pytrees: the layer travels into jit as its arrays plus a

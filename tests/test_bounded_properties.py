@@ -125,6 +125,9 @@ def test_ragged_prompts_in_one_batch_equal_separate_prefills():
     lengths = [29, 5, 17]
     y, state = layer.prefill(x, layer.init_state(3, mem_init="zeros"), block_size=8,
                              lengths=lengths)
+    y_dev, _ = layer.prefill(x, layer.init_state(3, mem_init="zeros"), block_size=8,
+                             lengths=jnp.asarray(lengths))  # device lengths: no read-back
+    np.testing.assert_array_equal(y_dev, y)
     for row, n in enumerate(lengths):
         y_row, s_row = layer.prefill(x[row:row + 1, :n], layer.init_state(1, mem_init="zeros"),
                                      block_size=8)
