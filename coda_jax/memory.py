@@ -189,7 +189,7 @@ def write_block(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Ar
     """
     cfg = layout.cfg
     w = cfg.window
-    batch, block = gate.shape
+    block = gate.shape[1]
     order = (state.recent_idx[:, None] + jnp.arange(w)[None, :]) % w
     stream_k = jnp.concatenate([_take(state.k_buf[:, :w], order), k.astype(state.k_buf.dtype)], 1)
     stream_v = jnp.concatenate([_take(state.v_buf[:, :w], order), v.astype(state.v_buf.dtype)], 1)

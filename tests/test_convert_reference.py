@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 from coda_jax import BaselineGQA, CoDAGQA, CoDAGQALandmark
 from convert import (from_reference, load_reference_weights, reference_state_dict,
