@@ -13,7 +13,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from . import memory
@@ -21,6 +20,7 @@ from .attention_math import causal_mask
 from .config import AttentionConfig, BankConfig, HeadNormMode, LfBand, MemInit, WritePolicy
 from .primitives import materialise
 from .projections import AttentionCore, _linear
+from .segments import check_lengths, split_segments
 from .state import POSITION_DTYPE, BankState, where_rows
 
 # Blocks of one prefill call unrolled per loop iteration (a tuning knob).
@@ -62,11 +62,13 @@ class CoDAGQALandmark(AttentionCore):
                  head_norm_mode: HeadNormMode = "full", rope_interleaved: bool = True,
                  head_dim: int | None = None, differential: bool = True,
                  lf_band: LfBand = "reference", qkv_bias: bool = False, o_bias: bool = False,
-                 param_dtype=jnp.float32, implementation: str | None = None,
-                 rngs: nnx.Rngs):
+                 rope_scaling: dict | None = None, qk_norm: bool = False,
+                 qk_norm_eps: float = 1e-6, param_dtype=jnp.float32,
+                 implementation: str | None = None, rngs: nnx.Rngs):
         attn_cfg = AttentionConfig(
             embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
             head_dim=head_dim, rope_base=rope_base, rope_interleaved=rope_interleaved,
+                              rope_scaling=rope_scaling, qk_norm=qk_norm, qk_norm_eps=qk_norm_eps,
             head_norm_mode=head_norm_mode, eps=eps, differential=differential,
             qkv_bias=qkv_bias, o_bias=o_bias)
         self.bank_cfg = BankConfig(
@@ -228,25 +230,17 @@ class CoDAGQALandmark(AttentionCore):
         """
         self.check_input(x)
         self.check_state(state, x.shape[0])
-        if block_size <= 0 or chunks_per_call <= 0:
-            raise ValueError("block_size and chunks_per_call must be positive, got "
-                             f"{block_size} and {chunks_per_call}")
-        batch, length, dim = x.shape
-        lengths = self._check_lengths(lengths, batch, length)
-        if length == 0:
-            return x, state
-        seg = block_size * chunks_per_call
-        n_seg = -(-length // seg)
-        x = jnp.pad(x, ((0, 0), (0, n_seg * seg - length), (0, 0)))
+        lengths = check_lengths(lengths, x.shape[0], x.shape[1])
         outputs = []
-        for i in range(n_seg):
-            seg_lengths = jnp.clip(lengths - i * seg, 0, seg)
-            y, state = _prefill_segment_jit(self, x[:, i * seg:(i + 1) * seg],
-                                            seg_lengths, state, block_size=block_size,
-                                            training=training, unroll=PREFILL_UNROLL)
+        for x_seg, seg_lengths in split_segments(x, lengths, block_size=block_size,
+                                                 chunks_per_call=chunks_per_call):
+            y, state = _prefill_segment_jit(self, x_seg, seg_lengths, state,
+                                            block_size=block_size, training=training,
+                                            unroll=PREFILL_UNROLL)
             outputs.append(y)
-        y = jnp.concatenate(outputs, axis=1)[:, :length]
-        return y, state
+        if not outputs:
+            return x, state
+        return jnp.concatenate(outputs, axis=1)[:, :x.shape[1]], state
 
     def step(self, x: jax.Array, state: BankState, *, training: bool = False
              ) -> tuple[jax.Array, BankState]:
@@ -267,21 +261,6 @@ class CoDAGQALandmark(AttentionCore):
         self.check_input(xs)
         self.check_state(state, xs.shape[0])
         return _decode_jit(self, xs, state, training=training)
-
-    @staticmethod
-    def _check_lengths(lengths, batch: int, length: int) -> jax.Array:
-        if lengths is None:
-            return jnp.full((batch,), length, POSITION_DTYPE)
-        if isinstance(lengths, jax.Array):
-            # Device values are not read back (no host sync): shape-checked and clipped.
-            if lengths.shape != (batch,):
-                raise ValueError(f"lengths must have shape ({batch},), got {lengths.shape}")
-            return jnp.clip(lengths, 0, length).astype(POSITION_DTYPE)
-        host = np.asarray(lengths)
-        if host.shape != (batch,) or (host < 0).any() or (host > length).any():
-            raise ValueError(f"lengths must be {batch} integers in [0, {length}], "
-                             f"got {host.tolist()}")
-        return jnp.asarray(host, POSITION_DTYPE)
 
 
 # NNX modules are pytrees: the layer travels into jit as its arrays plus a

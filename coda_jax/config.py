@@ -41,8 +41,15 @@ class AttentionConfig:
     differential: bool = True
     qkv_bias: bool = False
     o_bias: bool = False
+    # HuggingFace rope_scaling as sorted (key, value) items; None = plain RoPE.
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    # Qwen3: RMSNorm of each query/key head (over head_dim) before RoPE.
+    qk_norm: bool = False
+    qk_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
         for name in ("embed_dim", "num_heads", "num_kv_heads"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value <= 0:

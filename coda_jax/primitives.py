@@ -7,6 +7,7 @@ Layout convention everywhere in this package: tokens before heads,
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +16,32 @@ from flax import nnx
 
 
 @functools.lru_cache(maxsize=64)
-def rope_inv_freq(head_dim: int, base: float) -> np.ndarray:
-    """Inverse frequencies ``base ** (-2i / head_dim)`` of the rotary pairs, float32."""
+def rope_inv_freq(head_dim: int, base: float,
+                  scaling: tuple[tuple[str, Any], ...] | None = None) -> np.ndarray:
+    """Inverse frequencies ``base ** (-2i / head_dim)`` of the rotary pairs, float32.
+
+    ``scaling`` is a HuggingFace ``rope_scaling``/``rope_parameters`` dict as a
+    tuple of items; the ``default``, ``linear`` and ``llama3`` types are known.
+    """
     exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    return (np.float32(1.0) / np.power(np.float32(base), exponents)).astype(np.float32)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(base), exponents)).astype(np.float32)
+    params = dict(scaling or ())
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return (inv_freq / np.float32(params["factor"])).astype(np.float32)
+    if kind == "llama3":
+        factor = params["factor"]
+        low, high = params["low_freq_factor"], params["high_freq_factor"]
+        context = params["original_max_position_embeddings"]
+        wavelen = 2 * np.pi / inv_freq
+        scaled = np.where(wavelen > context / low, inv_freq / factor, inv_freq)
+        smooth = (context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < context / high) & ~(wavelen > context / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"RoPE scaling type {kind!r} is not supported (default, linear, llama3)")
 
 
 def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:

@@ -56,6 +56,11 @@ class AttentionCore(nnx.Module):
         else:
             self.theta = None
             self.lambda_proj = None
+        if cfg.qk_norm:
+            self.q_norm = HeadwiseRMSNorm(dh, eps=cfg.qk_norm_eps, param_dtype=param_dtype)
+            self.k_norm = HeadwiseRMSNorm(dh, eps=cfg.qk_norm_eps, param_dtype=param_dtype)
+        else:
+            self.q_norm = self.k_norm = None
         if cfg.head_norm_mode == "full":
             self.head_norm = HeadwiseRMSNorm(dh, eps=cfg.eps, param_dtype=param_dtype)
         else:
@@ -79,7 +84,8 @@ class AttentionCore(nnx.Module):
 
     @property
     def inv_freq(self):
-        return rope_inv_freq(self.attn_cfg.head_dim, self.attn_cfg.rope_base)
+        return rope_inv_freq(self.attn_cfg.head_dim, self.attn_cfg.rope_base,
+                             self.attn_cfg.rope_scaling)
 
     def check_input(self, x: jax.Array, *, what: str = "x") -> None:
         if x.ndim != 3 or x.shape[-1] != self.attn_cfg.embed_dim:
@@ -91,6 +97,8 @@ class AttentionCore(nnx.Module):
         """RoPE'd queries (B, L, H, Dh) for tokens at integer ``positions`` (B, L)."""
         b, l, _ = x.shape
         q = self.q_proj(x).reshape(b, l, self.attn_cfg.num_heads, self.attn_cfg.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         return apply_rope(q, positions, self.inv_freq, interleaved=self.attn_cfg.rope_interleaved)
 
     def project_kv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -98,6 +106,8 @@ class AttentionCore(nnx.Module):
         b, l, _ = x.shape
         shape = (b, l, self.attn_cfg.num_kv_heads, self.attn_cfg.head_dim)
         k = self.k_proj(x).reshape(shape)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         v = self.v_proj(x).reshape(shape)
         return apply_rope(k, positions, self.inv_freq, interleaved=self.attn_cfg.rope_interleaved), v
 

@@ -78,11 +78,13 @@ class CoDAGQA(_UnboundedAttention):
                  head_norm_mode: HeadNormMode = "full", rope_interleaved: bool = True,
                  head_dim: int | None = None, differential: bool = True,
                  qkv_bias: bool = False, o_bias: bool = False,
-                 param_dtype=jnp.float32, implementation: str | None = None,
-                 rngs: nnx.Rngs):
+                 rope_scaling: dict | None = None, qk_norm: bool = False,
+                 qk_norm_eps: float = 1e-6, param_dtype=jnp.float32,
+                 implementation: str | None = None, rngs: nnx.Rngs):
         cfg = AttentionConfig(embed_dim=embed_dim, num_heads=num_heads,
                               num_kv_heads=num_kv_heads, head_dim=head_dim,
                               rope_base=rope_base, rope_interleaved=rope_interleaved,
+                              rope_scaling=rope_scaling, qk_norm=qk_norm, qk_norm_eps=qk_norm_eps,
                               head_norm_mode=head_norm_mode, eps=eps,
                               differential=differential, qkv_bias=qkv_bias, o_bias=o_bias)
         super().__init__(cfg, lambda_init_bias=lambda_init_bias, theta_init=theta_init,
@@ -96,11 +98,13 @@ class BaselineGQA(_UnboundedAttention):
     def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int,
                  rope_base: float = 10_000.0, rope_interleaved: bool = True,
                  head_dim: int | None = None, qkv_bias: bool = False, o_bias: bool = False,
-                 param_dtype=jnp.float32, implementation: str | None = None,
-                 rngs: nnx.Rngs):
+                 rope_scaling: dict | None = None, qk_norm: bool = False,
+                 qk_norm_eps: float = 1e-6, param_dtype=jnp.float32,
+                 implementation: str | None = None, rngs: nnx.Rngs):
         cfg = AttentionConfig(embed_dim=embed_dim, num_heads=num_heads,
                               num_kv_heads=num_kv_heads, head_dim=head_dim,
                               rope_base=rope_base, rope_interleaved=rope_interleaved,
+                              rope_scaling=rope_scaling, qk_norm=qk_norm, qk_norm_eps=qk_norm_eps,
                               head_norm_mode="identity", differential=False,
                               qkv_bias=qkv_bias, o_bias=o_bias)
         super().__init__(cfg, param_dtype=param_dtype, implementation=implementation,

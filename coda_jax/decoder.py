@@ -1,0 +1,213 @@
+"""Llama-family decoders (Llama, Mistral, Qwen3) with a choice of attention.
+
+``attention="gqa"`` is the HuggingFace architecture (for parity with
+``transformers``), ``"coda"`` unbounded differential attention, and
+``"coda_bounded"`` CoDA-GQA-L with its fixed-size state. The layers are
+stored stacked (every parameter has a leading layer axis) and run under one
+``lax.scan``, so a 32-layer model compiles one layer's program; the bounded
+state of the whole model is one ``BankState`` whose leaves lead with the layer axis.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .bounded import CoDAGQALandmark
+from .model_config import DecoderConfig
+from .state import BankState
+from .unbounded import BaselineGQA, CoDAGQA
+
+AttentionKind = Literal["gqa", "coda", "coda_bounded"]
+# The reference's Llama/Qwen3 adapters' defaults, also ours for these models.
+ADAPTER_DEFAULTS = dict(head_norm_mode="identity", rope_interleaved=False)
+BOUNDED_DEFAULTS = dict(window=256, num_landmarks_exact=64, num_landmarks_summary=64)
+
+
+class RMSNorm(nnx.Module):
+    """HuggingFace's RMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden: int, intermediate: int, *, param_dtype, rngs: nnx.Rngs):
+        make = functools.partial(nnx.Linear, use_bias=False, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = make(hidden, intermediate)
+        self.up_proj = make(hidden, intermediate)
+        self.down_proj = make(intermediate, hidden)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def attention_module(cfg: DecoderConfig, kind: AttentionKind, options: dict[str, Any], *,
+                     qk_norm: bool, param_dtype, rngs: nnx.Rngs) -> nnx.Module:
+    """The attention of one decoder layer, configured from the model's config."""
+    common = dict(embed_dim=cfg.hidden_size, num_heads=cfg.num_heads,
+                  num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                  rope_base=cfg.rope_theta, rope_scaling=dict(cfg.rope_scaling or {}) or None,
+                  qk_norm=qk_norm, qk_norm_eps=cfg.rms_norm_eps, qkv_bias=cfg.attention_bias,
+                  o_bias=cfg.attention_bias, param_dtype=param_dtype, rngs=rngs)
+    if kind == "gqa":
+        if options:
+            raise ValueError(f"attention='gqa' takes no options, got {sorted(options)}")
+        return BaselineGQA(rope_interleaved=False, **common)
+    if kind == "coda":
+        return CoDAGQA(**common, **(ADAPTER_DEFAULTS | options))
+    if kind == "coda_bounded":
+        return CoDAGQALandmark(**common, **(ADAPTER_DEFAULTS | BOUNDED_DEFAULTS | options))
+    raise ValueError(f"attention must be 'gqa', 'coda' or 'coda_bounded', got {kind!r}")
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: attention, then SwiGLU MLP."""
+
+    def __init__(self, cfg: DecoderConfig, kind: AttentionKind, options: dict[str, Any], *,
+                 qk_norm: bool, param_dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
+                                       param_dtype=param_dtype)
+        self.self_attn = attention_module(cfg, kind, options, qk_norm=qk_norm,
+                                          param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
+                                                param_dtype=param_dtype)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, param_dtype=param_dtype,
+                       rngs=rngs)
+
+    def _mlp_residual(self, h: jax.Array) -> jax.Array:
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward(self, h: jax.Array, past) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Unbounded attention over the past cache and h."""
+        out, cache = self.self_attn(self.input_layernorm(h), past_key_value=past)
+        return self._mlp_residual(h + out), cache
+
+    def prefill_segment(self, h, lengths, state, *, block_size, training, unroll):
+        out, state = self.self_attn._prefill_segment(
+            self.input_layernorm(h), lengths, state, block_size=block_size,
+            training=training, unroll=unroll)
+        return self._mlp_residual(h + out), state
+
+    def step(self, h, state, *, training):
+        out, state = self.self_attn._step(self.input_layernorm(h), state, training)
+        return self._mlp_residual(h + out), state
+
+
+def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
+    """Identical modules -> one module whose leaves lead with a stacking axis."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *modules)
+
+
+class CausalLM(nnx.Module):
+    """A decoder language model: embeddings, a stack of layers, final norm, LM head.
+
+    ``attention_options`` are constructor keywords of the attention layers
+    (for ``coda_bounded``: window, num_landmarks_exact, ...). ``reference_compat``
+    reproduces the reference's Qwen3 adapter, which drops q_norm/k_norm.
+    """
+
+    def __init__(self, cfg: DecoderConfig, *, attention: AttentionKind = "gqa",
+                 attention_options: dict[str, Any] | None = None,
+                 reference_compat: bool = False, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.attention = attention
+        self.reference_compat = reference_compat
+        options = dict(attention_options or {})
+        qk_norm = cfg.qk_norm and not (reference_compat and attention != "gqa")
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size,
+                                      param_dtype=param_dtype, rngs=rngs)
+        self.layers = stack_modules([
+            DecoderLayer(cfg, attention, options, qk_norm=qk_norm, param_dtype=param_dtype,
+                         rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else nnx.Linear(
+            cfg.hidden_size, cfg.vocab_size, use_bias=False, param_dtype=param_dtype, rngs=rngs)
+
+    # ------------------------------------------------------------- pieces
+    @property
+    def layer_template(self) -> DecoderLayer:
+        """Layer 0 (a view of the stack), for its configuration and state shapes."""
+        return jax.tree.map(lambda leaf: leaf[0], self.layers)
+
+    @property
+    def bank_layers(self) -> list[CoDAGQALandmark]:
+        """The bounded attention of every layer (for saving and loading states)."""
+        self._require_bounded()
+        return [jax.tree.map(lambda leaf, i=i: leaf[i], self.layers).self_attn
+                for i in range(self.cfg.num_layers)]
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        h = self.norm(h)
+        if self.lm_head is None:
+            return self.embed_tokens.attend(h).astype(jnp.float32)
+        return self.lm_head(h).astype(jnp.float32)
+
+    def _require_bounded(self) -> None:
+        if self.attention != "coda_bounded":
+            raise ValueError(f"this needs attention='coda_bounded'; the model has "
+                             f"{self.attention!r}")
+
+    # ------------------------------------------------------ unbounded
+    def __call__(self, tokens: jax.Array, cache=None) -> tuple[jax.Array, Any]:
+        """Logits (B, L, V) of ``tokens`` (B, L) after an optional ``cache``
+        (the returned one: per-layer K/V stacked (layers, B, T, Hkv, Dh))."""
+        if self.attention == "coda_bounded":
+            raise ValueError("a bounded model runs with prefill/step and a state")
+        h = self.embed_tokens(tokens)
+
+        def body(h, inputs):
+            layer, past = inputs
+            return layer.forward(h, past)
+
+        h, cache = jax.lax.scan(body, h, (self.layers, cache))
+        return self.logits(h), cache
+
+    # -------------------------------------------------------- bounded
+    def init_state(self, batch_size: int, dtype=jnp.float32, *, key: jax.Array | None = None,
+                   mem_init: str | None = None) -> BankState:
+        """The state of every layer, stacked on a leading layer axis."""
+        self._require_bounded()
+        attn = self.layer_template.self_attn
+        keys = (jax.random.split(key, self.cfg.num_layers) if key is not None
+                else [None] * self.cfg.num_layers)
+        states = [attn.init_state(batch_size, dtype, key=k, mem_init=mem_init) for k in keys]
+        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+    def _prefill_segment(self, tokens, lengths, state, *, block_size, training, unroll,
+                         last_only):
+        h = self.embed_tokens(tokens)
+
+        def body(h, inputs):
+            layer, st = inputs
+            return layer.prefill_segment(h, lengths, st, block_size=block_size,
+                                         training=training, unroll=unroll)
+
+        h, state = jax.lax.scan(body, h, (self.layers, state))
+        if last_only:
+            last = jnp.clip(lengths - 1, 0, h.shape[1] - 1)
+            h = jnp.take_along_axis(h, last[:, None, None], axis=1)
+        return self.logits(h), state
+
+    def _step(self, token, state, *, training):
+        h = self.embed_tokens(token)
+
+        def body(h, inputs):
+            layer, st = inputs
+            return layer.step(h, st, training=training)
+
+        h, state = jax.lax.scan(body, h, (self.layers, state))
+        return self.logits(h), state

@@ -1,0 +1,65 @@
+"""Decoder-model configuration, read from a HuggingFace config (Llama, Mistral, Qwen3)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen3")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Shape and numerics of a Llama-family decoder, independent of its attention kind."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10_000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False  # Qwen3's per-head q_norm/k_norm
+
+    @classmethod
+    def from_hf(cls, config: Any) -> "DecoderConfig":
+        """From a ``transformers`` config object or its dict (``config.json``)."""
+        d = config if isinstance(config, Mapping) else config.to_dict()
+        family = d.get("model_type")
+        if family not in SUPPORTED_FAMILIES:
+            raise ValueError(f"model_type {family!r} is not supported; expected one of "
+                             f"{SUPPORTED_FAMILIES}")
+        if d.get("mlp_bias"):
+            raise ValueError("mlp_bias=True is not supported")
+        heads = int(d["num_attention_heads"])
+        theta, scaling = _rope(d)
+        return cls(
+            family=family, vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_layers=int(d["num_hidden_layers"]), num_heads=heads,
+            num_kv_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(d.get("head_dim") or int(d["hidden_size"]) // heads),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+            rope_scaling=scaling, tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bool(d.get("attention_bias", False)), qk_norm=family == "qwen3")
+
+
+def _rope(d: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
+    """RoPE base and scaling from either convention: transformers 5's
+    ``rope_parameters`` or the older ``rope_theta`` + ``rope_scaling``."""
+    params = dict(d.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", None) or d.get("rope_theta")
+    if theta is None:
+        raise ValueError("the config gives no rope_theta (nor rope_parameters.rope_theta)")
+    scaling = params or dict(d.get("rope_scaling") or {})
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return float(theta), None
+    return float(theta), tuple(sorted((k, v) for k, v in scaling.items()
+                                      if not isinstance(v, (dict, list))))

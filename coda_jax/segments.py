@@ -1,0 +1,48 @@
+"""Cutting a prompt into fixed-size compiled units (segments of whole blocks).
+
+Every prefill call runs one compiled program per segment of
+``block_size * chunks_per_call`` tokens; the prompt is padded to whole
+segments, so prompts of any length share one compilation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .state import POSITION_DTYPE
+
+
+def check_lengths(lengths, batch: int, length: int) -> jax.Array:
+    """Per-row valid lengths as int32 (B,); all of ``length`` when None.
+
+    Host values are range-checked; device arrays are shape-checked and clipped
+    to [0, length] rather than read back (no host sync).
+    """
+    if lengths is None:
+        return jnp.full((batch,), length, POSITION_DTYPE)
+    if isinstance(lengths, jax.Array):
+        if lengths.shape != (batch,):
+            raise ValueError(f"lengths must have shape ({batch},), got {lengths.shape}")
+        return jnp.clip(lengths, 0, length).astype(POSITION_DTYPE)
+    host = np.asarray(lengths)
+    if host.shape != (batch,) or (host < 0).any() or (host > length).any():
+        raise ValueError(f"lengths must be {batch} integers in [0, {length}], "
+                         f"got {host.tolist()}")
+    return jnp.asarray(host, POSITION_DTYPE)
+
+
+def split_segments(x: jax.Array, lengths: jax.Array, *, block_size: int,
+                   chunks_per_call: int) -> list[tuple[jax.Array, jax.Array]]:
+    """Pad x (B, L, ...) to whole segments -> [(x_segment, valid lengths in it)]."""
+    if block_size <= 0 or chunks_per_call <= 0:
+        raise ValueError("block_size and chunks_per_call must be positive, got "
+                         f"{block_size} and {chunks_per_call}")
+    length = x.shape[1]
+    seg = block_size * chunks_per_call
+    n_seg = -(-length // seg)
+    pad = [(0, 0), (0, n_seg * seg - length)] + [(0, 0)] * (x.ndim - 2)
+    x = jnp.pad(x, pad)
+    return [(x[:, i * seg:(i + 1) * seg], jnp.clip(lengths - i * seg, 0, seg))
+            for i in range(n_seg)]
