@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .bounded import CoDAGQALandmark
+from . import bounded
+from .bounded import TRACE_COUNTS, CoDAGQALandmark
 from .model_config import DecoderConfig
+from .segments import check_lengths, split_segments
 from .state import BankState
 from .unbounded import BaselineGQA, CoDAGQA
 
@@ -211,3 +213,70 @@ class CausalLM(nnx.Module):
 
         h, state = jax.lax.scan(body, h, (self.layers, state))
         return self.logits(h), state
+
+    def check_state(self, state: BankState, batch_size: int) -> None:
+        """``ValueError`` unless ``state`` is this model's stacked state for ``batch_size``."""
+        self._require_bounded()
+        expected = jax.eval_shape(lambda: self.init_state(batch_size, state.k_buf.dtype,
+                                                          mem_init="zeros"))
+        want = jax.tree.map(lambda a: a.shape, expected)
+        got = jax.tree.map(lambda a: a.shape, state)
+        if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+            raise ValueError(f"state does not match this model ({self.cfg.num_layers} layers, "
+                             f"batch {batch_size}): got k_buf {state.k_buf.shape}, expected "
+                             f"{expected.k_buf.shape}")
+
+    def _check_tokens(self, tokens: jax.Array, what: str = "tokens") -> None:
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"{what} must be integer ids of shape (batch, length), got "
+                             f"{tokens.dtype} {tuple(tokens.shape)}")
+
+    def prefill(self, tokens: jax.Array, state: BankState, *, block_size: int = 1024,
+                lengths=None, last_only: bool = False, training: bool = False,
+                chunks_per_call: int = 4) -> tuple[jax.Array, BankState]:
+        """Read ``tokens`` (B, L) into the bounded state: -> (logits, new state).
+
+        Logits are (B, L, V), or (B, 1, V) for each row's last valid token with
+        ``last_only`` (what a document ingest or a question needs). ``lengths``
+        marks shorter rows of a padded batch. One compilation per block size.
+        """
+        tokens = jnp.asarray(tokens)
+        self._check_tokens(tokens)
+        self.check_state(state, tokens.shape[0])
+        lengths = check_lengths(lengths, *tokens.shape)
+        outputs, last = [], None
+        for tok_seg, seg_lengths in split_segments(tokens, lengths, block_size=block_size,
+                                                   chunks_per_call=chunks_per_call):
+            logits, state = _model_prefill_jit(self, tok_seg, seg_lengths, state,
+                                               block_size=block_size, training=training,
+                                               last_only=last_only)
+            if last_only:
+                last = logits if last is None else jnp.where(
+                    (seg_lengths > 0)[:, None, None], logits, last)
+            else:
+                outputs.append(logits)
+        if last_only:
+            return last, state
+        return jnp.concatenate(outputs, axis=1)[:, :tokens.shape[1]], state
+
+    def step(self, token: jax.Array, state: BankState, *, training: bool = False
+             ) -> tuple[jax.Array, BankState]:
+        """One token per row (B, 1) -> (logits (B, 1, V), new state)."""
+        token = jnp.asarray(token)
+        self._check_tokens(token, "token")
+        self.check_state(state, token.shape[0])
+        return _model_step_jit(self, token, state, training=training)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "training", "last_only"))
+def _model_prefill_jit(model, tokens, lengths, state, *, block_size, training, last_only):
+    TRACE_COUNTS["model_prefill"] += 1
+    return model._prefill_segment(tokens, lengths, state, block_size=block_size,
+                                  training=training, unroll=bounded.PREFILL_UNROLL,
+                                  last_only=last_only)
+
+
+@functools.partial(jax.jit, static_argnames=("training",))
+def _model_step_jit(model, token, state, *, training):
+    TRACE_COUNTS["model_step"] += 1
+    return model._step(token, state, training=training)

@@ -1,0 +1,123 @@
+"""HuggingFace model directories (config.json + safetensors) -> ``coda_jax.CausalLM``.
+
+Weights are read tensor by tensor and written straight into the model's
+parameters in the target dtype, one stacked parameter at a time, so a
+conversion never holds a second copy of the model in host memory. Parameters
+a HF checkpoint lacks (CoDA's theta, lambda_proj, write gate, ...) keep their
+initial values until an adapter file supplies them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from coda_jax.decoder import CausalLM
+from coda_jax.model_config import DecoderConfig
+
+from .safetensors_io import CheckpointReader
+
+# Keys some checkpoints carry that are recomputed, never loaded.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def read_config(model_dir: str | os.PathLike) -> DecoderConfig:
+    """The decoder config of a HF model directory (``config.json``)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {model_dir}")
+    return DecoderConfig.from_hf(json.loads(path.read_text()))
+
+
+def _hf_key(path: tuple[str, ...], layer: int | None) -> tuple[str, bool] | None:
+    """HF checkpoint key of one of our parameters and whether it is transposed,
+    or None for parameters HF checkpoints do not have."""
+    *owner, leaf = path
+    transposed = leaf == "kernel"
+    name = "weight" if leaf in ("kernel", "embedding") else leaf
+    if owner == ["lm_head"]:
+        return "lm_head.weight", True
+    if owner in (["embed_tokens"], ["norm"]):
+        return f"model.{owner[0]}.{name}", False
+    if owner and owner[0] == "layers":
+        rest = owner[1:]
+        if rest[:1] == ["self_attn"] and rest[1:2] not in (
+                ["q_proj"], ["k_proj"], ["v_proj"], ["o_proj"], ["q_norm"], ["k_norm"]):
+            return None  # CoDA's own parameters
+        return f"model.layers.{layer}.{'.'.join(rest + [name])}", transposed
+    raise KeyError(f"no HuggingFace key for parameter {'.'.join(path)}")
+
+
+def _params(model: nnx.Module) -> Iterator[tuple[tuple[str, ...], nnx.Variable]]:
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Param):
+            yield tuple(str(p) for p in path), node
+
+
+def load_hf_weights(model: CausalLM, model_dir: str | os.PathLike, *,
+                    progress: bool = True) -> dict[str, Any]:
+    """Copy a HF checkpoint into ``model`` (built from its config); return a summary.
+
+    Raises ``ValueError`` naming the key on missing weights, unexpected weights
+    or shape mismatches; the checks run before any parameter is written.
+    """
+    reader = CheckpointReader(model_dir)
+    layers = model.cfg.num_layers
+    plan = []  # (variable, [(key, transposed)], stacked)
+    wanted = set()
+    for path, variable in _params(model):
+        stacked = path[0] == "layers"
+        keys = [_hf_key(path, i) for i in range(layers)] if stacked else [_hf_key(path, None)]
+        if keys[0] is None:
+            continue
+        expected = variable[...].shape[1:] if stacked else variable[...].shape
+        for key, transposed in keys:
+            if key not in reader.location:
+                raise ValueError(f"{model_dir}: weight {key!r} is missing")
+            shape = reader.shape(key)[::-1] if transposed else reader.shape(key)
+            if tuple(shape) != tuple(expected):
+                raise ValueError(f"{model_dir}: weight {key!r} has shape {reader.shape(key)}, "
+                                 f"the config implies {tuple(expected)}")
+            wanted.add(key)
+        plan.append((variable, keys, stacked))
+    unexpected = sorted(k for k in reader.keys()
+                        if k not in wanted and not k.endswith(IGNORED_SUFFIXES))
+    if unexpected:
+        raise ValueError(f"{model_dir}: weights the config does not account for: "
+                         f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+
+    total = 0
+    for variable, keys, stacked in tqdm(plan, desc="weights", disable=not progress):
+        target = variable[...]
+        host = np.empty(target.shape, np.dtype(target.dtype))
+        for i, (key, transposed) in enumerate(keys):
+            tensor = reader.read(key)
+            (host[i] if stacked else host)[...] = tensor.T if transposed else tensor
+            del tensor
+        variable[...] = jax.device_put(host, target.sharding)
+        total += host.nbytes
+        del host
+    return {"parameters": int(sum(v[...].size for _, v in _params(model))),
+            "bytes": int(sum(v[...].nbytes for _, v in _params(model))),
+            "loaded_bytes": int(total), "dtype": str(jnp.dtype(target.dtype))}
+
+
+def load_hf_model(model_dir: str | os.PathLike, *, attention: str = "gqa",
+                  attention_options: dict[str, Any] | None = None,
+                  reference_compat: bool = False, dtype=jnp.bfloat16, seed: int = 0,
+                  progress: bool = True) -> CausalLM:
+    """Build the model a HF directory describes and load its weights in ``dtype``."""
+    cfg = read_config(model_dir)
+    model = CausalLM(cfg, attention=attention, attention_options=attention_options,
+                     reference_compat=reference_compat, param_dtype=dtype,
+                     rngs=nnx.Rngs(seed))
+    load_hf_weights(model, model_dir, progress=progress)
+    return model
