@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from coda_jax.decoder import CausalLM
 from coda_jax.model_config import DecoderConfig
 
+from .adapters import load_adapters, resolve_reference_compat
 from .safetensors_io import CheckpointReader
 
 # Keys some checkpoints carry that are recomputed, never loaded.
@@ -88,8 +89,11 @@ def load_hf_weights(model: CausalLM, model_dir: str | os.PathLike, *,
                                  f"the config implies {tuple(expected)}")
             wanted.add(key)
         plan.append((variable, keys, stacked))
+    ignored = IGNORED_SUFFIXES
+    if model.reference_compat:  # the reference's Qwen3 attention drops these
+        ignored += ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
     unexpected = sorted(k for k in reader.keys()
-                        if k not in wanted and not k.endswith(IGNORED_SUFFIXES))
+                        if k not in wanted and not k.endswith(ignored))
     if unexpected:
         raise ValueError(f"{model_dir}: weights the config does not account for: "
                          f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
@@ -112,12 +116,22 @@ def load_hf_weights(model: CausalLM, model_dir: str | os.PathLike, *,
 
 def load_hf_model(model_dir: str | os.PathLike, *, attention: str = "gqa",
                   attention_options: dict[str, Any] | None = None,
-                  reference_compat: bool = False, dtype=jnp.bfloat16, seed: int = 0,
+                  adapters: str | os.PathLike | None = None,
+                  reference_compat: bool | None = None, dtype=jnp.bfloat16, seed: int = 0,
                   progress: bool = True) -> CausalLM:
-    """Build the model a HF directory describes and load its weights in ``dtype``."""
+    """Build the model a HF directory describes and load its weights in ``dtype``,
+    then, if given, an adapter file's CoDA weights.
+
+    ``reference_compat=None`` decides by itself: a Qwen3 model with a reference
+    adapter file runs the reference's computation (no q_norm/k_norm), with a warning.
+    """
     cfg = read_config(model_dir)
+    if adapters is not None:
+        reference_compat = resolve_reference_compat(cfg.family, adapters, reference_compat)
     model = CausalLM(cfg, attention=attention, attention_options=attention_options,
-                     reference_compat=reference_compat, param_dtype=dtype,
+                     reference_compat=bool(reference_compat), param_dtype=dtype,
                      rngs=nnx.Rngs(seed))
     load_hf_weights(model, model_dir, progress=progress)
+    if adapters is not None:
+        load_adapters(model, adapters)
     return model

@@ -148,7 +148,7 @@ def reference_state_dict(layer: nnx.Module) -> dict[str, np.ndarray]:
         names = [str(p) for p in path]
         value = np.asarray(variable[...])
         if names[-1] == "kernel":
-            names[-1], value = "weight", value.T
+            names[-1], value = "weight", np.swapaxes(value, -1, -2)  # stacks keep axis 0
         out[".".join(names)] = value
     return out
 
