@@ -203,3 +203,32 @@ def test_bad_checkpoints_are_clear_errors(hf_dirs, tmp_path):
     first_shard.unlink()
     with pytest.raises(FileNotFoundError, match="missing shard"):
         load_hf_model(sharded, progress=False)
+
+
+def test_reference_neural_states_carry_over_without_unpickling_code(hf_dirs, tmp_path):
+    from coda_gqa_l import NeuralDatabase
+
+    from convert.reference_states import import_reference_states
+
+    path = tmp_path / "coda_adapters.pt"
+    ref = reference_with_adapters(hf_dirs["llama"], "llama", True, path)
+    gen = torch.Generator().manual_seed(5)
+    document = torch.randint(0, 97, (1, 37), generator=gen)
+    question = torch.randint(0, 97, (1, 4), generator=gen)
+    with torch.no_grad(), sorted_reference_topk():
+        ref(document, use_cache=False)
+        states = {i: layer.self_attn.get_state() for i, layer in enumerate(ref.model.layers)}
+        NeuralDatabase.save_state({"states": states, "metadata": {"num_tokens": 37}},
+                                  str(tmp_path / "doc.pt"))
+        want = [ref(question[:, t:t + 1], use_cache=False).logits for t in range(4)]
+    ours = load_hf_model(hf_dirs["llama"], attention="coda_bounded", attention_options=BOUNDED,
+                         adapters=path, dtype=jnp.float32, progress=False)
+    state, meta = import_reference_states(tmp_path / "doc.pt", ours)
+    assert meta == {"num_tokens": 37} and state.pos.tolist() == [[37], [37]]
+    for t in range(4):
+        logits, state = ours.step(jnp.asarray(question[:, t:t + 1].numpy()), state)
+        assert_close(logits, want[t], rtol=1e-4, what=f"query token {t}")
+    evil = tmp_path / "evil_state.pt"
+    torch.save({"states": {0: Payload()}, "metadata": {}}, evil)
+    with pytest.raises(ValueError, match="refused"):
+        import_reference_states(evil, ours)
