@@ -1,0 +1,105 @@
+"""Whole-model bounded prefill/step and compiled generation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from coda_jax.bounded import TRACE_COUNTS
+from coda_jax.decoder import CausalLM
+from coda_jax.generation import generate, sample_logits
+from coda_jax.model_config import DecoderConfig
+
+CFG = DecoderConfig(family="llama", vocab_size=53, hidden_size=32, intermediate_size=48,
+                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+OPTIONS = dict(window=4, num_landmarks_exact=2, num_landmarks_summary=2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CausalLM(CFG, attention="coda_bounded", attention_options=OPTIONS,
+                    rngs=nnx.Rngs(0))
+
+
+def _prompt(seed, batch=2, length=13):
+    return jax.random.randint(jax.random.key(seed), (batch, length), 0, CFG.vocab_size)
+
+
+def test_model_prefill_equals_layerwise_and_last_only(model):
+    tokens = _prompt(1)
+    state = model.init_state(2, key=jax.random.key(0))
+    logits, new_state = model.prefill(tokens, state, block_size=4)
+    assert logits.shape == (2, 13, 53) and new_state.pos.shape == (2, 2)
+    last, _ = model.prefill(tokens, state, block_size=4, last_only=True, lengths=[13, 9])
+    np.testing.assert_allclose(last[0, 0], logits[0, -1], rtol=1e-5, atol=1e-6)
+    short, _ = model.prefill(tokens[1:, :9], jax.tree.map(lambda a: a[:, 1:], state),
+                             block_size=4)
+    np.testing.assert_allclose(last[1, 0], short[0, -1], rtol=1e-5, atol=1e-5)
+    # The same computation, one layer at a time with the layers' own API.
+    h = model.embed_tokens(tokens)
+    for i, attn in enumerate(model.bank_layers):
+        layer = jax.tree.map(lambda a, i=i: a[i], model.layers)
+        out, _ = attn.prefill(layer.input_layernorm(h), jax.tree.map(lambda a, i=i: a[i], state),
+                              block_size=4)
+        h = layer._mlp_residual(h + out)
+    np.testing.assert_allclose(model.logits(h), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_generation_equals_a_loop_of_steps_and_compiles_once(model):
+    state = model.init_state(2, key=jax.random.key(0))
+    logits, state = model.prefill(_prompt(2), state, block_size=4, last_only=True)
+    TRACE_COUNTS.clear()
+    tokens, counts, final = generate(model, state, logits, max_new_tokens=7)
+    generate(model, state, logits + 0.0, max_new_tokens=7)
+    assert TRACE_COUNTS["generate"] == 1
+    manual, st, lg = [], state, logits[:, -1]
+    for _ in range(7):
+        tok = jnp.argmax(lg, axis=-1)
+        manual.append(tok)
+        lg, st = model.step(tok[:, None].astype(jnp.int32), st)
+        lg = lg[:, -1]
+    np.testing.assert_array_equal(tokens, jnp.stack(manual, 1))
+    assert counts.tolist() == [7, 7]
+    for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(st)):
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_stop_tokens_end_a_row_and_freeze_its_state(model):
+    state = model.init_state(2, key=jax.random.key(0))
+    logits, state = model.prefill(_prompt(3), state, block_size=4, last_only=True)
+    free, _, _ = generate(model, state, logits, max_new_tokens=6)
+    stop = int(free[0, 2])
+    tokens, counts, final = generate(model, state, logits, max_new_tokens=6,
+                                     stop_tokens=(stop,), pad_id=-1)
+    first = int(np.argmax(np.asarray(free[0]) == stop))
+    assert counts[0] == first + 1
+    assert (np.asarray(tokens[0, first + 1:]) == -1).all()
+    assert int(final.pos[0, 0]) == 13 + first + 1
+
+
+def test_sampling_filters():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    keys = jax.random.key(1)
+    top1 = sample_logits(logits, keys, temperature=1.0, top_k=1)
+    assert (top1 == 0).all()
+    nucleus = sample_logits(logits, keys, temperature=1.0, top_p=0.75)
+    assert set(np.unique(nucleus).tolist()) == {0, 1}
+    full = np.bincount(np.asarray(sample_logits(logits, keys, temperature=1.0)), minlength=4)
+    np.testing.assert_allclose(full / 4000, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+
+
+def test_generation_input_errors(model):
+    state = model.init_state(1, key=jax.random.key(0))
+    logits = jnp.zeros((1, CFG.vocab_size))
+    with pytest.raises(ValueError, match="PRNG key"):
+        generate(model, state, logits, max_new_tokens=3, temperature=0.7)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, state, logits, max_new_tokens=3, top_p=0.0)
+    with pytest.raises(ValueError, match="state does not match"):
+        generate(model, model.init_state(2, key=jax.random.key(0)), logits, max_new_tokens=3)
+    with pytest.raises(ValueError, match="integer ids"):
+        model.prefill(jnp.zeros((1, 3)), state)
