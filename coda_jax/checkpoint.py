@@ -13,17 +13,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
+from . import orbax_io
 from .bounded import CoDAGQALandmark
 from .memory import state_shapes
 from .state import BankState
@@ -97,35 +95,14 @@ def save_state(path: str | os.PathLike, state: BankState, model: Any, *,
                overwrite: bool = False) -> Path:
     """Write ``state`` (one layer's, or a layer stack's with a leading layer axis)
     of ``model`` to the directory ``path``; return the absolute path."""
-    path = Path(path).absolute()
     layers = _layers_of(model)
     _check_matches(layers, state)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    meta = _describe(layers, state)
-    staging = path.with_name(f".{path.name}.saving-{uuid.uuid4().hex[:8]}")
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(staging, ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-    if path.exists():  # only now that the new checkpoint is complete
-        shutil.rmtree(path)
-    staging.rename(path)
-    return path
+    return orbax_io.write(path, state, _describe(layers, state), overwrite=overwrite)
 
 
 def read_state_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata saved beside a state (configs, weights fingerprint, batch, dtype)."""
-    path = Path(path).absolute()
-    if not path.is_dir():
-        raise FileNotFoundError(f"no saved state at {path}")
-    if not (path / "meta").is_dir() or not (path / "state").is_dir():
-        raise ValueError(f"{path} is not a saved coda_jax state (no meta/ and state/ inside)")
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        meta = checkpointer.restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a saved coda_jax state (format "
-                         f"{meta.get('format') if isinstance(meta, dict) else None!r})")
-    return meta
+    return orbax_io.read_meta(path, FORMAT, "state")
 
 
 def _config_differences(saved: list[dict], layers: Sequence[CoDAGQALandmark]) -> list[str]:
@@ -161,7 +138,4 @@ def load_state(path: str | os.PathLike, model: Any, *, check_weights: bool = Tru
         raise ValueError(f"the state at {path} was computed by different weights "
                          "(weights fingerprint differs); pass check_weights=False to load anyway")
     abstract = _expected_state(layers, meta["batch_size"], jnp.dtype(meta["dtype"]))
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(path, ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract)))
-    return restored.state
+    return orbax_io.read_tree(path, abstract)

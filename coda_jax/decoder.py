@@ -129,6 +129,7 @@ class CausalLM(nnx.Module):
         self.attention = attention
         self.reference_compat = reference_compat
         options = dict(attention_options or {})
+        self.attention_options = tuple(sorted(options.items()))  # static: part of the treedef
         qk_norm = cfg.qk_norm and not (reference_compat and attention != "gqa")
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size,
                                       param_dtype=param_dtype, rngs=rngs)

@@ -28,6 +28,14 @@ class DecoderConfig:
     qk_norm: bool = False  # Qwen3's per-head q_norm/k_norm
 
     @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DecoderConfig":
+        """Inverse of ``dataclasses.asdict`` after a JSON round trip."""
+        d = dict(d)
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = tuple(tuple(item) for item in d["rope_scaling"])
+        return cls(**d)
+
+    @classmethod
     def from_hf(cls, config: Any) -> "DecoderConfig":
         """From a ``transformers`` config object or its dict (``config.json``)."""
         d = config if isinstance(config, Mapping) else config.to_dict()

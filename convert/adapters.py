@@ -17,12 +17,15 @@ from typing import Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from coda_jax import orbax_io
 from coda_jax.decoder import CausalLM
 
 from .reference import ADAPTER_PREFIX, _to_numpy, _variable_for, reference_state_dict
 from .safetensors_io import SafetensorsFile
 
 AdapterWeights = dict[str, dict[str, np.ndarray]]
+# Orbax checkpoints of adapter weights written by `python -m convert adapters`.
+ADAPTER_FORMAT = "coda_jax.adapters/1"
 # Our own safetensors exports say whether Qwen3's q/k norms were part of the model.
 QK_NORM_METADATA = "coda_jax.qk_norm"
 # Attention weights that come from the HF checkpoint, never from an adapter.
@@ -36,8 +39,13 @@ def _adapter_keys(model: CausalLM) -> dict[str, np.ndarray]:
 
 
 def read_adapter_file(path: str | os.PathLike) -> AdapterWeights:
-    """``layer_{i}`` -> {reference key: array}; ``.pt`` through ``weights_only=True``."""
+    """``layer_{i}`` -> {reference key: array}, from a ``.pt`` (read with
+    ``weights_only=True``), a ``.safetensors`` or an Orbax adapter checkpoint."""
     path = Path(path)
+    if path.is_dir():
+        orbax_io.read_meta(path, ADAPTER_FORMAT, "adapter checkpoint")
+        tree = orbax_io.read_tree(path, None)
+        return {layer: {k: np.asarray(v) for k, v in sd.items()} for layer, sd in tree.items()}
     if not path.is_file():
         raise FileNotFoundError(f"no adapter file at {path}")
     if path.suffix == ".safetensors":
@@ -121,9 +129,12 @@ def adapter_weights(model: CausalLM) -> AdapterWeights:
             for i in range(model.cfg.num_layers)}
 
 
-def save_adapters(model: CausalLM, path: str | os.PathLike) -> Path:
+def save_adapters(model: CausalLM, path: str | os.PathLike, *, overwrite: bool = False
+                  ) -> Path:
     """Write the reference's ``coda_adapters.pt`` format (or ``.safetensors``)."""
     path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     weights = adapter_weights(model)
     if model.cfg.qk_norm and not model.reference_compat and path.suffix == ".pt":
         warnings.warn("this Qwen3 model applies q_norm/k_norm, which the reference's "

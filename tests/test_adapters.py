@@ -124,6 +124,8 @@ def test_export_reimport_is_identity_and_loads_in_the_reference_strictly(hf_dirs
     original = read_adapter_file(path)
     for suffix in (".pt", ".safetensors"):
         exported = save_adapters(ours, tmp_path / f"again{suffix}")
+        with pytest.raises(FileExistsError):
+            save_adapters(ours, exported)
         again = read_adapter_file(exported)
         assert again.keys() == original.keys()
         for layer in original:

@@ -1,0 +1,57 @@
+"""Save and load whole models (config + weights) as Orbax checkpoints.
+
+Follows the NNX checkpointing recipe: the parameters are the model's
+``nnx.State``; loading builds the model abstractly (``nnx.eval_shape``,
+nothing allocated) and restores the weights straight into it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from . import orbax_io
+from .decoder import CausalLM
+from .model_config import DecoderConfig
+
+FORMAT = "coda_jax.model/1"
+
+
+def describe_model(model: CausalLM) -> dict[str, Any]:
+    """What rebuilds the model: configs and attention choice, plus size figures."""
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return {"format": FORMAT, "config": dataclasses.asdict(model.cfg),
+            "attention": model.attention,
+            "attention_options": dict(model.attention_options),
+            "reference_compat": model.reference_compat,
+            "dtype": str(jnp.dtype(params[0].dtype)),
+            "parameters": int(sum(p.size for p in params)),
+            "bytes": int(sum(p.nbytes for p in params))}
+
+
+def save_model(path: str | os.PathLike, model: CausalLM, *, overwrite: bool = False) -> Path:
+    """Write ``model`` (config, attention choice, weights) to the directory ``path``."""
+    _, state = nnx.split(model)
+    return orbax_io.write(path, state, describe_model(model), overwrite=overwrite)
+
+
+def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    return orbax_io.read_meta(path, FORMAT, "model")
+
+
+def load_model(path: str | os.PathLike) -> CausalLM:
+    """Rebuild a model saved by :func:`save_model`, weights restored in their dtype."""
+    meta = read_model_metadata(path)
+    cfg = DecoderConfig.from_dict(meta["config"])
+    dtype = jnp.dtype(meta["dtype"])
+    abstract = nnx.eval_shape(lambda: CausalLM(
+        cfg, attention=meta["attention"], attention_options=meta["attention_options"],
+        reference_compat=meta["reference_compat"], param_dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    return nnx.merge(graphdef, orbax_io.read_tree(path, abstract_state))
