@@ -130,17 +130,26 @@ class CausalLM(nnx.Module):
         self.reference_compat = reference_compat
         options = dict(attention_options or {})
         self.attention_options = tuple(sorted(options.items()))  # static: part of the treedef
-        qk_norm = cfg.qk_norm and not (reference_compat and attention != "gqa")
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size,
                                       param_dtype=param_dtype, rngs=rngs)
         self.layers = stack_modules([
-            DecoderLayer(cfg, attention, options, qk_norm=qk_norm, param_dtype=param_dtype,
-                         rngs=rngs) for _ in range(cfg.num_layers)])
+            DecoderLayer(cfg, attention, options, qk_norm=self.attention_qk_norm,
+                         param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = None if cfg.tie_word_embeddings else nnx.Linear(
             cfg.hidden_size, cfg.vocab_size, use_bias=False, param_dtype=param_dtype, rngs=rngs)
 
     # ------------------------------------------------------------- pieces
+    @property
+    def attention_qk_norm(self) -> bool:
+        """Qwen3's q/k norms, unless reproducing the reference (which drops them)."""
+        return self.cfg.qk_norm and not (self.reference_compat and self.attention != "gqa")
+
+    def fresh_attention(self, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
+        """A newly initialised attention module of this model's kind (one layer)."""
+        return attention_module(self.cfg, self.attention, dict(self.attention_options),
+                                qk_norm=self.attention_qk_norm, param_dtype=dtype, rngs=rngs)
+
     @property
     def layer_template(self) -> DecoderLayer:
         """Layer 0 (a view of the stack), for its configuration and state shapes."""

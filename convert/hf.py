@@ -64,8 +64,9 @@ def _params(model: nnx.Module) -> Iterator[tuple[tuple[str, ...], nnx.Variable]]
 
 
 def load_hf_weights(model: CausalLM, model_dir: str | os.PathLike, *,
-                    progress: bool = True) -> dict[str, Any]:
-    """Copy a HF checkpoint into ``model`` (built from its config); return a summary.
+                    progress: bool = True) -> None:
+    """Copy a HF checkpoint into ``model``, which may be abstract (``nnx.eval_shape``):
+    each parameter is then allocated only when its weights arrive.
 
     Raises ``ValueError`` naming the key on missing weights, unexpected weights
     or shape mismatches; the checks run before any parameter is written.
@@ -79,7 +80,7 @@ def load_hf_weights(model: CausalLM, model_dir: str | os.PathLike, *,
         keys = [_hf_key(path, i) for i in range(layers)] if stacked else [_hf_key(path, None)]
         if keys[0] is None:
             continue
-        expected = variable[...].shape[1:] if stacked else variable[...].shape
+        expected = variable.get_value().shape[1:] if stacked else variable.get_value().shape
         for key, transposed in keys:
             if key not in reader.location:
                 raise ValueError(f"{model_dir}: weight {key!r} is missing")
@@ -98,20 +99,41 @@ def load_hf_weights(model: CausalLM, model_dir: str | os.PathLike, *,
         raise ValueError(f"{model_dir}: weights the config does not account for: "
                          f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
 
-    total = 0
     for variable, keys, stacked in tqdm(plan, desc="weights", disable=not progress):
-        target = variable[...]
+        target = variable.get_value()  # a ShapeDtypeStruct when the model is abstract
         host = np.empty(target.shape, np.dtype(target.dtype))
         for i, (key, transposed) in enumerate(keys):
             tensor = reader.read(key)
             (host[i] if stacked else host)[...] = tensor.T if transposed else tensor
             del tensor
-        variable[...] = jax.device_put(host, target.sharding)
-        total += host.nbytes
+        variable.set_value(jax.device_put(host))
         del host
-    return {"parameters": int(sum(v[...].size for _, v in _params(model))),
-            "bytes": int(sum(v[...].nbytes for _, v in _params(model))),
-            "loaded_bytes": int(total), "dtype": str(jnp.dtype(target.dtype))}
+
+
+def init_missing_params(model: CausalLM, seed: int) -> None:
+    """Give parameters no checkpoint supplied (CoDA's own, in a model built
+    abstractly) their initial values, building one layer's attention at a time."""
+    missing = [(path, var) for path, var in _params(model)
+               if isinstance(var.get_value(), jax.ShapeDtypeStruct)]
+    if not missing:
+        return
+    for path, _ in missing:
+        if path[:2] != ("layers", "self_attn"):
+            raise ValueError(f"parameter {'.'.join(path)} has no weights in the checkpoint")
+    per_layer: dict[tuple[str, ...], list] = {path: [] for path, _ in missing}
+    for i in range(model.cfg.num_layers):
+        attention = model.fresh_attention(dtype=missing[0][1].get_value().dtype,
+                                          rngs=nnx.Rngs(seed + i))
+        for path in per_layer:
+            owner = attention
+            for part in path[2:]:
+                owner = getattr(owner, part)
+            per_layer[path].append(owner.get_value())
+        del attention
+    for path, variable in missing:
+        variable.set_value(jnp.stack(per_layer.pop(path)))
+
+
 
 
 def load_hf_model(model_dir: str | os.PathLike, *, attention: str = "gqa",
@@ -128,10 +150,12 @@ def load_hf_model(model_dir: str | os.PathLike, *, attention: str = "gqa",
     cfg = read_config(model_dir)
     if adapters is not None:
         reference_compat = resolve_reference_compat(cfg.family, adapters, reference_compat)
-    model = CausalLM(cfg, attention=attention, attention_options=attention_options,
-                     reference_compat=bool(reference_compat), param_dtype=dtype,
-                     rngs=nnx.Rngs(seed))
+    # Built abstractly: parameters are allocated as their weights are read.
+    model = nnx.eval_shape(lambda: CausalLM(
+        cfg, attention=attention, attention_options=attention_options,
+        reference_compat=bool(reference_compat), param_dtype=dtype, rngs=nnx.Rngs(seed)))
     load_hf_weights(model, model_dir, progress=progress)
+    init_missing_params(model, seed)
     if adapters is not None:
         load_adapters(model, adapters)
     return model
