@@ -103,3 +103,13 @@ def test_generation_input_errors(model):
         generate(model, model.init_state(2, key=jax.random.key(0)), logits, max_new_tokens=3)
     with pytest.raises(ValueError, match="integer ids"):
         model.prefill(jnp.zeros((1, 3)), state)
+
+
+def test_model_prefill_and_step_compile_once(model):
+    state = model.init_state(1, key=jax.random.key(0))
+    TRACE_COUNTS.clear()
+    for length in (3, 17, 40):  # block 8: a shape no other test compiles
+        _, st = model.prefill(_prompt(length, 1, length), state, block_size=8)
+    for t in range(20):
+        _, st = model.step(jnp.full((1, 1), t % 53, jnp.int32), st)
+    assert TRACE_COUNTS["model_prefill"] == 1 and TRACE_COUNTS["model_step"] == 1
