@@ -2,8 +2,8 @@
 
 The file is a dict ``"layer_{i}" -> state_dict`` of that layer's
 ``LlamaCoDAAdapter``/``Qwen3CoDAAdapter`` (keys ``coda.q_proj.weight``,
-``coda.theta``, ...). ``.pt`` files are read with ``torch.load(...,
-weights_only=True)`` only; ``.safetensors`` files hold the same tensors under
+``coda.theta``, ...). ``.pt`` files are only read with ``weights_only=True``
+loading; ``.safetensors`` files hold the same tensors under
 ``layer_{i}.<key>``. Everything is checked before any weight is written.
 """
 
