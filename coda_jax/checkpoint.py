@@ -31,17 +31,20 @@ _HASH_FULL_LIMIT = 1 << 20   # hash small arrays whole; sample larger ones
 _HASH_SAMPLES = 1 << 16
 
 
-def _layers_of(model: Any) -> list[CoDAGQALandmark]:
-    """The bounded layers whose states a model carries (one layer, a list, or
-    any object with a ``bank_layers`` sequence)."""
+def _layers_of(model: Any) -> tuple[list[CoDAGQALandmark], list[nnx.Module]]:
+    """(one bounded layer per state layer, giving configs and shapes; the modules
+    whose weights the fingerprint covers) for one layer, a list of layers, or a
+    model exposing ``bank_layer_specs``."""
     if isinstance(model, CoDAGQALandmark):
-        return [model]
-    layers = getattr(model, "bank_layers", model)
-    if isinstance(layers, Sequence) and layers and all(
-            isinstance(layer, CoDAGQALandmark) for layer in layers):
-        return list(layers)
+        return [model], [model]
+    specs = getattr(model, "bank_layer_specs", None)
+    if specs is not None:
+        return list(specs), [model]
+    if isinstance(model, Sequence) and model and all(
+            isinstance(layer, CoDAGQALandmark) for layer in model):
+        return list(model), list(model)
     raise ValueError("save_state/load_state need a CoDAGQALandmark, a sequence of them, "
-                     f"or a model with .bank_layers; got {type(model).__name__}")
+                     f"or a model with .bank_layer_specs; got {type(model).__name__}")
 
 
 def weights_fingerprint(layers: Sequence[nnx.Module]) -> str:
@@ -60,7 +63,8 @@ def weights_fingerprint(layers: Sequence[nnx.Module]) -> str:
     return digest.hexdigest()
 
 
-def _describe(layers: Sequence[CoDAGQALandmark], state: BankState) -> dict[str, Any]:
+def _describe(layers: Sequence[CoDAGQALandmark], weights: Sequence[nnx.Module],
+              state: BankState) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "num_layers": len(layers),
@@ -69,7 +73,7 @@ def _describe(layers: Sequence[CoDAGQALandmark], state: BankState) -> dict[str, 
         "dtype": str(jnp.dtype(state.k_buf.dtype)),
         "configs": [{"attention": dataclasses.asdict(layer.attn_cfg),
                      "bank": dataclasses.asdict(layer.bank_cfg)} for layer in layers],
-        "weights_sha256": weights_fingerprint(layers),
+        "weights_sha256": weights_fingerprint(weights),
         "jax_version": jax.__version__,
     }
 
@@ -95,9 +99,9 @@ def save_state(path: str | os.PathLike, state: BankState, model: Any, *,
                overwrite: bool = False) -> Path:
     """Write ``state`` (one layer's, or a layer stack's with a leading layer axis)
     of ``model`` to the directory ``path``; return the absolute path."""
-    layers = _layers_of(model)
+    layers, weights = _layers_of(model)
     _check_matches(layers, state)
-    return orbax_io.write(path, state, _describe(layers, state), overwrite=overwrite)
+    return orbax_io.write(path, state, _describe(layers, weights, state), overwrite=overwrite)
 
 
 def read_state_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -127,14 +131,14 @@ def load_state(path: str | os.PathLike, model: Any, *, check_weights: bool = Tru
     """
     path = Path(path).absolute()
     meta = read_state_metadata(path)
-    layers = _layers_of(model)
+    layers, weights = _layers_of(model)
     if meta["num_layers"] != len(layers):
         raise ValueError(f"{path} holds a state of {meta['num_layers']} layer(s); "
                          f"the model has {len(layers)}")
     diffs = _config_differences(meta["configs"], layers)
     if diffs:
         raise ValueError(f"the state at {path} was saved for another config: " + "; ".join(diffs))
-    if check_weights and meta["weights_sha256"] != weights_fingerprint(layers):
+    if check_weights and meta["weights_sha256"] != weights_fingerprint(weights):
         raise ValueError(f"the state at {path} was computed by different weights "
                          "(weights fingerprint differs); pass check_weights=False to load anyway")
     abstract = _expected_state(layers, meta["batch_size"], jnp.dtype(meta["dtype"]))

@@ -151,16 +151,12 @@ class CausalLM(nnx.Module):
                                 qk_norm=self.attention_qk_norm, param_dtype=dtype, rngs=rngs)
 
     @property
-    def layer_template(self) -> DecoderLayer:
-        """Layer 0 (a view of the stack), for its configuration and state shapes."""
-        return jax.tree.map(lambda leaf: leaf[0], self.layers)
-
-    @property
-    def bank_layers(self) -> list[CoDAGQALandmark]:
-        """The bounded attention of every layer (for saving and loading states)."""
+    def bank_layer_specs(self) -> list[CoDAGQALandmark]:
+        """One entry per layer giving that layer's bank config and state shapes (for
+        saving and loading states). All layers share them: each entry is the stacked
+        attention module itself, so nothing is copied."""
         self._require_bounded()
-        return [jax.tree.map(lambda leaf, i=i: leaf[i], self.layers).self_attn
-                for i in range(self.cfg.num_layers)]
+        return [self.layers.self_attn] * self.cfg.num_layers
 
     def logits(self, h: jax.Array) -> jax.Array:
         h = self.norm(h)
@@ -193,7 +189,7 @@ class CausalLM(nnx.Module):
                    mem_init: str | None = None) -> BankState:
         """The state of every layer, stacked on a leading layer axis."""
         self._require_bounded()
-        attn = self.layer_template.self_attn
+        attn = self.layers.self_attn  # configuration only: the same for every layer
         keys = (jax.random.split(key, self.cfg.num_layers) if key is not None
                 else [None] * self.cfg.num_layers)
         states = [attn.init_state(batch_size, dtype, key=k, mem_init=mem_init) for k in keys]

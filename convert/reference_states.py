@@ -55,7 +55,7 @@ def import_reference_states(path: str | os.PathLike, model: CausalLM, *, dtype=j
     """A reference state file as this bounded model's stacked state, plus its metadata."""
     data = read_reference_states(path)
     states = data["states"]
-    layers = model.bank_layers
+    layers = model.bank_layer_specs
     if sorted(states) != list(range(len(layers))):
         raise ValueError(f"{path} holds states of layers {sorted(states)}, the model has "
                          f"{len(layers)}")

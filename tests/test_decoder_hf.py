@@ -71,7 +71,7 @@ def test_incremental_decode_matches_transformers(hf_pair):
 
 def test_rope_settings_come_from_the_config(hf_pair):
     hf, ours = hf_pair
-    attn = ours.layer_template.self_attn
+    attn = ours.layers.self_attn  # stacked; its config is every layer's
     theta = hf.config.rope_parameters["rope_theta"]
     assert attn.attn_cfg.rope_base == theta
     with torch.no_grad():

@@ -40,9 +40,9 @@ def test_model_prefill_equals_layerwise_and_last_only(model):
     np.testing.assert_allclose(last[1, 0], short[0, -1], rtol=1e-5, atol=1e-5)
     # The same computation, one layer at a time with the layers' own API.
     h = model.embed_tokens(tokens)
-    for i, attn in enumerate(model.bank_layers):
+    for i in range(CFG.num_layers):
         layer = jax.tree.map(lambda a, i=i: a[i], model.layers)
-        out, _ = attn.prefill(layer.input_layernorm(h), jax.tree.map(lambda a, i=i: a[i], state),
+        out, _ = layer.self_attn.prefill(layer.input_layernorm(h), jax.tree.map(lambda a, i=i: a[i], state),
                               block_size=4)
         h = layer._mlp_residual(h + out)
     np.testing.assert_allclose(model.logits(h), logits, rtol=1e-5, atol=1e-5)
@@ -113,3 +113,18 @@ def test_model_prefill_and_step_compile_once(model):
     for t in range(20):
         _, st = model.step(jnp.full((1, 1), t % 53, jnp.int32), st)
     assert TRACE_COUNTS["model_prefill"] == 1 and TRACE_COUNTS["model_step"] == 1
+
+
+def test_whole_model_state_round_trip(model, tmp_path):
+    from coda_jax import load_state, save_state
+
+    state = model.init_state(2, key=jax.random.key(0))
+    _, state = model.prefill(_prompt(4), state, block_size=4)
+    save_state(tmp_path / "doc", state, model)
+    restored = load_state(tmp_path / "doc", model)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = CausalLM(CFG, attention="coda_bounded", attention_options=OPTIONS,
+                     rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match="different weights"):
+        load_state(tmp_path / "doc", other)
