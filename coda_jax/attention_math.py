@@ -32,7 +32,7 @@ def _grouped_scores(q: jax.Array, k: jax.Array) -> jax.Array:
 
 
 Implementation = Literal["xla", "cudnn"]
-MASKED_LOGIT = -1e9  # finite: a fully masked row averages uniformly instead of NaN
+MASKED_LOGIT = -1e9  # finite, so a fully masked row's softmax stays free of NaN
 
 
 def resolve_implementation(requested: str | None, dtype) -> Implementation:
@@ -68,8 +68,8 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     """Softmax attention of grouped queries q (B, Lq, Hkv, S, Dh) -> (B, Lq, Hkv, S, Dh).
 
     ``mask`` (bool, True = attend) and ``bias`` (additive) broadcast to (B, Lq, Lk).
-    A fully masked row yields a uniform average instead of NaN, so padded
-    queries stay finite under ``jax.grad``.
+    A row with no visible key outputs zeros (not NaN), so padded queries stay
+    finite under ``jax.grad``.
     """
     if implementation == "cudnn":
         return _cudnn_attention(q, k, v, mask, bias)
@@ -79,6 +79,8 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     if mask is not None:
         logits = jnp.where(mask[:, None, None], logits, MASKED_LOGIT)
     probs = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+        probs = jnp.where(jnp.any(mask, axis=-1)[:, None, None, :, None], probs, 0.0)
     out = einsum_f32("bhsqk,bkhd->bqhsd", probs.astype(v.dtype), v)
     return out.astype(v.dtype)
 
