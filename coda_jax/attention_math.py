@@ -31,14 +31,19 @@ def _grouped_scores(q: jax.Array, k: jax.Array) -> jax.Array:
     return logits * scale
 
 
-Implementation = Literal["xla", "cudnn"]
+Implementation = Literal["xla", "cudnn", "pallas"]
 MASKED_LOGIT = -1e9  # finite, so a fully masked row's softmax stays free of NaN
 
 
 def resolve_implementation(requested: str | None, dtype) -> Implementation:
-    """``None`` picks cuDNN's fused attention on GPU for 16-bit inputs, else XLA."""
-    if requested not in (None, "xla", "cudnn"):
-        raise ValueError(f"implementation must be 'xla', 'cudnn' or None, got {requested!r}")
+    """``None`` picks cuDNN's fused attention on GPU for 16-bit inputs, else XLA.
+
+    ``"pallas"`` (the fused kernel of ``pallas_kernels``) is opt-in until its
+    speed is measured on a GPU.
+    """
+    if requested not in (None, "xla", "cudnn", "pallas"):
+        raise ValueError("implementation must be 'xla', 'cudnn', 'pallas' or None, got "
+                         f"{requested!r}")
     if requested is not None:
         return requested
     low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -93,14 +98,33 @@ def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                            norm_weight: jax.Array | None = None,
                            head_norm: bool = True,
                            eps: float = 1e-6,
+                           causal: bool = False,
+                           key_mask: jax.Array | None = None,
                            implementation: Implementation = "xla") -> jax.Array:
     """``HeadNorm(Attn(q, K, V) - lam * Attn(q_noise, K, V))`` -> (B, Lq, H, Dh).
 
     With ``q_noise=None`` only the signal stream is computed (standard GQA
     attention, optionally head-normed). Both streams share one pass over K/V:
-    they are stacked as extra query rows of each KV group.
+    they are stacked as extra query rows of each KV group. Visibility is the
+    conjunction of ``causal`` (lower-right aligned), ``key_mask`` (B, Lk) and a
+    general ``mask``; the Pallas kernel takes the first two only (other calls
+    fall back to XLA).
     """
     b, lq, h, dh = q.shape
+    if (implementation == "pallas" and q_noise is not None and mask is None and bias is None
+            and dh & (dh - 1) == 0):
+        from pallas_kernels.diff_flash import diff_flash_attention
+
+        return diff_flash_attention(q, q_noise, k, v, lam, key_mask=key_mask,
+                                    norm_weight=norm_weight, head_norm=head_norm, eps=eps,
+                                    causal=causal)
+    if implementation == "pallas":
+        implementation = "xla"
+    if causal:
+        mask = causal_mask(lq, k.shape[1])[None] if mask is None else (
+            mask & causal_mask(lq, k.shape[1])[None])
+    if key_mask is not None:
+        mask = key_mask[:, None, :] if mask is None else mask & key_mask[:, None, :]
     hkv = k.shape[2]
     g = h // hkv
     streams = [q] if q_noise is None else [q, q_noise]

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import memory
-from .attention_math import causal_mask
 from .config import AttentionConfig, BankConfig, HeadNormMode, LfBand, MemInit, WritePolicy
 from .primitives import materialise
 from .projections import AttentionCore, _linear
@@ -154,16 +153,15 @@ class CoDAGQALandmark(AttentionCore):
         """One block of projected tokens (q, k, v, lam, gate; T per row) with
         ``count`` (B,) valid tokens per row -> (per-head outputs, new state)."""
         q, k, v = tokens["q"], tokens["k"], tokens["v"]
-        batch, block = q.shape[:2]
+        block = q.shape[1]
         keys = jnp.concatenate([state.k_buf, k.astype(state.k_buf.dtype)], axis=1)
         values = jnp.concatenate([state.v_buf, v.astype(state.v_buf.dtype)], axis=1)
         prefix = state.allowed if self.bank_cfg.mask_unused_memory else jnp.ones_like(state.allowed)
         valid = jnp.arange(block)[None, :] < count[:, None]
-        in_block = causal_mask(block, block)[None] & valid[:, None, :]
-        mask = jnp.concatenate(
-            [jnp.broadcast_to(prefix[:, None, :], (batch, block, prefix.shape[1])), in_block], -1)
+        # Lower-right causal over [buffer | block]: every query sees the whole
+        # buffer and the block up to itself; the key mask drops unused slots and padding.
         heads = self.mix_heads(q, keys.astype(q.dtype), values.astype(q.dtype), tokens["lam"],
-                               mask=mask)
+                               causal=True, key_mask=jnp.concatenate([prefix, valid], axis=1))
         heads = jnp.where(valid[:, :, None, None], heads, 0)
         new_state = memory.write_block(
             self.layout, state, k=k, v=v, gate=tokens["gate"], count=count,
@@ -212,7 +210,7 @@ class CoDAGQALandmark(AttentionCore):
             eta_logit=self.summary_eta_logit[...], training=training)
         mask = state.allowed if self.bank_cfg.mask_unused_memory else jnp.ones_like(state.allowed)
         y = self.attend(x, q, state.k_buf.astype(q.dtype), state.v_buf.astype(q.dtype),
-                        mask=mask[:, None, :], fused=False)
+                        key_mask=mask, fused=False)
         return y, state
 
     # ------------------------------------------------------------ public API

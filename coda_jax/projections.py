@@ -120,6 +120,7 @@ class AttentionCore(nnx.Module):
 
     def mix_heads(self, q: jax.Array, k: jax.Array, v: jax.Array, lam: jax.Array | None, *,
                   mask: jax.Array | None = None, bias: jax.Array | None = None,
+                  causal: bool = False, key_mask: jax.Array | None = None,
                   fused: bool = True) -> jax.Array:
         """Per-head output ``HeadNorm(Attn(q) - lam * Attn(R_theta q))`` -> (B, L, H, Dh).
 
@@ -129,7 +130,8 @@ class AttentionCore(nnx.Module):
         cfg = self.attn_cfg
         q_noise = givens_rotate(q, self.theta[...]) if cfg.differential else None
         return differential_attention(
-            q, k, v, q_noise=q_noise, lam=lam, mask=mask, bias=bias,
+            q, k, v, q_noise=q_noise, lam=lam, mask=mask, bias=bias, causal=causal,
+            key_mask=key_mask,
             norm_weight=None if self.head_norm is None else self.head_norm.weight[...],
             head_norm=self.head_norm is not None, eps=cfg.eps,
             implementation=resolve_implementation(self.implementation, q.dtype) if fused
@@ -143,8 +145,9 @@ class AttentionCore(nnx.Module):
 
     def attend(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, *,
                mask: jax.Array | None = None, bias: jax.Array | None = None,
+               causal: bool = False, key_mask: jax.Array | None = None,
                fused: bool = True) -> jax.Array:
         """Differential (or plain) attention of x's queries q over k/v, then o_proj -> (B, L, D)."""
         heads = self.mix_heads(q, k, v, self.cancellation_gate(x), mask=mask, bias=bias,
-                               fused=fused)
+                               causal=causal, key_mask=key_mask, fused=fused)
         return self.merge_heads(heads, x.dtype)

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention_math import causal_mask
 from .config import AttentionConfig, HeadNormMode
 from .projections import AttentionCore
 
@@ -43,6 +42,7 @@ class _UnboundedAttention(AttentionCore):
             k = jnp.concatenate([past_key_value[0].astype(k.dtype), k], axis=1)
             v = jnp.concatenate([past_key_value[1].astype(v.dtype), v], axis=1)
         mask = bias = None
+        causal = False
         if attention_mask is not None:
             attention_mask = jnp.asarray(attention_mask)
             if attention_mask.dtype == jnp.bool_:
@@ -50,8 +50,8 @@ class _UnboundedAttention(AttentionCore):
             else:
                 bias = _to_3d(attention_mask)
         elif is_causal:
-            mask = causal_mask(l, k.shape[1])[None]
-        return self.attend(x, q, k, v, mask=mask, bias=bias), (k, v)
+            causal = True
+        return self.attend(x, q, k, v, mask=mask, bias=bias, causal=causal), (k, v)
 
 
 def _to_3d(mask: jax.Array) -> jax.Array:

@@ -151,3 +151,25 @@ def test_gpu_real_sizes(q_len, prefix):
     got = fn(q, qn, k, v, lam)
     want = reference(q, qn, k, v, lam, jnp.ones_like(w), key_mask, True)
     assert rel_err(got, want) < 1e-2
+
+
+def test_bounded_layer_with_the_pallas_switch_matches_xla():
+    from flax import nnx
+
+    from coda_jax import CoDAGQALandmark
+
+    def layer(impl):
+        return CoDAGQALandmark(embed_dim=128, num_heads=4, num_kv_heads=2, window=16,
+                               num_landmarks_exact=8, num_landmarks_summary=8,
+                               detach_evicted=False, implementation=impl, rngs=nnx.Rngs(0))
+
+    x = jax.random.normal(jax.random.key(0), (2, 45, 128))
+    outs, grads = [], []
+    for impl in ("xla", "pallas"):
+        m = layer(impl)
+        state = m.init_state(2, key=jax.random.key(1))
+        outs.append(m.prefill(x, state, block_size=16, lengths=[45, 30])[0])
+        grads.append(jax.grad(lambda x: jnp.sum(
+            m.prefill(x, state, block_size=16, training=True)[0] ** 2))(x))
+    assert rel_err(outs[1], outs[0]) < 1e-5
+    assert rel_err(grads[1], grads[0]) < 1e-4
