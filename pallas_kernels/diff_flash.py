@@ -28,6 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
@@ -132,6 +133,11 @@ def _forward_kernel(q_ref, qn_ref, k_ref, v_ref, lam_ref, valid_ref, w_ref,
         lse2_ref[...] = jnp.where(seen, m2 + jnp.log2(jnp.where(seen, l2, 1.0)), jnp.inf)
 
 
+def _compiler_params(dh: int):
+    """Triton launch settings: more warps for wider heads (ignored when interpreting)."""
+    return plgpu.CompilerParams(num_warps=4 if dh <= 64 else 8, num_stages=2)
+
+
 def _specs_q(cfg: FlashConfig, dh: int):
     return pl.BlockSpec((None, cfg.block_q, None, dh), lambda i, b, h: (b, i, h, 0))
 
@@ -166,7 +172,8 @@ def _forward(cfg: FlashConfig, q, qn, k, v, lam, valid, w, *, residuals: bool,
     return pl.pallas_call(
         kernel, grid=(cfg.q_pad // cfg.block_q, b, h), in_specs=in_specs,
         out_specs=out_specs, out_shape=out_shape, input_output_aliases=aliases,
-        interpret=cfg.interpret, name="diff_flash_forward")(*args)
+        compiler_params=_compiler_params(dh), interpret=cfg.interpret,
+        name="diff_flash_forward")(*args)
 
 
 def _no_residuals(kernel, q_ref, qn_ref, k_ref, v_ref, lam_ref, valid_ref, w_ref, o_ref):
@@ -264,7 +271,7 @@ def _attention_grads(cfg: FlashConfig, q, qn, k, v, valid, do1, do2, lse1, lse2,
         in_specs=[_specs_q(cfg, dh)] * 2 + [kv_full] * 2 + [valid_spec]
         + [_specs_q(cfg, dh)] * 2 + [rows_q] * 4,
         out_specs=[_specs_q(cfg, dh)] * 2, out_shape=[q_grad_shape] * 2,
-        interpret=cfg.interpret, name="diff_flash_dq",
+        compiler_params=_compiler_params(dh), interpret=cfg.interpret, name="diff_flash_dq",
     )(q, qn, k, v, valid, do1, do2, lse1, lse2, d1, d2)
     q_full = pl.BlockSpec((None, cfg.q_pad, None, dh), lambda j, b_, h_: (b_, 0, h_, 0))
     kv_block = pl.BlockSpec((None, cfg.block_k, None, dh),
@@ -279,7 +286,7 @@ def _attention_grads(cfg: FlashConfig, q, qn, k, v, valid, do1, do2, lse1, lse2,
         + [pl.BlockSpec((None, cfg.k_pad), lambda j, b_, h_: (b_, 0))]
         + [q_full] * 2 + [rows_full] * 4,
         out_specs=[per_head] * 2, out_shape=[head_grad_shape] * 2,
-        interpret=cfg.interpret, name="diff_flash_dkv",
+        compiler_params=_compiler_params(dh), interpret=cfg.interpret, name="diff_flash_dkv",
     )(q, qn, k, v, valid, do1, do2, lse1, lse2, d1, d2)
     # Sum each KV group's query heads.
     fold = lambda g: g.reshape(b, cfg.k_pad, hkv, group, dh).sum(axis=3)  # noqa: E731

@@ -1,0 +1,164 @@
+"""Differential attention on one GPU: our fused Pallas kernel vs cuDNN and the reference.
+
+B=1, H=32, Hkv=8, Dh=128, causal, bf16, L in (2048, 8192, 32768). For each:
+ms and TFLOP/s (both streams counted: forward 2 x 4*B*H*L^2*Dh / 2,
+forward+backward 3.5x that) of
+  ours          pallas_kernels.diff_flash_attention (Triton lowering)
+  cudnn_two     two jax.nn.dot_product_attention(implementation="cudnn") + epilogue
+  cudnn_stacked q and q_noise as 2H query heads in one cuDNN call + epilogue
+  ref_triton    the reference's fused Triton kernel (forward only)
+  ref_sdpa      the reference's fallback: two torch SDPA calls + epilogue (forward only)
+and the relative error of ours against cudnn_two.
+
+    python benchmarks/bench_diff_attention.py --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.diff_flash import diff_flash_attention
+
+B, H, HKV, DH = 1, 32, 8, 128
+LENGTHS = (2048, 8192, 32768)
+
+
+def epilogue(sig, noise, lam, w, eps=1e-6):
+    o = sig.astype(jnp.float32) - lam[..., None].astype(jnp.float32) * noise.astype(jnp.float32)
+    o = o * jax.lax.rsqrt(jnp.mean(o * o, -1, keepdims=True) + eps) * w.astype(jnp.float32)
+    return o.astype(sig.dtype)
+
+
+def cudnn_two(q, qn, k, v, lam, w):
+    attn = lambda x: jax.nn.dot_product_attention(x, k, v, is_causal=True,  # noqa: E731
+                                                  implementation="cudnn")
+    return epilogue(attn(q), attn(qn), lam, w)
+
+
+def cudnn_stacked(q, qn, k, v, lam, w):
+    b, l, h, dh = q.shape
+    g = h // k.shape[2]
+    both = jnp.concatenate([q.reshape(b, l, -1, g, dh), qn.reshape(b, l, -1, g, dh)], axis=3)
+    out = jax.nn.dot_product_attention(both.reshape(b, l, 2 * h, dh), k, v, is_causal=True,
+                                       implementation="cudnn").reshape(b, l, -1, 2 * g, dh)
+    return epilogue(out[:, :, :, :g].reshape(q.shape), out[:, :, :, g:].reshape(q.shape), lam, w)
+
+
+def ours(q, qn, k, v, lam, w):
+    return diff_flash_attention(q, qn, k, v, lam, norm_weight=w, interpret=False)
+
+
+def time_jax(fn, *args, repeats: int = 10) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_torch(fn, repeats: int = 10) -> float:
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def reference_timings(arrays) -> dict[str, float]:
+    import torch
+    import torch.nn.functional as F
+    from coda_gqa_l.triton_diff_flash import diff_flash_attn
+
+    q, qn, k, v, lam, w = (torch.from_numpy(np.asarray(a, np.float32)).cuda().to(torch.bfloat16)
+                           for a in arrays)
+    t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731  (B, H, L, Dh)
+    q, qn, k, v = t(q), t(qn), t(k), t(v)
+    lam = lam.transpose(1, 2).unsqueeze(-1).contiguous()
+    g = H // HKV
+    kr, vr = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+
+    def sdpa():
+        with torch.no_grad():
+            sig = F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+            noise = F.scaled_dot_product_attention(qn, kr, vr, is_causal=True)
+            o = (sig - lam * noise).float()
+            o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6) * w.float()
+            return o.to(torch.bfloat16)
+
+    def triton():
+        with torch.no_grad():
+            return diff_flash_attn(q, qn, k, v, lam, rms_weight=w, is_causal=True)
+
+    return {"ref_triton": time_torch(triton, repeats=5), "ref_sdpa": time_torch(sdpa)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--lengths", type=int, nargs="*", default=list(LENGTHS))
+    args = parser.parse_args()
+    results = {"what": __doc__.split("\n\n")[0], "device": jax.devices()[0].device_kind,
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "jax": jax.__version__, "shape": dict(B=B, H=H, Hkv=HKV, Dh=DH), "lengths": []}
+    for length in args.lengths:
+        keys = jax.random.split(jax.random.key(length), 7)
+        q = jax.random.normal(keys[0], (B, length, H, DH), jnp.bfloat16)
+        qn = jax.random.normal(keys[1], (B, length, H, DH), jnp.bfloat16)
+        k = jax.random.normal(keys[2], (B, length, HKV, DH), jnp.bfloat16)
+        v = jax.random.normal(keys[3], (B, length, HKV, DH), jnp.bfloat16)
+        lam = jax.nn.sigmoid(jax.random.normal(keys[4], (B, length, H))).astype(jnp.bfloat16)
+        w = (1 + 0.1 * jax.random.normal(keys[5], (DH,))).astype(jnp.bfloat16)
+        cot = jax.random.normal(keys[6], q.shape, jnp.bfloat16)
+        flops = 2 * 4 * B * H * length ** 2 * DH / 2
+        entry = {"L": length, "forward": {}, "forward_backward": {}}
+        fns = {"ours": ours, "cudnn_two": cudnn_two, "cudnn_stacked": cudnn_stacked}
+        outputs = {}
+        for name, fn in fns.items():
+            fwd = jax.jit(fn)
+            outputs[name] = np.asarray(fwd(q, qn, k, v, lam, w), np.float32)
+            sec = time_jax(fwd, q, qn, k, v, lam, w)
+            entry["forward"][name] = {"ms": sec * 1e3, "tflops": flops / sec / 1e12}
+            grad = jax.jit(jax.grad(lambda *a, fn=fn: jnp.sum(
+                fn(*a).astype(jnp.float32) * cot.astype(jnp.float32)), argnums=range(6)))
+            sec = time_jax(grad, q, qn, k, v, lam, w, repeats=5)
+            entry["forward_backward"][name] = {"ms": sec * 1e3, "tflops": 3.5 * flops / sec / 1e12}
+        for name, sec in reference_timings((q, qn, k, v, lam, w)).items():
+            entry["forward"][name] = {"ms": sec * 1e3, "tflops": flops / sec / 1e12}
+        best = min(entry["forward"]["cudnn_two"]["ms"], entry["forward"]["cudnn_stacked"]["ms"])
+        best_fb = min(entry["forward_backward"]["cudnn_two"]["ms"],
+                      entry["forward_backward"]["cudnn_stacked"]["ms"])
+        entry["ratios"] = {
+            "forward_vs_best_cudnn": best / entry["forward"]["ours"]["ms"],
+            "forward_vs_ref_triton": entry["forward"]["ref_triton"]["ms"]
+            / entry["forward"]["ours"]["ms"],
+            "fwd_bwd_vs_best_cudnn": best_fb / entry["forward_backward"]["ours"]["ms"]}
+        ref = outputs["cudnn_two"]
+        entry["ours_rel_err_vs_cudnn_two"] = float(np.linalg.norm(outputs["ours"] - ref)
+                                                   / np.linalg.norm(ref))
+        results["lengths"].append(entry)
+        print(json.dumps(entry, indent=1), flush=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
