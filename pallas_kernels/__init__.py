@@ -1,6 +1,10 @@
-"""GPU kernels in Pallas: fused differential flash attention and bounded decode attention.
+"""GPU kernels in Pallas.
 
-Not written yet (see the README's roadmap). Until they are, every attention
-call runs the pure-jnp implementation in ``coda_jax.attention_math``, which
-is also the reference these kernels will be tested against.
+``diff_flash_attention``: fused differential flash attention, forward and
+backward (portable Triton-style lowering; interpret mode on CPU). Mosaic GPU
+versions for Hopper and a bounded decode kernel are not written yet.
 """
+
+from .diff_flash import diff_flash_attention
+
+__all__ = ["diff_flash_attention"]
