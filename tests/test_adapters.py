@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import shutil
@@ -66,7 +67,7 @@ def test_unbounded_adapters_reproduce_the_reference(hf_dirs, family, tmp_path):
     with torch.no_grad():
         want = ref(tokens, use_cache=False).logits
     ctx = pytest.warns(UserWarning, match="reference_compat") if family == "qwen3" else \
-        _no_warning()
+        contextlib.nullcontext()
     with ctx:
         ours = load_hf_model(hf_dirs[family], attention="coda", adapters=path,
                              dtype=jnp.float32, progress=False)
@@ -84,14 +85,6 @@ class Payload:
     """Stands for whatever a malicious pickle would instantiate."""
 
 
-class _no_warning:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_bounded_adapters_reproduce_the_reference_prefill_and_decode(hf_dirs, family,
                                                                      tmp_path):
@@ -104,7 +97,7 @@ def test_bounded_adapters_reproduce_the_reference_prefill_and_decode(hf_dirs, fa
         want = [ref(prompt, use_cache=False).logits]
         for t in range(steps.shape[1]):
             want.append(ref(steps[:, t:t + 1], use_cache=False).logits)
-    with pytest.warns(UserWarning) if family == "qwen3" else _no_warning():
+    with pytest.warns(UserWarning) if family == "qwen3" else contextlib.nullcontext():
         ours = load_hf_model(hf_dirs[family], attention="coda_bounded",
                              attention_options=BOUNDED, adapters=path, dtype=jnp.float32,
                              progress=False)
