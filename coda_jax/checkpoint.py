@@ -23,7 +23,7 @@ from flax import nnx
 
 from . import orbax_io
 from .bounded import CoDAGQALandmark
-from .memory import state_shapes
+from .memory import stack_shapes, state_shapes
 from .state import BankState
 
 FORMAT = "coda_jax.bank_state/1"
@@ -80,10 +80,7 @@ def _describe(layers: Sequence[CoDAGQALandmark], weights: Sequence[nnx.Module],
 
 def _expected_state(layers: Sequence[CoDAGQALandmark], batch_size: int, dtype) -> Any:
     shapes = [state_shapes(layer.layout, batch_size, jnp.dtype(dtype)) for layer in layers]
-    if len(layers) == 1:
-        return shapes[0]
-    return jax.tree.map(lambda *leaves: jax.ShapeDtypeStruct(
-        (len(leaves),) + leaves[0].shape, leaves[0].dtype), *shapes)
+    return shapes[0] if len(layers) == 1 else stack_shapes(shapes)
 
 
 def _check_matches(layers, state) -> None:

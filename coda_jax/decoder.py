@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import bounded
+from . import bounded, memory
 from .bounded import TRACE_COUNTS, CoDAGQALandmark
 from .model_config import DecoderConfig
 from .segments import check_lengths, split_segments
@@ -223,8 +223,10 @@ class CausalLM(nnx.Module):
     def check_state(self, state: BankState, batch_size: int) -> None:
         """``ValueError`` unless ``state`` is this model's stacked state for ``batch_size``."""
         self._require_bounded()
-        expected = jax.eval_shape(lambda: self.init_state(batch_size, state.k_buf.dtype,
-                                                          mem_init="zeros"))
+        # Cached shapes, not a trace of init_state: this runs on every step call.
+        layer = memory.state_shapes(self.layers.self_attn.layout, int(batch_size),
+                                    jnp.dtype(state.k_buf.dtype))
+        expected = memory.stack_shapes([layer] * self.cfg.num_layers)
         want = jax.tree.map(lambda a: a.shape, expected)
         got = jax.tree.map(lambda a: a.shape, state)
         if jax.tree.structure(want) != jax.tree.structure(got) or want != got:

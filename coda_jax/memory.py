@@ -102,6 +102,12 @@ def state_shapes(layout: BankLayout, batch_size: int, dtype) -> BankState:
     return jax.eval_shape(lambda: init_state(layout, batch_size, dtype, None, "zeros"))
 
 
+def stack_shapes(shapes: list[BankState]) -> BankState:
+    """Per-layer state shapes -> the stacked state's (a leading layer axis)."""
+    return jax.tree.map(lambda *leaves: jax.ShapeDtypeStruct(
+        (len(leaves),) + leaves[0].shape, leaves[0].dtype), *shapes)
+
+
 def _ceiling(lo: int, thresholds: np.ndarray, tokens_seen: jax.Array) -> jax.Array:
     if thresholds.size == 0:
         return jnp.full_like(tokens_seen, lo)
