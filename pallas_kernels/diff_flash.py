@@ -82,6 +82,27 @@ def lax_cdiv(a, b: int):
     return jax.lax.div(a + b - 1, b)
 
 
+# Contracted axes for _mm: a @ b.T, a @ b, a.T @ b.
+NT, NN, TN = ((1,), (1,)), ((1,), (0,)), ((0,), (0,))
+
+
+def _mm(a, b, contract):
+    """Tile matmul accumulating in float32."""
+    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _scores(query, k, scale: float, mask):
+    """Masked logits of a (block_q, block_k) tile, in log2 units (for exp2)."""
+    return jnp.where(mask, _mm(query, k, NT) * (scale * LOG2E), MASK_VALUE)
+
+
+def _key_tile(cfg: FlashConfig, k_ref, v_ref, valid_ref, kb, q_start):
+    """Key block kb of a query block's loop: k, v and the visibility mask."""
+    k_start = kb * cfg.block_k
+    rows = pl.ds(k_start, cfg.block_k)
+    return k_ref[rows, :], v_ref[rows, :], _visible(cfg, q_start, k_start, valid_ref[rows])
+
+
 # ----------------------------------------------------------------- forward
 def _forward_kernel(q_ref, qn_ref, k_ref, v_ref, lam_ref, valid_ref, w_ref,
                     o_ref, o1_ref, o2_ref, lse1_ref, lse2_ref, *, cfg: FlashConfig,
@@ -97,22 +118,15 @@ def _forward_kernel(q_ref, qn_ref, k_ref, v_ref, lam_ref, valid_ref, w_ref,
         jnp.zeros((cfg.block_q,), jnp.float32)))
 
     def body(kb, carry):
-        k_start = kb * cfg.block_k
-        k = k_ref[pl.ds(k_start, cfg.block_k), :]
-        v = v_ref[pl.ds(k_start, cfg.block_k), :]
-        mask = _visible(cfg, q_start, k_start, valid_ref[pl.ds(k_start, cfg.block_k)])
+        k, v, mask = _key_tile(cfg, k_ref, v_ref, valid_ref, kb, q_start)
         out = []
         for stream, query in enumerate((q, qn)):
             acc, m_prev, l_prev = carry[3 * stream:3 * stream + 3]
-            s = jax.lax.dot_general(query, k, (((1,), (1,)), ((), ())),
-                                    preferred_element_type=jnp.float32) * (scale * LOG2E)
-            s = jnp.where(mask, s, MASK_VALUE)
+            s = _scores(query, k, scale, mask)
             m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
             corr = jnp.exp2(m_prev - m_next)
             p = jnp.where(mask, jnp.exp2(s - m_next[:, None]), 0.0)
-            acc = acc * corr[:, None] + jax.lax.dot_general(
-                p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                preferred_element_type=jnp.float32)
+            acc = acc * corr[:, None] + _mm(p.astype(v.dtype), v, NN)
             out += [acc, m_next, l_prev * corr + jnp.sum(p, axis=-1)]
         return tuple(out)
 
@@ -196,20 +210,12 @@ def _dq_kernel(q_ref, qn_ref, k_ref, v_ref, valid_ref, do1_ref, do2_ref, lse1_re
                (qn_ref[...], do2_ref[...], lse2_ref[...], d2_ref[...]))
 
     def body(kb, grads):
-        k_start = kb * cfg.block_k
-        k = k_ref[pl.ds(k_start, cfg.block_k), :]
-        v = v_ref[pl.ds(k_start, cfg.block_k), :]
-        mask = _visible(cfg, q_start, k_start, valid_ref[pl.ds(k_start, cfg.block_k)])
+        k, v, mask = _key_tile(cfg, k_ref, v_ref, valid_ref, kb, q_start)
         out = []
         for (query, do, lse, delta), dq in zip(streams, grads):
-            s = jax.lax.dot_general(query, k, (((1,), (1,)), ((), ())),
-                                    preferred_element_type=jnp.float32) * (scale * LOG2E)
-            p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
-            dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
-            ds = p * (dp - delta[:, None])
-            out.append(dq + jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
-                                                preferred_element_type=jnp.float32))
+            p = jnp.where(mask, jnp.exp2(_scores(query, k, scale, mask) - lse[:, None]), 0.0)
+            ds = p * (_mm(do, v, NT) - delta[:, None])
+            out.append(dq + _mm(ds.astype(k.dtype), k, NN))
         return tuple(out)
 
     zeros = jnp.zeros((cfg.block_q, q_ref.shape[-1]), jnp.float32)
@@ -234,17 +240,11 @@ def _dkv_kernel(q_ref, qn_ref, k_ref, v_ref, valid_ref, do1_ref, do2_ref, lse1_r
         mask = _visible(cfg, q_start, k_start, valid)
         for query_ref, do_ref, lse_ref, delta_ref in refs:
             query, do = query_ref[rows, :], do_ref[rows, :]
-            s = jax.lax.dot_general(query, k, (((1,), (1,)), ((), ())),
-                                    preferred_element_type=jnp.float32) * (scale * LOG2E)
+            s = _scores(query, k, scale, mask)
             p = jnp.where(mask, jnp.exp2(s - lse_ref[rows][:, None]), 0.0)
-            dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
-                                          preferred_element_type=jnp.float32)
-            dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
-            ds = p * (dp - delta_ref[rows][:, None])
-            dk = dk + jax.lax.dot_general(ds.astype(query.dtype), query,
-                                          (((0,), (0,)), ((), ())),
-                                          preferred_element_type=jnp.float32)
+            dv = dv + _mm(p.astype(do.dtype), do, TN)
+            ds = p * (_mm(do, v, NT) - delta_ref[rows][:, None])
+            dk = dk + _mm(ds.astype(query.dtype), query, TN)
         return dk, dv
 
     first = 0
