@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from .diff_flash_mgpu import MosaicConfig, mosaic_blocks, mosaic_forward, mosaic_supported
+
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
 
@@ -45,6 +47,7 @@ class FlashConfig(NamedTuple):
     head_norm: bool
     eps: float
     interpret: bool
+    mosaic: bool = False  # forward on the Hopper kernel (diff_flash_mgpu)
 
     @property
     def offset(self) -> int:  # query i sits at key position i + offset
@@ -309,13 +312,23 @@ def _epilogue_backward(cfg: FlashConfig, do, o1, o2, lam, w):
     return do, -lam_ * do, dlam, dw
 
 
+def _any_forward(cfg: FlashConfig, q, qn, k, v, lam, valid, w, *, residuals: bool):
+    if not cfg.mosaic:
+        outs = _forward(cfg, q, qn, k, v, lam, valid, w, residuals=residuals)
+        return tuple(outs) if residuals else outs[0]
+    mcfg = MosaicConfig(*mosaic_blocks(q.shape[-1]), stages=2, causal=cfg.causal,
+                        head_norm=cfg.head_norm, eps=cfg.eps)
+    return mosaic_forward(mcfg, q, qn, k, v, lam.astype(jnp.float32), w.astype(jnp.float32),
+                          residuals=residuals)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused(cfg, q, qn, k, v, lam, valid, w):
-    return _forward(cfg, q, qn, k, v, lam, valid, w, residuals=False)[0]
+    return _any_forward(cfg, q, qn, k, v, lam, valid, w, residuals=False)
 
 
 def _fused_fwd(cfg, q, qn, k, v, lam, valid, w):
-    o, o1, o2, lse1, lse2 = _forward(cfg, q, qn, k, v, lam, valid, w, residuals=True)
+    o, o1, o2, lse1, lse2 = _any_forward(cfg, q, qn, k, v, lam, valid, w, residuals=True)
     return o, (q, qn, k, v, lam, valid, w, o1, o2, lse1, lse2)
 
 
@@ -347,14 +360,19 @@ def diff_flash_attention(q: jax.Array, q_noise: jax.Array, k: jax.Array, v: jax.
                          lam: jax.Array, *, key_mask: jax.Array | None = None,
                          norm_weight: jax.Array | None = None, head_norm: bool = True,
                          eps: float = 1e-6, causal: bool = True, block_q: int | None = None,
-                         block_k: int | None = None,
-                         interpret: bool | None = None) -> jax.Array:
+                         block_k: int | None = None, interpret: bool | None = None,
+                         kernel: str = "auto") -> jax.Array:
     """``HeadNorm(Attn(q) - lam * Attn(q_noise))`` in one fused pass -> (B, Lq, H, Dh).
 
     q, q_noise (B, Lq, H, Dh); k, v (B, Lk, Hkv, Dh) with Lq <= Lk (queries are
     the last Lq positions when causal); lam (B, Lq, H); key_mask (B, Lk) bool,
     True = may attend; norm_weight (Dh,). Differentiable in q, q_noise, k, v,
     lam and norm_weight. ``interpret`` defaults to True off GPU.
+
+    ``kernel``: ``"mosaic"`` runs the forward on the Hopper kernel
+    (``diff_flash_mgpu``; bf16/fp16, Dh 64/128, whole tiles, no key mask),
+    ``"portable"`` on the Triton-lowered one; ``"auto"`` takes the Hopper kernel
+    wherever it applies. The backward kernels are the portable ones either way.
     """
     b, lq, h, dh = q.shape
     lk, hkv = k.shape[1], k.shape[2]
@@ -365,12 +383,21 @@ def diff_flash_attention(q: jax.Array, q_noise: jax.Array, k: jax.Array, v: jax.
         raise ValueError(f"need num_heads % num_kv_heads == 0, a power-of-two head_dim and, "
                          f"when causal, Lq <= Lk; got H={h}, Hkv={hkv}, Dh={dh}, Lq={lq}, "
                          f"Lk={lk}")
+    if kernel not in ("auto", "mosaic", "portable"):
+        raise ValueError(f"kernel must be 'auto', 'mosaic' or 'portable', got {kernel!r}")
+    mosaic = kernel != "portable" and not interpret and mosaic_supported(
+        q, k, causal=causal, key_mask=key_mask)
+    if kernel == "mosaic" and not mosaic:
+        raise ValueError(
+            "the Hopper kernel needs a compute-capability 9.0 GPU, bf16/fp16, head_dim 64 "
+            f"or 128, whole tiles (Lq % 64, Lk % {mosaic_blocks(dh)[1]}) and no key mask; "
+            f"got {q.dtype}, Dh={dh}, Lq={lq}, Lk={lk}, key_mask={key_mask is not None}")
     default_q, default_k = default_blocks(dh, lq, lk)
     cfg = FlashConfig(q_len=lq, k_len=lk, block_q=block_q or default_q,
                       block_k=block_k or default_k, causal=causal, head_norm=head_norm,
                       eps=float(eps),
                       interpret=jax.default_backend() != "gpu" if interpret is None
-                      else interpret)
+                      else interpret, mosaic=mosaic)
     args = _pad_inputs(cfg, q, q_noise, k, v, lam, key_mask, norm_weight)
     return _fused(cfg, *args)[:, :lq]
 

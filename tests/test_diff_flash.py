@@ -173,3 +173,51 @@ def test_bounded_layer_with_the_pallas_switch_matches_xla():
             m.prefill(x, state, block_size=16, training=True)[0] ** 2))(x))
     assert rel_err(outs[1], outs[0]) < 1e-5
     assert rel_err(grads[1], grads[0]) < 1e-4
+
+
+MOSAIC_CASES = [  # (q_len, prefix, group, head_dim, dtype, causal)
+    (1024, 0, 4, 128, "bfloat16", True),
+    (512, 256, 1, 64, "float16", True),
+    (256, 0, 8, 128, "bfloat16", False),
+    (192, 64, 4, 64, "bfloat16", True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_len,prefix,group,head_dim,dtype,causal", MOSAIC_CASES)
+def test_gpu_hopper_kernel_forward(q_len, prefix, group, head_dim, dtype, causal):
+    case = dict(q_len=q_len, prefix=prefix, holes=False, group=group, head_dim=head_dim,
+                dtype=dtype, head_norm=True)
+    q, qn, k, v, lam, w, key_mask, _ = make_inputs(case, q_len + prefix)
+    got = jax.jit(lambda *a: diff_flash_attention(*a, norm_weight=w, causal=causal,
+                                                  kernel="mosaic"))(q, qn, k, v, lam)
+    mask = key_mask[:, None, :] & (causal_mask(q_len, q_len + prefix)[None] if causal else True)
+    up = lambda x: x.astype(jnp.float32)  # noqa: E731
+    want = differential_attention(up(q), up(k), up(v), q_noise=up(qn), lam=up(lam), mask=mask,
+                                  norm_weight=up(w))
+    assert rel_err(got, want) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_hopper_forward_gradients():
+    case = dict(q_len=512, prefix=128, holes=False, group=4, head_dim=128, dtype="bfloat16",
+                head_norm=True)
+    q, qn, k, v, lam, w, key_mask, gkey = make_inputs(case, 77)
+    cot = jax.random.normal(gkey, q.shape, jnp.float32)
+
+    def loss(kind):
+        return lambda *a: jnp.sum(diff_flash_attention(
+            *a[:5], norm_weight=a[5], kernel=kind).astype(jnp.float32) * cot)
+
+    got = jax.grad(loss("mosaic"), argnums=range(6))(q, qn, k, v, lam, w)
+    want = jax.grad(lambda *a: jnp.sum(reference(*a, key_mask, True) * cot),
+                    argnums=range(6))(q, qn, k, v, lam, w)
+    for name, g, r in zip(["q", "q_noise", "k", "v", "lam", "norm_weight"], got, want):
+        assert rel_err(g, r) < 1e-1, name
+
+
+def test_hopper_kernel_refuses_what_it_cannot_run():
+    q = jnp.zeros((1, 64, 4, 64))
+    with pytest.raises(ValueError, match="Hopper kernel needs"):
+        diff_flash_attention(q, q, jnp.zeros((1, 64, 2, 64)), jnp.zeros((1, 64, 2, 64)),
+                             jnp.zeros((1, 64, 4)), kernel="mosaic", interpret=False)

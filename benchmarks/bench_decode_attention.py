@@ -1,0 +1,93 @@
+"""Bounded decode attention on one GPU: the Pallas kernel against XLA.
+
+One query token per sequence over a bank of Lbuf slots (384 = W 256 + Me 64 +
+Ms 64, and 768), H=32, Hkv=8, Dh=128, bf16, a key mask with holes, batch 1 to
+256. Each timing is the median over repeats of a compiled loop of ``INNER``
+dependent calls divided by ``INNER`` (so host dispatch is not what is
+measured). Achieved bandwidth counts the K and V bytes each call must read,
+against the H100's ~3.0 TB/s copy ceiling.
+
+    python benchmarks/bench_decode_attention.py --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from coda_jax.attention_math import differential_attention
+from pallas_kernels.decode_attention import decode_attention
+
+H, HKV, DH = 32, 8, 128
+BATCHES = (1, 4, 16, 64, 256)
+SLOTS = (384, 768)
+INNER = 50
+COPY_CEILING_GBS = 3000.0
+
+
+def xla(q, qn, k, v, lam, mask, w):
+    return differential_attention(q, k, v, q_noise=qn, lam=lam, key_mask=mask, norm_weight=w)
+
+
+def pallas(q, qn, k, v, lam, mask, w):
+    return decode_attention(q, qn, k, v, lam, mask, norm_weight=w, interpret=False)
+
+
+def per_call_seconds(fn, *args, repeats: int = 7) -> float:
+    q = args[0]
+
+    @jax.jit
+    def loop(*a):
+        def body(_, carry):  # each call depends on the last: nothing is hoisted
+            out = fn(q + carry, *a[1:])
+            return (out[0, 0, 0, 0] * 0).astype(q.dtype)
+        return jax.lax.fori_loop(0, INNER, body, jnp.zeros((), q.dtype))
+
+    jax.block_until_ready(loop(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(loop(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / INNER
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    results = {"what": __doc__.split("\n\n")[0], "device": jax.devices()[0].device_kind,
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "jax": jax.__version__, "shape": dict(H=H, Hkv=HKV, Dh=DH, tokens=1),
+               "copy_ceiling_GBs": COPY_CEILING_GBS, "runs": []}
+    for slots in SLOTS:
+        for batch in BATCHES:
+            keys = jax.random.split(jax.random.key(batch * slots), 7)
+            q = jax.random.normal(keys[0], (batch, 1, H, DH), jnp.bfloat16)
+            qn = jax.random.normal(keys[1], (batch, 1, H, DH), jnp.bfloat16)
+            k = jax.random.normal(keys[2], (batch, slots, HKV, DH), jnp.bfloat16)
+            v = jax.random.normal(keys[3], (batch, slots, HKV, DH), jnp.bfloat16)
+            lam = jax.nn.sigmoid(jax.random.normal(keys[4], (batch, 1, H))).astype(jnp.bfloat16)
+            mask = jax.random.uniform(keys[5], (batch, slots)) > 0.2
+            w = jnp.ones((DH,), jnp.bfloat16)
+            kv_bytes = 2 * k.size * k.dtype.itemsize
+            entry = {"slots": slots, "batch": batch, "kv_bytes": kv_bytes}
+            for name, fn in (("pallas", pallas), ("xla", xla)):
+                sec = per_call_seconds(fn, q, qn, k, v, lam, mask, w)
+                entry[name] = {"us": sec * 1e6, "GBs": kv_bytes / sec / 1e9}
+            entry["pallas_vs_xla"] = entry["xla"]["us"] / entry["pallas"]["us"]
+            entry["pallas_fraction_of_ceiling"] = entry["pallas"]["GBs"] / COPY_CEILING_GBS
+            results["runs"].append(entry)
+            print(json.dumps(entry), flush=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The bounded decode attention kernel against the pure-jnp reference.
+
+CPU: Pallas interpret mode over a pairwise matrix of query tokens (1, 3), bank
+sizes (100, 384, 700: not multiples of the tile, one split or several), batch
+(1, 3), GQA ratios 1/4/8, head_dim 64/128, masks (none, holes, per-token),
+float32 (1e-5 relative) and bf16 (1e-2), fresh random inputs per case. The
+``gpu`` test repeats it at decode sizes when a GPU is present.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from coda_jax.attention_math import differential_attention
+from pallas_kernels.decode_attention import decode_attention, decode_splits
+from pairwise import pairwise, uncovered_pairs
+
+FACTORS = {
+    "tokens": [1, 3],
+    "slots": [100, 384, 700],
+    "batch": [1, 3],
+    "group": [1, 4, 8],
+    "head_dim": [64, 128],
+    "mask": ["none", "holes", "per_token"],
+    "dtype": ["float32", "bfloat16"],
+}
+CASES = pairwise(FACTORS, seed=3)
+
+
+def test_matrix_covers_every_pair():
+    assert not uncovered_pairs(FACTORS, CASES)
+
+
+def make_inputs(case, seed):
+    keys = jax.random.split(jax.random.key(seed), 8)
+    b, t, s = case["batch"], case["tokens"], case["slots"]
+    hkv = 1 if case["group"] == 8 else 2
+    h, dh = hkv * case["group"], case["head_dim"]
+    dtype = jnp.dtype(case["dtype"])
+    q = jax.random.normal(keys[0], (b, t, h, dh), dtype)
+    qn = jax.random.normal(keys[1], (b, t, h, dh), dtype)
+    k = jax.random.normal(keys[2], (b, s, hkv, dh), dtype)
+    v = jax.random.normal(keys[3], (b, s, hkv, dh), dtype)
+    lam = jax.nn.sigmoid(jax.random.normal(keys[4], (b, t, h))).astype(dtype)
+    w = (1 + 0.3 * jax.random.normal(keys[5], (dh,))).astype(dtype)
+    mask = {"none": None,
+            "holes": jax.random.uniform(keys[6], (b, s)) > 0.3,
+            "per_token": jax.random.uniform(keys[6], (b, t, s)) > 0.5}[case["mask"]]
+    return q, qn, k, v, lam, w, mask
+
+
+def reference(q, qn, k, v, lam, w, mask):
+    up = lambda x: x.astype(jnp.float32)  # noqa: E731
+    if mask is not None and mask.ndim == 2:
+        mask = mask[:, None, :]
+    with jax.default_matmul_precision("highest"):
+        return differential_attention(up(q), up(k), up(v), q_noise=up(qn), lam=up(lam),
+                                      mask=mask, norm_weight=up(w))
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c.values())))
+def test_decode_matches_reference(case):
+    q, qn, k, v, lam, w, mask = make_inputs(case, zlib.crc32(repr(case).encode()))
+    got = decode_attention(q, qn, k, v, lam, mask, norm_weight=w)
+    assert got.dtype == q.dtype and got.shape == q.shape
+    tol = 1e-5 if case["dtype"] == "float32" else 1e-2
+    assert rel_err(got, reference(q, qn, k, v, lam, w, mask)) < tol
+
+
+def test_slots_split_over_programs_when_the_batch_is_small():
+    assert decode_splits(batch=1, kv_heads=8, slots=384, block_s=64) == 6
+    assert decode_splits(batch=256, kv_heads=8, slots=384, block_s=64) == 1
+
+
+def test_rows_without_visible_slots_are_zero():
+    case = dict(tokens=1, slots=100, batch=2, group=4, head_dim=64, mask="holes",
+                dtype="float32")
+    q, qn, k, v, lam, w, _ = make_inputs(case, 5)
+    mask = jnp.ones((2, 100), bool).at[0].set(False)
+    got = decode_attention(q, qn, k, v, lam, mask, norm_weight=w)
+    assert not np.asarray(got[0]).any()
+    assert rel_err(got[1], reference(q, qn, k, v, lam, w, mask)[1]) < 1e-5
+
+
+def test_bad_mask_shape_is_a_clear_error():
+    q = jnp.zeros((1, 1, 4, 64))
+    kv = jnp.zeros((1, 32, 2, 64))
+    with pytest.raises(ValueError, match="key_mask must be"):
+        decode_attention(q, q, kv, kv, jnp.zeros((1, 1, 4)), jnp.ones((1, 31), bool))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,slots", [(1, 384), (64, 768), (256, 384)])
+def test_gpu_decode_sizes(batch, slots):
+    case = dict(tokens=1, slots=slots, batch=batch, group=4, head_dim=128, mask="holes",
+                dtype="bfloat16")
+    q, qn, k, v, lam, w, mask = make_inputs(case, batch + slots)
+    got = jax.jit(lambda *a: decode_attention(*a, norm_weight=w))(q, qn, k, v, lam, mask)
+    assert rel_err(got, reference(q, qn, k, v, lam, w, mask)) < 1e-2
