@@ -47,6 +47,7 @@ class MosaicConfig(NamedTuple):
     causal: bool
     head_norm: bool
     eps: float
+    heavy_first: bool = True  # causal: launch the longest query tiles first (less tail)
 
 
 def mosaic_blocks(head_dim: int) -> tuple[int, int]:
@@ -97,7 +98,10 @@ def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
         batch = lax.axis_index("batch")
         head = lax.axis_index("heads")
         wg = lax.axis_index("wg")
-        q_base = lax.axis_index("q_seq") * block_q
+        q_tile = lax.axis_index("q_seq")
+        if cfg.causal and cfg.heavy_first:
+            q_tile = lq // block_q - 1 - q_tile
+        q_base = q_tile * block_q
         rows = pl.ds(q_base, block_q)
         if cfg.causal:  # keys beyond the last row's position are never needed
             kv_steps = pl.cdiv(q_base + block_q + offset, jnp.array(block_kv, jnp.int32))
