@@ -19,7 +19,7 @@ from . import memory
 from .config import AttentionConfig, BankConfig, HeadNormMode, LfBand, MemInit, WritePolicy
 from .primitives import materialise
 from .projections import AttentionCore, _linear
-from .segments import check_lengths, split_segments
+from .segments import check_lengths, join_segments, split_segments
 from .state import POSITION_DTYPE, BankState, where_rows
 
 # Blocks of one prefill call unrolled per loop iteration (a tuning knob).
@@ -238,7 +238,7 @@ class CoDAGQALandmark(AttentionCore):
             outputs.append(y)
         if not outputs:
             return x, state
-        return jnp.concatenate(outputs, axis=1)[:, :x.shape[1]], state
+        return join_segments(outputs, x.shape[1]), state
 
     def step(self, x: jax.Array, state: BankState, *, training: bool = False
              ) -> tuple[jax.Array, BankState]:

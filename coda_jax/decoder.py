@@ -20,7 +20,7 @@ from flax import nnx
 from . import bounded, memory
 from .bounded import TRACE_COUNTS, CoDAGQALandmark
 from .model_config import DecoderConfig
-from .segments import check_lengths, split_segments
+from .segments import check_lengths, join_segments, split_segments
 from .state import BankState
 from .unbounded import BaselineGQA, CoDAGQA
 
@@ -265,7 +265,7 @@ class CausalLM(nnx.Module):
                 outputs.append(logits)
         if last_only:
             return last, state
-        return jnp.concatenate(outputs, axis=1)[:, :tokens.shape[1]], state
+        return join_segments(outputs, tokens.shape[1]), state
 
     def step(self, token: jax.Array, state: BankState, *, training: bool = False
              ) -> tuple[jax.Array, BankState]:

@@ -14,14 +14,15 @@ import numpy as np
 from .state import POSITION_DTYPE
 
 
-def check_lengths(lengths, batch: int, length: int) -> jax.Array:
+def check_lengths(lengths, batch: int, length: int) -> jax.Array | np.ndarray:
     """Per-row valid lengths as int32 (B,); all of ``length`` when None.
 
-    Host values are range-checked; device arrays are shape-checked and clipped
-    to [0, length] rather than read back (no host sync).
+    Host values are range-checked and stay on the host (a numpy array: no
+    device op per call); device arrays are shape-checked and clipped to
+    [0, length] rather than read back (no host sync).
     """
     if lengths is None:
-        return jnp.full((batch,), length, POSITION_DTYPE)
+        return np.full((batch,), length, POSITION_DTYPE)
     if isinstance(lengths, jax.Array):
         if lengths.shape != (batch,):
             raise ValueError(f"lengths must have shape ({batch},), got {lengths.shape}")
@@ -30,19 +31,32 @@ def check_lengths(lengths, batch: int, length: int) -> jax.Array:
     if host.shape != (batch,) or (host < 0).any() or (host > length).any():
         raise ValueError(f"lengths must be {batch} integers in [0, {length}], "
                          f"got {host.tolist()}")
-    return jnp.asarray(host, POSITION_DTYPE)
+    return host.astype(POSITION_DTYPE)
 
 
-def split_segments(x: jax.Array, lengths: jax.Array, *, block_size: int,
-                   chunks_per_call: int) -> list[tuple[jax.Array, jax.Array]]:
-    """Pad x (B, L, ...) to whole segments -> [(x_segment, valid lengths in it)]."""
+def split_segments(x: jax.Array, lengths: jax.Array | np.ndarray, *, block_size: int,
+                   chunks_per_call: int) -> list[tuple[jax.Array, jax.Array | np.ndarray]]:
+    """Pad x (B, L, ...) to whole segments -> [(x_segment, valid lengths in it)].
+
+    A prompt of exactly one segment is passed through untouched: on a GPU every
+    eager pad or slice is a kernel launch paid on each call.
+    """
     if block_size <= 0 or chunks_per_call <= 0:
         raise ValueError("block_size and chunks_per_call must be positive, got "
                          f"{block_size} and {chunks_per_call}")
     length = x.shape[1]
     seg = block_size * chunks_per_call
     n_seg = -(-length // seg)
-    pad = [(0, 0), (0, n_seg * seg - length)] + [(0, 0)] * (x.ndim - 2)
-    x = jnp.pad(x, pad)
-    return [(x[:, i * seg:(i + 1) * seg], jnp.clip(lengths - i * seg, 0, seg))
+    if n_seg * seg != length:
+        x = jnp.pad(x, [(0, 0), (0, n_seg * seg - length)] + [(0, 0)] * (x.ndim - 2))
+    clip = np.clip if isinstance(lengths, np.ndarray) else jnp.clip
+    if n_seg == 1:
+        return [(x, clip(lengths, 0, seg))]
+    return [(x[:, i * seg:(i + 1) * seg], clip(lengths - i * seg, 0, seg))
             for i in range(n_seg)]
+
+
+def join_segments(outputs: list[jax.Array], length: int) -> jax.Array:
+    """Per-segment outputs (B, seg, ...) -> (B, length, ...) without the padding."""
+    y = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
+    return y if y.shape[1] == length else y[:, :length]

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .diff_flash_mgpu import MosaicConfig, mosaic_blocks, mosaic_forward, mosaic_supported
+from .diff_flash_mgpu import (MosaicConfig, heavy_first_pays, mosaic_blocks, mosaic_forward,
+                              mosaic_supported)
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
@@ -317,7 +318,8 @@ def _any_forward(cfg: FlashConfig, q, qn, k, v, lam, valid, w, *, residuals: boo
         outs = _forward(cfg, q, qn, k, v, lam, valid, w, residuals=residuals)
         return tuple(outs) if residuals else outs[0]
     mcfg = MosaicConfig(*mosaic_blocks(q.shape[-1]), stages=2, causal=cfg.causal,
-                        head_norm=cfg.head_norm, eps=cfg.eps)
+                        head_norm=cfg.head_norm, eps=cfg.eps,
+                        heavy_first=heavy_first_pays(q.shape[1]))
     return mosaic_forward(mcfg, q, qn, k, v, lam.astype(jnp.float32), w.astype(jnp.float32),
                           residuals=residuals)
 

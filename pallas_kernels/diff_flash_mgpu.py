@@ -50,6 +50,12 @@ class MosaicConfig(NamedTuple):
     heavy_first: bool = True  # causal: launch the longest query tiles first (less tail)
 
 
+def heavy_first_pays(q_len: int) -> bool:
+    """Measured on an H100 (benchmarks/results/tune_mosaic_h100.json): longest tiles
+    first gains 2% at L=8192 and 1% at 32768 but loses 20% at 2048."""
+    return q_len >= 4096
+
+
 def mosaic_blocks(head_dim: int) -> tuple[int, int]:
     """(block_q, block_kv) per head_dim: the shapes that fit 227 KB of shared memory
     with two K/V stages and keep both accumulators in registers."""
@@ -105,8 +111,8 @@ def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
         rows = pl.ds(q_base, block_q)
         if cfg.causal:  # keys beyond the last row's position are never needed
             kv_steps = pl.cdiv(q_base + block_q + offset, jnp.array(block_kv, jnp.int32))
-        else:
-            kv_steps = jnp.array(n_kv, jnp.int32)
+        else:  # a Python int: Mosaic wants static loop bounds, not a constant array
+            kv_steps = n_kv
 
         def take_turn():
             plgpu.barrier_arrive(turn)
@@ -249,7 +255,10 @@ def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
                 plgpu.copy_gmem_to_smem(v_ref.at[tile], v_smem.at[slot], v_loaded.at[slot])
 
             for i in range(stages):
-                pl.when(i < kv_steps)(functools.partial(fetch, i, i))
+                if cfg.causal:
+                    pl.when(i < kv_steps)(functools.partial(fetch, i, i))
+                else:  # stages <= n_kv
+                    fetch(i, i)
 
             @pl.loop(0, kv_steps - stages)
             def _(step):
