@@ -1,6 +1,13 @@
-"""Prefill tokens/s of our bounded layer under loop-shape variants (tuning aid)."""
+"""Prefill tokens/s of our bounded layer under loop-shape variants (tuning aid).
+
+    python benchmarks/prefill_variants.py LABEL [--unroll 1 True] [--configs 256x4 256x16 1024x4]
+
+Each config is block_size x chunks_per_call; L=4096, bf16, W=256/Me=64/Ms=64,
+the two layer shapes of bench_layer.py. Run it again under other XLA_FLAGS to
+compare (LABEL tags the lines).
+"""
+import argparse
 import statistics
-import sys
 import time
 
 import jax
@@ -19,17 +26,22 @@ def timed(fn, repeats=5):
     return statistics.median(out)
 
 
+parser = argparse.ArgumentParser()
+parser.add_argument("label")
+parser.add_argument("--unroll", nargs="*", default=["1", "True"])
+parser.add_argument("--configs", nargs="*", default=["256x4", "256x16", "1024x4"])
+args = parser.parse_args()
 for d, h, kv in ((512, 8, 2), (4096, 32, 8)):
     layer = CoDAGQALandmark(embed_dim=d, num_heads=h, num_kv_heads=kv, window=256,
                             num_landmarks_exact=64, num_landmarks_summary=64,
                             param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (1, 4096, d), jnp.bfloat16)
     st = layer.init_state(1, jnp.bfloat16, key=jax.random.key(2))
-    for unroll in (1, True):
-        bounded.PREFILL_UNROLL = unroll
-        for block, cpc in ((256, 4), (256, 16), (1024, 4)):
+    for unroll in args.unroll:
+        bounded.PREFILL_UNROLL = True if unroll == "True" else int(unroll)
+        for config in args.configs:
+            block, cpc = map(int, config.split("x"))
             sec = timed(lambda: jax.block_until_ready(
                 layer.prefill(x, st, block_size=block, chunks_per_call=cpc)))
-            print(f"{sys.argv[1] if len(sys.argv) > 1 else ''} D={d} unroll={unroll} "
-                  f"block={block} chunks_per_call={cpc}: {4096 / sec / 1e3:.0f} K tok/s",
-                  flush=True)
+            print(f"{args.label} D={d} unroll={unroll} block={block} chunks_per_call={cpc}: "
+                  f"{4096 / sec / 1e3:.0f} K tok/s", flush=True)

@@ -32,14 +32,18 @@ def _grouped_scores(q: jax.Array, k: jax.Array) -> jax.Array:
 
 
 Implementation = Literal["xla", "cudnn", "pallas"]
+DECODE_MAX_TOKENS = 16  # up to this many queries over a bank: the decode kernel
 MASKED_LOGIT = -1e9  # finite, so a fully masked row's softmax stays free of NaN
 
 
 def resolve_implementation(requested: str | None, dtype) -> Implementation:
     """``None`` picks cuDNN's fused attention on GPU for 16-bit inputs, else XLA.
 
-    ``"pallas"`` (the fused kernel of ``pallas_kernels``) is opt-in until its
-    speed is measured on a GPU.
+    ``"pallas"`` (``pallas_kernels``: the fused flash kernel, the decode kernel
+    for a few queries over a bank) is opt-in. Measured on an H100
+    (benchmarks/results): its Hopper forward beats cuDNN (1.02-1.10x), but its
+    backward runs at a quarter of cuDNN's, masked (bank) prefill takes the
+    portable kernel, and decode only matches XLA, so it is not the default.
     """
     if requested not in (None, "xla", "cudnn", "pallas"):
         raise ValueError("implementation must be 'xla', 'cudnn', 'pallas' or None, got "
@@ -113,6 +117,11 @@ def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     b, lq, h, dh = q.shape
     if (implementation == "pallas" and q_noise is not None and mask is None and bias is None
             and dh & (dh - 1) == 0):
+        if lq <= DECODE_MAX_TOKENS and not causal:
+            from pallas_kernels.decode_attention import decode_attention
+
+            return decode_attention(q, q_noise, k, v, lam, key_mask, norm_weight=norm_weight,
+                                    head_norm=head_norm, eps=eps)
         from pallas_kernels.diff_flash import diff_flash_attention
 
         return diff_flash_attention(q, q_noise, k, v, lam, key_mask=key_mask,

@@ -124,18 +124,18 @@ class AttentionCore(nnx.Module):
                   fused: bool = True) -> jax.Array:
         """Per-head output ``HeadNorm(Attn(q) - lam * Attn(R_theta q))`` -> (B, L, H, Dh).
 
-        ``fused=False`` forces the XLA path (single-token decode, where a fused
-        flash kernel has nothing to tile).
+        ``fused=False`` (single-token decode, where a flash kernel has nothing
+        to tile) takes XLA, or the Pallas decode kernel when ``"pallas"`` is chosen.
         """
         cfg = self.attn_cfg
         q_noise = givens_rotate(q, self.theta[...]) if cfg.differential else None
+        implementation = resolve_implementation(self.implementation, q.dtype)
         return differential_attention(
             q, k, v, q_noise=q_noise, lam=lam, mask=mask, bias=bias, causal=causal,
             key_mask=key_mask,
             norm_weight=None if self.head_norm is None else self.head_norm.weight[...],
             head_norm=self.head_norm is not None, eps=cfg.eps,
-            implementation=resolve_implementation(self.implementation, q.dtype) if fused
-            else "xla")
+            implementation=implementation if fused or implementation == "pallas" else "xla")
 
     def merge_heads(self, heads: jax.Array, dtype) -> jax.Array:
         """o_proj of per-head outputs (B, L, H, Dh) -> (B, L, D) in ``dtype``."""

@@ -16,7 +16,9 @@ form dq/dq_noise (per query block) and dk/dv (per key block and query head,
 summed over each KV group).
 
 On CPU these kernels run in Pallas interpret mode (the tests); on GPU through
-Pallas' Triton lowering. Not yet measured on a GPU.
+Pallas' Triton lowering. On a Hopper GPU the forward of whole-tile, unmasked
+calls runs on ``diff_flash_mgpu`` instead (H100: 525 TFLOP/s at L=8192 against
+118 here; benchmarks/results/NOTES.md), with the same residuals for the backward.
 """
 
 from __future__ import annotations

@@ -164,14 +164,18 @@ def test_bounded_layer_with_the_pallas_switch_matches_xla():
                                detach_evicted=False, implementation=impl, rngs=nnx.Rngs(0))
 
     x = jax.random.normal(jax.random.key(0), (2, 45, 128))
-    outs, grads = [], []
+    tokens = jax.random.normal(jax.random.key(2), (2, 3, 128))
+    outs, grads, steps = [], [], []
     for impl in ("xla", "pallas"):
         m = layer(impl)
         state = m.init_state(2, key=jax.random.key(1))
-        outs.append(m.prefill(x, state, block_size=16, lengths=[45, 30])[0])
+        y, state_after = m.prefill(x, state, block_size=16, lengths=[45, 30])
+        outs.append(y)
+        steps.append(m.decode(tokens, state_after)[0])   # the decode kernel
         grads.append(jax.grad(lambda x: jnp.sum(
             m.prefill(x, state, block_size=16, training=True)[0] ** 2))(x))
     assert rel_err(outs[1], outs[0]) < 1e-5
+    assert rel_err(steps[1], steps[0]) < 1e-5
     assert rel_err(grads[1], grads[0]) < 1e-4
 
 

@@ -1,0 +1,60 @@
+"""Plot the committed H100 kernel results: differential attention TFLOP/s per length
+(forward and forward+backward) and decode attention bandwidth per batch.
+
+    python benchmarks/plot_kernels.py --attention benchmarks/results/diff_attention_h100.json \
+        --decode benchmarks/results/decode_attention_h100.json --out docs/kernels_h100.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--attention", required=True)
+    p.add_argument("--decode", required=True)
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    with open(a.attention) as f:
+        attention = json.load(f)["lengths"]
+    with open(a.decode) as f:
+        decode = json.load(f)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, phase in zip(axes[:2], ("forward", "forward_backward")):
+        names = [n for n in attention[0][phase]]
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            xs = [j + i * width for j in range(len(attention))]
+            ax.bar(xs, [e[phase][name]["tflops"] for e in attention], width, label=name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(attention))])
+        ax.set_xticklabels([f"L={e['L']}" for e in attention])
+        ax.set_ylabel("TFLOP/s (both streams)")
+        ax.set_title(f"differential attention, {phase.replace('_', '+')}")
+        ax.legend(fontsize=7)
+    ax = axes[2]
+    for slots in sorted({r["slots"] for r in decode["runs"]}):
+        runs = [r for r in decode["runs"] if r["slots"] == slots]
+        for name, style in (("pallas", "-o"), ("xla", "--x")):
+            ax.plot([r["batch"] for r in runs], [r[name]["GBs"] for r in runs], style,
+                    label=f"{name}, {slots} slots")
+    ax.axhline(decode["copy_ceiling_GBs"], color="grey", lw=0.8, label="copy ceiling")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch (sequences)")
+    ax.set_ylabel("GB/s of K/V read")
+    ax.set_title("bounded decode attention")
+    ax.legend(fontsize=7)
+    fig.suptitle("H100: B=1 H=32 Hkv=8 Dh=128 bf16 causal; decode H=32 "
+                 "Hkv=8 Dh=128, 1 token")
+    fig.tight_layout()
+    fig.savefig(a.out, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
