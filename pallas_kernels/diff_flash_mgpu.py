@@ -56,6 +56,16 @@ def heavy_first_pays(q_len: int) -> bool:
     return q_len >= 4096
 
 
+def _load(plgpu, ref, layout):
+    """``plgpu.load`` across versions: jax 0.11 takes the ref alone (an index is
+    deprecated), jax 0.10 (the CPU test machines, which lower the kernel for
+    CUDA without running it) requires an index."""
+    try:
+        return plgpu.load(ref, layout=layout)
+    except TypeError:
+        return plgpu.load(ref, (), layout=layout)
+
+
 def mosaic_blocks(head_dim: int) -> tuple[int, int]:
     """(block_q, block_kv) per head_dim: the shapes that fit 227 KB of shared memory
     with two K/V stages and keep both accumulators in registers."""
@@ -231,15 +241,15 @@ def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
                     write_lse(res_refs[2])
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 plgpu.barrier_wait(noise_ready)
-                noise = plgpu.load(qo_smem2.at[1], layout=plgpu.Layout.WGMMA)
+                noise = _load(plgpu, qo_smem2.at[1], plgpu.Layout.WGMMA)
                 plgpu.barrier_wait(epi_loaded.at[0])
-                lam = plgpu.load(lam_smem, layout=wgmma_rows)
+                lam = _load(plgpu, lam_smem, wgmma_rows)
                 o = out - lax.broadcast_in_dim(lam, out.shape, [0]) * noise.astype(jnp.float32)
                 if cfg.head_norm:
                     mean_sq = (o * o).sum(axis=1) * (1.0 / dh)
                     o = o * lax.broadcast_in_dim(lax.rsqrt(mean_sq + cfg.eps), o.shape, [0])
                     plgpu.barrier_wait(epi_loaded.at[1])
-                    weight = plgpu.load(w_smem, layout=wgmma_cols)
+                    weight = _load(plgpu, w_smem, wgmma_cols)
                     o = o * lax.broadcast_in_dim(weight, o.shape, [1])
                 write(o, o_ref)
                 plgpu.wait_smem_to_gmem(0)

@@ -220,6 +220,23 @@ def test_gpu_hopper_forward_gradients():
         assert rel_err(g, r) < 1e-1, name
 
 
+@pytest.mark.parametrize("causal,head_dim,residuals", [(True, 128, True), (False, 64, False),
+                                                        (True, 64, False)])
+def test_hopper_kernel_lowers_for_cuda(causal, head_dim, residuals):
+    """Traced and lowered to Mosaic GPU on the CPU (not run): API drift and tracing
+    errors show here; the ``gpu`` tests above check its numbers on a Hopper GPU."""
+    from pallas_kernels.diff_flash_mgpu import MosaicConfig, mosaic_blocks, mosaic_forward
+
+    cfg = MosaicConfig(*mosaic_blocks(head_dim), 2, causal=causal, head_norm=True, eps=1e-6)
+    q = jax.ShapeDtypeStruct((1, 256, 4, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 512, 2, head_dim), jnp.bfloat16)
+    lam = jax.ShapeDtypeStruct((1, 4, 256), jnp.float32)
+    w = jax.ShapeDtypeStruct((head_dim,), jnp.float32)
+    fn = jax.jit(lambda *a: mosaic_forward(cfg, *a, residuals=residuals))
+    text = fn.trace(q, q, kv, kv, lam, w).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
 def test_hopper_kernel_refuses_what_it_cannot_run():
     q = jnp.zeros((1, 64, 4, 64))
     with pytest.raises(ValueError, match="Hopper kernel needs"):
