@@ -5,6 +5,7 @@ ms and TFLOP/s (both streams counted: forward 2 x 4*B*H*L^2*Dh / 2,
 forward+backward 3.5x that) of
   ours          pallas_kernels.diff_flash_attention: the Hopper (Mosaic GPU) forward,
                 portable backward
+  ours_mosaic_bwd  the same with the Hopper backward kernels (diff_flash_mgpu_bwd)
   ours_portable the same with the portable (Triton-lowered) forward
   cudnn_two     two jax.nn.dot_product_attention(implementation="cudnn") + epilogue
   cudnn_stacked q and q_noise as 2H query heads in one cuDNN call + epilogue
@@ -56,6 +57,11 @@ def cudnn_stacked(q, qn, k, v, lam, w):
 
 def ours(q, qn, k, v, lam, w):
     return diff_flash_attention(q, qn, k, v, lam, norm_weight=w, interpret=False)
+
+
+def ours_mosaic_bwd(q, qn, k, v, lam, w):
+    return diff_flash_attention(q, qn, k, v, lam, norm_weight=w, interpret=False,
+                                backward="mosaic")
 
 
 def ours_portable(q, qn, k, v, lam, w):
@@ -137,8 +143,8 @@ def main() -> None:
         cot = jax.random.normal(keys[6], q.shape, jnp.bfloat16)
         flops = 2 * 4 * B * H * length ** 2 * DH / 2
         entry = {"L": length, "forward": {}, "forward_backward": {}}
-        fns = {"ours": ours, "ours_portable": ours_portable, "cudnn_two": cudnn_two,
-               "cudnn_stacked": cudnn_stacked}
+        fns = {"ours": ours, "ours_mosaic_bwd": ours_mosaic_bwd, "ours_portable": ours_portable,
+               "cudnn_two": cudnn_two, "cudnn_stacked": cudnn_stacked}
         outputs = {}
         for name, fn in fns.items():
             try:  # one failing variant must not lose the others' figures
@@ -160,7 +166,7 @@ def main() -> None:
         best_fb = min(entry["forward_backward"]["cudnn_two"]["ms"],
                       entry["forward_backward"]["cudnn_stacked"]["ms"])
         entry["ratios"] = {}
-        for name in ("ours", "ours_portable"):
+        for name in ("ours", "ours_mosaic_bwd", "ours_portable"):
             if name in entry["forward_backward"]:
                 fwd_ms = entry["forward"][name]["ms"]
                 entry["ratios"][name] = {

@@ -34,6 +34,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from .diff_flash_mgpu import (MosaicConfig, heavy_first_pays, mosaic_blocks, mosaic_forward,
                               mosaic_supported)
+from .diff_flash_mgpu_bwd import mosaic_backward
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
@@ -51,6 +52,7 @@ class FlashConfig(NamedTuple):
     eps: float
     interpret: bool
     mosaic: bool = False  # forward on the Hopper kernel (diff_flash_mgpu)
+    mosaic_backward: bool = False  # backward on the Hopper kernels (diff_flash_mgpu_bwd)
 
     @property
     def offset(self) -> int:  # query i sits at key position i + offset
@@ -344,8 +346,12 @@ def _fused_bwd(cfg, res, do):
     do1, do2 = do1.astype(q.dtype), do2.astype(q.dtype)
     delta = lambda g, o: jnp.swapaxes(jnp.sum(  # noqa: E731
         g.astype(jnp.float32) * o.astype(jnp.float32), -1), 1, 2)
-    dq, dqn, dk, dv = _attention_grads(cfg, q, qn, k, v, valid, do1, do2, lse1, lse2,
-                                       delta(do1, o1), delta(do2, o2))
+    if cfg.mosaic_backward:
+        dq, dqn, dk, dv = mosaic_backward(q, qn, k, v, do1, do2, lse1, lse2, delta(do1, o1),
+                                          delta(do2, o2), causal=cfg.causal)
+    else:
+        dq, dqn, dk, dv = _attention_grads(cfg, q, qn, k, v, valid, do1, do2, lse1, lse2,
+                                           delta(do1, o1), delta(do2, o2))
     cast = lambda g, x: g.astype(x.dtype)  # noqa: E731
     return (cast(dq, q), cast(dqn, qn), cast(dk, k), cast(dv, v), cast(dlam, lam),
             jnp.zeros_like(valid), cast(dw, w))
@@ -365,7 +371,7 @@ def diff_flash_attention(q: jax.Array, q_noise: jax.Array, k: jax.Array, v: jax.
                          norm_weight: jax.Array | None = None, head_norm: bool = True,
                          eps: float = 1e-6, causal: bool = True, block_q: int | None = None,
                          block_k: int | None = None, interpret: bool | None = None,
-                         kernel: str = "auto") -> jax.Array:
+                         kernel: str = "auto", backward: str = "portable") -> jax.Array:
     """``HeadNorm(Attn(q) - lam * Attn(q_noise))`` in one fused pass -> (B, Lq, H, Dh).
 
     q, q_noise (B, Lq, H, Dh); k, v (B, Lk, Hkv, Dh) with Lq <= Lk (queries are
@@ -376,7 +382,9 @@ def diff_flash_attention(q: jax.Array, q_noise: jax.Array, k: jax.Array, v: jax.
     ``kernel``: ``"mosaic"`` runs the forward on the Hopper kernel
     (``diff_flash_mgpu``; bf16/fp16, Dh 64/128, whole tiles, no key mask),
     ``"portable"`` on the Triton-lowered one; ``"auto"`` takes the Hopper kernel
-    wherever it applies. The backward kernels are the portable ones either way.
+    wherever it applies. ``backward="mosaic"`` (with the Hopper forward) runs the
+    gradients on ``diff_flash_mgpu_bwd``: written and lowered, not yet checked on a
+    GPU, so the portable backward kernels stay the default.
     """
     b, lq, h, dh = q.shape
     lk, hkv = k.shape[1], k.shape[2]
@@ -396,12 +404,17 @@ def diff_flash_attention(q: jax.Array, q_noise: jax.Array, k: jax.Array, v: jax.
             "the Hopper kernel needs a compute-capability 9.0 GPU, bf16/fp16, head_dim 64 "
             f"or 128, whole tiles (Lq % 64, Lk % {mosaic_blocks(dh)[1]}) and no key mask; "
             f"got {q.dtype}, Dh={dh}, Lq={lq}, Lk={lk}, key_mask={key_mask is not None}")
+    if backward not in ("portable", "mosaic"):
+        raise ValueError(f"backward must be 'portable' or 'mosaic', got {backward!r}")
+    if backward == "mosaic" and not mosaic:
+        raise ValueError("backward='mosaic' needs the Hopper forward (kernel='mosaic' "
+                         "conditions)")
     default_q, default_k = default_blocks(dh, lq, lk)
     cfg = FlashConfig(q_len=lq, k_len=lk, block_q=block_q or default_q,
                       block_k=block_k or default_k, causal=causal, head_norm=head_norm,
                       eps=float(eps),
                       interpret=jax.default_backend() != "gpu" if interpret is None
-                      else interpret, mosaic=mosaic)
+                      else interpret, mosaic=mosaic, mosaic_backward=backward == "mosaic")
     args = _pad_inputs(cfg, q, q_noise, k, v, lam, key_mask, norm_weight)
     return _fused(cfg, *args)[:, :lq]
 
