@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import functools
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from flax import nnx
 
 from . import memory
 from .config import AttentionConfig, BankConfig, HeadNormMode, LfBand, MemInit, WritePolicy
+from .frozen import bind_weights
 from .primitives import materialise
 from .projections import AttentionCore, _linear
 from .segments import check_lengths, join_segments, split_segments
@@ -245,12 +247,31 @@ class CoDAGQALandmark(AttentionCore):
         """Decode one token per row: x (B, 1, D) -> (y (B, 1, D), new state).
 
         Rows may be at different positions. The input state is not modified.
+        In a Python loop over tokens, :meth:`step_fn` has less per-call overhead.
         """
+        self._check_step_args(x, state)
+        return _step_jit(self, x, state, training=training)
+
+    def step_fn(self, *, training: bool = False
+                ) -> Callable[[jax.Array, BankState], tuple[jax.Array, BankState]]:
+        """``step`` bound to the current weights: ``fn(x, state) -> (y, state)``.
+
+        It skips walking the module on each call (the host overhead of a decode
+        step driven from Python); it keeps the weights it was made with.
+        """
+        run = bind_weights(self, lambda layer, x, state: layer._step(x, state, training))
+
+        def step(x: jax.Array, state: BankState) -> tuple[jax.Array, BankState]:
+            self._check_step_args(x, state)
+            return run(x, state)
+
+        return step
+
+    def _check_step_args(self, x: jax.Array, state: BankState) -> None:
         self.check_input(x)
         if x.shape[1] != 1:
             raise ValueError(f"step takes one token per row, x (B, 1, D); got {tuple(x.shape)}")
         self.check_state(state, x.shape[0])
-        return _step_jit(self, x, state, training=training)
 
     def decode(self, xs: jax.Array, state: BankState, *, training: bool = False
                ) -> tuple[jax.Array, BankState]:

@@ -11,7 +11,7 @@ state of the whole model is one ``BankState`` whose leaves lead with the layer a
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,7 @@ from flax import nnx
 
 from . import bounded, memory
 from .bounded import TRACE_COUNTS, CoDAGQALandmark
+from .frozen import bind_weights
 from .model_config import DecoderConfig
 from .segments import check_lengths, join_segments, split_segments
 from .state import BankState
@@ -269,11 +270,31 @@ class CausalLM(nnx.Module):
 
     def step(self, token: jax.Array, state: BankState, *, training: bool = False
              ) -> tuple[jax.Array, BankState]:
-        """One token per row (B, 1) -> (logits (B, 1, V), new state)."""
+        """One token per row (B, 1) -> (logits (B, 1, V), new state).
+
+        In a Python loop over tokens, :meth:`step_fn` has less per-call overhead
+        (``generation.generate`` runs the whole loop compiled instead).
+        """
+        token = self._check_step_args(token, state)
+        return _model_step_jit(self, token, state, training=training)
+
+    def step_fn(self, *, training: bool = False
+                ) -> Callable[[jax.Array, BankState], tuple[jax.Array, BankState]]:
+        """``step`` bound to the current weights: ``fn(token, state) -> (logits, state)``,
+        without walking the model on each call; it keeps the weights it was made with."""
+        run = bind_weights(self, lambda model, token, state: model._step(
+            token, state, training=training))
+
+        def step(token: jax.Array, state: BankState) -> tuple[jax.Array, BankState]:
+            return run(self._check_step_args(token, state), state)
+
+        return step
+
+    def _check_step_args(self, token, state: BankState) -> jax.Array:
         token = jnp.asarray(token)
         self._check_tokens(token, "token")
         self.check_state(state, token.shape[0])
-        return _model_step_jit(self, token, state, training=training)
+        return token
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "training", "last_only"))

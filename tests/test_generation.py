@@ -128,3 +128,31 @@ def test_whole_model_state_round_trip(model, tmp_path):
                      rngs=nnx.Rngs(1))
     with pytest.raises(ValueError, match="different weights"):
         load_state(tmp_path / "doc", other)
+
+
+def test_bound_step_functions_equal_step_and_keep_their_weights():
+    model = CausalLM(CFG, attention="coda_bounded", attention_options=OPTIONS,
+                     rngs=nnx.Rngs(3))
+    state = model.init_state(2, key=jax.random.key(0))
+    _, state = model.prefill(_prompt(4), state, block_size=4)
+    token = jnp.array([[5], [7]], jnp.int32)
+    bound = model.step_fn()
+    for got, want in zip(jax.tree.leaves(bound(token, state)),
+                         jax.tree.leaves(model.step(token, state))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # One layer's bound step, on that layer's slice of the state.
+    layer = jax.tree.map(lambda a: a[0], model.layers).self_attn
+    layer_state = jax.tree.map(lambda a: a[0], state)
+    x = jax.random.normal(jax.random.key(5), (2, 1, CFG.hidden_size))
+    y_bound, s_bound = layer.step_fn()(x, layer_state)
+    y, s = layer.step(x, layer_state)
+    np.testing.assert_array_equal(np.asarray(y_bound), np.asarray(y))
+    np.testing.assert_array_equal(np.asarray(s_bound.k_buf), np.asarray(s.k_buf))
+    # A snapshot: changing the weights afterwards changes step, not the bound function.
+    logits_before = bound(token, state)[0]
+    model.lm_head.kernel[...] = model.lm_head.kernel[...] * 2
+    np.testing.assert_array_equal(np.asarray(bound(token, state)[0]),
+                                  np.asarray(logits_before))
+    assert not np.allclose(np.asarray(model.step(token, state)[0]), np.asarray(logits_before))
+    with pytest.raises(ValueError):
+        bound(jnp.zeros((3, 1), jnp.int32), state)
