@@ -180,8 +180,8 @@ def main() -> None:
                     np.linalg.norm(outputs[name] - ref) / np.linalg.norm(ref))
         results["lengths"].append(entry)
         print(json.dumps(entry, indent=1), flush=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+        with open(args.out, "w") as f:  # after every length: a later hang loses nothing
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One device call: the Hopper-kernel GPU tests, the differential-attention
-# benchmark (Hopper forward, portable kernel, cuDNN, the reference) and the
-# bounded-layer benchmark. Produced diff_attention_h100.json and layer_h100_v3.json.
+# One device call: the Hopper-kernel GPU tests (forward, and the opt-in backward),
+# the differential-attention benchmark (Hopper forward and backward, portable
+# kernel, cuDNN, the reference) and the bounded-layer benchmark. At 5919f65 it
+# produced diff_attention_h100.json, hopper_tests_gpu.log and layer_h100_v4.json.
 # Usage (device tool, carry [".whl"] holding the coda-gqa-l wheel):  bash benchmarks/run_h100_final.sh
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
