@@ -66,6 +66,14 @@ def _load(plgpu, ref, layout):
         return plgpu.load(ref, (), layout=layout)
 
 
+def causal_key_tiles(q_base, q_block: int, offset: int, kv_block: int):
+    """Key tiles of a causal query tile whose first row is ``q_base`` (row i sees
+    keys j <= i + offset): ``(unmasked, steps)``: tiles below ``unmasked`` are
+    visible to every row (no mask), tiles from there to ``steps`` need the mask."""
+    kv = jnp.array(kv_block, jnp.int32)
+    return lax.div(q_base + offset, kv), pl.cdiv(q_base + q_block + offset, kv)
+
+
 def mosaic_blocks(head_dim: int) -> tuple[int, int]:
     """(block_q, block_kv) per head_dim: the shapes that fit 227 KB of shared memory
     with two K/V stages and keep both accumulators in registers."""
@@ -120,7 +128,7 @@ def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
         q_base = q_tile * block_q
         rows = pl.ds(q_base, block_q)
         if cfg.causal:  # keys beyond the last row's position are never needed
-            kv_steps = pl.cdiv(q_base + block_q + offset, jnp.array(block_kv, jnp.int32))
+            unmasked, kv_steps = causal_key_tiles(q_base, block_q, offset, block_kv)
         else:  # a Python int: Mosaic wants static loop bounds, not a constant array
             kv_steps = n_kv
 
@@ -199,7 +207,6 @@ def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
             carry = (acc, m_i, l_i)
             if cfg.causal:
                 # Tiles wholly at or before the first row's position need no mask.
-                unmasked = lax.div(q_base + offset, jnp.array(block_kv, jnp.int32))
                 carry = lax.fori_loop(0, unmasked, functools.partial(kv_step_body,
                                                                      masked=False), carry)
                 carry = lax.fori_loop(unmasked, kv_steps, functools.partial(kv_step_body,

@@ -29,9 +29,20 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .diff_flash_mgpu import LOG2E, _load
+from .diff_flash_mgpu import LOG2E, _load, causal_key_tiles
 
 BLOCK = 64  # query and key tile of both kernels (the dkv kernel stages outputs in q slots)
+
+
+def causal_query_tiles(kv_base, kv_block: int, offset: int, q_block: int, n_q: int):
+    """Query tiles that see a causal key tile whose first key is ``kv_base`` (row i
+    sees keys j <= i + offset): ``(first, full)``: tiles below ``first`` see none
+    of it, tiles from ``first`` to ``full`` need the mask, tiles from ``full`` on
+    see all of it."""
+    qb = jnp.array(q_block, jnp.int32)
+    first = lax.div(jnp.maximum(kv_base - offset, 0), qb)
+    full = jnp.minimum(pl.cdiv(jnp.maximum(kv_base + kv_block - 1 - offset, 0), qb), n_q)
+    return first, full
 
 
 def _tile_iota(plgpu, dim: int) -> jax.Array:
@@ -90,7 +101,7 @@ def _dq_call(plgpu, args, *, causal: bool, stages: int):
         q_base = lax.axis_index("q_seq") * BLOCK
         rows = pl.ds(q_base, BLOCK)
         if causal:
-            kv_steps = pl.cdiv(q_base + BLOCK + offset, jnp.array(BLOCK, jnp.int32))
+            unmasked, kv_steps = causal_key_tiles(q_base, BLOCK, offset, BLOCK)
         else:
             kv_steps = n_kv
 
@@ -151,7 +162,6 @@ def _dq_call(plgpu, args, *, causal: bool, stages: int):
                 return dq_acc
 
             if causal:
-                unmasked = lax.div(q_base + offset, jnp.array(BLOCK, jnp.int32))
                 dq_acc = lax.fori_loop(0, unmasked, functools.partial(step_body, masked=False),
                                        dq_acc)
                 dq_acc = lax.fori_loop(unmasked, kv_steps,
@@ -234,10 +244,8 @@ def _dkv_call(plgpu, args, *, causal: bool, stages: int):
         wg = lax.axis_index("wg")
         kv_base = lax.axis_index("kv_seq") * BLOCK
         keys = pl.ds(kv_base, BLOCK)
-        if causal:  # query row i sees key j iff j <= i + offset
-            first = lax.div(jnp.maximum(kv_base - offset, 0), jnp.array(BLOCK, jnp.int32))
-            full = jnp.minimum(pl.cdiv(jnp.maximum(kv_base + BLOCK - 1 - offset, 0),
-                                       jnp.array(BLOCK, jnp.int32)), n_q)
+        if causal:
+            first, full = causal_query_tiles(kv_base, BLOCK, offset, BLOCK, n_q)
         else:
             first, full = 0, 0
 

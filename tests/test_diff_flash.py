@@ -220,6 +220,38 @@ def test_gpu_hopper_forward_gradients():
         assert rel_err(g, r) < 1e-1, name
 
 
+@pytest.mark.parametrize("q_len,k_len,block_q,block_kv", [
+    (256, 256, 64, 128), (192, 320, 64, 64), (128, 384, 64, 128), (64, 64, 64, 64),
+    (320, 448, 64, 64)])
+def test_hopper_causal_tile_ranges_cover_exactly_the_visible_pairs(q_len, k_len, block_q,
+                                                                   block_kv):
+    """The loop bounds of the Hopper kernels: every visible (query, key) pair is
+    visited, tiles run without a mask hold only visible pairs, skipped tiles none."""
+    from pallas_kernels.diff_flash_mgpu import causal_key_tiles
+    from pallas_kernels.diff_flash_mgpu_bwd import causal_query_tiles
+
+    offset = k_len - q_len
+    visible = np.arange(k_len)[None, :] <= np.arange(q_len)[:, None] + offset
+    n_q, n_kv = q_len // block_q, k_len // block_kv
+    by_query_tile = np.zeros_like(visible)
+    for t in range(n_q):  # forward and dq: a query tile walks key tiles
+        unmasked, steps = map(int, causal_key_tiles(t * block_q, block_q, offset, block_kv))
+        assert 0 <= unmasked <= steps <= n_kv
+        rows = slice(t * block_q, (t + 1) * block_q)
+        by_query_tile[rows, :steps * block_kv] = True
+        assert visible[rows, :unmasked * block_kv].all()
+    np.testing.assert_array_equal(by_query_tile & visible, visible)
+    by_key_tile = np.zeros_like(visible)
+    for u in range(k_len // block_kv):  # dk/dv: a key tile walks query tiles
+        first, full = map(int, causal_query_tiles(u * block_kv, block_kv, offset, block_q, n_q))
+        assert 0 <= first <= full <= n_q
+        cols = slice(u * block_kv, (u + 1) * block_kv)
+        by_key_tile[first * block_q:, cols] = True
+        assert not visible[:first * block_q, cols].any()
+        assert visible[full * block_q:, cols].all()
+    np.testing.assert_array_equal(by_key_tile & visible, visible)
+
+
 @pytest.mark.parametrize("causal,head_dim,residuals", [(True, 128, True), (False, 64, False),
                                                         (True, 64, False)])
 def test_hopper_kernel_lowers_for_cuda(causal, head_dim, residuals):
