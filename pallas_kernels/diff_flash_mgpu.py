@@ -74,6 +74,30 @@ def causal_key_tiles(q_base, q_block: int, offset: int, kv_block: int):
     return lax.div(q_base + offset, kv), pl.cdiv(q_base + q_block + offset, kv)
 
 
+def stream_kv_tiles(plgpu, kv_refs, kv_smem, loaded, consumed, *, batch, kv_head,
+                    block: int, stages: int, steps) -> None:
+    """The memory warpgroup of the forward and dq kernels: TMA the first ``steps``
+    K/V tiles of one KV head into a ring of ``stages`` shared-memory slots, each
+    refilled once both compute warpgroups have consumed it. ``steps`` is a Python
+    int (static loop bounds) or, when causal, a traced count (>= 1)."""
+    plgpu.set_max_registers(40, action="decrease")
+
+    def fetch(step, slot):
+        tile = (batch, pl.ds(step * block, block), kv_head)
+        for ref, smem, barrier in zip(kv_refs, kv_smem, loaded):
+            plgpu.copy_gmem_to_smem(ref.at[tile], smem.at[slot], barrier.at[slot])
+
+    for i in range(stages):
+        pl.when(i < steps)(functools.partial(fetch, i, i))
+
+    @pl.loop(0, steps - stages)
+    def _(step):
+        slot = lax.rem(step, jnp.array(stages, step.dtype))
+        for barrier in consumed:
+            plgpu.barrier_wait(barrier.at[slot])
+        fetch(step + stages, slot)
+
+
 def mosaic_blocks(head_dim: int) -> tuple[int, int]:
     """(block_q, block_kv) per head_dim: the shapes that fit 227 KB of shared memory
     with two K/V stages and keep both accumulators in registers."""
@@ -261,28 +285,11 @@ def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
                 write(o, o_ref)
                 plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(wg == 2)
-        def _memory():
-            plgpu.set_max_registers(40, action="decrease")
-            kv_head = lax.div(head, jnp.array(group, head.dtype))
-
-            def fetch(step, slot):
-                tile = (batch, pl.ds(step * block_kv, block_kv), kv_head)
-                plgpu.copy_gmem_to_smem(k_ref.at[tile], k_smem.at[slot], k_loaded.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[tile], v_smem.at[slot], v_loaded.at[slot])
-
-            for i in range(stages):
-                if cfg.causal:
-                    pl.when(i < kv_steps)(functools.partial(fetch, i, i))
-                else:  # stages <= n_kv
-                    fetch(i, i)
-
-            @pl.loop(0, kv_steps - stages)
-            def _(step):
-                slot = lax.rem(step, jnp.array(stages, step.dtype))
-                plgpu.barrier_wait(k_consumed.at[slot])
-                plgpu.barrier_wait(v_consumed.at[slot])
-                fetch(step + stages, slot)
+        pl.when(wg == 2)(functools.partial(
+            stream_kv_tiles, plgpu, (k_ref, v_ref), (k_smem, v_smem), (k_loaded, v_loaded),
+            (k_consumed, v_consumed), batch=batch,
+            kv_head=lax.div(head, jnp.array(group, head.dtype)),
+            block=block_kv, stages=stages, steps=kv_steps))
 
     def entry(*refs):
         q_ref, qn_ref, k_ref, v_ref, lam_ref, w_ref, o_ref, *res_refs = refs

@@ -23,13 +23,14 @@ asked (``backward="mosaic"``).
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .diff_flash_mgpu import LOG2E, _load, causal_key_tiles
+from .diff_flash_mgpu import LOG2E, _load, causal_key_tiles, stream_kv_tiles
 
 BLOCK = 64  # query and key tile of both kernels (the dkv kernel stages outputs in q slots)
 
@@ -62,10 +63,9 @@ def mosaic_backward(q, qn, k, v, do1, do2, lse1, lse2, delta1, delta2, *, causal
     """
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    b, lq, h, dh = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
-    group = h // hkv
     args = (q, qn, k, v, do1, do2, lse1, lse2, delta1, delta2)
+    b, _, lk, _, dh, group, _, _ = _Dims.of(args)
+    hkv = k.shape[2]
     dq, dqn = _dq_call(plgpu, args, causal=causal, stages=stages)
     dk_parts, dv_parts = _dkv_call(plgpu, args, causal=causal, stages=stages)
 
@@ -76,14 +76,26 @@ def mosaic_backward(q, qn, k, v, do1, do2, lse1, lse2, delta1, delta2, *, causal
     return dq, dqn, fold(dk_parts), fold(dv_parts)
 
 
+class _Dims(NamedTuple):
+    """Shape facts of one backward call (args as passed to ``mosaic_backward``)."""
+
+    b: int
+    lq: int
+    lk: int
+    h: int
+    dh: int
+    group: int
+    offset: int
+    dtype: Any
+
+    @classmethod
+    def of(cls, args) -> _Dims:
+        (b, lq, h, dh), (lk, hkv) = args[0].shape, args[2].shape[1:3]
+        return cls(b, lq, lk, h, dh, h // hkv, lk - lq, args[0].dtype)
+
+
 def _dq_call(plgpu, args, *, causal: bool, stages: int):
-    q = args[0]
-    k = args[2]
-    b, lq, h, dh = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
-    group = h // hkv
-    offset = lk - lq
-    dtype = q.dtype
+    b, lq, lk, h, dh, group, offset, dtype = _Dims.of(args)
     n_kv = lk // BLOCK
     stages = max(1, min(stages, n_kv))
     to_log2 = dh ** -0.5 * LOG2E
@@ -176,28 +188,11 @@ def _dq_call(plgpu, args, *, causal: bool, stages: int):
                     plgpu.copy_smem_to_gmem, q_smem2.at[w], dst.at[batch, rows, head]))
             plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(wg == 2)
-        def _memory():
-            plgpu.set_max_registers(40, action="decrease")
-            kv_head = lax.div(head, jnp.array(group, head.dtype))
-
-            def fetch(step, slot):
-                tile = (batch, pl.ds(step * BLOCK, BLOCK), kv_head)
-                plgpu.copy_gmem_to_smem(k_ref.at[tile], k_smem.at[slot], k_loaded.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[tile], v_smem.at[slot], v_loaded.at[slot])
-
-            for i in range(stages):
-                if causal:
-                    pl.when(i < kv_steps)(functools.partial(fetch, i, i))
-                else:
-                    fetch(i, i)
-
-            @pl.loop(0, kv_steps - stages)
-            def _(step):
-                slot = lax.rem(step, jnp.array(stages, step.dtype))
-                plgpu.barrier_wait(k_consumed.at[slot])
-                plgpu.barrier_wait(v_consumed.at[slot])
-                fetch(step + stages, slot)
+        pl.when(wg == 2)(functools.partial(
+            stream_kv_tiles, plgpu, (k_ref, v_ref), (k_smem, v_smem), (k_loaded, v_loaded),
+            (k_consumed, v_consumed), batch=batch,
+            kv_head=lax.div(head, jnp.array(group, head.dtype)),
+            block=BLOCK, stages=stages, steps=kv_steps))
 
     def entry(*refs):
         tiled = _tiled(plgpu)
@@ -215,20 +210,14 @@ def _dq_call(plgpu, args, *, causal: bool, stages: int):
             collective_axes="wg")
 
     return plgpu.kernel(
-        entry, out_type=[jax.ShapeDtypeStruct(q.shape, dtype)] * 2,
+        entry, out_type=[jax.ShapeDtypeStruct((b, lq, h, dh), dtype)] * 2,
         grid=(h, lq // BLOCK, b), grid_names=("heads", "q_seq", "batch"), num_threads=3,
         thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
     )(*args)
 
 
 def _dkv_call(plgpu, args, *, causal: bool, stages: int):
-    q = args[0]
-    k = args[2]
-    b, lq, h, dh = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
-    group = h // hkv
-    offset = lk - lq
-    dtype = q.dtype
+    b, lq, lk, h, dh, group, offset, dtype = _Dims.of(args)
     n_q = lq // BLOCK
     stages = max(1, min(stages, n_q))
     to_log2 = dh ** -0.5 * LOG2E
