@@ -74,6 +74,11 @@ def causal_key_tiles(q_base, q_block: int, offset: int, kv_block: int):
     return lax.div(q_base + offset, kv), pl.cdiv(q_base + q_block + offset, kv)
 
 
+def swizzled_tiles(plgpu):
+    """Shared-memory layout of every wgmma operand tile: 8x64 tiles, 128-byte swizzle."""
+    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
 def stream_kv_tiles(plgpu, kv_refs, kv_smem, loaded, consumed, *, batch, kv_head,
                     block: int, stages: int, steps) -> None:
     """The memory warpgroup of the forward and dq kernels: TMA the first ``steps``
@@ -293,7 +298,7 @@ def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
 
     def entry(*refs):
         q_ref, qn_ref, k_ref, v_ref, lam_ref, w_ref, o_ref, *res_refs = refs
-        tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        tiled = swizzled_tiles(plgpu)
         smem = [
             plgpu.SMEM((2, block_q, dh), dtype, transforms=tiled),
             plgpu.SMEM((stages, block_kv, dh), dtype, transforms=tiled),

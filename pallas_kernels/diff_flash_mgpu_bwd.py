@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .diff_flash_mgpu import LOG2E, _load, causal_key_tiles, stream_kv_tiles
+from .diff_flash_mgpu import LOG2E, _load, causal_key_tiles, stream_kv_tiles, swizzled_tiles
 
 BLOCK = 64  # query and key tile of both kernels (the dkv kernel stages outputs in q slots)
 
@@ -49,10 +49,6 @@ def causal_query_tiles(kv_base, kv_block: int, offset: int, q_block: int, n_q: i
 def _tile_iota(plgpu, dim: int) -> jax.Array:
     """Row (0) or column (1) index of a (BLOCK, BLOCK) tile, in the wgmma layout."""
     return plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), dim, layout=plgpu.Layout.WGMMA)
-
-
-def _tiled(plgpu):
-    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
 def mosaic_backward(q, qn, k, v, do1, do2, lse1, lse2, delta1, delta2, *, causal: bool,
@@ -195,7 +191,7 @@ def _dq_call(plgpu, args, *, causal: bool, stages: int):
             block=BLOCK, stages=stages, steps=kv_steps))
 
     def entry(*refs):
-        tiled = _tiled(plgpu)
+        tiled = swizzled_tiles(plgpu)
         smem = [plgpu.SMEM((2, BLOCK, dh), dtype, transforms=tiled),
                 plgpu.SMEM((2, BLOCK, dh), dtype, transforms=tiled),
                 plgpu.SMEM((stages, BLOCK, dh), dtype, transforms=tiled),
@@ -339,7 +335,7 @@ def _dkv_call(plgpu, args, *, causal: bool, stages: int):
                 fetch(step + stages, slot)
 
     def entry(*refs):
-        tiled = _tiled(plgpu)
+        tiled = swizzled_tiles(plgpu)
         smem = [plgpu.SMEM((2, stages, BLOCK, dh), dtype, transforms=tiled),
                 plgpu.SMEM((2, stages, BLOCK, dh), dtype, transforms=tiled),
                 plgpu.SMEM((BLOCK, dh), dtype, transforms=tiled),
