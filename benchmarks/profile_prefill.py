@@ -1,0 +1,93 @@
+"""Where the GPU time of one bounded-layer prefill goes (tuning aid).
+
+    python benchmarks/profile_prefill.py --out DIR [--block 1024] [--implementation cudnn]
+
+Traces three prefills of L=4096 tokens (bf16, W=256 Me=64 Ms=64, the two layer
+shapes of bench_layer.py) with the JAX profiler, reads the Perfetto trace and
+prints, per call: wall time, GPU busy time, kernel launches, and the kernels
+that take the most time.
+"""
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from coda_jax import CoDAGQALandmark
+
+
+def gpu_kernels(trace_dir: str) -> list[dict]:
+    """The complete events ("X") of GPU streams in the newest Perfetto trace."""
+    path = sorted(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
+    events = json.load(gzip.open(path))["traceEvents"]
+    names = {e["pid"]: str(e.get("args", {}).get("name", "")) for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    print("trace processes:", sorted(set(names.values())))
+    gpu_pids = {pid for pid, name in names.items() if "GPU" in name}
+    return [e for e in events if e.get("ph") == "X" and e["pid"] in gpu_pids]
+
+
+def busy_us(kernels: list[dict]) -> float:
+    """Union of kernel intervals (streams may overlap)."""
+    total, end = 0.0, -1.0
+    for e in sorted(kernels, key=lambda e: e["ts"]):
+        start, stop = e["ts"], e["ts"] + e["dur"]
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--block", type=int, default=1024)
+    parser.add_argument("--chunks-per-call", type=int, default=None)
+    parser.add_argument("--implementation", default=None)
+    parser.add_argument("--calls", type=int, default=3)
+    args = parser.parse_args()
+    report = []
+    for d, h, kv in ((512, 8, 2), (4096, 32, 8)):
+        layer = CoDAGQALandmark(embed_dim=d, num_heads=h, num_kv_heads=kv, window=256,
+                                num_landmarks_exact=64, num_landmarks_summary=64,
+                                param_dtype=jnp.bfloat16, implementation=args.implementation,
+                                rngs=nnx.Rngs(0))
+        x = jax.random.normal(jax.random.key(1), (1, 4096, d), jnp.bfloat16)
+        st = layer.init_state(1, jnp.bfloat16, key=jax.random.key(2))
+        extra = {} if args.chunks_per_call is None else {"chunks_per_call": args.chunks_per_call}
+
+        def run():
+            jax.block_until_ready(layer.prefill(x, st, block_size=args.block, **extra))
+        for _ in range(3):
+            run()
+        trace_dir = f"{args.out}/trace_d{d}"
+        os.makedirs(trace_dir, exist_ok=True)
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            start = time.perf_counter()
+            for _ in range(args.calls):
+                run()
+            wall = (time.perf_counter() - start) / args.calls
+        kernels = gpu_kernels(trace_dir)
+        by_name = collections.Counter()
+        for e in kernels:
+            by_name[e["name"][:90]] += e["dur"]
+        entry = {"D": d, "block": args.block, "implementation": args.implementation,
+                 "wall_ms_per_call": wall * 1e3,
+                 "gpu_busy_ms_per_call": busy_us(kernels) / 1e3 / args.calls,
+                 "kernels_per_call": len(kernels) / args.calls,
+                 "top_kernels_ms_per_call": {n: t / 1e3 / args.calls
+                                             for n, t in by_name.most_common(25)}}
+        report.append(entry)
+        print(json.dumps(entry, indent=1), flush=True)
+    with open(f"{args.out}/profile_prefill.json", "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
