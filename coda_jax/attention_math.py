@@ -36,20 +36,25 @@ DECODE_MAX_TOKENS = 16  # up to this many queries over a bank: the decode kernel
 MASKED_LOGIT = -1e9  # finite, so a fully masked row's softmax stays free of NaN
 
 
-def resolve_implementation(requested: str | None, dtype) -> Implementation:
-    """``None`` picks cuDNN's fused attention on GPU for 16-bit inputs, else XLA.
+def resolve_implementation(requested: str | None) -> Implementation:
+    """``None`` picks ``"pallas"`` on GPU and ``"xla"`` elsewhere.
 
-    ``"pallas"`` (``pallas_kernels``: the fused flash kernel, the decode kernel
-    for a few queries over a bank) is opt-in. Measured on an H100
-    (benchmarks/results): its Hopper forward beats cuDNN (1.02-1.10x), but its
-    backward runs at a quarter of cuDNN's, masked (bank) prefill takes the
-    portable kernel, and decode only matches XLA, so it is not the default.
+    ``"pallas"`` runs ``pallas_kernels`` (the fused flash kernel; the decode
+    kernel for a few queries over a bank). On an H100 (benchmarks/results) its
+    Hopper kernels beat two cuDNN calls forward and reach 0.9x of them forward +
+    backward. Calls it cannot take (a general mask or bias, a non-power-of-two
+    head_dim) go to :func:`library_attention`.
     """
     if requested not in (None, "xla", "cudnn", "pallas"):
         raise ValueError("implementation must be 'xla', 'cudnn', 'pallas' or None, got "
                          f"{requested!r}")
     if requested is not None:
         return requested
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+def library_attention(dtype) -> Implementation:
+    """The best non-Pallas path: cuDNN's fused attention on GPU for 16-bit inputs, else XLA."""
     low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return "cudnn" if jax.default_backend() == "gpu" and low_precision else "xla"
 
@@ -112,7 +117,7 @@ def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     they are stacked as extra query rows of each KV group. Visibility is the
     conjunction of ``causal`` (lower-right aligned), ``key_mask`` (B, Lk) and a
     general ``mask``; the Pallas kernel takes the first two only (other calls
-    fall back to XLA).
+    fall back to :func:`library_attention`).
     """
     b, lq, h, dh = q.shape
     if (implementation == "pallas" and q_noise is not None and mask is None and bias is None
@@ -128,7 +133,7 @@ def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                                     norm_weight=norm_weight, head_norm=head_norm, eps=eps,
                                     causal=causal)
     if implementation == "pallas":
-        implementation = "xla"
+        implementation = library_attention(q.dtype)
     if causal:
         mask = causal_mask(lq, k.shape[1])[None] if mask is None else (
             mask & causal_mask(lq, k.shape[1])[None])

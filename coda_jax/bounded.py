@@ -39,8 +39,8 @@ class CoDAGQALandmark(AttentionCore):
     ``differential`` (False: lambda fixed at 0 and no noise stream, i.e. plain
     GQA over the same bounded buffer), ``lf_band`` (``"reference"``: key dims
     ``[Dh/2:]`` as the reference; ``"frequency"``: the slowest RoPE pairs under
-    either pairing) and ``implementation`` (``"xla"``, ``"cudnn"`` or None for
-    cuDNN on GPU with 16-bit inputs).
+    either pairing) and ``implementation`` (``"xla"``, ``"cudnn"``, ``"pallas"`` or
+    None: Pallas on GPU, XLA elsewhere).
     """
 
     def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int, window: int,
@@ -218,13 +218,14 @@ class CoDAGQALandmark(AttentionCore):
     # ------------------------------------------------------------ public API
     def prefill(self, x: jax.Array, state: BankState, *, block_size: int = 256,
                 lengths=None, training: bool = False,
-                chunks_per_call: int = 4) -> tuple[jax.Array, BankState]:
+                chunks_per_call: int | None = None) -> tuple[jax.Array, BankState]:
         """Process a prompt x (B, L, D) block by block; return (y (B, L, D), new state).
 
         ``lengths`` (B,) marks rows shorter than L (their tail is padding: no
         output, no state change); host values are range-checked, device arrays
         are clipped to [0, L] rather than read back. The compiled unit is ``chunks_per_call``
-        blocks, so prompts of any length reuse one compilation per block size.
+        blocks (default: ``segments.default_chunks_per_call``), so prompts of any
+        length reuse one compilation per block size.
         ``training=True`` freezes bank expansion, as the reference does in
         training mode. The input state is not modified.
         """

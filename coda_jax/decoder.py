@@ -242,12 +242,14 @@ class CausalLM(nnx.Module):
 
     def prefill(self, tokens: jax.Array, state: BankState, *, block_size: int = 1024,
                 lengths=None, last_only: bool = False, training: bool = False,
-                chunks_per_call: int = 4) -> tuple[jax.Array, BankState]:
+                chunks_per_call: int | None = None) -> tuple[jax.Array, BankState]:
         """Read ``tokens`` (B, L) into the bounded state: -> (logits, new state).
 
         Logits are (B, L, V), or (B, 1, V) for each row's last valid token with
         ``last_only`` (what a document ingest or a question needs). ``lengths``
-        marks shorter rows of a padded batch. One compilation per block size.
+        marks shorter rows of a padded batch. One compilation per block size; each
+        call runs ``chunks_per_call`` blocks (default:
+        ``segments.default_chunks_per_call``).
         """
         tokens = jnp.asarray(tokens)
         self._check_tokens(tokens)

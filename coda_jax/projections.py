@@ -39,10 +39,10 @@ class AttentionCore(nnx.Module):
     def __init__(self, cfg: AttentionConfig, *, lambda_init_bias: float = -6.0,
                  theta_init: float = math.pi / 2, param_dtype=jnp.float32,
                  implementation: str | None = None, rngs: nnx.Rngs):
-        resolve_implementation(implementation, jnp.float32)  # validate early
+        resolve_implementation(implementation)  # validate early
         self.attn_cfg = cfg
         # How attention is computed (not part of the model's identity):
-        # None = cuDNN on GPU for bf16/fp16 inputs, XLA otherwise.
+        # None = the Pallas kernels on GPU, XLA otherwise.
         self.implementation = implementation
         h, hkv, dh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
         self.q_proj = _linear(d, h * dh, bias=cfg.qkv_bias, param_dtype=param_dtype, rngs=rngs)
@@ -129,7 +129,7 @@ class AttentionCore(nnx.Module):
         """
         cfg = self.attn_cfg
         q_noise = givens_rotate(q, self.theta[...]) if cfg.differential else None
-        implementation = resolve_implementation(self.implementation, q.dtype)
+        implementation = resolve_implementation(self.implementation)
         return differential_attention(
             q, k, v, q_noise=q_noise, lam=lam, mask=mask, bias=bias, causal=causal,
             key_mask=key_mask,

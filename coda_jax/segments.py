@@ -2,7 +2,7 @@
 
 Every prefill call runs one compiled program per segment of
 ``block_size * chunks_per_call`` tokens; the prompt is padded to whole
-segments, so prompts of any length share one compilation.
+segments, so prompts of any length share one compilation per block size.
 """
 
 from __future__ import annotations
@@ -34,13 +34,25 @@ def check_lengths(lengths, batch: int, length: int) -> jax.Array | np.ndarray:
     return host.astype(POSITION_DTYPE)
 
 
+def default_chunks_per_call(block_size: int) -> int:
+    """Blocks per compiled call when the caller does not say: 4096 tokens' worth,
+    at least 4 and at most 16. Each call costs host work and a while loop's
+    start; on an H100, 16 blocks of 256 per call prefill 1.4-1.7x faster than 4
+    (benchmarks/results/NOTES.md). The cap bounds the padding a short prompt pays."""
+    return min(16, max(4, 4096 // max(block_size, 1)))
+
+
 def split_segments(x: jax.Array, lengths: jax.Array | np.ndarray, *, block_size: int,
-                   chunks_per_call: int) -> list[tuple[jax.Array, jax.Array | np.ndarray]]:
+                   chunks_per_call: int | None
+                   ) -> list[tuple[jax.Array, jax.Array | np.ndarray]]:
     """Pad x (B, L, ...) to whole segments -> [(x_segment, valid lengths in it)].
 
-    A prompt of exactly one segment is passed through untouched: on a GPU every
-    eager pad or slice is a kernel launch paid on each call.
+    ``chunks_per_call=None`` takes :func:`default_chunks_per_call`. A prompt of
+    exactly one segment is passed through untouched: on a GPU every eager pad or
+    slice is a kernel launch paid on each call.
     """
+    if chunks_per_call is None:
+        chunks_per_call = default_chunks_per_call(block_size)
     if block_size <= 0 or chunks_per_call <= 0:
         raise ValueError("block_size and chunks_per_call must be positive, got "
                          f"{block_size} and {chunks_per_call}")

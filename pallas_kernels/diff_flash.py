@@ -16,9 +16,10 @@ form dq/dq_noise (per query block) and dk/dv (per key block and query head,
 summed over each KV group).
 
 On CPU these kernels run in Pallas interpret mode (the tests); on GPU through
-Pallas' Triton lowering. On a Hopper GPU the forward of whole-tile, unmasked
-calls runs on ``diff_flash_mgpu`` instead (H100: 525 TFLOP/s at L=8192 against
-118 here; benchmarks/results/NOTES.md), with the same residuals for the backward.
+Pallas' Triton lowering. On a Hopper GPU (16-bit, head_dim 64/128) the forward
+runs on ``diff_flash_mgpu`` instead, with the same residuals, and the backward of
+unmasked whole-tile calls on ``diff_flash_mgpu_bwd`` (H100, L=8192: forward 589
+TFLOP/s against 118 here, forward+backward 459; benchmarks/results/NOTES.md).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .diff_flash_mgpu import (MosaicConfig, heavy_first_pays, mosaic_blocks, mosaic_forward,
-                              mosaic_supported)
+from .diff_flash_mgpu import (MASKED_SCORE, MosaicConfig, heavy_first_pays, mosaic_blocks,
+                              mosaic_forward, mosaic_supported)
 from .diff_flash_mgpu_bwd import mosaic_backward
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -53,6 +54,7 @@ class FlashConfig(NamedTuple):
     interpret: bool
     mosaic: bool = False  # forward on the Hopper kernel (diff_flash_mgpu)
     mosaic_backward: bool = False  # backward on the Hopper kernels (diff_flash_mgpu_bwd)
+    masked: bool = False  # some key is masked (a key mask, or padding to whole tiles)
 
     @property
     def offset(self) -> int:  # query i sits at key position i + offset
@@ -301,6 +303,19 @@ def _attention_grads(cfg: FlashConfig, q, qn, k, v, valid, do1, do2, lse1, lse2,
     return dq, dqn, fold(dk_h), fold(dv_h)
 
 
+def _portable_grads(cfg: FlashConfig, q, qn, k, v, valid, *rows):
+    """The portable backward kernels. After the Hopper forward (keys padded to
+    its 128/256-key tiles) they run on 64-key tiles: keys past the 64-multiple
+    are padding (masked), so they are sliced off and get zero gradients."""
+    if not cfg.mosaic or cfg.block_k == 64:
+        return _attention_grads(cfg, q, qn, k, v, valid, *rows)
+    tiles64 = cfg._replace(block_k=64)
+    n = tiles64.k_pad
+    dq, dqn, dk, dv = _attention_grads(tiles64, q, qn, k[:, :n], v[:, :n], valid[:, :n], *rows)
+    pad = ((0, 0), (0, cfg.k_pad - n), (0, 0), (0, 0))
+    return dq, dqn, jnp.pad(dk, pad), jnp.pad(dv, pad)
+
+
 def _epilogue_backward(cfg: FlashConfig, do, o1, o2, lam, w):
     """Gradients through ``HeadNorm(o1 - lam * o2)`` (elementwise, float32)."""
     do, o1, o2 = (x.astype(jnp.float32) for x in (do, o1, o2))
@@ -321,11 +336,12 @@ def _any_forward(cfg: FlashConfig, q, qn, k, v, lam, valid, w, *, residuals: boo
     if not cfg.mosaic:
         outs = _forward(cfg, q, qn, k, v, lam, valid, w, residuals=residuals)
         return tuple(outs) if residuals else outs[0]
-    mcfg = MosaicConfig(*mosaic_blocks(q.shape[-1]), stages=2, causal=cfg.causal,
+    mcfg = MosaicConfig(cfg.block_q, cfg.block_k, stages=2, causal=cfg.causal,
                         head_norm=cfg.head_norm, eps=cfg.eps,
-                        heavy_first=heavy_first_pays(q.shape[1]))
+                        heavy_first=heavy_first_pays(q.shape[1]), offset=cfg.offset)
+    bias = jnp.where(valid > 0, 0.0, MASKED_SCORE) if cfg.masked else None
     return mosaic_forward(mcfg, q, qn, k, v, lam.astype(jnp.float32), w.astype(jnp.float32),
-                          residuals=residuals)
+                          bias, residuals=residuals)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -350,8 +366,8 @@ def _fused_bwd(cfg, res, do):
         dq, dqn, dk, dv = mosaic_backward(q, qn, k, v, do1, do2, lse1, lse2, delta(do1, o1),
                                           delta(do2, o2), causal=cfg.causal)
     else:
-        dq, dqn, dk, dv = _attention_grads(cfg, q, qn, k, v, valid, do1, do2, lse1, lse2,
-                                           delta(do1, o1), delta(do2, o2))
+        dq, dqn, dk, dv = _portable_grads(cfg, q, qn, k, v, valid, do1, do2, lse1, lse2,
+                                          delta(do1, o1), delta(do2, o2))
     cast = lambda g, x: g.astype(x.dtype)  # noqa: E731
     return (cast(dq, q), cast(dqn, qn), cast(dk, k), cast(dv, v), cast(dlam, lam),
             jnp.zeros_like(valid), cast(dw, w))
@@ -371,7 +387,7 @@ def diff_flash_attention(q: jax.Array, q_noise: jax.Array, k: jax.Array, v: jax.
                          norm_weight: jax.Array | None = None, head_norm: bool = True,
                          eps: float = 1e-6, causal: bool = True, block_q: int | None = None,
                          block_k: int | None = None, interpret: bool | None = None,
-                         kernel: str = "auto", backward: str = "portable") -> jax.Array:
+                         kernel: str = "auto", backward: str = "auto") -> jax.Array:
     """``HeadNorm(Attn(q) - lam * Attn(q_noise))`` in one fused pass -> (B, Lq, H, Dh).
 
     q, q_noise (B, Lq, H, Dh); k, v (B, Lk, Hkv, Dh) with Lq <= Lk (queries are
@@ -380,11 +396,13 @@ def diff_flash_attention(q: jax.Array, q_noise: jax.Array, k: jax.Array, v: jax.
     lam and norm_weight. ``interpret`` defaults to True off GPU.
 
     ``kernel``: ``"mosaic"`` runs the forward on the Hopper kernel
-    (``diff_flash_mgpu``; bf16/fp16, Dh 64/128, whole tiles, no key mask),
-    ``"portable"`` on the Triton-lowered one; ``"auto"`` takes the Hopper kernel
-    wherever it applies. ``backward="mosaic"`` (with the Hopper forward) runs the
-    gradients on ``diff_flash_mgpu_bwd``: written and lowered, not yet checked on a
-    GPU, so the portable backward kernels stay the default.
+    (``diff_flash_mgpu``; compute capability 9.0, bf16/fp16, Dh 64/128; ragged
+    lengths are padded to its tiles and masked), ``"portable"`` on the
+    Triton-lowered one (``block_q``/``block_k`` size its tiles); ``"auto"`` takes
+    the Hopper kernel wherever it applies. ``backward``: ``"mosaic"`` runs the
+    gradients on ``diff_flash_mgpu_bwd`` (needs the Hopper forward, no key mask and
+    whole tiles: Lq % 64, Lk % 128, or 256 at Dh 64), ``"portable"`` on the
+    portable kernels; ``"auto"`` takes the Hopper backward wherever it applies.
     """
     b, lq, h, dh = q.shape
     lk, hkv = k.shape[1], k.shape[2]
@@ -397,24 +415,32 @@ def diff_flash_attention(q: jax.Array, q_noise: jax.Array, k: jax.Array, v: jax.
                          f"Lk={lk}")
     if kernel not in ("auto", "mosaic", "portable"):
         raise ValueError(f"kernel must be 'auto', 'mosaic' or 'portable', got {kernel!r}")
-    mosaic = kernel != "portable" and not interpret and mosaic_supported(
-        q, k, causal=causal, key_mask=key_mask)
+    if backward not in ("auto", "portable", "mosaic"):
+        raise ValueError(f"backward must be 'auto', 'portable' or 'mosaic', got {backward!r}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    mosaic = kernel != "portable" and not interpret and mosaic_supported(q, k, causal=causal)
     if kernel == "mosaic" and not mosaic:
         raise ValueError(
             "the Hopper kernel needs a compute-capability 9.0 GPU, bf16/fp16, head_dim 64 "
-            f"or 128, whole tiles (Lq % 64, Lk % {mosaic_blocks(dh)[1]}) and no key mask; "
-            f"got {q.dtype}, Dh={dh}, Lq={lq}, Lk={lk}, key_mask={key_mask is not None}")
-    if backward not in ("portable", "mosaic"):
-        raise ValueError(f"backward must be 'portable' or 'mosaic', got {backward!r}")
-    if backward == "mosaic" and not mosaic:
-        raise ValueError("backward='mosaic' needs the Hopper forward (kernel='mosaic' "
-                         "conditions)")
-    default_q, default_k = default_blocks(dh, lq, lk)
-    cfg = FlashConfig(q_len=lq, k_len=lk, block_q=block_q or default_q,
-                      block_k=block_k or default_k, causal=causal, head_norm=head_norm,
-                      eps=float(eps),
-                      interpret=jax.default_backend() != "gpu" if interpret is None
-                      else interpret, mosaic=mosaic, mosaic_backward=backward == "mosaic")
+            f"or 128 and, when causal, Lq <= Lk; got {q.dtype}, Dh={dh}, Lq={lq}, Lk={lk}, "
+            f"backend {jax.default_backend()}, interpret={interpret}")
+    if mosaic:
+        block_q, block_k = mosaic_blocks(dh)
+    else:
+        default_q, default_k = default_blocks(dh, lq, lk)
+        block_q, block_k = block_q or default_q, block_k or default_k
+    masked = key_mask is not None or lq % block_q != 0 or lk % block_k != 0
+    mosaic_bwd = mosaic and not masked
+    if backward == "mosaic" and not mosaic_bwd:
+        raise ValueError(
+            "backward='mosaic' needs the Hopper forward, no key mask and whole tiles "
+            f"(Lq % {mosaic_blocks(dh)[0]}, Lk % {mosaic_blocks(dh)[1]}); got Lq={lq}, "
+            f"Lk={lk}, key_mask={key_mask is not None}, Hopper forward={mosaic}")
+    cfg = FlashConfig(q_len=lq, k_len=lk, block_q=block_q, block_k=block_k, causal=causal,
+                      head_norm=head_norm, eps=float(eps), interpret=interpret,
+                      mosaic=mosaic, mosaic_backward=mosaic_bwd and backward != "portable",
+                      masked=masked)
     args = _pad_inputs(cfg, q, q_noise, k, v, lam, key_mask, norm_weight)
     return _fused(cfg, *args)[:, :lq]
 

@@ -15,11 +15,14 @@ warpgroup hands its normalised output to the signal warpgroup through shared
 memory, which applies ``signal - lambda * noise`` and the head RMSNorm in
 registers and writes the result once.
 
-Supported here: bf16/fp16, head_dim 64 or 128, Lq a multiple of ``block_q``,
-Lk a multiple of ``block_kv``, causal aligned to the lower right (Lq <= Lk) or
-not causal, no key mask. ``diff_flash.diff_flash_attention`` routes everything
-else to the portable kernel. The residuals (o1, o2, log2-sum-exp2 per row) have
-the portable kernel's layout, so its backward kernels serve both.
+Supported here: bf16/fp16, head_dim 64 or 128, causal aligned to the lower
+right (Lq <= Lk) or not causal, and an optional additive key bias (B, Lk): 0 for
+a visible key, ``MASKED_SCORE`` for a masked one (the bank's unused slots, and
+the padding that ``diff_flash.diff_flash_attention`` adds to reach whole tiles).
+The memory warpgroup streams the bias tile with K/V. A row that sees no key
+outputs zeros and log-sum-exp +inf, as the portable kernel does. The residuals
+(o1, o2, log2-sum-exp2 per row) have the portable kernel's layout, so either
+backward serves.
 
 Written against the jax 0.11 Mosaic GPU API; only traced on a Hopper GPU.
 """
@@ -36,6 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 LOG2E = math.log2(math.e)
+MASKED_SCORE = -1e30  # key bias of a masked key: finite, so an all-masked tile stays NaN-free
 
 
 class MosaicConfig(NamedTuple):
@@ -48,6 +52,7 @@ class MosaicConfig(NamedTuple):
     head_norm: bool
     eps: float
     heavy_first: bool = True  # causal: launch the longest query tiles first (less tail)
+    offset: int | None = None  # query i sits at key i + offset; None: Lk - Lq of the inputs
 
 
 def heavy_first_pays(q_len: int) -> bool:
@@ -84,12 +89,14 @@ def stream_kv_tiles(plgpu, kv_refs, kv_smem, loaded, consumed, *, batch, kv_head
     """The memory warpgroup of the forward and dq kernels: TMA the first ``steps``
     K/V tiles of one KV head into a ring of ``stages`` shared-memory slots, each
     refilled once both compute warpgroups have consumed it. ``steps`` is a Python
-    int (static loop bounds) or, when causal, a traced count (>= 1)."""
+    int (static loop bounds) or, when causal, a traced count (>= 1). A (B, Lk)
+    ref among ``kv_refs`` (the key bias) is streamed tile by tile alongside."""
     plgpu.set_max_registers(40, action="decrease")
 
     def fetch(step, slot):
-        tile = (batch, pl.ds(step * block, block), kv_head)
+        keys = pl.ds(step * block, block)
         for ref, smem, barrier in zip(kv_refs, kv_smem, loaded):
+            tile = (batch, keys, kv_head) if len(ref.shape) == 4 else (batch, keys)
             plgpu.copy_gmem_to_smem(ref.at[tile], smem.at[slot], barrier.at[slot])
 
     for i in range(stages):
@@ -109,32 +116,35 @@ def mosaic_blocks(head_dim: int) -> tuple[int, int]:
     return 64, (256 if head_dim <= 64 else 128)
 
 
-def mosaic_supported(q: jax.Array, k: jax.Array, *, causal: bool, key_mask) -> bool:
-    """Whether this call can run on the Hopper kernel (else the portable one)."""
-    if jax.default_backend() != "gpu" or key_mask is not None:
+def mosaic_supported(q: jax.Array, k: jax.Array, *, causal: bool) -> bool:
+    """Whether this call can run on the Hopper kernel (else the portable one).
+    Ragged lengths are padded to whole tiles and masked by the caller."""
+    if jax.default_backend() != "gpu":
         return False
     if getattr(jax.devices()[0], "compute_capability", "") != "9.0":
         return False
     lq, dh = q.shape[1], q.shape[3]
-    lk = k.shape[1]
-    block_q, block_kv = mosaic_blocks(dh)
     return (q.dtype in (jnp.bfloat16, jnp.float16) and dh in (64, 128)
-            and lq % block_q == 0 and lk % block_kv == 0 and (not causal or lq <= lk))
+            and (not causal or lq <= k.shape[1]))
 
 
 def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
-                   v: jax.Array, lam_bhl: jax.Array, w: jax.Array, *, residuals: bool):
+                   v: jax.Array, lam_bhl: jax.Array, w: jax.Array,
+                   key_bias: jax.Array | None = None, *, residuals: bool):
     """o (B, Lq, H, Dh) and, with ``residuals``, (o1, o2, lse1, lse2).
 
-    lam_bhl is lambda laid out (B, H, Lq) float32; w the norm weight (Dh,) float32.
-    lse is log2-sum-exp2 of the scaled scores per (B, H, Lq) row.
+    Lq must be a multiple of ``block_q`` and Lk of ``block_kv``. lam_bhl is
+    lambda laid out (B, H, Lq) float32; w the norm weight (Dh,) float32;
+    key_bias (B, Lk) float32, 0 or ``MASKED_SCORE``. lse is log2-sum-exp2 of the
+    scaled scores per (B, H, Lq) row.
     """
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     b, lq, h, dh = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     group = h // hkv
-    offset = lk - lq
+    offset = lk - lq if cfg.offset is None else cfg.offset
+    key_masked = key_bias is not None
     dtype = q.dtype
     block_q, block_kv = cfg.block_q, cfg.block_kv
     n_kv = lk // block_kv
@@ -143,10 +153,10 @@ def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
     wgmma_rows = plgpu.Layout.WGMMA.reduce(1)
     wgmma_cols = plgpu.Layout.WGMMA.reduce(0)
 
-    def kernel(q_ref, qn_ref, k_ref, v_ref, lam_ref, w_ref, o_ref, res_refs, scoped):
+    def kernel(q_ref, qn_ref, k_ref, v_ref, lam_ref, w_ref, bias_ref, o_ref, res_refs, scoped):
         smem, loaded, consumed, turn, noise_ready = scoped
-        qo_smem2, k_smem, v_smem, lse_smem2, lam_smem, w_smem = smem
-        k_loaded, v_loaded, q_loaded, epi_loaded = loaded
+        qo_smem2, k_smem, v_smem, lse_smem2, lam_smem, w_smem, bias_smem = smem
+        k_loaded, v_loaded, q_loaded, epi_loaded, bias_loaded = loaded
         k_consumed, v_consumed = consumed
         batch = lax.axis_index("batch")
         head = lax.axis_index("heads")
@@ -158,6 +168,8 @@ def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
         rows = pl.ds(q_base, block_q)
         if cfg.causal:  # keys beyond the last row's position are never needed
             unmasked, kv_steps = causal_key_tiles(q_base, block_q, offset, block_kv)
+            # Padded query rows (past Lq) would reach past the last key tile.
+            kv_steps = jnp.minimum(kv_steps, n_kv)
         else:  # a Python int: Mosaic wants static loop bounds, not a constant array
             kv_steps = n_kv
 
@@ -191,7 +203,7 @@ def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
             plgpu.barrier_wait(k_loaded.at[0])  # kv_steps >= 1 always
             pl.when(wg == 1)(take_turn)
 
-            def kv_step_body(step, carry, masked: bool):
+            def kv_step_body(step, carry, diagonal: bool):
                 acc, m_i, l_i = carry
                 slot = lax.rem(step, jnp.array(stages, step.dtype))
 
@@ -201,8 +213,12 @@ def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
                     return acc_ref[...]
 
                 s = pl.run_scoped(scores, plgpu.ACC((block_q, block_kv), jnp.float32))
+                if key_masked:  # read before k_consumed: that frees the slot's bias too
+                    plgpu.barrier_wait(bias_loaded.at[slot])
+                    bias = _load(plgpu, bias_smem.at[slot], wgmma_cols)
+                    s = s + lax.broadcast_in_dim(bias, s.shape, [1])
                 plgpu.barrier_arrive(k_consumed.at[slot])
-                if masked:
+                if diagonal:  # the causal boundary crosses this tile
                     q_pos = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 0,
                                                    layout=plgpu.Layout.WGMMA)
                     k_pos = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1,
@@ -237,17 +253,24 @@ def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
             if cfg.causal:
                 # Tiles wholly at or before the first row's position need no mask.
                 carry = lax.fori_loop(0, unmasked, functools.partial(kv_step_body,
-                                                                     masked=False), carry)
+                                                                     diagonal=False), carry)
                 carry = lax.fori_loop(unmasked, kv_steps, functools.partial(kv_step_body,
-                                                                            masked=True), carry)
+                                                                            diagonal=True), carry)
             else:
                 carry = lax.fori_loop(0, kv_steps, functools.partial(kv_step_body,
-                                                                     masked=False), carry)
+                                                                     diagonal=False), carry)
             acc, m_i, l_i = carry
             pl.when(wg == 0)(take_turn)
-            # Every row sees key 0 (causal, Lq <= Lk), so l_i > 0.
-            out = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
             lse = m_i + jnp.log(l_i) * LOG2E
+            if key_masked:
+                # A row whose running max is still at the bias level saw only masked
+                # keys (real scores cannot come near it): zeros, and lse +inf.
+                seen = m_i > MASKED_SCORE * score_to_log2 * 0.5
+                inv_l = jnp.where(seen, 1.0 / l_i, 0.0)
+                lse = jnp.where(seen, lse, jnp.inf)
+            else:  # every row sees key 0 (causal, Lq <= Lk), so l_i > 0
+                inv_l = 1.0 / l_i
+            out = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
 
             def write(value, dst):
                 qo_smem[...] = value.astype(dtype)
@@ -291,13 +314,16 @@ def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
                 plgpu.wait_smem_to_gmem(0)
 
         pl.when(wg == 2)(functools.partial(
-            stream_kv_tiles, plgpu, (k_ref, v_ref), (k_smem, v_smem), (k_loaded, v_loaded),
+            stream_kv_tiles, plgpu, (k_ref, v_ref, bias_ref)[:2 + key_masked],
+            (k_smem, v_smem, bias_smem), (k_loaded, v_loaded, bias_loaded),
             (k_consumed, v_consumed), batch=batch,
             kv_head=lax.div(head, jnp.array(group, head.dtype)),
             block=block_kv, stages=stages, steps=kv_steps))
 
     def entry(*refs):
-        q_ref, qn_ref, k_ref, v_ref, lam_ref, w_ref, o_ref, *res_refs = refs
+        q_ref, qn_ref, k_ref, v_ref, lam_ref, w_ref, *refs = refs
+        bias_ref = refs.pop(0) if key_masked else None
+        o_ref, *res_refs = refs
         tiled = swizzled_tiles(plgpu)
         smem = [
             plgpu.SMEM((2, block_q, dh), dtype, transforms=tiled),
@@ -306,13 +332,15 @@ def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
             plgpu.SMEM((2, block_q), jnp.float32) if residuals else None,
             plgpu.SMEM((block_q,), jnp.float32),
             plgpu.SMEM((dh,), jnp.float32),
+            plgpu.SMEM((stages, block_kv), jnp.float32) if key_masked else None,
         ]
         pl.run_scoped(
-            lambda *scoped: kernel(q_ref, qn_ref, k_ref, v_ref, lam_ref, w_ref, o_ref,
+            lambda *scoped: kernel(q_ref, qn_ref, k_ref, v_ref, lam_ref, w_ref, bias_ref, o_ref,
                                    res_refs, scoped),
             smem,
             (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-             plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2)),
+             plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
+             plgpu.Barrier(num_barriers=stages) if key_masked else None),
             (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=2),
             plgpu.Barrier(num_arrivals=1),
@@ -327,5 +355,5 @@ def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
         entry, out_type=out_type, grid=(h, lq // block_q, b),
         grid_names=("heads", "q_seq", "batch"), num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(q, qn, k, v, lam_bhl, w)
+    )(q, qn, k, v, lam_bhl, w, *([key_bias] if key_masked else []))
     return tuple(outs) if residuals else outs[0]

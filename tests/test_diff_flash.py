@@ -179,22 +179,27 @@ def test_bounded_layer_with_the_pallas_switch_matches_xla():
     assert rel_err(grads[1], grads[0]) < 1e-4
 
 
-MOSAIC_CASES = [  # (q_len, prefix, group, head_dim, dtype, causal)
-    (1024, 0, 4, 128, "bfloat16", True),
-    (512, 256, 1, 64, "float16", True),
-    (256, 0, 8, 128, "bfloat16", False),
-    (192, 64, 4, 64, "bfloat16", True),
+MOSAIC_CASES = [  # (q_len, prefix, group, head_dim, dtype, causal, holes)
+    (1024, 0, 4, 128, "bfloat16", True, False),
+    (512, 256, 1, 64, "float16", True, False),
+    (256, 0, 8, 128, "bfloat16", False, False),
+    (192, 64, 4, 64, "bfloat16", True, False),
+    (1024, 384, 4, 128, "bfloat16", True, True),   # a bounded-layer prefill block
+    (1000, 383, 8, 64, "bfloat16", True, True),    # ragged: padded to tiles, masked
+    (7, 37, 4, 128, "float16", False, True),
+    (129, 0, 1, 128, "bfloat16", True, True),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("q_len,prefix,group,head_dim,dtype,causal", MOSAIC_CASES)
-def test_gpu_hopper_kernel_forward(q_len, prefix, group, head_dim, dtype, causal):
-    case = dict(q_len=q_len, prefix=prefix, holes=False, group=group, head_dim=head_dim,
+@pytest.mark.parametrize("q_len,prefix,group,head_dim,dtype,causal,holes", MOSAIC_CASES)
+def test_gpu_hopper_kernel_forward(q_len, prefix, group, head_dim, dtype, causal, holes):
+    case = dict(q_len=q_len, prefix=prefix, holes=holes, group=group, head_dim=head_dim,
                 dtype=dtype, head_norm=True)
     q, qn, k, v, lam, w, key_mask, _ = make_inputs(case, q_len + prefix)
-    got = jax.jit(lambda *a: diff_flash_attention(*a, norm_weight=w, causal=causal,
-                                                  kernel="mosaic"))(q, qn, k, v, lam)
+    got = jax.jit(lambda *a: diff_flash_attention(
+        *a, norm_weight=w, causal=causal, key_mask=key_mask if holes else None,
+        kernel="mosaic"))(q, qn, k, v, lam)
     mask = key_mask[:, None, :] & (causal_mask(q_len, q_len + prefix)[None] if causal else True)
     up = lambda x: x.astype(jnp.float32)  # noqa: E731
     want = differential_attention(up(q), up(k), up(v), q_noise=up(qn), lam=up(lam), mask=mask,
@@ -203,15 +208,42 @@ def test_gpu_hopper_kernel_forward(q_len, prefix, group, head_dim, dtype, causal
 
 
 @pytest.mark.gpu
-def test_gpu_hopper_forward_gradients():
-    case = dict(q_len=512, prefix=128, holes=False, group=4, head_dim=128, dtype="bfloat16",
+def test_gpu_hopper_kernel_rows_that_see_no_key_are_zero():
+    """Batch row 0 has every key masked (an empty bank, no block tokens): zeros out
+    and zero, finite gradients, as the reference gives."""
+    case = dict(q_len=256, prefix=384, holes=True, group=4, head_dim=128, dtype="bfloat16",
                 head_norm=True)
+    q, qn, k, v, lam, w, key_mask, _ = make_inputs(case, 11)
+    key_mask = key_mask.at[0].set(False)
+    run = lambda *a: diff_flash_attention(*a, norm_weight=w, causal=False,  # noqa: E731
+                                          key_mask=key_mask, kernel="mosaic")
+    got = jax.jit(run)(q, qn, k, v, lam)
+    up = lambda x: x.astype(jnp.float32)  # noqa: E731
+    want = differential_attention(up(q), up(k), up(v), q_noise=up(qn), lam=up(lam),
+                                  mask=key_mask[:, None, :], norm_weight=up(w))
+    assert not np.asarray(got[0], np.float32).any()
+    assert rel_err(got, want) < 1e-2
+    grads = jax.grad(lambda *a: jnp.sum(run(*a).astype(jnp.float32) ** 2),
+                     argnums=range(5))(q, qn, k, v, lam)
+    for g in grads:
+        assert np.isfinite(np.asarray(g, np.float32)).all()
+    assert not np.asarray(grads[0][0], np.float32).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_len,holes", [(512, False), (500, True)])
+def test_gpu_hopper_forward_gradients(q_len, holes):
+    """Unmasked whole tiles: the Hopper backward; masked or ragged: the portable one
+    after the Hopper forward."""
+    case = dict(q_len=q_len, prefix=128, holes=holes, group=4, head_dim=128,
+                dtype="bfloat16", head_norm=True)
     q, qn, k, v, lam, w, key_mask, gkey = make_inputs(case, 77)
     cot = jax.random.normal(gkey, q.shape, jnp.float32)
 
     def loss(kind):
         return lambda *a: jnp.sum(diff_flash_attention(
-            *a[:5], norm_weight=a[5], kernel=kind).astype(jnp.float32) * cot)
+            *a[:5], norm_weight=a[5], key_mask=key_mask if holes else None,
+            kernel=kind).astype(jnp.float32) * cot)
 
     got = jax.grad(loss("mosaic"), argnums=range(6))(q, qn, k, v, lam, w)
     want = jax.grad(lambda *a: jnp.sum(reference(*a, key_mask, True) * cot),
@@ -252,20 +284,23 @@ def test_hopper_causal_tile_ranges_cover_exactly_the_visible_pairs(q_len, k_len,
     np.testing.assert_array_equal(by_key_tile & visible, visible)
 
 
-@pytest.mark.parametrize("causal,head_dim,residuals", [(True, 128, True), (False, 64, False),
-                                                        (True, 64, False)])
-def test_hopper_kernel_lowers_for_cuda(causal, head_dim, residuals):
+@pytest.mark.parametrize("causal,head_dim,residuals,key_bias", [
+    (True, 128, True, False), (False, 64, False, True), (True, 64, False, False),
+    (True, 128, True, True)])
+def test_hopper_kernel_lowers_for_cuda(causal, head_dim, residuals, key_bias):
     """Traced and lowered to Mosaic GPU on the CPU (not run): API drift and tracing
     errors show here; the ``gpu`` tests above check its numbers on a Hopper GPU."""
     from pallas_kernels.diff_flash_mgpu import MosaicConfig, mosaic_blocks, mosaic_forward
 
-    cfg = MosaicConfig(*mosaic_blocks(head_dim), 2, causal=causal, head_norm=True, eps=1e-6)
+    cfg = MosaicConfig(*mosaic_blocks(head_dim), 2, causal=causal, head_norm=True, eps=1e-6,
+                       offset=250 if key_bias else None)
     q = jax.ShapeDtypeStruct((1, 256, 4, head_dim), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 512, 2, head_dim), jnp.bfloat16)
     lam = jax.ShapeDtypeStruct((1, 4, 256), jnp.float32)
     w = jax.ShapeDtypeStruct((head_dim,), jnp.float32)
+    bias = [jax.ShapeDtypeStruct((1, 512), jnp.float32)] if key_bias else []
     fn = jax.jit(lambda *a: mosaic_forward(cfg, *a, residuals=residuals))
-    text = fn.trace(q, q, kv, kv, lam, w).lower(lowering_platforms=("cuda",)).as_text()
+    text = fn.trace(q, q, kv, kv, lam, w, *bias).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
 
