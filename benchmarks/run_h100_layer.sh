@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device call 2 of 2: the bounded-layer benchmark against the reference
-# (bench_layer.py) and the GPU kernel breakdown of one prefill (profile_prefill.py).
+# (bench_layer.py), then the GPU gradient and decode tests.
 # Usage (device tool, carry [".whl"]):  bash benchmarks/run_h100_layer.sh
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -18,9 +18,7 @@ for e in json.load(open(sys.argv[1]))["shapes"]:
           {k: round(v, 4) for k, v in e["fidelity_rel_l2_error"].items()})
 PY
 tail -3 "$OUT/bench.log"
-for block in 1024 256; do
-  mkdir -p "$OUT/profile_$block"
-  timeout 90 python3 benchmarks/profile_prefill.py --out "$OUT/profile_$block" --block $block \
-      2>&1 | grep -E '"(D|wall_ms_per_call|gpu_busy_ms_per_call|kernels_per_call)"|diff_flash|sdpa'
-  rm -rf "$OUT/profile_$block"/trace_*
-done
+JAX_PLATFORMS=cuda timeout 170 python3 -m pytest -q -p no:cacheprovider -m gpu \
+    -k "gradients or decode" --tb=short -rA tests/test_diff_flash.py tests/test_decode_attention.py \
+    > "$OUT/gpu_tests_gradients.log" 2>&1
+grep -E "^(PASSED|FAILED|ERROR)|passed|failed|^E  " "$OUT/gpu_tests_gradients.log" | head -30
