@@ -188,6 +188,8 @@ MOSAIC_CASES = [  # (q_len, prefix, group, head_dim, dtype, causal, holes)
     (1000, 383, 8, 64, "bfloat16", True, True),    # ragged: padded to tiles, masked
     (7, 37, 4, 128, "float16", False, True),
     (129, 0, 1, 128, "bfloat16", True, True),
+    (256, 384, 4, 64, "bfloat16", True, "empty_prefix"),   # an empty bank: whole key
+    (256, 384, 4, 128, "bfloat16", True, "empty_prefix"),  # tiles masked for every row
 ]
 
 
@@ -197,6 +199,8 @@ def test_gpu_hopper_kernel_forward(q_len, prefix, group, head_dim, dtype, causal
     case = dict(q_len=q_len, prefix=prefix, holes=holes, group=group, head_dim=head_dim,
                 dtype=dtype, head_norm=True)
     q, qn, k, v, lam, w, key_mask, _ = make_inputs(case, q_len + prefix)
+    if holes == "empty_prefix":
+        key_mask = jnp.ones_like(key_mask).at[:, :prefix].set(False)
     got = jax.jit(lambda *a: diff_flash_attention(
         *a, norm_weight=w, causal=causal, key_mask=key_mask if holes else None,
         kernel="mosaic"))(q, qn, k, v, lam)
@@ -205,6 +209,28 @@ def test_gpu_hopper_kernel_forward(q_len, prefix, group, head_dim, dtype, causal
     want = differential_attention(up(q), up(k), up(v), q_noise=up(qn), lam=up(lam), mask=mask,
                                   norm_weight=up(w))
     assert rel_err(got, want) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("embed_dim,num_heads,num_kv_heads", [(512, 8, 2), (4096, 32, 8)])
+def test_gpu_bounded_layer_prefill_pallas_matches_cudnn(embed_dim, num_heads, num_kv_heads):
+    """The benchmark's layer shapes in bf16 from an empty bank: the Pallas default
+    against cuDNN attention, finite and within bf16 noise."""
+    from flax import nnx
+
+    from coda_jax import CoDAGQALandmark
+
+    x = jax.random.normal(jax.random.key(3), (1, 512, embed_dim), jnp.bfloat16)
+    outs = []
+    for impl in ("pallas", "cudnn"):
+        layer = CoDAGQALandmark(embed_dim=embed_dim, num_heads=num_heads,
+                                num_kv_heads=num_kv_heads, window=256, num_landmarks_exact=64,
+                                num_landmarks_summary=64, param_dtype=jnp.bfloat16,
+                                implementation=impl, rngs=nnx.Rngs(0))
+        state = layer.init_state(1, jnp.bfloat16, mem_init="zeros")
+        outs.append(np.asarray(layer.prefill(x, state, block_size=256)[0], np.float32))
+    assert np.isfinite(outs[0]).all()
+    assert rel_err(outs[0], outs[1]) < 2e-2
 
 
 @pytest.mark.gpu
