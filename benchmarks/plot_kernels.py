@@ -27,12 +27,16 @@ def main() -> None:
     with open(a.decode) as f:
         decode = json.load(f)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    every = list(dict.fromkeys(n for e in attention for ph in ("forward", "forward_backward")
+                               for n in e[ph]))
+    color = {name: f"C{i}" for i, name in enumerate(every)}  # one colour per variant
     for ax, phase in zip(axes[:2], ("forward", "forward_backward")):
         names = [n for n in attention[0][phase]]
         width = 0.8 / len(names)
         for i, name in enumerate(names):
             xs = [j + i * width for j in range(len(attention))]
-            ax.bar(xs, [e[phase][name]["tflops"] for e in attention], width, label=name)
+            ax.bar(xs, [e[phase][name]["tflops"] for e in attention], width, label=name,
+                   color=color[name])
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(attention))])
         ax.set_xticklabels([f"L={e['L']}" for e in attention])
         ax.set_ylabel("TFLOP/s (both streams)")

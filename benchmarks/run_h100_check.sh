@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Short device call: the Hopper GPU tests (forward and the opt-in backward), then the
-# differential-attention benchmark at the given lengths only if they pass, then the
-# prefill variants (blocks per call, command buffers).
+# differential-attention benchmark at the given lengths only if they pass.
 # Usage (device tool, carry [".whl"]):  bash benchmarks/run_h100_check.sh 8192
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -26,4 +25,3 @@ PY
 else
   grep -B5 -A40 "Error\|error:" "$OUT/hopper_tests_gpu.log" | head -150
 fi
-bash benchmarks/run_h100_prefill_variants.sh

@@ -1,11 +1,10 @@
 """GPU kernels in Pallas.
 
 ``diff_flash_attention``: fused differential flash attention, forward and
-backward. On a Hopper GPU the forward runs on a Mosaic GPU kernel
-(``diff_flash_mgpu``); elsewhere, for key masks and for ragged tiles, on the
-portable (Triton-lowered) kernel, which runs in interpret mode on CPU. The
-backward kernels are the portable ones; Hopper backward kernels
-(``diff_flash_mgpu_bwd``, ``backward="mosaic"``) are opt-in and not yet run on a GPU.
+backward. On a Hopper GPU (16-bit, head_dim 64/128) the forward runs on a Mosaic
+GPU kernel (``diff_flash_mgpu``, key masks included) and so does the backward of
+unmasked whole-tile calls (``diff_flash_mgpu_bwd``); everything else runs on the
+portable (Triton-lowered) kernels, which run in interpret mode on CPU.
 
 ``decode_attention``: a few query tokens over a bounded bank of slots, for a
 batch of states (portable Pallas; forward only).

@@ -24,7 +24,8 @@ outputs zeros and log-sum-exp +inf, as the portable kernel does. The residuals
 (o1, o2, log2-sum-exp2 per row) have the portable kernel's layout, so either
 backward serves.
 
-Written against the jax 0.11 Mosaic GPU API; only traced on a Hopper GPU.
+Written against the jax 0.11 Mosaic GPU API; traced and lowered for CUDA in the
+CPU tests, run only on a Hopper GPU (the ``gpu`` tests).
 """
 
 from __future__ import annotations
