@@ -10,10 +10,11 @@ new block after a prefix of bank slots), and a per-key validity mask covers
 the bank's unused slots. Rows with no visible key output zeros (as
 ``coda_jax.attention_math`` does).
 
-The backward pass is a ``jax.custom_vjp``: the epilogue's gradient is
-elementwise XLA work, and two Pallas kernels recompute the probabilities to
-form dq/dq_noise (per query block) and dk/dv (per key block and query head,
-summed over each KV group).
+The backward pass is a ``jax.custom_vjp`` of three Pallas kernels: one takes
+the gradient through the epilogue per query block (the two streams' upstream
+gradients, dlambda, and per-block shares of the norm weight's gradient, summed
+after), two recompute the probabilities to form dq/dq_noise (per query block)
+and dk/dv (per key block and query head, summed over each KV group).
 
 On CPU these kernels run in Pallas interpret mode (the tests); on GPU through
 Pallas' Triton lowering. On a Hopper GPU (16-bit, head_dim 64/128) the forward
@@ -316,20 +317,45 @@ def _portable_grads(cfg: FlashConfig, q, qn, k, v, valid, *rows):
     return dq, dqn, jnp.pad(dk, pad), jnp.pad(dv, pad)
 
 
-def _epilogue_backward(cfg: FlashConfig, do, o1, o2, lam, w):
-    """Gradients through ``HeadNorm(o1 - lam * o2)`` (elementwise, float32)."""
-    do, o1, o2 = (x.astype(jnp.float32) for x in (do, o1, o2))
-    lam_ = jnp.swapaxes(lam.astype(jnp.float32), 1, 2)[..., None]      # (B, Lq, H, 1)
-    dw = jnp.zeros_like(w, jnp.float32)
+def _epilogue_grad_kernel(do_ref, o1_ref, o2_ref, lam_ref, w_ref, do1_ref, do2_ref, dlam_ref,
+                          dw_ref, *, cfg: FlashConfig):
+    """Gradients through ``HeadNorm(o1 - lam * o2)`` for one tile of query rows:
+    the streams' upstream gradients, dlambda per row, and this tile's share of
+    the norm weight's gradient."""
+    f32 = jnp.float32
+    do, o1, o2 = do_ref[...].astype(f32), o1_ref[...].astype(f32), o2_ref[...].astype(f32)
+    lam = lam_ref[...].astype(f32)[:, None]
     if cfg.head_norm:
-        pre = o1 - lam_ * o2
+        pre = o1 - lam * o2
         r = jax.lax.rsqrt(jnp.mean(pre * pre, axis=-1, keepdims=True) + cfg.eps)
         normed = pre * r
-        dw = jnp.sum(do * normed, axis=(0, 1, 2))
-        dn = do * w.astype(jnp.float32)
+        dw_ref[...] = jnp.sum(do * normed, axis=0)
+        dn = do * w_ref[...].astype(f32)[None, :]
         do = r * (dn - normed * jnp.mean(dn * normed, axis=-1, keepdims=True))
-    dlam = jnp.swapaxes(-jnp.sum(do * o2, axis=-1), 1, 2)               # (B, H, Lq)
-    return do, -lam_ * do, dlam, dw
+    else:
+        dw_ref[...] = jnp.zeros(dw_ref.shape, f32)
+    do1_ref[...] = do.astype(do1_ref.dtype)
+    do2_ref[...] = (-lam * do).astype(do2_ref.dtype)
+    dlam_ref[...] = -jnp.sum(do * o2, axis=-1)
+
+
+def _epilogue_backward(cfg: FlashConfig, do, o1, o2, lam, w):
+    """(do1, do2) in the inputs' dtype, dlambda (B, H, Lq) and dw (Dh,), float32."""
+    b, lq, h, dh = o1.shape
+    n_q = cfg.q_pad // cfg.block_q
+    rows = pl.BlockSpec((None, None, cfg.block_q), lambda i, b_, h_: (b_, h_, i))
+    do1, do2, dlam, dw_tiles = pl.pallas_call(
+        functools.partial(_epilogue_grad_kernel, cfg=cfg), grid=(n_q, b, h),
+        in_specs=[_specs_q(cfg, dh)] * 3 + [rows, pl.BlockSpec((dh,), lambda i, b_, h_: (0,))],
+        out_specs=[_specs_q(cfg, dh)] * 2 + [
+            rows, pl.BlockSpec((None, None, None, dh), lambda i, b_, h_: (i, b_, h_, 0))],
+        out_shape=[jax.ShapeDtypeStruct(o1.shape, o1.dtype)] * 2 + [
+            jax.ShapeDtypeStruct((b, h, lq), jnp.float32),
+            jax.ShapeDtypeStruct((n_q, b, h, dh), jnp.float32)],
+        compiler_params=_compiler_params(dh), interpret=cfg.interpret,
+        name="diff_flash_epilogue_grad",
+    )(do, o1, o2, lam, w)
+    return do1, do2, dlam, dw_tiles.sum(axis=(0, 1, 2))
 
 
 def _any_forward(cfg: FlashConfig, q, qn, k, v, lam, valid, w, *, residuals: bool):
@@ -359,7 +385,6 @@ def _fused_bwd(cfg, res, do):
     do1, do2, dlam, dw = _epilogue_backward(cfg, do, o1, o2, lam, w)
     # The kernels see do in the inputs' dtype; delta = rowsum(do * o) must use the
     # same rounded do, or dp - delta leaves rounding noise where it should cancel.
-    do1, do2 = do1.astype(q.dtype), do2.astype(q.dtype)
     delta = lambda g, o: jnp.swapaxes(jnp.sum(  # noqa: E731
         g.astype(jnp.float32) * o.astype(jnp.float32), -1), 1, 2)
     if cfg.mosaic_backward:

@@ -310,6 +310,30 @@ def test_hopper_causal_tile_ranges_cover_exactly_the_visible_pairs(q_len, k_len,
     np.testing.assert_array_equal(by_key_tile & visible, visible)
 
 
+@pytest.mark.parametrize("head_norm", [True, False])
+def test_portable_kernels_lower_for_cuda_with_their_backward(head_norm):
+    """The forward and the three backward kernels (epilogue, dq, dk/dv) traced and
+    lowered through Pallas' Triton path on the CPU (not run)."""
+    import re
+
+    q = jax.ShapeDtypeStruct((1, 256, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 320, 2, 128), jnp.bfloat16)
+    lam = jax.ShapeDtypeStruct((1, 256, 4), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((128,), jnp.bfloat16)
+    key_mask = jax.ShapeDtypeStruct((1, 320), jnp.bool_)
+
+    def loss(q, qn, k, v, lam, w, key_mask):
+        return jnp.sum(diff_flash_attention(
+            q, qn, k, v, lam, key_mask=key_mask, norm_weight=w, head_norm=head_norm,
+            interpret=False, kernel="portable").astype(jnp.float32))
+
+    grad = jax.jit(jax.grad(loss, argnums=range(6)))
+    text = grad.trace(q, q, kv, kv, lam, w, key_mask).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert set(re.findall(r'name = "(diff_flash[a-z_]*)"', text)) == {
+        "diff_flash_forward", "diff_flash_epilogue_grad", "diff_flash_dq", "diff_flash_dkv"}
+
+
 @pytest.mark.parametrize("causal,head_dim,residuals,key_bias", [
     (True, 128, True, False), (False, 64, False, True), (True, 64, False, False),
     (True, 128, True, True)])
