@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call: GPU parity tests, the layer benchmark, prefill loop variants.
 # Usage (device tool, carry [".whl"] holding the coda-gqa-l wheel):  bash benchmarks/run_h100.sh
-set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 JAX_PLATFORMS=cuda timeout 240 python3 -m pytest -q -x -p no:cacheprovider \
     tests/test_bounded_parity.py 2>&1 | tail -3

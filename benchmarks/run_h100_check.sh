@@ -2,11 +2,7 @@
 # Short device call: the Hopper GPU tests (forward and the opt-in backward), then the
 # differential-attention benchmark at the given lengths only if they pass.
 # Usage (device tool, carry [".whl"]):  bash benchmarks/run_h100_check.sh 8192
-set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD:$PWD/benchmarks PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source benchmarks/device_env.sh
 JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu -k hopper \
     --tb=short -rA tests/test_diff_flash.py > "$OUT/hopper_tests_gpu.log" 2>&1
 tests_rc=$?

@@ -4,11 +4,7 @@
 # (Hopper kernels, cuDNN, the reference; the slow portable forward is skipped).
 # Call 2 is run_h100_layer.sh. Usage (device tool, carry [".whl"] holding the
 # coda-gqa-l wheel):  bash benchmarks/run_h100_final.sh
-set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD:$PWD/benchmarks PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source benchmarks/device_env.sh
 JAX_PLATFORMS=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu -k "not gradients and not decode" \
     --tb=short -rA tests/test_diff_flash.py tests/test_decode_attention.py \
     > "$OUT/hopper_tests_gpu.log" 2>&1

@@ -2,11 +2,7 @@
 # Device call: the masked Hopper forward's GPU tests (empty-bank prefixes, the layer
 # shapes against cuDNN) and the bounded layer's fidelity figures.
 # Usage (device tool, carry [".whl"]):  bash benchmarks/run_h100_fix.sh
-set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD:$PWD/benchmarks PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source benchmarks/device_env.sh
 JAX_PLATFORMS=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
     -k "empty_prefix or bounded_layer or no_key" --tb=short -rA tests/test_diff_flash.py \
     > "$OUT/gpu_tests_masked.log" 2>&1

@@ -3,11 +3,7 @@
 # portable kernels at real sizes, decode sizes), then the differential-attention
 # and decode-attention benchmarks.
 # Usage (device tool, carry [".whl"] holding the coda-gqa-l wheel):  bash benchmarks/run_h100_kernels.sh
-set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu -rA \
     tests/test_diff_flash.py tests/test_decode_attention.py > "$OUT/kernel_tests_gpu.log" 2>&1

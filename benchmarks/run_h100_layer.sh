@@ -2,11 +2,7 @@
 # Device call 2 of 2: the bounded-layer benchmark against the reference
 # (bench_layer.py), then the GPU gradient and decode tests.
 # Usage (device tool, carry [".whl"]):  bash benchmarks/run_h100_layer.sh
-set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD:$PWD/benchmarks PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source benchmarks/device_env.sh
 timeout 330 python3 benchmarks/bench_layer.py --out "$OUT/layer_h100.json" 2>&1 \
     | grep -v "^W\|Warning" > "$OUT/bench.log"
 python3 - "$OUT/layer_h100.json" <<'PY'
