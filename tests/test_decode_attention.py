@@ -18,6 +18,7 @@ import pytest
 
 from coda_jax.attention_math import differential_attention
 from pallas_kernels.decode_attention import decode_attention, decode_splits
+from attention_inputs import random_attention_inputs
 from pairwise import pairwise, uncovered_pairs
 
 FACTORS = {
@@ -37,21 +38,15 @@ def test_matrix_covers_every_pair():
 
 
 def make_inputs(case, seed):
-    keys = jax.random.split(jax.random.key(seed), 8)
+    arrays_key, mask_key = jax.random.split(jax.random.key(seed))
     b, t, s = case["batch"], case["tokens"], case["slots"]
-    hkv = 1 if case["group"] == 8 else 2
-    h, dh = hkv * case["group"], case["head_dim"]
-    dtype = jnp.dtype(case["dtype"])
-    q = jax.random.normal(keys[0], (b, t, h, dh), dtype)
-    qn = jax.random.normal(keys[1], (b, t, h, dh), dtype)
-    k = jax.random.normal(keys[2], (b, s, hkv, dh), dtype)
-    v = jax.random.normal(keys[3], (b, s, hkv, dh), dtype)
-    lam = jax.nn.sigmoid(jax.random.normal(keys[4], (b, t, h))).astype(dtype)
-    w = (1 + 0.3 * jax.random.normal(keys[5], (dh,))).astype(dtype)
+    arrays = random_attention_inputs(arrays_key, batch=b, q_len=t, k_len=s,
+                                     group=case["group"], head_dim=case["head_dim"],
+                                     dtype=case["dtype"])
     mask = {"none": None,
-            "holes": jax.random.uniform(keys[6], (b, s)) > 0.3,
-            "per_token": jax.random.uniform(keys[6], (b, t, s)) > 0.5}[case["mask"]]
-    return q, qn, k, v, lam, w, mask
+            "holes": jax.random.uniform(mask_key, (b, s)) > 0.3,
+            "per_token": jax.random.uniform(mask_key, (b, t, s)) > 0.5}[case["mask"]]
+    return (*arrays, mask)
 
 
 def reference(q, qn, k, v, lam, w, mask):

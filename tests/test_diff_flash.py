@@ -19,6 +19,7 @@ import pytest
 
 from coda_jax.attention_math import causal_mask, differential_attention
 from pallas_kernels.diff_flash import FlashConfig, _forward, _pad_inputs, diff_flash_attention
+from attention_inputs import random_attention_inputs
 from pairwise import pairwise, uncovered_pairs
 
 FACTORS = {
@@ -38,20 +39,15 @@ def test_matrix_covers_every_pair():
 
 
 def make_inputs(case, seed):
-    keys = jax.random.split(jax.random.key(seed), 8)
-    b, hkv = 2, 1 if case["group"] == 8 else 2
-    h, dh, lq = hkv * case["group"], case["head_dim"], case["q_len"]
+    arrays_key, mask_key, extra_key = jax.random.split(jax.random.key(seed), 3)
+    b, lq = 2, case["q_len"]
     lk = lq + case["prefix"]
-    dtype = jnp.dtype(case["dtype"])
-    q = jax.random.normal(keys[0], (b, lq, h, dh), dtype)
-    qn = jax.random.normal(keys[1], (b, lq, h, dh), dtype)
-    k = jax.random.normal(keys[2], (b, lk, hkv, dh), dtype)
-    v = jax.random.normal(keys[3], (b, lk, hkv, dh), dtype)
-    lam = jax.nn.sigmoid(jax.random.normal(keys[4], (b, lq, h))).astype(dtype)
-    w = (1 + 0.3 * jax.random.normal(keys[5], (dh,))).astype(dtype)
-    key_mask = (jax.random.uniform(keys[6], (b, lk)) > 0.25 if case["holes"]
+    arrays = random_attention_inputs(arrays_key, batch=b, q_len=lq, k_len=lk,
+                                     group=case["group"], head_dim=case["head_dim"],
+                                     dtype=case["dtype"])
+    key_mask = (jax.random.uniform(mask_key, (b, lk)) > 0.25 if case["holes"]
                 else jnp.ones((b, lk), bool))
-    return q, qn, k, v, lam, w, key_mask, keys[7]
+    return (*arrays, key_mask, extra_key)
 
 
 def reference(q, qn, k, v, lam, w, key_mask, head_norm):
