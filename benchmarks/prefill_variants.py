@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import coda_jax.bounded as bounded
+from bench_layer import CACHE, LENGTH, SHAPES
 from coda_jax import CoDAGQALandmark
 
 
@@ -31,11 +32,10 @@ parser.add_argument("label")
 parser.add_argument("--unroll", nargs="*", default=["1", "True"])
 parser.add_argument("--configs", nargs="*", default=["256x4", "256x16", "1024x4"])
 args = parser.parse_args()
-for d, h, kv in ((512, 8, 2), (4096, 32, 8)):
-    layer = CoDAGQALandmark(embed_dim=d, num_heads=h, num_kv_heads=kv, window=256,
-                            num_landmarks_exact=64, num_landmarks_summary=64,
-                            param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (1, 4096, d), jnp.bfloat16)
+for shape in SHAPES:
+    d = shape["embed_dim"]
+    layer = CoDAGQALandmark(**shape, **CACHE, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (1, LENGTH, d), jnp.bfloat16)
     st = layer.init_state(1, jnp.bfloat16, key=jax.random.key(2))
     for unroll in args.unroll:
         bounded.PREFILL_UNROLL = True if unroll == "True" else int(unroll)
@@ -44,4 +44,4 @@ for d, h, kv in ((512, 8, 2), (4096, 32, 8)):
             sec = timed(lambda: jax.block_until_ready(
                 layer.prefill(x, st, block_size=block, chunks_per_call=cpc)))
             print(f"{args.label} D={d} unroll={unroll} block={block} chunks_per_call={cpc}: "
-                  f"{4096 / sec / 1e3:.0f} K tok/s", flush=True)
+                  f"{LENGTH / sec / 1e3:.0f} K tok/s", flush=True)

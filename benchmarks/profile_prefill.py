@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bench_layer import CACHE, LENGTH, SHAPES
 from coda_jax import CoDAGQALandmark
 
 
@@ -53,12 +54,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3)
     args = parser.parse_args()
     report = []
-    for d, h, kv in ((512, 8, 2), (4096, 32, 8)):
-        layer = CoDAGQALandmark(embed_dim=d, num_heads=h, num_kv_heads=kv, window=256,
-                                num_landmarks_exact=64, num_landmarks_summary=64,
-                                param_dtype=jnp.bfloat16, implementation=args.implementation,
-                                rngs=nnx.Rngs(0))
-        x = jax.random.normal(jax.random.key(1), (1, 4096, d), jnp.bfloat16)
+    for shape in SHAPES:
+        d = shape["embed_dim"]
+        layer = CoDAGQALandmark(**shape, **CACHE, param_dtype=jnp.bfloat16,
+                                implementation=args.implementation, rngs=nnx.Rngs(0))
+        x = jax.random.normal(jax.random.key(1), (1, LENGTH, d), jnp.bfloat16)
         st = layer.init_state(1, jnp.bfloat16, key=jax.random.key(2))
         extra = {} if args.chunks_per_call is None else {"chunks_per_call": args.chunks_per_call}
 
