@@ -116,13 +116,14 @@ def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     attention, optionally head-normed). Both streams share one pass over K/V:
     they are stacked as extra query rows of each KV group. Visibility is the
     conjunction of ``causal`` (lower-right aligned), ``key_mask`` (B, Lk) and a
-    general ``mask``; the Pallas kernel takes the first two only (other calls
-    fall back to :func:`library_attention`).
+    general ``mask``; the Pallas kernels take the first two only (other calls
+    fall back to XLA when decode-shaped, else to :func:`library_attention`).
     """
     b, lq, h, dh = q.shape
+    decode_shaped = lq <= DECODE_MAX_TOKENS and not causal  # a few queries over a bank
     if (implementation == "pallas" and q_noise is not None and mask is None and bias is None
             and dh & (dh - 1) == 0):
-        if lq <= DECODE_MAX_TOKENS and not causal:
+        if decode_shaped:
             from pallas_kernels.decode_attention import decode_attention
 
             return decode_attention(q, q_noise, k, v, lam, key_mask, norm_weight=norm_weight,
@@ -132,8 +133,8 @@ def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         return diff_flash_attention(q, q_noise, k, v, lam, key_mask=key_mask,
                                     norm_weight=norm_weight, head_norm=head_norm, eps=eps,
                                     causal=causal)
-    if implementation == "pallas":
-        implementation = library_attention(q.dtype)
+    if implementation == "pallas":  # a flash library has nothing to tile in decode
+        implementation = "xla" if decode_shaped else library_attention(q.dtype)
     if causal:
         mask = causal_mask(lq, k.shape[1])[None] if mask is None else (
             mask & causal_mask(lq, k.shape[1])[None])

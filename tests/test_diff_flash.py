@@ -392,3 +392,19 @@ def test_hopper_kernel_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="needs the Hopper forward"):
         diff_flash_attention(q, q, jnp.zeros((1, 64, 2, 64)), jnp.zeros((1, 64, 2, 64)),
                              jnp.zeros((1, 64, 4)), backward="mosaic")
+
+
+def test_pallas_fallback_sends_decode_to_xla_and_prefill_to_the_library(monkeypatch):
+    """Calls the Pallas kernels cannot take (here: no noise stream): a few queries
+    over a bank go to XLA, longer ones to the fused library (cuDNN on a GPU, forced
+    here; the CPU has no cuDNN, so reaching it raises)."""
+    from coda_jax import attention_math
+
+    monkeypatch.setattr(attention_math, "library_attention", lambda dtype: "cudnn")
+    k = jnp.ones((1, 32, 2, 64))
+    decode = differential_attention(jnp.ones((1, 1, 4, 64)), k, k,
+                                    key_mask=jnp.ones((1, 32), bool), implementation="pallas")
+    assert decode.shape == (1, 1, 4, 64)
+    with pytest.raises(Exception, match="(?i)cudnn|gpu|cuda"):
+        differential_attention(jnp.ones((1, 32, 4, 64)), k, k, causal=True,
+                               implementation="pallas")
