@@ -11,7 +11,9 @@ forward+backward 3.5x that) of
   cudnn_stacked q and q_noise as 2H query heads in one cuDNN call + epilogue
   ref_triton    the reference's fused Triton kernel (forward only)
   ref_sdpa      the reference's fallback: two torch SDPA calls + epilogue (forward only)
-and the relative error of ours against cudnn_two.
+and the relative error of ours against cudnn_two. The variants take turns in
+every timing round (``time_interleaved``); ours and ours_portable_bwd run the
+same forward kernel, so their forward figures show the run's noise.
 
     python benchmarks/bench_diff_attention.py --out results.json
 """
@@ -20,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import statistics
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -69,14 +73,27 @@ def ours_portable(q, qn, k, v, lam, w):
                                 kernel="portable")
 
 
-def time_jax(fn, *args, repeats: int = 10) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 7,
+                     target_s: float = 0.05) -> dict[str, list[float]]:
+    """Seconds per call of each fn (no arguments), ``rounds`` times, the fns taking turns
+    within every round (so drifting clocks hit them alike). Each timing runs
+    enough back-to-back calls to last about ``target_s``, then waits once: it
+    measures the GPU's pace, not one call's dispatch."""
+    calls = {}
+    for name, fn in fns.items():
+        jax.block_until_ready(fn())
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        jax.block_until_ready(fn())
+        calls[name] = max(1, round(target_s / (time.perf_counter() - start)))
+    seconds = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                out = fn()
+            jax.block_until_ready(out)
+            seconds[name].append((time.perf_counter() - start) / calls[name])
+    return seconds
 
 
 def time_torch(fn, repeats: int = 10) -> float:
@@ -156,21 +173,27 @@ def main() -> None:
         fns = {"cudnn_two": cudnn_two, "cudnn_stacked": cudnn_stacked, "ours": ours,
                "ours_portable_bwd": ours_portable_bwd, "ours_portable": ours_portable}
         fns = {name: fn for name, fn in fns.items() if name not in args.skip}
-        outputs = {}
+        args_ = (q, qn, k, v, lam, w)
+        outputs, forward, forward_backward = {}, {}, {}
         for name, fn in fns.items():
             try:  # one failing variant must not lose the others' figures
-                fwd = jax.jit(fn)
-                outputs[name] = np.asarray(fwd(q, qn, k, v, lam, w), np.float32)
-                sec = time_jax(fwd, q, qn, k, v, lam, w)
-                entry["forward"][name] = {"ms": sec * 1e3, "tflops": flops / sec / 1e12}
-                grad = jax.jit(jax.grad(lambda *a, fn=fn: jnp.sum(
+                forward[name] = jax.jit(fn)
+                outputs[name] = np.asarray(forward[name](*args_), np.float32)
+                forward_backward[name] = jax.jit(jax.grad(lambda *a, fn=fn: jnp.sum(
                     fn(*a).astype(jnp.float32) * cot.astype(jnp.float32)), argnums=range(6)))
-                sec = time_jax(grad, q, qn, k, v, lam, w, repeats=5)
-                entry["forward_backward"][name] = {"ms": sec * 1e3,
-                                                   "tflops": 3.5 * flops / sec / 1e12}
+                jax.block_until_ready(forward_backward[name](*args_))
             except Exception as err:  # noqa: BLE001  (recorded in the results file)
+                forward.pop(name, None)
+                forward_backward.pop(name, None)
                 entry.setdefault("errors", {})[name] = f"{type(err).__name__}: {err}"[:2000]
                 print(name, "failed:", entry["errors"][name], flush=True)
+        for kind, compiled, scale in (("forward", forward, 1.0),
+                                      ("forward_backward", forward_backward, 3.5)):
+            for name, secs in time_interleaved(
+                    {n: functools.partial(f, *args_) for n, f in compiled.items()}).items():
+                sec = statistics.median(secs)
+                entry[kind][name] = {"ms": sec * 1e3, "tflops": scale * flops / sec / 1e12,
+                                     "rounds_ms": [s * 1e3 for s in secs]}
             save()
         best = min(entry["forward"]["cudnn_two"]["ms"], entry["forward"]["cudnn_stacked"]["ms"])
         best_fb = min(entry["forward_backward"]["cudnn_two"]["ms"],
@@ -182,7 +205,13 @@ def main() -> None:
                 entry["ratios"][name] = {
                     "forward_vs_best_cudnn": best / fwd_ms,
                     "forward_vs_ref_triton": entry["forward"]["ref_triton"]["ms"] / fwd_ms,
-                    "fwd_bwd_vs_best_cudnn": best_fb / entry["forward_backward"][name]["ms"]}
+                    "fwd_bwd_vs_best_cudnn": best_fb / entry["forward_backward"][name]["ms"],
+                    # Per round, against that round's faster cuDNN: the spread of the ratio.
+                    "forward_vs_best_cudnn_per_round": [
+                        min(a, b) / o for a, b, o in zip(
+                            entry["forward"]["cudnn_two"]["rounds_ms"],
+                            entry["forward"]["cudnn_stacked"]["rounds_ms"],
+                            entry["forward"][name]["rounds_ms"])]}
         ref = outputs["cudnn_two"]
         for name in ("ours", "ours_portable"):
             if name in outputs:

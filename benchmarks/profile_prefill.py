@@ -1,6 +1,6 @@
 """Where the GPU time of one bounded-layer prefill goes (tuning aid).
 
-    python benchmarks/profile_prefill.py --out DIR [--block 1024] [--implementation cudnn]
+    python benchmarks/profile_prefill.py --out DIR [--block 1024] [--implementation cudnn] [--hlo]
 
 Traces three prefills of L=4096 tokens (bf16, W=256 Me=64 Ms=64, the two layer
 shapes of bench_layer.py) with the JAX profiler, reads the Perfetto trace and
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bench_layer import CACHE, LENGTH, SHAPES
-from coda_jax import CoDAGQALandmark
+from coda_jax import CoDAGQALandmark, bounded
 
 
 def gpu_kernels(trace_dir: str) -> list[dict]:
@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--chunks-per-call", type=int, default=None)
     parser.add_argument("--implementation", default=None)
     parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--hlo", action="store_true",
+                        help="also write the optimised HLO of one compiled call (hlo_d{D}.txt)")
     args = parser.parse_args()
     report = []
     for shape in SHAPES:
@@ -66,6 +68,14 @@ def main() -> None:
             jax.block_until_ready(layer.prefill(x, st, block_size=args.block, **extra))
         for _ in range(3):
             run()
+        if args.hlo:  # the compiled segment: which fusions (kernels) one block runs
+            seg = LENGTH if args.chunks_per_call is None else args.block * args.chunks_per_call
+            lengths = jnp.full((1,), seg, jnp.int32)
+            text = bounded._prefill_segment_jit.lower(
+                layer, x[:, :seg], lengths, st, block_size=args.block, training=False,
+                unroll=bounded.PREFILL_UNROLL).compile().as_text()
+            with open(f"{args.out}/hlo_d{d}.txt", "w") as f:
+                f.write(text)
         trace_dir = f"{args.out}/trace_d{d}"
         os.makedirs(trace_dir, exist_ok=True)
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):

@@ -1,17 +1,88 @@
 #!/usr/bin/env bash
-# One device-tool call: GPU parity tests, the layer benchmark, prefill loop variants.
-# Usage (device tool, carry [".whl"] holding the coda-gqa-l wheel):  bash benchmarks/run_h100.sh
+# Every device-tool job, as phases run in the order given (one call, one warm machine):
+#
+#   bash benchmarks/run_h100.sh PHASE [PHASE ...]     (carry [".whl"]: the coda-gqa-l wheel)
+#
+#   tests [PYTEST_K]  the `gpu` tests of the kernels (test_diff_flash, test_decode_attention),
+#                     optionally only those matching -k PYTEST_K (e.g. "tests:gradients or decode")
+#   layer-tests       the bounded layer's GPU parity tests (test_bounded_parity on CUDA)
+#   diff              bench_diff_attention.py (the slow portable forward skipped)
+#   decode            bench_decode_attention.py
+#   layer             bench_layer.py, then its fidelity figures are in the same file
+#   fidelity          bench_layer.py --fidelity-only
+#   profile           profile_prefill.py at block 1024 (Pallas attention), with the HLO
+#   variants          prefill_variants.py: loop shapes, unrolled or not
+#   tune              tune_mosaic.py: launch order and K/V stages of the Hopper forward
+#
+# A phase's full log and results land in $OUT; a short table is printed.
 source benchmarks/device_env.sh
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-JAX_PLATFORMS=cuda timeout 240 python3 -m pytest -q -x -p no:cacheprovider \
-    tests/test_bounded_parity.py 2>&1 | tail -3
-timeout 300 python3 benchmarks/bench_layer.py --out "$OUT/layer_h100.json" 2>&1 \
-    | grep -v "^W\|Warning" > "$OUT/bench.log"
-python3 - "$OUT/layer_h100.json" <<'PY'
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
+quiet() { grep -v "^W\|Warning"; }
+
+summarise_diff() {
+  python3 - "$1" <<'PY'
+import json, sys
+for e in json.load(open(sys.argv[1]))["lengths"]:
+    print(e["L"], {k: round(v["tflops"]) for k, v in e["forward"].items()},
+          {k: round(v["tflops"]) for k, v in e["forward_backward"].items()},
+          {k: {n: (round(x, 3) if isinstance(x, float) else [round(min(x), 3), round(max(x), 3)])
+               for n, x in v.items()} for k, v in e.get("ratios", {}).items()},
+          e.get("errors", ""))
+PY
+}
+
+summarise_layer() {
+  python3 - "$1" <<'PY'
 import json, sys
 for e in json.load(open(sys.argv[1]))["shapes"]:
-    print(e["shape"], {k: round(v, 2) for k, v in e["ratios"].items()})
+    print(e["shape"], {k: round(v, 2) for k, v in e["ratios"].items()},
+          {k: round(v) for k, v in e["ours"].items()},
+          {k: round(v) for k, v in e.get("ours_cudnn_attention", {}).items()},
+          {k: round(v, 4) for k, v in e.get("fidelity_rel_l2_error", {}).items()})
 PY
-timeout 200 python3 benchmarks/prefill_variants.py default 2>&1 | grep "tok/s"
-XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
-    timeout 200 python3 benchmarks/prefill_variants.py command_buffer_while 2>&1 | grep "tok/s\|rror" | head -12
+}
+
+for phase in "$@"; do
+  echo "=== $phase ($(date +%T))"
+  case "$phase" in
+    tests|tests:*)
+      filter=${phase#tests}; filter=${filter#:}
+      log="$OUT/gpu_tests$(printf %s "${filter:+_$filter}" | tr -c 'A-Za-z0-9_' '_').log"
+      JAX_PLATFORMS=cuda timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu \
+          ${filter:+-k "$filter"} --tb=short -rA tests/test_diff_flash.py \
+          tests/test_decode_attention.py > "$log" 2>&1
+      grep -E "^(PASSED|FAILED|ERROR)|passed|failed|^E  " "$log" | head -40 ;;
+    layer-tests)
+      JAX_PLATFORMS=cuda timeout 240 python3 -m pytest -q -x -p no:cacheprovider \
+          tests/test_bounded_parity.py 2>&1 | tail -3 ;;
+    diff)
+      timeout 300 python3 benchmarks/bench_diff_attention.py --skip ours_portable \
+          --out "$OUT/diff_attention_h100.json" 2>&1 | quiet > "$OUT/diff_attention.log"
+      summarise_diff "$OUT/diff_attention_h100.json" ;;
+    decode)
+      timeout 120 python3 benchmarks/bench_decode_attention.py \
+          --out "$OUT/decode_attention_h100.json" 2>&1 | quiet | tail -12 ;;
+    layer)
+      timeout 330 python3 benchmarks/bench_layer.py --out "$OUT/layer_h100.json" 2>&1 \
+          | quiet > "$OUT/bench_layer.log"
+      summarise_layer "$OUT/layer_h100.json"; tail -3 "$OUT/bench_layer.log" ;;
+    fidelity)
+      timeout 120 python3 benchmarks/bench_layer.py --fidelity-only \
+          --out "$OUT/layer_fidelity_h100.json" 2>&1 | quiet | tail -25 ;;
+    profile)
+      for impl in pallas; do
+        mkdir -p "$OUT/profile_$impl"
+        timeout 150 python3 benchmarks/profile_prefill.py --out "$OUT/profile_$impl" \
+            --block 1024 --implementation $impl --chunks-per-call 4 --hlo 2>&1 | quiet | head -80
+        rm -rf "$OUT"/profile_$impl/trace_*
+      done ;;
+    variants)
+      timeout 200 python3 benchmarks/prefill_variants.py default --unroll True 1 \
+          --configs 1024x4 256x16 2>&1 | grep "tok/s" ;;
+    tune)
+      timeout 200 python3 benchmarks/tune_mosaic.py --out "$OUT/tune_mosaic_h100.json" 2>&1 \
+          | quiet | tail -5 ;;
+    *) echo "unknown phase $phase" ;;
+  esac
+done
+echo "=== done ($(date +%T))"
