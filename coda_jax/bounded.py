@@ -150,26 +150,12 @@ class CoDAGQALandmark(AttentionCore):
             return jnp.ones(x.shape[:-1], jnp.float32)
         return jax.nn.sigmoid(self.write_proj(x)[..., 0].astype(jnp.float32))
 
-    def _prefill_block(self, tokens: dict, count: jax.Array, state: BankState,
-                       training: bool) -> tuple[jax.Array, BankState]:
-        """One block of projected tokens (q, k, v, lam, gate; T per row) with
-        ``count`` (B,) valid tokens per row -> (per-head outputs, new state)."""
-        q, k, v = tokens["q"], tokens["k"], tokens["v"]
-        block = q.shape[1]
-        keys = jnp.concatenate([state.k_buf, k.astype(state.k_buf.dtype)], axis=1)
-        values = jnp.concatenate([state.v_buf, v.astype(state.v_buf.dtype)], axis=1)
-        prefix = state.allowed if self.bank_cfg.mask_unused_memory else jnp.ones_like(state.allowed)
-        valid = jnp.arange(block)[None, :] < count[:, None]
-        # Lower-right causal over [buffer | block]: every query sees the whole
-        # buffer and the block up to itself; the key mask drops unused slots and padding.
-        heads = self.mix_heads(q, keys.astype(q.dtype), values.astype(q.dtype), tokens["lam"],
-                               causal=True, key_mask=jnp.concatenate([prefix, valid], axis=1))
-        heads = jnp.where(valid[:, :, None, None], heads, 0)
-        new_state = memory.write_block(
-            self.layout, state, k=k, v=v, gate=tokens["gate"], count=count,
-            eta_logit=self.summary_eta_logit[...], training=training)
-        # Rows with nothing in this block keep their state bit for bit.
-        return heads, where_rows(count > 0, new_state, state)
+    def _visible_slots(self, state: BankState) -> jax.Array:
+        """(B, S) key mask of the buffer: its used slots, or every slot when
+        ``mask_unused_memory=False``."""
+        if self.bank_cfg.mask_unused_memory:
+            return state.allowed
+        return jnp.ones_like(state.allowed)
 
     def _prefill_segment(self, x: jax.Array, lengths: jax.Array, state: BankState, *,
                          block_size: int, training: bool, unroll: int | bool
@@ -179,25 +165,47 @@ class CoDAGQALandmark(AttentionCore):
         # Projections for the whole segment at once (large matmuls, fewer
         # kernels per block); valid tokens of a row sit at pos, pos + 1, ...
         positions = state.pos[:, None] + jnp.arange(seg_len, dtype=POSITION_DTYPE)[None, :]
+        q = self.project_q(x, positions)
         k, v = self.project_kv(x, positions)
-        tokens = {"q": self.project_q(x, positions), "k": k, "v": v,
-                  "lam": self.cancellation_gate(x), "gate": self._write_gate(x)}
-        per_block = jax.tree.map(
-            lambda a: a.reshape(batch, n_blocks, block_size, *a.shape[2:]).swapaxes(0, 1),
-            tokens)
         starts = jnp.arange(n_blocks, dtype=POSITION_DTYPE)[:, None] * block_size
-        counts = jnp.clip(lengths[None, :] - starts, 0, block_size)
+        counts = jnp.clip(lengths[None, :] - starts, 0, block_size)           # (blocks, B)
 
+        # The bank writes never read attention outputs, so the loop runs the
+        # writes alone and returns the buffer each block attends to; then every
+        # block's attention is one batched call (one kernel launch, full GPU).
         def body(st, inputs):
-            # No lax.cond to skip empty padding blocks: on GPU its predicate is
-            # read back by the host every block, stalling the stream.
-            heads, st = self._prefill_block(*inputs, st, training)
-            return st, heads
+            block_k, block_v, block_gate, count = inputs
+            seen = (st.k_buf, st.v_buf, self._visible_slots(st))
+            new = memory.write_block(
+                self.layout, st, k=block_k, v=block_v, gate=block_gate, count=count,
+                eta_logit=self.summary_eta_logit[...], training=training)
+            # Rows with nothing in this block keep their state bit for bit.
+            # (No lax.cond to skip empty blocks: on GPU its predicate is read
+            # back by the host every block, stalling the stream.)
+            return where_rows(count > 0, new, st), seen
 
-        state, heads = jax.lax.scan(body, state, (per_block, counts), unroll=unroll)
-        heads = heads.swapaxes(0, 1).reshape(batch, seg_len, *heads.shape[3:])
+        by_block = lambda a: a.reshape(  # noqa: E731  (B, L, ...) -> (blocks, B, T, ...)
+            batch, n_blocks, block_size, *a.shape[2:]).swapaxes(0, 1)
+        state, seen = jax.lax.scan(
+            body, state, (by_block(k), by_block(v), by_block(self._write_gate(x)), counts),
+            unroll=unroll)
+
+        # One attention row per (document, block): [buffer it saw | its block],
+        # lower-right causal, unused slots and padding masked.
+        rows = batch * n_blocks
+        seen_k, seen_v, seen_visible = (a.swapaxes(0, 1).reshape(rows, *a.shape[2:])
+                                        for a in seen)
+        as_rows = lambda a: a.reshape(rows, block_size, *a.shape[2:])  # noqa: E731
+        valid = jnp.arange(seg_len)[None, :] < lengths[:, None]                 # (B, L)
+        keys = jnp.concatenate([seen_k, as_rows(k).astype(seen_k.dtype)], axis=1)
+        values = jnp.concatenate([seen_v, as_rows(v).astype(seen_v.dtype)], axis=1)
+        lam = self.cancellation_gate(x)
+        heads = self.mix_heads(
+            as_rows(q), keys.astype(q.dtype), values.astype(q.dtype),
+            None if lam is None else as_rows(lam), causal=True,
+            key_mask=jnp.concatenate([seen_visible, as_rows(valid)], axis=1))
+        heads = jnp.where(valid[..., None, None], heads.reshape(q.shape), 0)
         y = self.merge_heads(heads, x.dtype)
-        valid = jnp.arange(seg_len)[None, :] < lengths[:, None]
         return jnp.where(valid[..., None], y, 0), state
 
     def _step(self, x: jax.Array, state: BankState, training: bool
@@ -210,9 +218,8 @@ class CoDAGQALandmark(AttentionCore):
         state = memory.write_one(
             self.layout, state, k=k[:, 0], v=v[:, 0], gate=self._write_gate(x)[:, 0],
             eta_logit=self.summary_eta_logit[...], training=training)
-        mask = state.allowed if self.bank_cfg.mask_unused_memory else jnp.ones_like(state.allowed)
         y = self.attend(x, q, state.k_buf.astype(q.dtype), state.v_buf.astype(q.dtype),
-                        key_mask=mask, fused=False)
+                        key_mask=self._visible_slots(state), fused=False)
         return y, state
 
     # ------------------------------------------------------------ public API
