@@ -73,7 +73,7 @@ def main() -> None:
             lengths = jnp.full((1,), seg, jnp.int32)
             text = bounded._prefill_segment_jit.lower(
                 layer, x[:, :seg], lengths, st, block_size=args.block, training=False,
-                unroll=bounded.PREFILL_UNROLL).compile().as_text()
+                unroll=bounded.prefill_unroll()).compile().as_text()
             with open(f"{args.out}/hlo_d{d}.txt", "w") as f:
                 f.write(text)
         trace_dir = f"{args.out}/trace_d{d}"

@@ -24,8 +24,24 @@ from .projections import AttentionCore, _linear
 from .segments import check_lengths, join_segments, split_segments
 from .state import POSITION_DTYPE, BankState, where_rows
 
-# Blocks of one prefill call unrolled per loop iteration (a tuning knob).
-PREFILL_UNROLL: int | bool = 1
+# Blocks of one prefill call unrolled per loop iteration; None: ``prefill_unroll()``
+# picks per backend (a tuning knob for benchmarks).
+PREFILL_UNROLL: int | bool | None = None
+MAX_UNROLLED_BLOCKS = 16
+
+
+def prefill_unroll() -> int | bool:
+    """How many blocks of one prefill call run as straight-line code.
+
+    On GPU a rolled loop reads its predicate back to the host every block, so
+    the host cannot queue the next block's kernels while the GPU works: fully
+    unrolled, prefill ran 1.15x faster at D=4096 and 1.7x at D=512 with block
+    1024 on an H100 (benchmarks/results/prefill_variants_h100.json). Elsewhere
+    unrolling only adds compile time.
+    """
+    if PREFILL_UNROLL is not None:
+        return PREFILL_UNROLL
+    return MAX_UNROLLED_BLOCKS if jax.default_backend() == "gpu" else 1
 
 # How many times each compiled entry point has been traced (a retrace shows up here).
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
@@ -244,7 +260,7 @@ class CoDAGQALandmark(AttentionCore):
                                                  chunks_per_call=chunks_per_call):
             y, state = _prefill_segment_jit(self, x_seg, seg_lengths, state,
                                             block_size=block_size, training=training,
-                                            unroll=PREFILL_UNROLL)
+                                            unroll=prefill_unroll())
             outputs.append(y)
         if not outputs:
             return x, state

@@ -303,7 +303,7 @@ class CausalLM(nnx.Module):
 def _model_prefill_jit(model, tokens, lengths, state, *, block_size, training, last_only):
     TRACE_COUNTS["model_prefill"] += 1
     return model._prefill_segment(tokens, lengths, state, block_size=block_size,
-                                  training=training, unroll=bounded.PREFILL_UNROLL,
+                                  training=training, unroll=bounded.prefill_unroll(),
                                   last_only=last_only)
 
 

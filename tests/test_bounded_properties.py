@@ -138,6 +138,24 @@ def test_ragged_prompts_in_one_batch_equal_separate_prefills():
             assert_close(a, b, what=f"state row {row}")
 
 
+def test_unrolled_block_loop_equals_the_rolled_one(monkeypatch):
+    """GPU prefill unrolls the block loop (``prefill_unroll``); CPU runs it rolled."""
+    from coda_jax import bounded
+
+    layer = _layer(window=8)
+    x = _x(4, 2, 45)
+    state0 = layer.init_state(2, mem_init="zeros")
+    results = []
+    for unroll in (1, True):
+        monkeypatch.setattr(bounded, "PREFILL_UNROLL", unroll)
+        results.append(layer.prefill(x, state0, block_size=8, lengths=[45, 20],
+                                     chunks_per_call=4))
+    (y_rolled, s_rolled), (y_unrolled, s_unrolled) = results
+    assert_close(y_unrolled, y_rolled, what="output")
+    for a, b in zip(jax.tree.leaves(s_unrolled), jax.tree.leaves(s_rolled)):
+        assert_close(a, b, what="state")
+
+
 def test_non_differential_switch_is_gqa_over_the_same_buffer():
     """differential=False equals the reference with its lambda forced to 0."""
     ref = reference_landmark(5, **SMALL, window=8, num_landmarks_exact=4,
