@@ -8,7 +8,8 @@
 #   layer-tests       the bounded layer's GPU parity tests (test_bounded_parity on CUDA)
 #   diff              bench_diff_attention.py (the slow portable forward skipped)
 #   decode            bench_decode_attention.py
-#   layer             bench_layer.py, then its fidelity figures are in the same file
+#   layer             bench_layer.py (fidelity figures in the same file); $LAYER_ARGS adds
+#                     its options, e.g. LAYER_ARGS="--embed-dims 4096 --skip fidelity"
 #   fidelity          bench_layer.py --fidelity-only
 #   profile           profile_prefill.py at block 1024 (Pallas attention), with the HLO
 #   variants          prefill_variants.py: loop shapes, unrolled or not
@@ -63,7 +64,7 @@ for phase in "$@"; do
       timeout 120 python3 benchmarks/bench_decode_attention.py \
           --out "$OUT/decode_attention_h100.json" 2>&1 | quiet | tail -12 ;;
     layer)
-      timeout 330 python3 benchmarks/bench_layer.py --out "$OUT/layer_h100.json" 2>&1 \
+      timeout 420 python3 benchmarks/bench_layer.py ${LAYER_ARGS:-} --out "$OUT/layer_h100.json" 2>&1 \
           | quiet > "$OUT/bench_layer.log"
       summarise_layer "$OUT/layer_h100.json"; tail -3 "$OUT/bench_layer.log" ;;
     fidelity)
