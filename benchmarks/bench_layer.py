@@ -32,11 +32,20 @@ BLOCKS = (256, 1024)
 DECODE_STEPS = 256
 
 
-def _median_seconds(fn, *, warmup: int = 2, repeats: int = 5) -> float:
-    for _ in range(warmup):
+def _median_seconds(fn, *, warmup_s: float = 0.3, min_repeats: int = 7,
+                    min_total_s: float = 0.5) -> float:
+    """Median seconds of one call of ``fn`` (which waits for its result).
+
+    Warm-up runs for at least ``warmup_s`` (compilation, then long enough for
+    the GPU to leave its idle clocks: bursts of a few ms measured 2.5x apart
+    between runs), then at least ``min_repeats`` timed calls and ``min_total_s``.
+    """
+    fn()
+    start = time.perf_counter()
+    while time.perf_counter() - start < warmup_s:
         fn()
     times = []
-    for _ in range(repeats):
+    while len(times) < min_repeats or sum(times) < min_total_s:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -136,8 +145,7 @@ def bench_reference(ref, x_np: np.ndarray, tokens_np: np.ndarray) -> dict:
         def run(block=block):
             st = ref.init_state(batch_size=1, device=dev, dtype=torch.bfloat16)
             ref.prefill_chunked(x, st, block_size=block)
-        out[f"prefill_block{block}_tokens_per_s"] = LENGTH / _median_seconds(sync(run),
-                                                                             repeats=3)
+        out[f"prefill_block{block}_tokens_per_s"] = LENGTH / _median_seconds(sync(run))
     with torch.no_grad():
         st = ref.init_state(batch_size=1, device=dev, dtype=torch.bfloat16)
         _, st = ref.prefill_chunked(x, st, block_size=1024)
@@ -147,7 +155,7 @@ def bench_reference(ref, x_np: np.ndarray, tokens_np: np.ndarray) -> dict:
         s = copy.deepcopy(st)
         for t in range(64):
             ref.step(tokens[:, t:t + 1], s)
-    out["decode_tokens_per_s"] = 64 / _median_seconds(sync(decode), repeats=3)
+    out["decode_tokens_per_s"] = 64 / _median_seconds(sync(decode))
     out["state_bytes"] = ref.cache_bytes(batch_size=1, dtype=torch.bfloat16)
     return out
 
