@@ -43,6 +43,7 @@ def prefill_unroll() -> int | bool:
         return PREFILL_UNROLL
     return MAX_UNROLLED_BLOCKS if jax.default_backend() == "gpu" else 1
 
+
 # How many times each compiled entry point has been traced (a retrace shows up here).
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
@@ -250,7 +251,10 @@ class CoDAGQALandmark(AttentionCore):
         blocks (default: ``segments.default_chunks_per_call``), so prompts of any
         length reuse one compilation per block size.
         ``training=True`` freezes bank expansion, as the reference does in
-        training mode. The input state is not modified.
+        training mode. The input state is not modified. All blocks of a call
+        attend in one batched call: with ``implementation="xla"`` its float32
+        scores take ``4 * chunks_per_call * block * (buffer + block) * heads * 2``
+        bytes per row, so a smaller ``chunks_per_call`` caps the memory.
         """
         self.check_input(x)
         self.check_state(state, x.shape[0])
