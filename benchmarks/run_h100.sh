@@ -13,6 +13,7 @@
 #   fidelity          bench_layer.py --fidelity-only
 #   profile           profile_prefill.py at block 1024 (Pallas attention), with the HLO
 #   variants          prefill_variants.py: loop shapes, unrolled or not
+#   variants-graphs   the same, unrolled, under XLA command buffers (CUDA graphs)
 #   tune              tune_mosaic.py: launch order and K/V stages of the Hopper forward
 #
 # A phase's full log and results land in $OUT; a short table is printed.
@@ -80,6 +81,12 @@ for phase in "$@"; do
     variants)
       timeout 200 python3 benchmarks/prefill_variants.py default --unroll True 1 \
           --configs 1024x4 256x16 2>&1 | grep "tok/s" ;;
+    variants-graphs)  # the unrolled prefill as CUDA graphs (XLA command buffers)
+      for size in 5 1; do
+        XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN --xla_gpu_graph_min_graph_size=$size" \
+            timeout 150 python3 benchmarks/prefill_variants.py "graphs_min$size" --unroll True \
+            --configs 1024x4 256x16 2>&1 | grep "tok/s\|rror" | head -6
+      done ;;
     tune)
       timeout 200 python3 benchmarks/tune_mosaic.py --out "$OUT/tune_mosaic_h100.json" 2>&1 \
           | quiet | tail -5 ;;
