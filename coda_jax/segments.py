@@ -36,9 +36,10 @@ def check_lengths(lengths, batch: int, length: int) -> jax.Array | np.ndarray:
 
 def default_chunks_per_call(block_size: int) -> int:
     """Blocks per compiled call when the caller does not say: 4096 tokens' worth,
-    at least 4 and at most 16. Each call costs host work and a while loop's
-    start; on an H100, 16 blocks of 256 per call prefill 1.35-1.7x faster than 4
-    (benchmarks/results/NOTES.md). The cap bounds the padding a short prompt pays."""
+    at least 4 and at most 16. Each call costs host work (and, where the
+    block loop stays rolled, a while loop's start); on an H100, 16 blocks of
+    256 per call prefill 1.35-1.7x faster than 4 (benchmarks/results/NOTES.md).
+    The cap bounds the padding a short prompt pays."""
     return min(16, max(4, 4096 // max(block_size, 1)))
 
 
