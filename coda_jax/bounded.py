@@ -22,7 +22,7 @@ from .frozen import bind_weights
 from .primitives import materialise
 from .projections import AttentionCore, _linear
 from .segments import check_lengths, join_segments, split_segments
-from .state import POSITION_DTYPE, BankState, where_rows
+from .state import POSITION_DTYPE, BankState
 
 # Blocks of one prefill call unrolled per loop iteration; None: ``prefill_unroll()``
 # picks per backend (a tuning knob for benchmarks).
@@ -167,12 +167,10 @@ class CoDAGQALandmark(AttentionCore):
             return jnp.ones(x.shape[:-1], jnp.float32)
         return jax.nn.sigmoid(self.write_proj(x)[..., 0].astype(jnp.float32))
 
-    def _visible_slots(self, state: BankState) -> jax.Array:
-        """(B, S) key mask of the buffer: its used slots, or every slot when
+    def _visible(self, allowed: jax.Array) -> jax.Array:
+        """Key mask of buffer slots (B, ..., S): the used ones, or every slot when
         ``mask_unused_memory=False``."""
-        if self.bank_cfg.mask_unused_memory:
-            return state.allowed
-        return jnp.ones_like(state.allowed)
+        return allowed if self.bank_cfg.mask_unused_memory else jnp.ones_like(allowed)
 
     def _prefill_segment(self, x: jax.Array, lengths: jax.Array, state: BankState, *,
                          block_size: int, training: bool, unroll: int | bool
@@ -184,43 +182,27 @@ class CoDAGQALandmark(AttentionCore):
         positions = state.pos[:, None] + jnp.arange(seg_len, dtype=POSITION_DTYPE)[None, :]
         q = self.project_q(x, positions)
         k, v = self.project_kv(x, positions)
-        starts = jnp.arange(n_blocks, dtype=POSITION_DTYPE)[:, None] * block_size
-        counts = jnp.clip(lengths[None, :] - starts, 0, block_size)           # (blocks, B)
-
-        # The bank writes never read attention outputs, so the loop runs the
-        # writes alone and returns the buffer each block attends to; then every
-        # block's attention is one batched call (one kernel launch, full GPU).
-        def body(st, inputs):
-            block_k, block_v, block_gate, count = inputs
-            seen = (st.k_buf, st.v_buf, self._visible_slots(st))
-            new = memory.write_block(
-                self.layout, st, k=block_k, v=block_v, gate=block_gate, count=count,
-                eta_logit=self.summary_eta_logit[...], training=training)
-            # Rows with nothing in this block keep their state bit for bit.
-            # (No lax.cond to skip empty blocks: on GPU its predicate is read
-            # back by the host every block, stalling the stream.)
-            return where_rows(count > 0, new, st), seen
-
-        by_block = lambda a: a.reshape(  # noqa: E731  (B, L, ...) -> (blocks, B, T, ...)
-            batch, n_blocks, block_size, *a.shape[2:]).swapaxes(0, 1)
-        state, seen = jax.lax.scan(
-            body, state, (by_block(k), by_block(v), by_block(self._write_gate(x)), counts),
+        # The bank writes never read attention outputs: write the whole
+        # segment first, keeping the buffer each block saw; then every block's
+        # attention is one batched call (one kernel launch, the full GPU).
+        state, (seen_k, seen_v, seen_allowed) = memory.write_segment(
+            self.layout, state, k=k, v=v, gate=self._write_gate(x), lengths=lengths,
+            block_size=block_size, eta_logit=self.summary_eta_logit[...], training=training,
             unroll=unroll)
 
         # One attention row per (document, block): [buffer it saw | its block],
         # lower-right causal, unused slots and padding masked.
         rows = batch * n_blocks
-        seen_k, seen_v, seen_visible = (a.swapaxes(0, 1).reshape(rows, *a.shape[2:])
-                                        for a in seen)
-        as_rows = lambda a: a.reshape(rows, block_size, *a.shape[2:])  # noqa: E731
+        as_rows = lambda a: a.reshape(rows, -1, *a.shape[3:])  # noqa: E731  (B, n, T, ...)
+        by_block = lambda a: a.reshape(batch, n_blocks, block_size, *a.shape[2:])  # noqa: E731
         valid = jnp.arange(seg_len)[None, :] < lengths[:, None]                 # (B, L)
-        keys = jnp.concatenate([seen_k, as_rows(k).astype(seen_k.dtype)], axis=1)
-        values = jnp.concatenate([seen_v, as_rows(v).astype(seen_v.dtype)], axis=1)
+        keys = as_rows(jnp.concatenate([seen_k, by_block(k).astype(seen_k.dtype)], axis=2))
+        values = as_rows(jnp.concatenate([seen_v, by_block(v).astype(seen_v.dtype)], axis=2))
+        key_mask = as_rows(jnp.concatenate([self._visible(seen_allowed), by_block(valid)], axis=2))
         lam = self.cancellation_gate(x)
         heads = self.mix_heads(
-            as_rows(q), keys.astype(q.dtype), values.astype(q.dtype),
-            None if lam is None else as_rows(lam), causal=True,
-            key_mask=jnp.concatenate([seen_visible, as_rows(valid)], axis=1))
+            as_rows(by_block(q)), keys.astype(q.dtype), values.astype(q.dtype),
+            None if lam is None else as_rows(by_block(lam)), causal=True, key_mask=key_mask)
         heads = jnp.where(valid[..., None, None], heads.reshape(q.shape), 0)
         y = self.merge_heads(heads, x.dtype)
         return jnp.where(valid[..., None], y, 0), state
@@ -236,7 +218,7 @@ class CoDAGQALandmark(AttentionCore):
             self.layout, state, k=k[:, 0], v=v[:, 0], gate=self._write_gate(x)[:, 0],
             eta_logit=self.summary_eta_logit[...], training=training)
         y = self.attend(x, q, state.k_buf.astype(q.dtype), state.v_buf.astype(q.dtype),
-                        key_mask=self._visible_slots(state), fused=False)
+                        key_mask=self._visible(state.allowed), fused=False)
         return y, state
 
     # ------------------------------------------------------------ public API

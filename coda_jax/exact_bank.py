@@ -65,6 +65,19 @@ def _write_slots(mem: jax.Array, onehot: jax.Array, idx: jax.Array, write: jax.A
     return mem + contrib.astype(mem.dtype)
 
 
+def _nth_in_stable_order(key: jax.Array, n: jax.Array) -> jax.Array:
+    """``argsort(key, stable=True)[n]`` per row: key (B, M), n (B, T) -> (B, T).
+
+    Ranks by pairwise comparison instead of sorting: with M bank slots that is
+    one small fused kernel, where a sort is its own kernel launch.
+    """
+    slots = jnp.arange(key.shape[-1])
+    earlier = ((key[:, None, :] < key[:, :, None])
+               | ((key[:, None, :] == key[:, :, None]) & (slots[None, :] < slots[:, None])))
+    position = jnp.sum(earlier, axis=-1, dtype=jnp.int32)                # (B, M) a permutation
+    return jnp.argmax(position[:, None, :] == n[:, :, None], axis=-1)
+
+
 def update_block(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: jax.Array,
                  last: jax.Array, active: jax.Array, cand_k: jax.Array, cand_v: jax.Array,
                  cand_pos: jax.Array, cand_gate: jax.Array,
@@ -89,10 +102,9 @@ def update_block(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: j
     # active slots by stamp. Inactive slots rank first as in the reference's
     # PyTorch prefill path (its comment says otherwise; its code does this).
     rank_key = jnp.where(used & ~inactive, last, STAMP_MIN)
-    lru_order = jnp.argsort(rank_key, axis=-1, stable=True)
     novel_rank = jnp.cumsum(novel_keep.astype(jnp.int32), axis=-1) - 1
     novel_cap = novel_keep & (novel_rank < active[:, None])
-    assigned = jnp.take_along_axis(lru_order, jnp.clip(novel_rank, 0, num_slots - 1), axis=1)
+    assigned = _nth_in_stable_order(rank_key, jnp.clip(novel_rank, 0, num_slots - 1))
 
     idx = jnp.where(novel_cap, assigned, best_idx)
     touch = keep & (~novel | novel_cap)

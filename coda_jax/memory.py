@@ -1,7 +1,7 @@
 """Writes into the bounded buffer: the recent ring, eviction, and bank routing.
 
-``write_block`` is the prefill rule (a block of new tokens at once, evicted
-tokens filtered to the top candidates by write gate); ``write_one`` is the
+``write_segment`` is the prefill rule (blocks of new tokens, each block's
+evicted tokens filtered to the top candidates by write gate); ``write_one`` is the
 decode rule (one token; the oldest ring entry goes straight to both banks).
 Both are pure functions of fixed shapes, vectorised over batch rows that may
 sit at different positions, with no host synchronisation.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ import numpy as np
 
 from . import exact_bank, summary_bank
 from .config import BankConfig, expansion_thresholds, lf_band_dims
-from .state import POSITION_DTYPE, BankMetrics, BankState
+from .state import POSITION_DTYPE, BankMetrics, BankState, where_rows
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -127,141 +128,224 @@ def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx, axis=1)
 
 
-def _bank_views(layout: BankLayout, state: BankState):
+class Banks(NamedTuple):
+    """Both banks' slots, apart from the ring: the carry of the prefill's block loop."""
+
+    exact_k: jax.Array         # (B, Me, Hkv, Dh)
+    exact_v: jax.Array
+    exact_used: jax.Array      # (B, Me) bool
+    exact_last: jax.Array      # (B, Me) LRU stamps
+    summary_k: jax.Array       # (B, Ms, Hkv, Dh)
+    summary_v: jax.Array
+    summary_used: jax.Array    # (B, Ms) bool
+    active_exact: jax.Array    # (B,)
+    active_summary: jax.Array  # (B,)
+
+
+def _banks_of(layout: BankLayout, state: BankState) -> Banks:
     ex, su = layout.exact_slice, layout.summary_slice
-    return ((state.k_buf[:, ex], state.v_buf[:, ex], state.allowed[:, ex]),
-            (state.k_buf[:, su], state.v_buf[:, su], state.allowed[:, su]))
+    return Banks(state.k_buf[:, ex], state.v_buf[:, ex], state.allowed[:, ex],
+                 state.mem_last_exact, state.k_buf[:, su], state.v_buf[:, su],
+                 state.allowed[:, su], state.active_exact, state.active_summary)
 
 
-def _assemble(state: BankState, ring, exact, summary, **fields) -> BankState:
-    """Put ring and bank segments back into one buffer."""
-    k = jnp.concatenate([ring[0], exact.k, summary.k], axis=1)
-    v = jnp.concatenate([ring[1], exact.v, summary.v], axis=1)
-    allowed = jnp.concatenate([ring[2], exact.used, summary.used], axis=1)
-    return state.replace(k_buf=k, v_buf=v, allowed=allowed, mem_last_exact=exact.last,
-                         **fields)
+def _assemble(state: BankState, ring, banks: Banks, **fields) -> BankState:
+    """Put the ring (k, v, valid) and both banks back into one buffer."""
+    k = jnp.concatenate([ring[0], banks.exact_k, banks.summary_k], axis=1)
+    v = jnp.concatenate([ring[1], banks.exact_v, banks.summary_v], axis=1)
+    allowed = jnp.concatenate([ring[2], banks.exact_used, banks.summary_used], axis=1)
+    return state.replace(k_buf=k, v_buf=v, allowed=allowed, mem_last_exact=banks.exact_last,
+                         active_exact=banks.active_exact,
+                         active_summary=banks.active_summary, **fields)
 
 
-def _update_banks(layout: BankLayout, state: BankState, exact_fn, summary_fn,
+def _update_banks(layout: BankLayout, banks: Banks, pos: jax.Array, exact_fn, summary_fn,
                   training: bool):
     """Run the bank updates given (None = that bank is absent or gets no
-    candidates) and the pressure-gated expansion."""
+    candidates) and the pressure-gated expansion; ``pos`` (B,) is the position
+    of the next token before this write. -> (banks, exact update, summary update)."""
     cfg = layout.cfg
-    (ek, ev, eused), (sk, sv, sused) = _bank_views(layout, state)
+    zero = jnp.zeros_like(pos)
     if exact_fn is not None:
-        exact = exact_fn(mem_k=ek, mem_v=ev, used=eused, last=state.mem_last_exact,
-                         active=state.active_exact)
+        exact = exact_fn(mem_k=banks.exact_k, mem_v=banks.exact_v, used=banks.exact_used,
+                         last=banks.exact_last, active=banks.active_exact)
     else:
-        zero = jnp.zeros_like(state.pos)
-        exact = exact_bank.ExactUpdate(ek, ev, eused, state.mem_last_exact,
-                                       zero, zero, zero, zero, zero)
+        exact = exact_bank.ExactUpdate(banks.exact_k, banks.exact_v, banks.exact_used,
+                                       banks.exact_last, zero, zero, zero, zero, zero)
     if summary_fn is not None:
-        summary = summary_fn(mem_k=sk, mem_v=sv, used=sused, active=state.active_summary)
+        summary = summary_fn(mem_k=banks.summary_k, mem_v=banks.summary_v,
+                             used=banks.summary_used, active=banks.active_summary)
     else:
-        zero = jnp.zeros_like(state.pos)
-        summary = summary_bank.SummaryUpdate(sk, sv, sused, zero, zero, zero)
+        summary = summary_bank.SummaryUpdate(banks.summary_k, banks.summary_v,
+                                             banks.summary_used, zero, zero, zero)
 
-    active_exact, active_summary = state.active_exact, state.active_summary
+    active_exact, active_summary = banks.active_exact, banks.active_summary
     if not training:  # as the reference: training runs on fixed bank sizes
         active_exact = _expand(active_exact, exact.frustrated, _ceiling(
-            cfg.min_landmarks_exact, layout.exact_thresholds, state.pos))
+            cfg.min_landmarks_exact, layout.exact_thresholds, pos))
         active_summary = _expand(active_summary, summary.frustrated, _ceiling(
-            cfg.min_landmarks_summary, layout.summary_thresholds, state.pos))
-    return exact, summary, active_exact, active_summary
+            cfg.min_landmarks_summary, layout.summary_thresholds, pos))
+    new = Banks(exact.k, exact.v, exact.used, exact.last, summary.k, summary.v, summary.used,
+                active_exact, active_summary)
+    return new, exact, summary
 
 
-def _count_metrics(state, exact, summary, evictions, active_exact, active_summary):
-    if state.metrics is None:
+def _count_metrics(metrics: BankMetrics | None, exact, summary, evictions, old: Banks,
+                   new: Banks) -> BankMetrics | None:
+    if metrics is None:
         return None
-    return state.metrics.add(
+    return metrics.add(
         total_evictions=evictions, tokens_gated_out=exact.gated_out,
         exact_hits=exact.hits, exact_inserts=exact.inserts,
         exact_overwrites=exact.overwrites, exact_frustrated=exact.frustrated,
         summary_updates=summary.updates, summary_inserts=summary.inserts,
         summary_frustrated=summary.frustrated,
-        expansions_exact=active_exact - state.active_exact,
-        expansions_summary=active_summary - state.active_summary)
+        expansions_exact=new.active_exact - old.active_exact,
+        expansions_summary=new.active_summary - old.active_summary)
 
 
-def write_block(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Array,
-                gate: jax.Array, count: jax.Array, eta_logit: jax.Array,
-                training: bool) -> BankState:
-    """Append a block of ``count`` (B,) valid tokens (k/v (B, T, Hkv, Dh), gate (B, T)).
+class Candidates(NamedTuple):
+    """The evicted tokens of every block with the highest write gates, best first."""
 
-    The ring, in time order, followed by the block forms one stream; its last
-    ``W`` tokens become the new ring (re-laid out from slot 0), the tokens
-    before them are evicted. The evicted tokens with the highest write gates
-    (sorted, ties to the older token) are the bank candidates.
+    k: jax.Array      # (n, B, C, Hkv, Dh)
+    v: jax.Array
+    gate: jax.Array   # (n, B, C) float32
+    pos: jax.Array    # (n, B, C) absolute positions
+    valid: jax.Array  # (n, B, C) bool
+
+
+def _take_per_block(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x (B, S, ...) gathered at idx (n, B, J) -> (n, B, J, ...)."""
+    n, b, j = idx.shape
+    flat = _take(x, idx.swapaxes(0, 1).reshape(b, n * j))
+    return flat.reshape(b, n, j, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _bank_update_fns(layout: BankLayout, cand, eta_logit: jax.Array):
+    """(exact_fn, summary_fn) routing one block's candidates; None where a bank gets none."""
+    cfg = layout.cfg
+    n_exact = min(cfg.exact_candidates_per_block, cand.gate.shape[-1]) if cfg.num_exact else 0
+    n_summary = (min(cfg.summary_candidates_per_block, cand.gate.shape[-1])
+                 if cfg.num_summary else 0)
+    exact_fn = summary_fn = None
+    if n_exact > 0:
+        def exact_fn(**bank):
+            return exact_bank.update_block(
+                cfg, **bank, cand_k=cand.k[:, :n_exact], cand_v=cand.v[:, :n_exact],
+                cand_pos=cand.pos[:, :n_exact], cand_gate=cand.gate[:, :n_exact],
+                cand_valid=cand.valid[:, :n_exact])
+    if n_summary > 0:
+        def summary_fn(**bank):
+            g, ok = cand.gate[:, :n_summary], cand.valid[:, :n_summary]
+            if cfg.gated:
+                ok = ok & (g >= cfg.write_gate_threshold_summary)
+            return summary_bank.update_block(
+                cfg, **bank, eta_logit=eta_logit, cand_k=cand.k[:, :n_summary],
+                cand_v=cand.v[:, :n_summary], weight=jnp.where(ok, g, 0.0),
+                lf_dims=layout.lf_dims, energy_scale=layout.energy_scale)
+    return exact_fn, summary_fn
+
+
+def write_segment(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Array,
+                  gate: jax.Array, lengths: jax.Array, block_size: int,
+                  eta_logit: jax.Array, training: bool, unroll: int | bool
+                  ) -> tuple[BankState, tuple[jax.Array, jax.Array, jax.Array]]:
+    """Append a segment of whole blocks (k/v (B, L, Hkv, Dh), gate (B, L)) whose
+    first ``lengths`` (B,) tokens are valid, block by block.
+
+    The ring, in time order, followed by the segment forms one stream. After
+    each block the ring holds the stream's last ``W`` tokens so far; the
+    tokens that left it in that block are evicted, and those with the highest
+    write gates (sorted, ties to the older token) are that block's bank
+    candidates. Eviction depends on the stream alone, so every block's
+    candidates and ring are gathered at once; only the bank routing, which
+    reads the banks left by the previous block, runs block by block.
+
+    Returns the state after the segment and, per block, the buffer it
+    attends to: (k (B, n, Lbuf, Hkv, Dh), v, allowed (B, n, Lbuf)), with the
+    ring in time order. A row with no valid tokens keeps its state bit for bit.
     """
     cfg = layout.cfg
     w = cfg.window
-    block = gate.shape[1]
+    length = gate.shape[1]
+    n_blocks = length // block_size
+    dtype = state.k_buf.dtype
     order = (state.recent_idx[:, None] + jnp.arange(w)[None, :]) % w
-    stream_k = jnp.concatenate([_take(state.k_buf[:, :w], order), k.astype(state.k_buf.dtype)], 1)
-    stream_v = jnp.concatenate([_take(state.v_buf[:, :w], order), v.astype(state.v_buf.dtype)], 1)
+    stream_k = jnp.concatenate([_take(state.k_buf[:, :w], order), k.astype(dtype)], 1)
+    stream_v = jnp.concatenate([_take(state.v_buf[:, :w], order), v.astype(dtype)], 1)
     stream_g = jnp.concatenate([_take(state.g_recent, order), gate.astype(jnp.float32)], 1)
 
-    filled = state.recent_filled[:, None]
-    total = state.recent_filled + count
-    evicted = jnp.maximum(total - w, 0)
-    kept = total - evicted
+    filled0 = state.recent_filled
+    lengths = lengths.astype(POSITION_DTYPE)
+    starts = jnp.arange(n_blocks + 1, dtype=POSITION_DTYPE)[:, None] * block_size
+    streamed = filled0[None] + jnp.minimum(starts, lengths[None])   # (n+1, B) tokens so far
+    ring_start = jnp.maximum(streamed - w, 0)                        # first stream pos in ring
 
-    def source(s):  # stream position -> index into the concatenated [ring | block]
-        return jnp.clip(jnp.where(s < filled, s, w + s - filled), 0, w + block - 1)
+    def source(s):  # stream positions (n, B, J) -> index into [ring | segment]
+        f = filled0[None, :, None]
+        return jnp.clip(jnp.where(s < f, s, w + s - f), 0, w + length - 1)
 
-    # The ring after the block: stream positions [evicted, evicted + kept).
-    keep_pos = evicted[:, None] + jnp.arange(w)[None, :]
-    keep_valid = jnp.arange(w)[None, :] < kept[:, None]
-    zero_out = lambda x: jnp.where(  # noqa: E731
-        keep_valid.reshape(keep_valid.shape + (1,) * (x.ndim - 2)), x, jnp.zeros((), x.dtype))
-    ring = (zero_out(_take(stream_k, source(keep_pos))),
-            zero_out(_take(stream_v, source(keep_pos))),
-            keep_valid)
-    g_recent = zero_out(_take(stream_g, source(keep_pos)))
+    def ring_at(b):  # the ring after `b` blocks: (k, v, g, valid), each (n, B, W, ...)
+        slots = ring_start[b][..., None] + jnp.arange(w)
+        valid = jnp.arange(w) < (streamed[b] - ring_start[b])[..., None]
+        src = source(slots)
+        zero = lambda x: jnp.where(  # noqa: E731
+            valid.reshape(valid.shape + (1,) * (x.ndim - 3)), x, jnp.zeros((), x.dtype))
+        return (zero(_take_per_block(stream_k, src)), zero(_take_per_block(stream_v, src)),
+                zero(_take_per_block(stream_g, src)), valid)
 
-    n_exact = min(cfg.exact_candidates_per_block if cfg.num_exact else 0, block)
-    n_summary = min(cfg.summary_candidates_per_block if cfg.num_summary else 0, block)
-    num_cand = max(n_exact, n_summary)
-
-    exact_fn = summary_fn = None
+    num_cand = max(min(cfg.exact_candidates_per_block if cfg.num_exact else 0, block_size),
+                   min(cfg.summary_candidates_per_block if cfg.num_summary else 0, block_size))
+    evicted = ring_start[1:] - ring_start[:-1]                        # (n, B), <= block_size
+    cand = None
     if num_cand > 0:
-        # Evicted tokens are stream positions [0, evicted); at most `block` of them.
-        ev_pos = jnp.arange(block)[None, :]
-        ev_valid = ev_pos < evicted[:, None]
-        ev_src = source(ev_pos)
-        ev_g = _take(stream_g, ev_src)
-        rank = jnp.argsort(jnp.where(ev_valid, -ev_g, jnp.inf), axis=-1, stable=True)[:, :num_cand]
-        cand_idx = _take(ev_src, rank)
-        cand_k, cand_v, cand_g = (_take(stream_k, cand_idx), _take(stream_v, cand_idx),
-                                  _take(ev_g, rank))
+        ev_pos = ring_start[:-1][..., None] + jnp.arange(block_size)   # (n, B, T)
+        ev_valid = jnp.arange(block_size) < evicted[..., None]
+        ev_g = _take_per_block(stream_g, source(ev_pos))
+        rank = jnp.argsort(jnp.where(ev_valid, -ev_g, jnp.inf), axis=-1,
+                           stable=True)[..., :num_cand]
+        cand_stream = ring_start[:-1][..., None] + rank
+        cand_src = source(cand_stream)
+        cand = Candidates(
+            k=_take_per_block(stream_k, cand_src), v=_take_per_block(stream_v, cand_src),
+            gate=jnp.take_along_axis(ev_g, rank, axis=-1),
+            pos=(state.pos - filled0)[None, :, None] + cand_stream,
+            valid=jnp.arange(num_cand) < evicted[..., None])
         if cfg.detach_evicted:
-            cand_k, cand_v, cand_g = jax.lax.stop_gradient((cand_k, cand_v, cand_g))
-        cand_pos = state.pos[:, None] - filled + rank
-        cand_valid = jnp.arange(num_cand)[None, :] < evicted[:, None]
-        if n_exact > 0:
-            def exact_fn(**bank):
-                return exact_bank.update_block(
-                    cfg, **bank, cand_k=cand_k[:, :n_exact], cand_v=cand_v[:, :n_exact],
-                    cand_pos=cand_pos[:, :n_exact], cand_gate=cand_g[:, :n_exact],
-                    cand_valid=cand_valid[:, :n_exact])
-        if n_summary > 0:
-            def summary_fn(**bank):
-                g, ok = cand_g[:, :n_summary], cand_valid[:, :n_summary]
-                if cfg.gated:
-                    ok = ok & (g >= cfg.write_gate_threshold_summary)
-                return summary_bank.update_block(
-                    cfg, **bank, eta_logit=eta_logit, cand_k=cand_k[:, :n_summary],
-                    cand_v=cand_v[:, :n_summary], weight=jnp.where(ok, g, 0.0),
-                    lf_dims=layout.lf_dims, energy_scale=layout.energy_scale)
-    exact, summary, active_exact, active_summary = _update_banks(
-        layout, state, exact_fn, summary_fn, training)
+            cand = jax.lax.stop_gradient(cand)
 
-    return _assemble(
-        state, ring, exact, summary, g_recent=g_recent,
-        recent_idx=jnp.zeros_like(state.recent_idx), recent_filled=kept.astype(POSITION_DTYPE),
-        pos=state.pos + count.astype(POSITION_DTYPE),
-        active_exact=active_exact, active_summary=active_summary,
-        metrics=_count_metrics(state, exact, summary, evicted, active_exact, active_summary))
+    counts = streamed[1:] - streamed[:-1]                             # (n, B) tokens per block
+    pos_before = state.pos[None] + (streamed[:-1] - filled0[None])
+
+    def body(carry, inputs):
+        banks, metrics = carry
+        block_cand, count, n_evicted, pos = inputs
+        exact_fn, summary_fn = (_bank_update_fns(layout, block_cand, eta_logit)
+                                if block_cand is not None else (None, None))
+        new, exact, summary = _update_banks(layout, banks, pos, exact_fn, summary_fn, training)
+        new_metrics = _count_metrics(metrics, exact, summary, n_evicted, banks, new)
+        # Rows with nothing in this block keep their banks bit for bit.
+        return where_rows(count > 0, (new, new_metrics), (banks, metrics)), banks
+
+    (banks, metrics), seen = jax.lax.scan(
+        body, (_banks_of(layout, state), state.metrics), (cand, counts, evicted, pos_before),
+        unroll=unroll)
+
+    ring_k, ring_v, ring_g, ring_valid = ring_at(slice(n_blocks, n_blocks + 1))
+    new = _assemble(
+        state, (ring_k[0], ring_v[0], ring_valid[0]), banks, g_recent=ring_g[0],
+        recent_idx=jnp.zeros_like(state.recent_idx),
+        recent_filled=(streamed[-1] - ring_start[-1]).astype(POSITION_DTYPE),
+        pos=state.pos + lengths, metrics=metrics)
+    new = where_rows(lengths > 0, new, state)
+
+    seen_k, seen_v, _, seen_valid = ring_at(slice(0, n_blocks))
+    by_row = lambda a: a.swapaxes(0, 1)  # noqa: E731  (n, B, ...) -> (B, n, ...)
+    views = (jnp.concatenate([by_row(seen_k), by_row(seen.exact_k), by_row(seen.summary_k)], 2),
+             jnp.concatenate([by_row(seen_v), by_row(seen.exact_v), by_row(seen.summary_v)], 2),
+             jnp.concatenate([by_row(seen_valid), by_row(seen.exact_used),
+                              by_row(seen.summary_used)], 2))
+    return new, views
 
 
 def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Array,
@@ -293,19 +377,19 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
                                        gate=ev_g, valid=full, lf_dims=layout.lf_dims,
                                        energy_scale=layout.energy_scale)
 
-    exact, summary, active_exact, active_summary = _update_banks(
-        layout, state, exact_fn if cfg.num_exact else None,
+    banks = _banks_of(layout, state)
+    new, exact, summary = _update_banks(
+        layout, banks, state.pos, exact_fn if cfg.num_exact else None,
         summary_fn if cfg.num_summary else None, training)
 
     ring = (state.k_buf[:, :w].at[rows, slot].set(k.astype(state.k_buf.dtype)),
             state.v_buf[:, :w].at[rows, slot].set(v.astype(state.v_buf.dtype)),
             state.allowed[:, :w].at[rows, slot].set(True))
     return _assemble(
-        state, ring, exact, summary,
+        state, ring, new,
         g_recent=state.g_recent.at[rows, slot].set(gate.astype(jnp.float32)),
         recent_idx=jnp.where(full, (state.recent_idx + 1) % w, state.recent_idx),
         recent_filled=jnp.minimum(state.recent_filled + 1, w).astype(POSITION_DTYPE),
         pos=state.pos + 1,
-        active_exact=active_exact, active_summary=active_summary,
-        metrics=_count_metrics(state, exact, summary, full.astype(jnp.int32),
-                               active_exact, active_summary))
+        metrics=_count_metrics(state.metrics, exact, summary, full.astype(jnp.int32),
+                               banks, new))
