@@ -1,47 +1,84 @@
-"""Prefill tokens/s of our bounded layer under loop-shape variants (tuning aid).
+"""Prefill tokens/s of the bounded layer under variants, timed in turns in one process.
 
-    python benchmarks/prefill_variants.py LABEL [--unroll 1 True] [--configs 256x4 256x16 1024x4]
+    python benchmarks/prefill_variants.py LABEL [--unroll True 1] [--configs 1024x4 256x16]
+        [--baseline PACKAGE] [--out results.json]
 
-Each config is block_size x chunks_per_call; L=4096, bf16, W=256/Me=64/Ms=64,
-the two layer shapes of bench_layer.py. Run it again under other XLA_FLAGS to
-compare (LABEL tags the lines).
+Each config is block_size x chunks_per_call; L=4096, bf16, W=256/Me=64/Ms=64, the
+two layer shapes of bench_layer.py. The variants are the scan unroll values and,
+with ``--baseline``, the same layer from another copy of ``coda_jax`` importable
+as PACKAGE (e.g. an older commit's package, to measure a change in one run).
+Variants take turns within every round, each call waited for as in
+bench_layer.py, so drifting clocks hit them alike. Run it again under other
+XLA_FLAGS to compare flags (LABEL tags the lines).
 """
 import argparse
+import importlib
+import json
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import coda_jax.bounded as bounded
-from bench_layer import CACHE, LENGTH, SHAPES
+from bench_layer import CACHE, LENGTH, SHAPES, per_call_rounds
 from coda_jax import CoDAGQALandmark
 
 
-def timed(fn, repeats=5):
-    fn(); fn()
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter(); fn(); out.append(time.perf_counter() - t)
-    return statistics.median(out)
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("label")
+    parser.add_argument("--unroll", nargs="*", default=["True"])
+    parser.add_argument("--configs", nargs="*", default=["1024x4", "256x16"])
+    parser.add_argument("--baseline", help="another copy of coda_jax, importable by this name")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    results = {"label": args.label, "device": jax.devices()[0].device_kind,
+               "jax": jax.__version__, "k_tokens_per_s": {}, "per_round_ratio_to_baseline": {}}
+    for shape in SHAPES:
+        d = shape["embed_dim"]
+        layer = CoDAGQALandmark(**shape, **CACHE, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        x = jax.random.normal(jax.random.key(1), (1, LENGTH, d), jnp.bfloat16)
+        st = layer.init_state(1, jnp.bfloat16, key=jax.random.key(2))
+        variants = {}
+        for unroll in args.unroll:
+            value = True if unroll == "True" else int(unroll)
 
+            def run(block, cpc, value=value):
+                bounded.PREFILL_UNROLL = value
+                return jax.block_until_ready(
+                    layer.prefill(x, st, block_size=block, chunks_per_call=cpc))
+            variants[f"unroll={unroll}"] = run
+        if args.baseline:
+            package = importlib.import_module(args.baseline)
+            base = package.CoDAGQALandmark(**shape, **CACHE, param_dtype=jnp.bfloat16,
+                                           rngs=nnx.Rngs(0))
+            nnx.update(base, nnx.state(layer))
+            base_st = base.init_state(1, jnp.bfloat16, key=jax.random.key(2))
 
-parser = argparse.ArgumentParser()
-parser.add_argument("label")
-parser.add_argument("--unroll", nargs="*", default=["1", "True"])
-parser.add_argument("--configs", nargs="*", default=["256x4", "256x16", "1024x4"])
-args = parser.parse_args()
-for shape in SHAPES:
-    d = shape["embed_dim"]
-    layer = CoDAGQALandmark(**shape, **CACHE, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (1, LENGTH, d), jnp.bfloat16)
-    st = layer.init_state(1, jnp.bfloat16, key=jax.random.key(2))
-    for unroll in args.unroll:
-        bounded.PREFILL_UNROLL = True if unroll == "True" else int(unroll)
+            def run_base(block, cpc):
+                return jax.block_until_ready(
+                    base.prefill(x, base_st, block_size=block, chunks_per_call=cpc))
+            variants[f"baseline {args.baseline}"] = run_base
         for config in args.configs:
             block, cpc = map(int, config.split("x"))
-            sec = timed(lambda: jax.block_until_ready(
-                layer.prefill(x, st, block_size=block, chunks_per_call=cpc)))
-            print(f"{args.label} D={d} unroll={unroll} block={block} chunks_per_call={cpc}: "
-                  f"{LENGTH / sec / 1e3:.0f} K tok/s", flush=True)
+            fns = {name: (lambda run=run: run(block, cpc)) for name, run in variants.items()}
+            seconds = per_call_rounds(fns)
+            for name, per_round in seconds.items():
+                rate = LENGTH / statistics.median(per_round) / 1e3
+                results["k_tokens_per_s"][f"D{d} {config} {name}"] = round(rate)
+                print(f"{args.label} D={d} {name} block={block} chunks_per_call={cpc}: "
+                      f"{rate:.0f} K tok/s", flush=True)
+                if args.baseline and not name.startswith("baseline"):
+                    base_rounds = seconds[f"baseline {args.baseline}"]
+                    results["per_round_ratio_to_baseline"][f"D{d} {config} {name}"] = [
+                        round(b / s, 3) for s, b in zip(per_round, base_rounds)]
+    if args.baseline:
+        print(json.dumps(results["per_round_ratio_to_baseline"]))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

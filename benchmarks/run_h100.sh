@@ -12,7 +12,8 @@
 #                     its options, e.g. LAYER_ARGS="--embed-dims 4096 --skip fidelity"
 #   fidelity          bench_layer.py --fidelity-only
 #   profile           profile_prefill.py at block 1024 (Pallas attention), with the HLO
-#   variants          prefill_variants.py: loop shapes, unrolled or not
+#   variants[:PKG]    prefill_variants.py: the current layer, and with :PKG the same
+#                     layer from benchmarks/baselines/PKG (an older coda_jax), in turns
 #   variants-graphs   the same, unrolled, under XLA command buffers (CUDA graphs)
 #   tune              tune_mosaic.py: launch order and K/V stages of the Hopper forward
 #
@@ -37,7 +38,8 @@ summarise_layer() {
   python3 - "$1" <<'PY'
 import json, sys
 for e in json.load(open(sys.argv[1]))["shapes"]:
-    print(e["shape"], {k: round(v, 2) for k, v in e["ratios"].items()},
+    print(e["shape"], {k: round(v, 2) if isinstance(v, float) else [min(v), max(v)]
+                       for k, v in e["ratios"].items()},
           {k: round(v) for k, v in e["ours"].items()},
           {k: round(v) for k, v in e.get("ours_cudnn_attention", {}).items()},
           {k: round(v, 4) for k, v in e.get("fidelity_rel_l2_error", {}).items()})
@@ -78,9 +80,11 @@ for phase in "$@"; do
             --block 1024 --implementation $impl --chunks-per-call 4 --hlo 2>&1 | quiet | head -80
         rm -rf "$OUT"/profile_$impl/trace_*
       done ;;
-    variants)
-      timeout 200 python3 benchmarks/prefill_variants.py default --unroll True 1 \
-          --configs 1024x4 256x16 2>&1 | grep "tok/s" ;;
+    variants|variants:*)  # variants:PACKAGE adds that copy of coda_jax (benchmarks/baselines/)
+      base=${phase#variants}; base=${base#:}
+      timeout 240 python3 benchmarks/prefill_variants.py default --unroll True \
+          --configs 1024x4 256x16 ${base:+--baseline baselines.$base} \
+          --out "$OUT/prefill_variants.json" 2>&1 | grep "tok/s\|{" ;;
     variants-graphs)  # the unrolled prefill as CUDA graphs (XLA command buffers)
       for size in 5 1; do
         XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN --xla_gpu_graph_min_graph_size=$size" \
