@@ -7,6 +7,8 @@ segments, so prompts of any length share one compilation per block size.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +20,7 @@ def check_lengths(lengths, batch: int, length: int) -> jax.Array | np.ndarray:
     """Per-row valid lengths as int32 (B,); all of ``length`` when None.
 
     Host values are range-checked and stay on the host (a numpy array: no
-    device op per call); device arrays are shape-checked and clipped to
+    device op per call; ``split_segments`` keeps one device copy per value); device arrays are shape-checked and clipped to
     [0, length] rather than read back (no host sync).
     """
     if lengths is None:
@@ -44,8 +46,7 @@ def default_chunks_per_call(block_size: int) -> int:
 
 
 def split_segments(x: jax.Array, lengths: jax.Array | np.ndarray, *, block_size: int,
-                   chunks_per_call: int | None
-                   ) -> list[tuple[jax.Array, jax.Array | np.ndarray]]:
+                   chunks_per_call: int | None) -> list[tuple[jax.Array, jax.Array]]:
     """Pad x (B, L, ...) to whole segments -> [(x_segment, valid lengths in it)].
 
     ``chunks_per_call=None`` takes :func:`default_chunks_per_call`. A prompt of
@@ -62,11 +63,23 @@ def split_segments(x: jax.Array, lengths: jax.Array | np.ndarray, *, block_size:
     n_seg = -(-length // seg)
     if n_seg * seg != length:
         x = jnp.pad(x, [(0, 0), (0, n_seg * seg - length)] + [(0, 0)] * (x.ndim - 2))
-    clip = np.clip if isinstance(lengths, np.ndarray) else jnp.clip
+    if isinstance(lengths, np.ndarray):
+        def segment_lengths(i):
+            return _on_device(tuple(np.clip(lengths - i * seg, 0, seg).tolist()))
+    else:
+        def segment_lengths(i):
+            return jnp.clip(lengths - i * seg, 0, seg)
     if n_seg == 1:
-        return [(x, clip(lengths, 0, seg))]
-    return [(x[:, i * seg:(i + 1) * seg], clip(lengths - i * seg, 0, seg))
-            for i in range(n_seg)]
+        return [(x, segment_lengths(0))]
+    return [(x[:, i * seg:(i + 1) * seg], segment_lengths(i)) for i in range(n_seg)]
+
+
+@functools.lru_cache(maxsize=256)
+def _on_device(values: tuple[int, ...]) -> jax.Array:
+    """Host lengths as a device array, made once per distinct value: a numpy
+    argument would be copied to the GPU on every call, a transfer on the
+    compute stream's path."""
+    return jnp.asarray(values, POSITION_DTYPE)
 
 
 def join_segments(outputs: list[jax.Array], length: int) -> jax.Array:
