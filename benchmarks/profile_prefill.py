@@ -4,8 +4,8 @@
 
 Traces three prefills of L=4096 tokens (bf16, W=256 Me=64 Ms=64, the two layer
 shapes of bench_layer.py) with the JAX profiler, reads the Perfetto trace and
-prints, per call: wall time, GPU busy time, kernel launches, and the kernels
-that take the most time.
+prints, per call: wall time, GPU busy time, kernel launches, the kernels
+that take the most time, and where the GPU sits idle between kernels.
 """
 import argparse
 import collections
@@ -43,6 +43,21 @@ def busy_us(kernels: list[dict]) -> float:
             total += stop - max(start, end)
             end = stop
     return total
+
+
+def idle_gaps(kernels: list[dict], top: int = 12) -> dict:
+    """Where the GPU waits between kernels: the largest idle gaps (with the kernels
+    around them) and how idle time splits between short and long gaps."""
+    gaps, end, prev = [], None, None
+    for e in sorted(kernels, key=lambda e: e["ts"]):
+        if end is not None and e["ts"] > end:
+            gaps.append((e["ts"] - end, prev, e["name"][:60]))
+        if end is None or e["ts"] + e["dur"] > end:
+            end, prev = e["ts"] + e["dur"], e["name"][:60]
+    return {"idle_us_in_gaps_under_10us": sum(g for g, *_ in gaps if g < 10),
+            "idle_us_in_gaps_10_to_100us": sum(g for g, *_ in gaps if 10 <= g < 100),
+            "largest_gaps": [{"us": round(g, 1), "after": a, "before": b}
+                             for g, a, b in sorted(gaps, reverse=True)[:top]]}
 
 
 def main() -> None:
@@ -91,6 +106,7 @@ def main() -> None:
                  "wall_ms_per_call": wall * 1e3,
                  "gpu_busy_ms_per_call": busy_us(kernels) / 1e3 / args.calls,
                  "kernels_per_call": len(kernels) / args.calls,
+                 "idle_gaps_all_calls": idle_gaps(kernels),
                  "top_kernels_ms_per_call": {n: t / 1e3 / args.calls
                                              for n, t in by_name.most_common(25)}}
         report.append(entry)
