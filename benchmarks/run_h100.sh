@@ -15,6 +15,8 @@
 #   variants[:PKG]    prefill_variants.py: the current layer, and with :PKG the same
 #                     layer from benchmarks/baselines/PKG (an older coda_jax), in turns
 #   variants-graphs   the same, unrolled, under XLA command buffers (CUDA graphs)
+#   host              host_profile.py: dispatch vs ready time of a prefill call and the
+#                     host's Python profile; again with XLA command buffers off
 #   tune              tune_mosaic.py: launch order and K/V stages of the Hopper forward
 #
 # A phase's full log and results land in $OUT; a short table is printed.
@@ -91,6 +93,11 @@ for phase in "$@"; do
             timeout 150 python3 benchmarks/prefill_variants.py "graphs_min$size" --unroll True \
             --configs 1024x4 256x16 2>&1 | grep "tok/s\|rror" | head -6
       done ;;
+    host)
+      timeout 150 python3 benchmarks/host_profile.py 2>&1 | quiet > "$OUT/host_profile.log"
+      grep -A24 "^D=" "$OUT/host_profile.log" | cut -c1-150
+      XLA_FLAGS="--xla_gpu_enable_command_buffer=" timeout 100 python3 benchmarks/host_profile.py \
+          2>&1 | grep "^D=" | sed 's/^/command buffers off: /' ;;
     tune)
       timeout 200 python3 benchmarks/tune_mosaic.py --out "$OUT/tune_mosaic_h100.json" 2>&1 \
           | quiet | tail -5 ;;

@@ -1,0 +1,57 @@
+"""Where the host time of one bounded-layer prefill call goes (tuning aid).
+
+    python benchmarks/host_profile.py [--block 1024] [--calls 50]
+
+For the two layer shapes of bench_layer.py (L=4096, bf16): the time until
+``prefill`` returns (dispatch: everything the host does before the GPU can
+run on its own) against the time until its result is ready, then the Python
+functions that take the host's time (cProfile, sorted by own time).
+"""
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bench_layer import CACHE, LENGTH, SHAPES
+from coda_jax import CoDAGQALandmark
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--block", type=int, default=1024)
+    parser.add_argument("--calls", type=int, default=50)
+    args = parser.parse_args()
+    for shape in SHAPES:
+        d = shape["embed_dim"]
+        layer = CoDAGQALandmark(**shape, **CACHE, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        x = jax.random.normal(jax.random.key(1), (1, LENGTH, d), jnp.bfloat16)
+        st = layer.init_state(1, jnp.bfloat16, key=jax.random.key(2))
+        for _ in range(10):
+            jax.block_until_ready(layer.prefill(x, st, block_size=args.block))
+        dispatch, total = [], []
+        for _ in range(args.calls):
+            start = time.perf_counter()
+            out = layer.prefill(x, st, block_size=args.block)
+            dispatch.append(time.perf_counter() - start)
+            jax.block_until_ready(out)
+            total.append(time.perf_counter() - start)
+        print(f"D={d} block={args.block}: dispatch {statistics.median(dispatch) * 1e6:.0f} us, "
+              f"until ready {statistics.median(total) * 1e6:.0f} us (medians)", flush=True)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(args.calls):
+            jax.block_until_ready(layer.prefill(x, st, block_size=args.block))
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
+        print(text.getvalue()[-4000:], flush=True)
+
+
+if __name__ == "__main__":
+    main()
