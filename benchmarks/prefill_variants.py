@@ -6,7 +6,8 @@
 Each config is block_size x chunks_per_call; L=4096, bf16, W=256/Me=64/Ms=64, the
 two layer shapes of bench_layer.py. The variants are the scan unroll values and,
 with ``--baseline``, the same layer from another copy of ``coda_jax`` importable
-as PACKAGE (e.g. an older commit's package, to measure a change in one run).
+as PACKAGE (e.g. an older commit's package, to measure a change in one run), and
+with ``--compiler-options``, the prefill compiled with other XLA options.
 Variants take turns within every round, each call waited for as in
 bench_layer.py, so drifting clocks hit them alike. Run it again under other
 XLA_FLAGS to compare flags (LABEL tags the lines).
@@ -31,10 +32,14 @@ def main() -> None:
     parser.add_argument("--unroll", nargs="*", default=["True"])
     parser.add_argument("--configs", nargs="*", default=["1024x4", "256x16"])
     parser.add_argument("--baseline", help="another copy of coda_jax, importable by this name")
+    parser.add_argument("--compiler-options", nargs="*", default=[], metavar="NAME=VALUE;...",
+                        help="variants compiling the prefill with these XLA options, e.g. "
+                             "xla_gpu_graph_min_graph_size=1000000")
     parser.add_argument("--out")
     args = parser.parse_args()
     results = {"label": args.label, "device": jax.devices()[0].device_kind,
-               "jax": jax.__version__, "k_tokens_per_s": {}, "per_round_ratio_to_baseline": {}}
+               "jax": jax.__version__, "k_tokens_per_s": {}, "per_round_ratio_to_baseline": {},
+               "per_round_ratio_to_first": {}}
     for shape in SHAPES:
         d = shape["embed_dim"]
         layer = CoDAGQALandmark(**shape, **CACHE, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
@@ -49,6 +54,20 @@ def main() -> None:
                 return jax.block_until_ready(
                     layer.prefill(x, st, block_size=block, chunks_per_call=cpc))
             variants[f"unroll={unroll}"] = run
+        default_jit = bounded._prefill_segment_jit
+        for options in args.compiler_options:
+            parsed = dict(o.split("=", 1) for o in options.split(";"))
+            jitted = jax.jit(default_jit.__wrapped__, compiler_options=parsed,
+                             static_argnames=("block_size", "training", "unroll"))
+
+            def run_with(block, cpc, jitted=jitted):
+                bounded.PREFILL_UNROLL, bounded._prefill_segment_jit = None, jitted
+                try:
+                    return jax.block_until_ready(
+                        layer.prefill(x, st, block_size=block, chunks_per_call=cpc))
+                finally:
+                    bounded._prefill_segment_jit = default_jit
+            variants[options] = run_with
         if args.baseline:
             package = importlib.import_module(args.baseline)
             base = package.CoDAGQALandmark(**shape, **CACHE, param_dtype=jnp.bfloat16,
@@ -64,17 +83,20 @@ def main() -> None:
             block, cpc = map(int, config.split("x"))
             fns = {name: (lambda run=run: run(block, cpc)) for name, run in variants.items()}
             seconds = per_call_rounds(fns)
+            first = next(iter(seconds))
             for name, per_round in seconds.items():
                 rate = LENGTH / statistics.median(per_round) / 1e3
                 results["k_tokens_per_s"][f"D{d} {config} {name}"] = round(rate)
                 print(f"{args.label} D={d} {name} block={block} chunks_per_call={cpc}: "
                       f"{rate:.0f} K tok/s", flush=True)
+                if name != first:
+                    results["per_round_ratio_to_first"][f"D{d} {config} {name}"] = [
+                        round(f / s, 3) for s, f in zip(per_round, seconds[first])]
                 if args.baseline and not name.startswith("baseline"):
                     base_rounds = seconds[f"baseline {args.baseline}"]
                     results["per_round_ratio_to_baseline"][f"D{d} {config} {name}"] = [
                         round(b / s, 3) for s, b in zip(per_round, base_rounds)]
-    if args.baseline:
-        print(json.dumps(results["per_round_ratio_to_baseline"]))
+    print(json.dumps({k: v for k, v in results.items() if k.startswith("per_round")}))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -13,7 +13,8 @@
 #   fidelity          bench_layer.py --fidelity-only
 #   profile           profile_prefill.py at block 1024 (Pallas attention), with the HLO
 #   variants[:PKG]    prefill_variants.py: the current layer, and with :PKG the same
-#                     layer from benchmarks/baselines/PKG (an older coda_jax), in turns
+#                     layer from benchmarks/baselines/PKG (an older coda_jax), in turns;
+#                     $VARIANT_ARGS adds options (e.g. --compiler-options NAME=VALUE)
 #   variants-graphs   the same, unrolled, under XLA command buffers (CUDA graphs)
 #   host              host_profile.py: dispatch vs ready time of a prefill call and the
 #                     host's Python profile; again with XLA command buffers off
@@ -85,7 +86,7 @@ for phase in "$@"; do
     variants|variants:*)  # variants:PACKAGE adds that copy of coda_jax (benchmarks/baselines/)
       base=${phase#variants}; base=${base#:}
       timeout 240 python3 benchmarks/prefill_variants.py default --unroll True \
-          --configs 1024x4 256x16 ${base:+--baseline baselines.$base} \
+          --configs 1024x4 256x16 ${base:+--baseline baselines.$base} ${VARIANT_ARGS:-} \
           --out "$OUT/prefill_variants.json" 2>&1 | grep "tok/s\|{" ;;
     variants-graphs)  # the unrolled prefill as CUDA graphs (XLA command buffers)
       for size in 5 1; do
