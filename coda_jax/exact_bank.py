@@ -36,13 +36,19 @@ class ExactUpdate(NamedTuple):
     gated_out: jax.Array    # (B,) int32 candidates below the write-gate threshold
 
 
-def value_scores(cand_v: jax.Array, mem_v: jax.Array) -> jax.Array:
+def routing_values(v: jax.Array) -> jax.Array:
+    """What exact routing compares: values normalised per head, float32."""
+    return l2_normalize(v)
+
+
+def value_scores(cand_unit: jax.Array, mem_v: jax.Array) -> jax.Array:
     """Cosine similarity of candidate and bank values, mean over KV heads.
 
-    cand_v (B, T, Hkv, Dh), mem_v (B, M, Hkv, Dh) -> (B, T, M), float32.
+    cand_unit (B, T, Hkv, Dh) from :func:`routing_values`, mem_v (B, M, Hkv, Dh)
+    -> (B, T, M), float32.
     """
-    scores = jnp.einsum("bthd,bmhd->btm", l2_normalize(cand_v), l2_normalize(mem_v))
-    return scores / cand_v.shape[2]
+    scores = jnp.einsum("bthd,bmhd->btm", cand_unit, routing_values(mem_v))
+    return scores / cand_unit.shape[2]
 
 
 def _keep(cfg: BankConfig, gate: jax.Array, valid: jax.Array) -> jax.Array:
@@ -80,14 +86,15 @@ def _nth_in_stable_order(key: jax.Array, n: jax.Array) -> jax.Array:
 
 def update_block(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: jax.Array,
                  last: jax.Array, active: jax.Array, cand_k: jax.Array, cand_v: jax.Array,
-                 cand_pos: jax.Array, cand_gate: jax.Array,
+                 cand_unit: jax.Array, cand_pos: jax.Array, cand_gate: jax.Array,
                  cand_valid: jax.Array) -> ExactUpdate:
-    """Route T candidates (sorted by gate, descending) into the bank at once (prefill)."""
+    """Route T candidates (sorted by gate, descending) into the bank at once (prefill);
+    ``cand_unit`` is ``routing_values(cand_v)``."""
     num_slots = mem_k.shape[1]
     slots = jnp.arange(num_slots)
     inactive = slots[None, :] >= active[:, None]                         # (B, M)
 
-    scores = value_scores(cand_v, mem_v)
+    scores = value_scores(cand_unit, mem_v)
     scores = jnp.where((inactive | ~used)[:, None, :], MASKED_SCORE, scores)
     best_score = jnp.max(scores, axis=-1)
     best_idx = jnp.argmax(scores, axis=-1)
@@ -139,7 +146,7 @@ def update_one(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: jax
     slots = jnp.arange(num_slots)
     active_slot = slots[None, :] < active[:, None]
 
-    scores = value_scores(v[:, None], mem_v)[:, 0]                        # (B, M)
+    scores = value_scores(routing_values(v[:, None]), mem_v)[:, 0]                        # (B, M)
     scores = jnp.where(active_slot & used, scores, MASKED_SCORE)
     best_score = jnp.max(scores, axis=-1)
     best_idx = jnp.argmax(scores, axis=-1)

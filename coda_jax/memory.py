@@ -209,6 +209,8 @@ class Candidates(NamedTuple):
 
     k: jax.Array      # (n, B, C, Hkv, Dh)
     v: jax.Array
+    v_unit: jax.Array     # exact_bank.routing_values(v)
+    k_lf_unit: jax.Array  # summary_bank.routing_keys(k): (n, B, C, Hkv, lf_dim)
     gate: jax.Array   # (n, B, C) float32
     pos: jax.Array    # (n, B, C) absolute positions
     valid: jax.Array  # (n, B, C) bool
@@ -232,8 +234,8 @@ def _bank_update_fns(layout: BankLayout, cand, eta_logit: jax.Array):
         def exact_fn(**bank):
             return exact_bank.update_block(
                 cfg, **bank, cand_k=cand.k[:, :n_exact], cand_v=cand.v[:, :n_exact],
-                cand_pos=cand.pos[:, :n_exact], cand_gate=cand.gate[:, :n_exact],
-                cand_valid=cand.valid[:, :n_exact])
+                cand_unit=cand.v_unit[:, :n_exact], cand_pos=cand.pos[:, :n_exact],
+                cand_gate=cand.gate[:, :n_exact], cand_valid=cand.valid[:, :n_exact])
     if n_summary > 0:
         def summary_fn(**bank):
             g, ok = cand.gate[:, :n_summary], cand.valid[:, :n_summary]
@@ -241,7 +243,8 @@ def _bank_update_fns(layout: BankLayout, cand, eta_logit: jax.Array):
                 ok = ok & (g >= cfg.write_gate_threshold_summary)
             return summary_bank.update_block(
                 cfg, **bank, eta_logit=eta_logit, cand_k=cand.k[:, :n_summary],
-                cand_v=cand.v[:, :n_summary], weight=jnp.where(ok, g, 0.0),
+                cand_v=cand.v[:, :n_summary], cand_unit=cand.k_lf_unit[:, :n_summary],
+                weight=jnp.where(ok, g, 0.0),
                 lf_dims=layout.lf_dims, energy_scale=layout.energy_scale)
     return exact_fn, summary_fn
 
@@ -306,8 +309,11 @@ def write_segment(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.
                            stable=True)[..., :num_cand]
         cand_stream = ring_start[:-1][..., None] + rank
         cand_src = source(cand_stream)
+        cand_k, cand_v = _take_per_block(stream_k, cand_src), _take_per_block(stream_v, cand_src)
+        # Routing's normalised candidates for every block at once, not per block.
         cand = Candidates(
-            k=_take_per_block(stream_k, cand_src), v=_take_per_block(stream_v, cand_src),
+            k=cand_k, v=cand_v, v_unit=exact_bank.routing_values(cand_v),
+            k_lf_unit=summary_bank.routing_keys(cand_k, layout.lf_dims),
             gate=jnp.take_along_axis(ev_g, rank, axis=-1),
             pos=(state.pos - filled0)[None, :, None] + cand_stream,
             valid=jnp.arange(num_cand) < evicted[..., None])

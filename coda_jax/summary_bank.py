@@ -35,15 +35,20 @@ def band_mask(lf_dims: np.ndarray, head_dim: int) -> np.ndarray:
     return np.isin(np.arange(head_dim), lf_dims)
 
 
-def lf_scores(cand_k: jax.Array, mem_k: jax.Array, lf_dims: np.ndarray) -> jax.Array:
-    """Cosine similarity of the LF key bands, mean over KV heads -> (B, T, Ms) float32."""
-    cand = l2_normalize(cand_k[..., lf_dims])
-    mem = l2_normalize(mem_k[..., lf_dims])
-    return jnp.einsum("bthd,bmhd->btm", cand, mem) / cand_k.shape[2]
+def routing_keys(k: jax.Array, lf_dims: np.ndarray) -> jax.Array:
+    """What summary routing compares: the LF key band normalised per head, float32."""
+    return l2_normalize(k[..., lf_dims])
 
 
-def _route(cand_k, mem_k, active, lf_dims) -> jax.Array:
-    scores = lf_scores(cand_k, mem_k, lf_dims)
+def lf_scores(cand_unit: jax.Array, mem_k: jax.Array, lf_dims: np.ndarray) -> jax.Array:
+    """Cosine similarity of the LF key bands, mean over KV heads -> (B, T, Ms) float32;
+    cand_unit is :func:`routing_keys` of the candidates."""
+    scores = jnp.einsum("bthd,bmhd->btm", cand_unit, routing_keys(mem_k, lf_dims))
+    return scores / cand_unit.shape[2]
+
+
+def _route(cand_unit, mem_k, active, lf_dims) -> jax.Array:
+    scores = lf_scores(cand_unit, mem_k, lf_dims)
     inactive = jnp.arange(mem_k.shape[1])[None, :] >= active[:, None]
     return jnp.argmax(jnp.where(inactive[:, None, :], MASKED_SCORE, scores), axis=-1)
 
@@ -68,13 +73,14 @@ def _frustrated(used: jax.Array, active: jax.Array, incoming: jax.Array) -> jax.
 
 def update_block(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: jax.Array,
                  active: jax.Array, eta_logit: jax.Array, cand_k: jax.Array,
-                 cand_v: jax.Array, weight: jax.Array, lf_dims: np.ndarray,
-                 energy_scale: float) -> SummaryUpdate:
+                 cand_v: jax.Array, cand_unit: jax.Array, weight: jax.Array,
+                 lf_dims: np.ndarray, energy_scale: float) -> SummaryUpdate:
     """Blend T weighted candidates (prefill): each slot moves toward the
-    gate-weighted mean of the candidates routed to it. ``weight`` (B, T) is 0
-    for candidates that must not count (gated out or padding)."""
+    gate-weighted mean of the candidates routed to it. ``cand_unit`` is
+    ``routing_keys(cand_k)``; ``weight`` (B, T) is 0 for candidates that must
+    not count (gated out or padding)."""
     num_slots = mem_k.shape[1]
-    idx = materialise(_route(cand_k, mem_k, active, lf_dims))[0]          # (B, T)
+    idx = materialise(_route(cand_unit, mem_k, active, lf_dims))[0]          # (B, T)
     onehot = (idx[:, :, None] == jnp.arange(num_slots)).astype(jnp.float32)  # (B, T, Ms)
     weighted = onehot * weight[:, :, None].astype(jnp.float32)
     count = jnp.sum(weighted, axis=1)                                       # (B, Ms)
@@ -108,7 +114,7 @@ def update_one(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: jax
     """Blend one evicted token per row (decode); the write gate scales eta."""
     num_slots = mem_k.shape[1]
     keep = valid & (gate >= cfg.write_gate_threshold_summary) if cfg.gated else valid
-    idx = _route(k[:, None], mem_k, active, lf_dims)[:, 0]                 # (B,)
+    idx = _route(routing_keys(k[:, None], lf_dims), mem_k, active, lf_dims)[:, 0]  # (B,)
     onehot = idx[:, None] == jnp.arange(num_slots)[None, :]                 # (B, Ms)
 
     eta = jax.nn.sigmoid(eta_logit.astype(jnp.float32))[None, :]           # (1, Hkv)
