@@ -60,7 +60,7 @@ for phase in "$@"; do
           tests/test_decode_attention.py > "$log" 2>&1
       grep -E "^(PASSED|FAILED|ERROR)|passed|failed|^E  " "$log" | head -40 ;;
     layer-tests)
-      JAX_PLATFORMS=cuda timeout 240 python3 -m pytest -q -x -p no:cacheprovider \
+      JAX_PLATFORMS=cuda timeout 400 python3 -m pytest -q -x -p no:cacheprovider \
           tests/test_bounded_parity.py 2>&1 | tail -3 ;;
     diff)
       timeout 300 python3 benchmarks/bench_diff_attention.py --skip ours_portable \
