@@ -26,10 +26,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--block", type=int, default=1024)
     parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--implementation", default=None, help="attention: pallas, cudnn, xla")
+    parser.add_argument("--no-profile", action="store_true", help="timings only")
     args = parser.parse_args()
     for shape in SHAPES:
         d = shape["embed_dim"]
-        layer = CoDAGQALandmark(**shape, **CACHE, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        layer = CoDAGQALandmark(**shape, **CACHE, param_dtype=jnp.bfloat16,
+                                implementation=args.implementation, rngs=nnx.Rngs(0))
         x = jax.random.normal(jax.random.key(1), (1, LENGTH, d), jnp.bfloat16)
         st = layer.init_state(1, jnp.bfloat16, key=jax.random.key(2))
         for _ in range(10):
@@ -41,8 +44,11 @@ def main() -> None:
             dispatch.append(time.perf_counter() - start)
             jax.block_until_ready(out)
             total.append(time.perf_counter() - start)
-        print(f"D={d} block={args.block}: dispatch {statistics.median(dispatch) * 1e6:.0f} us, "
+        print(f"D={d} block={args.block} attention={args.implementation or 'default'}: "
+              f"dispatch {statistics.median(dispatch) * 1e6:.0f} us, "
               f"until ready {statistics.median(total) * 1e6:.0f} us (medians)", flush=True)
+        if args.no_profile:
+            continue
         profiler = cProfile.Profile()
         profiler.enable()
         for _ in range(args.calls):

@@ -17,7 +17,7 @@
 #                     $VARIANT_ARGS adds options (e.g. --compiler-options NAME=VALUE)
 #   variants-graphs   the same, unrolled, under XLA command buffers (CUDA graphs)
 #   host              host_profile.py: dispatch vs ready time of a prefill call and the
-#                     host's Python profile; again with XLA command buffers off
+#                     host's Python profile; the timings again with cuDNN and XLA attention
 #   tune              tune_mosaic.py: launch order and K/V stages of the Hopper forward
 #
 # A phase's full log and results land in $OUT; a short table is printed.
@@ -97,8 +97,10 @@ for phase in "$@"; do
     host)
       timeout 150 python3 benchmarks/host_profile.py 2>&1 | quiet > "$OUT/host_profile.log"
       grep -A24 "^D=" "$OUT/host_profile.log" | cut -c1-150
-      XLA_FLAGS="--xla_gpu_enable_command_buffer=" timeout 100 python3 benchmarks/host_profile.py \
-          2>&1 | grep "^D=" | sed 's/^/command buffers off: /' ;;
+      for impl in cudnn xla; do
+        timeout 100 python3 benchmarks/host_profile.py --no-profile --implementation $impl \
+            2>&1 | grep "^D="
+      done ;;
     tune)
       timeout 200 python3 benchmarks/tune_mosaic.py --out "$OUT/tune_mosaic_h100.json" 2>&1 \
           | quiet | tail -5 ;;
