@@ -33,6 +33,20 @@ BLOCKS = (256, 1024)
 DECODE_STEPS = 256
 
 
+def random_layer(shape: dict, implementation: str | None = None, package=None):
+    """A randomly initialised bf16 bounded layer of ``shape`` with the medium cache,
+    an L=LENGTH prompt and a fresh state (the tuning scripts' common set-up);
+    ``package`` is another copy of ``coda_jax`` to build it from."""
+    from flax import nnx
+
+    if package is None:
+        import coda_jax as package
+    layer = package.CoDAGQALandmark(**shape, **CACHE, param_dtype=jnp.bfloat16,
+                                    implementation=implementation, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (1, LENGTH, shape["embed_dim"]), jnp.bfloat16)
+    return layer, x, layer.init_state(1, jnp.bfloat16, key=jax.random.key(2))
+
+
 def _median_seconds(fn, *, warmup_s: float = 0.3, min_repeats: int = 7,
                     min_total_s: float = 0.5) -> float:
     """Median seconds of one call of ``fn`` (which waits for its result).

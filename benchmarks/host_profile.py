@@ -15,11 +15,8 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
-from bench_layer import CACHE, LENGTH, SHAPES
-from coda_jax import CoDAGQALandmark
+from bench_layer import SHAPES, random_layer
 
 
 def main() -> None:
@@ -31,10 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     for shape in SHAPES:
         d = shape["embed_dim"]
-        layer = CoDAGQALandmark(**shape, **CACHE, param_dtype=jnp.bfloat16,
-                                implementation=args.implementation, rngs=nnx.Rngs(0))
-        x = jax.random.normal(jax.random.key(1), (1, LENGTH, d), jnp.bfloat16)
-        st = layer.init_state(1, jnp.bfloat16, key=jax.random.key(2))
+        layer, x, st = random_layer(shape, args.implementation)
         for _ in range(10):
             jax.block_until_ready(layer.prefill(x, st, block_size=args.block))
         dispatch, total = [], []

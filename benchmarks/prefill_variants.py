@@ -18,12 +18,10 @@ import json
 import statistics
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 import coda_jax.bounded as bounded
-from bench_layer import CACHE, LENGTH, SHAPES, per_call_rounds
-from coda_jax import CoDAGQALandmark
+from bench_layer import LENGTH, SHAPES, per_call_rounds, random_layer
 
 
 def main() -> None:
@@ -42,9 +40,7 @@ def main() -> None:
                "per_round_ratio_to_first": {}}
     for shape in SHAPES:
         d = shape["embed_dim"]
-        layer = CoDAGQALandmark(**shape, **CACHE, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-        x = jax.random.normal(jax.random.key(1), (1, LENGTH, d), jnp.bfloat16)
-        st = layer.init_state(1, jnp.bfloat16, key=jax.random.key(2))
+        layer, x, st = random_layer(shape)
         variants = {}
         for unroll in args.unroll:
             value = True if unroll == "True" else int(unroll)
@@ -69,11 +65,8 @@ def main() -> None:
                     bounded._prefill_segment_jit = default_jit
             variants[options] = run_with
         if args.baseline:
-            package = importlib.import_module(args.baseline)
-            base = package.CoDAGQALandmark(**shape, **CACHE, param_dtype=jnp.bfloat16,
-                                           rngs=nnx.Rngs(0))
+            base, _, base_st = random_layer(shape, package=importlib.import_module(args.baseline))
             nnx.update(base, nnx.state(layer))
-            base_st = base.init_state(1, jnp.bfloat16, key=jax.random.key(2))
 
             def run_base(block, cpc):
                 return jax.block_until_ready(

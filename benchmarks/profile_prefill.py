@@ -17,10 +17,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from bench_layer import CACHE, LENGTH, SHAPES
-from coda_jax import CoDAGQALandmark, bounded
+from bench_layer import LENGTH, SHAPES, random_layer
+from coda_jax import bounded
 
 
 def gpu_kernels(trace_dir: str) -> list[dict]:
@@ -73,10 +72,7 @@ def main() -> None:
     report = []
     for shape in SHAPES:
         d = shape["embed_dim"]
-        layer = CoDAGQALandmark(**shape, **CACHE, param_dtype=jnp.bfloat16,
-                                implementation=args.implementation, rngs=nnx.Rngs(0))
-        x = jax.random.normal(jax.random.key(1), (1, LENGTH, d), jnp.bfloat16)
-        st = layer.init_state(1, jnp.bfloat16, key=jax.random.key(2))
+        layer, x, st = random_layer(shape, args.implementation)
         extra = {} if args.chunks_per_call is None else {"chunks_per_call": args.chunks_per_call}
 
         def run():
