@@ -146,7 +146,7 @@ def update_one(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: jax
     slots = jnp.arange(num_slots)
     active_slot = slots[None, :] < active[:, None]
 
-    scores = value_scores(routing_values(v[:, None]), mem_v)[:, 0]                        # (B, M)
+    scores = value_scores(routing_values(v[:, None]), mem_v)[:, 0]        # (B, M)
     scores = jnp.where(active_slot & used, scores, MASKED_SCORE)
     best_score = jnp.max(scores, axis=-1)
     best_idx = jnp.argmax(scores, axis=-1)

@@ -20,8 +20,9 @@ def check_lengths(lengths, batch: int, length: int) -> jax.Array | np.ndarray:
     """Per-row valid lengths as int32 (B,); all of ``length`` when None.
 
     Host values are range-checked and stay on the host (a numpy array: no
-    device op per call; ``split_segments`` keeps one device copy per value); device arrays are shape-checked and clipped to
-    [0, length] rather than read back (no host sync).
+    device op per call; ``split_segments`` keeps one device copy per value);
+    device arrays are shape-checked and clipped to [0, length] rather than
+    read back (no host sync).
     """
     if lengths is None:
         return np.full((batch,), length, POSITION_DTYPE)
