@@ -47,23 +47,30 @@ def random_layer(shape: dict, implementation: str | None = None, package=None):
     return layer, x, layer.init_state(1, jnp.bfloat16, key=jax.random.key(2))
 
 
-def _median_seconds(fn, *, warmup_s: float = 0.3, min_repeats: int = 7,
-                    min_total_s: float = 0.5) -> float:
-    """Median seconds of one call of ``fn`` (which waits for its result).
-
-    Warm-up runs for at least ``warmup_s`` (compilation, then long enough for
-    the GPU to leave its idle clocks: bursts of a few ms measured 2.5x apart
-    between runs), then at least ``min_repeats`` timed calls and ``min_total_s``.
-    """
+def _warm_up(fn: Callable[[], Any], seconds: float) -> None:
+    """Call ``fn`` once (compilation), then for at least ``seconds``: long enough
+    for the GPU to leave its idle clocks (bursts of a few ms measured 2.5x apart
+    between runs)."""
     fn()
     start = time.perf_counter()
-    while time.perf_counter() - start < warmup_s:
+    while time.perf_counter() - start < seconds:
         fn()
+
+
+def _call_seconds(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _median_seconds(fn, *, warmup_s: float = 0.3, min_repeats: int = 7,
+                    min_total_s: float = 0.5) -> float:
+    """Median seconds of one call of ``fn`` (which waits for its result), after
+    warming up for ``warmup_s``: at least ``min_repeats`` timed calls and ``min_total_s``."""
+    _warm_up(fn, warmup_s)
     times = []
     while len(times) < min_repeats or sum(times) < min_total_s:
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        times.append(_call_seconds(fn))
     return statistics.median(times)
 
 
@@ -75,19 +82,11 @@ def per_call_rounds(fns: dict[str, Callable[[], Any]], *, rounds: int = 7, calls
     limits, CPU frequency) hit them alike; each is first warmed up for ``warmup_s``.
     """
     for fn in fns.values():
-        fn()
-        start = time.perf_counter()
-        while time.perf_counter() - start < warmup_s:
-            fn()
+        _warm_up(fn, warmup_s)
     out = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            times = []
-            for _ in range(calls):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            out[name].append(statistics.median(times))
+            out[name].append(statistics.median(_call_seconds(fn) for _ in range(calls)))
     return out
 
 
