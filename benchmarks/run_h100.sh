@@ -85,9 +85,9 @@ for phase in "$@"; do
       done ;;
     variants|variants:*)  # variants:PACKAGE adds that copy of coda_jax (benchmarks/baselines/)
       base=${phase#variants}; base=${base#:}
-      timeout 240 python3 benchmarks/prefill_variants.py default --unroll True \
+      timeout ${VARIANT_TIMEOUT:-240} python3 benchmarks/prefill_variants.py default --unroll True \
           --configs 1024x4 256x16 ${base:+--baseline baselines.$base} ${VARIANT_ARGS:-} \
-          --out "$OUT/prefill_variants.json" 2>&1 | grep "tok/s\|{" ;;
+          --out "$OUT/prefill_variants.json" 2>&1 | grep "tok/s\|{\|failed" ;;
     variants-graphs)  # the unrolled prefill as CUDA graphs (XLA command buffers)
       for size in 5 1; do
         XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN --xla_gpu_graph_min_graph_size=$size" \
