@@ -24,6 +24,13 @@ import coda_jax.bounded as bounded
 from bench_layer import LENGTH, SHAPES, per_call_rounds, random_layer
 
 
+def _option_value(text: str) -> bool | int | str:
+    """An XLA option's value from the command line: XLA wants bools and ints typed."""
+    if text in ("True", "False"):
+        return text == "True"
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("label")
@@ -52,7 +59,8 @@ def main() -> None:
             variants[f"unroll={unroll}"] = run
         default_jit = bounded._prefill_segment_jit
         for options in args.compiler_options:
-            parsed = dict(o.split("=", 1) for o in options.split(";"))
+            parsed = {name: _option_value(value) for name, value in
+                      (o.split("=", 1) for o in options.split(";"))}
             jitted = jax.jit(default_jit.__wrapped__, compiler_options=parsed,
                              static_argnames=("block_size", "training", "unroll"))
 
