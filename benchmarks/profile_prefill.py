@@ -5,7 +5,8 @@
 Traces three prefills of L=4096 tokens (bf16, W=256 Me=64 Ms=64, the two layer
 shapes of bench_layer.py) with the JAX profiler, reads the Perfetto trace and
 prints, per call: wall time, GPU busy time, kernel launches, the kernels
-that take the most time, and where the GPU sits idle between kernels.
+that take the most time, where the GPU sits idle between kernels, and the
+host's traced events (XLA's runtime: thunks, command-buffer updates) by time.
 """
 import argparse
 import collections
@@ -22,15 +23,18 @@ from bench_layer import LENGTH, SHAPES, random_layer
 from coda_jax import bounded
 
 
-def gpu_kernels(trace_dir: str) -> list[dict]:
-    """The complete events ("X") of GPU streams in the newest Perfetto trace."""
+def trace_events(trace_dir: str) -> tuple[list[dict], list[dict]]:
+    """The complete events ("X") of GPU streams and of host threads in the newest
+    Perfetto trace."""
     path = sorted(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
     events = json.load(gzip.open(path))["traceEvents"]
     names = {e["pid"]: str(e.get("args", {}).get("name", "")) for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
     print("trace processes:", sorted(set(names.values())))
     gpu_pids = {pid for pid, name in names.items() if "GPU" in name}
-    return [e for e in events if e.get("ph") == "X" and e["pid"] in gpu_pids]
+    complete = [e for e in events if e.get("ph") == "X"]
+    return ([e for e in complete if e["pid"] in gpu_pids],
+            [e for e in complete if e["pid"] not in gpu_pids])
 
 
 def busy_us(kernels: list[dict]) -> float:
@@ -94,17 +98,21 @@ def main() -> None:
             for _ in range(args.calls):
                 run()
             wall = (time.perf_counter() - start) / args.calls
-        kernels = gpu_kernels(trace_dir)
-        by_name = collections.Counter()
+        kernels, host = trace_events(trace_dir)
+        by_name, host_by_name = collections.Counter(), collections.Counter()
         for e in kernels:
             by_name[e["name"][:90]] += e["dur"]
+        for e in host:  # nested events each count: read them as a call tree's totals
+            host_by_name[e["name"][:90]] += e["dur"]
         entry = {"D": d, "block": args.block, "implementation": args.implementation,
                  "wall_ms_per_call": wall * 1e3,
                  "gpu_busy_ms_per_call": busy_us(kernels) / 1e3 / args.calls,
                  "kernels_per_call": len(kernels) / args.calls,
                  "idle_gaps_all_calls": idle_gaps(kernels),
                  "top_kernels_ms_per_call": {n: t / 1e3 / args.calls
-                                             for n, t in by_name.most_common(25)}}
+                                             for n, t in by_name.most_common(25)},
+                 "host_events_ms_per_call": {n: t / 1e3 / args.calls
+                                             for n, t in host_by_name.most_common(30)}}
         report.append(entry)
         print(json.dumps(entry, indent=1), flush=True)
     with open(f"{args.out}/profile_prefill.json", "w") as f:
