@@ -3,8 +3,7 @@
 #
 #   bash benchmarks/run_h100.sh PHASE [PHASE ...]     (carry [".whl"]: the coda-gqa-l wheel)
 #
-#   tests [PYTEST_K]  the `gpu` tests of the kernels (test_diff_flash, test_decode_attention,
-#                     test_bank_routing),
+#   tests [PYTEST_K]  the `gpu` tests of the kernels (test_diff_flash, test_decode_attention),
 #                     optionally only those matching -k PYTEST_K (e.g. "tests:gradients or decode")
 #   layer-tests       the bounded layer's GPU parity tests (test_bounded_parity on CUDA)
 #   diff              bench_diff_attention.py (the slow portable forward skipped)
@@ -58,7 +57,7 @@ for phase in "$@"; do
       log="$OUT/gpu_tests$(printf %s "${filter:+_$filter}" | tr -c 'A-Za-z0-9_' '_').log"
       JAX_PLATFORMS=cuda timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu \
           ${filter:+-k "$filter"} --tb=short -rA tests/test_diff_flash.py \
-          tests/test_decode_attention.py tests/test_bank_routing.py > "$log" 2>&1
+          tests/test_decode_attention.py > "$log" 2>&1
       grep -E "^(PASSED|FAILED|ERROR)|passed|failed|^E  " "$log" | head -40 ;;
     layer-tests)
       JAX_PLATFORMS=cuda timeout 400 python3 -m pytest -q -x -p no:cacheprovider \

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import memory
-from .attention_math import resolve_implementation
 from .config import AttentionConfig, BankConfig, HeadNormMode, LfBand, MemInit, WritePolicy
 from .frozen import bind_weights
 from .primitives import materialise
@@ -189,7 +188,7 @@ class CoDAGQALandmark(AttentionCore):
         state, (seen_k, seen_v, seen_allowed) = memory.write_segment(
             self.layout, state, k=k, v=v, gate=self._write_gate(x), lengths=lengths,
             block_size=block_size, eta_logit=self.summary_eta_logit[...], training=training,
-            unroll=unroll, fused=resolve_implementation(self.implementation) == "pallas")
+            unroll=unroll)
 
         # One attention row per (document, block): [buffer it saw | its block],
         # lower-right causal, unused slots and padding masked.

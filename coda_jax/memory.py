@@ -112,15 +112,8 @@ def stack_shapes(shapes: list[BankState]) -> BankState:
 def _ceiling(lo: int, thresholds: np.ndarray, tokens_seen: jax.Array) -> jax.Array:
     if thresholds.size == 0:
         return jnp.full_like(tokens_seen, lo)
-    passed = tokens_seen[..., None] >= jnp.asarray(thresholds, POSITION_DTYPE)
+    passed = tokens_seen[:, None] >= jnp.asarray(thresholds, POSITION_DTYPE)[None, :]
     return lo + jnp.sum(passed, axis=-1, dtype=POSITION_DTYPE)
-
-
-def _ceilings(layout: BankLayout, tokens_seen: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The (exact, summary) bank-size ceilings after ``tokens_seen`` tokens (any shape)."""
-    cfg = layout.cfg
-    return (_ceiling(cfg.min_landmarks_exact, layout.exact_thresholds, tokens_seen),
-            _ceiling(cfg.min_landmarks_summary, layout.summary_thresholds, tokens_seen))
 
 
 def _expand(active: jax.Array, frustrated: jax.Array, ceiling: jax.Array) -> jax.Array:
@@ -166,12 +159,13 @@ def _assemble(state: BankState, ring, banks: Banks, **fields) -> BankState:
                          active_summary=banks.active_summary, **fields)
 
 
-def _update_banks(layout: BankLayout, banks: Banks, ceilings, exact_fn, summary_fn):
+def _update_banks(layout: BankLayout, banks: Banks, pos: jax.Array, exact_fn, summary_fn,
+                  training: bool):
     """Run the bank updates given (None = that bank is absent or gets no
-    candidates) and the pressure-gated expansion up to ``ceilings`` (the
-    :func:`_ceilings` at this write; None in training, which, as the
-    reference, runs on fixed bank sizes). -> (banks, exact update, summary update)."""
-    zero = jnp.zeros_like(banks.active_exact)
+    candidates) and the pressure-gated expansion; ``pos`` (B,) is the position
+    of the next token before this write. -> (banks, exact update, summary update)."""
+    cfg = layout.cfg
+    zero = jnp.zeros_like(pos)
     if exact_fn is not None:
         exact = exact_fn(mem_k=banks.exact_k, mem_v=banks.exact_v, used=banks.exact_used,
                          last=banks.exact_last, active=banks.active_exact)
@@ -186,241 +180,78 @@ def _update_banks(layout: BankLayout, banks: Banks, ceilings, exact_fn, summary_
                                              banks.summary_used, zero, zero, zero)
 
     active_exact, active_summary = banks.active_exact, banks.active_summary
-    if ceilings is not None:
-        active_exact = _expand(active_exact, exact.frustrated, ceilings[0])
-        active_summary = _expand(active_summary, summary.frustrated, ceilings[1])
+    if not training:  # as the reference: training runs on fixed bank sizes
+        active_exact = _expand(active_exact, exact.frustrated, _ceiling(
+            cfg.min_landmarks_exact, layout.exact_thresholds, pos))
+        active_summary = _expand(active_summary, summary.frustrated, _ceiling(
+            cfg.min_landmarks_summary, layout.summary_thresholds, pos))
     new = Banks(exact.k, exact.v, exact.used, exact.last, summary.k, summary.v, summary.used,
                 active_exact, active_summary)
     return new, exact, summary
 
 
-class RouteCounts(NamedTuple):
-    """What one write did to the banks, per batch row (the metrics' increments)."""
-
-    tokens_gated_out: jax.Array
-    exact_hits: jax.Array
-    exact_inserts: jax.Array
-    exact_overwrites: jax.Array
-    exact_frustrated: jax.Array
-    summary_updates: jax.Array
-    summary_inserts: jax.Array
-    summary_frustrated: jax.Array
-    expansions_exact: jax.Array
-    expansions_summary: jax.Array
-
-
-def _route_counts(exact, summary, old: Banks, new: Banks) -> RouteCounts:
-    return RouteCounts(
-        tokens_gated_out=exact.gated_out, exact_hits=exact.hits,
-        exact_inserts=exact.inserts, exact_overwrites=exact.overwrites,
-        exact_frustrated=exact.frustrated, summary_updates=summary.updates,
-        summary_inserts=summary.inserts, summary_frustrated=summary.frustrated,
+def _count_metrics(metrics: BankMetrics | None, exact, summary, evictions, old: Banks,
+                   new: Banks) -> BankMetrics | None:
+    if metrics is None:
+        return None
+    return metrics.add(
+        total_evictions=evictions, tokens_gated_out=exact.gated_out,
+        exact_hits=exact.hits, exact_inserts=exact.inserts,
+        exact_overwrites=exact.overwrites, exact_frustrated=exact.frustrated,
+        summary_updates=summary.updates, summary_inserts=summary.inserts,
+        summary_frustrated=summary.frustrated,
         expansions_exact=new.active_exact - old.active_exact,
         expansions_summary=new.active_summary - old.active_summary)
 
 
-def _count_metrics(metrics: BankMetrics | None, counts: RouteCounts,
-                   evictions: jax.Array) -> BankMetrics | None:
-    if metrics is None:
-        return None
-    return metrics.add(total_evictions=evictions, **counts._asdict())
+class Candidates(NamedTuple):
+    """The evicted tokens of every block with the highest write gates, best first."""
 
-
-class BlockCandidates(NamedTuple):
-    """Every block's bank candidates as the two routings take them, batch first:
-    the evicted tokens with the highest write gates, best first. Exact rows past
-    its candidate count are invalid; summary rows past its count weigh nothing.
-    A bank that gets no candidates has None fields."""
-
-    exact_k: jax.Array | None         # (B, n, Ce, Hkv, Dh)
-    exact_v: jax.Array | None
-    exact_unit: jax.Array | None      # exact_bank.routing_values(exact_v), float32
-    exact_gate: jax.Array | None      # (B, n, Ce) float32
-    exact_pos: jax.Array | None       # (B, n, Ce) absolute positions
-    exact_valid: jax.Array | None     # (B, n, Ce) bool
-    summary_k: jax.Array | None       # (B, n, Cs, Hkv, Dh)
-    summary_v: jax.Array | None
-    summary_unit: jax.Array | None    # summary_bank.routing_keys(summary_k): (..., lf_dim)
-    summary_unit_dh: jax.Array | None  # the same on head_dim, 0 off the band (fused kernel)
-    summary_weight: jax.Array | None  # (B, n, Cs) float32: the gate, or 0 if it must not count
-
-
-def _take_blocks(x: jax.Array, idx: jax.Array) -> jax.Array:
-    """x (B, S, ...) gathered at idx (n, B, J) -> (B, n, J, ...)."""
-    n, b, j = idx.shape
-    return _take(x, idx.swapaxes(0, 1).reshape(b, n * j)).reshape(b, n, j, *x.shape[2:])
+    k: jax.Array      # (n, B, C, Hkv, Dh)
+    v: jax.Array
+    v_unit: jax.Array     # exact_bank.routing_values(v)
+    k_lf_unit: jax.Array  # summary_bank.routing_keys(k): (n, B, C, Hkv, lf_dim)
+    gate: jax.Array   # (n, B, C) float32
+    pos: jax.Array    # (n, B, C) absolute positions
+    valid: jax.Array  # (n, B, C) bool
 
 
 def _take_per_block(x: jax.Array, idx: jax.Array) -> jax.Array:
     """x (B, S, ...) gathered at idx (n, B, J) -> (n, B, J, ...)."""
-    return _take_blocks(x, idx).swapaxes(0, 1)
+    n, b, j = idx.shape
+    flat = _take(x, idx.swapaxes(0, 1).reshape(b, n * j))
+    return flat.reshape(b, n, j, *x.shape[2:]).swapaxes(0, 1)
 
 
-def _candidate_rows(count: int, fused: bool) -> int:
-    """Rows a routing takes for ``count`` candidates: the fused kernel's tiles
-    need a power of two of at least 16 (the extra rows are inert)."""
-    return max(16, 1 << (count - 1).bit_length()) if fused and count else count
-
-
-def fusable(layout: BankLayout) -> bool:
-    """Whether the fused bank-routing kernel takes this layout: both banks with
-    candidates, slot counts and head_dim powers of two of at least 16."""
+def _bank_update_fns(layout: BankLayout, cand, eta_logit: jax.Array):
+    """(exact_fn, summary_fn) routing one block's candidates; None where a bank gets none."""
     cfg = layout.cfg
-    pow2 = lambda n: n >= 16 and n & (n - 1) == 0  # noqa: E731
-    return (pow2(cfg.num_exact) and pow2(cfg.num_summary) and pow2(layout.head_dim)
-            and cfg.exact_candidates_per_block > 0 and cfg.summary_candidates_per_block > 0)
-
-
-def _block_candidates(layout: BankLayout, *, stream: tuple[jax.Array, jax.Array, jax.Array],
-                      first: jax.Array, evicted: jax.Array, source, pos0: jax.Array,
-                      block_size: int, fused: bool) -> BlockCandidates | None:
-    """Rank every block's evicted tokens by write gate (ties to the older token)
-    and gather its candidates for both banks at once.
-
-    ``stream`` = (k, v, gate) of [ring | segment]; ``first`` (n, B) the stream
-    position of each block's first evicted token and ``evicted`` (n, B) how
-    many; ``source`` maps stream positions to indices into the stream; ``pos0``
-    (B,) the absolute position of stream position 0.
-    """
-    cfg = layout.cfg
-    n_exact = min(cfg.exact_candidates_per_block, block_size) if cfg.num_exact else 0
-    n_summary = min(cfg.summary_candidates_per_block, block_size) if cfg.num_summary else 0
-    if n_exact == n_summary == 0:
-        return None
-    rows_e, rows_s = _candidate_rows(n_exact, fused), _candidate_rows(n_summary, fused)
-    take = min(max(rows_e, rows_s), block_size)
-    stream_k, stream_v, stream_g = stream
-    ev_valid = jnp.arange(block_size) < evicted[..., None]                 # (n, B, T)
-    ev_g = _take_per_block(stream_g, source(first[..., None] + jnp.arange(block_size)))
-    rank = jnp.argsort(jnp.where(ev_valid, -ev_g, jnp.inf), axis=-1, stable=True)[..., :take]
-    cand_stream = first[..., None] + rank
-    by_row = lambda a: a.swapaxes(0, 1)  # noqa: E731  (n, B, ...) -> (B, n, ...)
-    k = _take_blocks(stream_k, source(cand_stream))
-    v = _take_blocks(stream_v, source(cand_stream))
-    g = by_row(jnp.take_along_axis(ev_g, rank, axis=-1))
-    pos = by_row(pos0[None, :, None] + cand_stream)
-    valid = by_row(jnp.arange(take) < evicted[..., None])
-
-    def rows(x, n):  # the first n candidates, inert rows appended past the block
-        x = x[:, :, :n]
-        pad = [(0, 0), (0, 0), (0, n - x.shape[2])] + [(0, 0)] * (x.ndim - 3)
-        return jnp.pad(x, pad) if n > x.shape[2] else x
-
-    exact, summary = (None,) * 6, (None,) * 5
-    if n_exact:
-        ev = rows(v, rows_e)
-        exact = (rows(k, rows_e), ev, exact_bank.routing_values(ev), rows(g, rows_e),
-                 rows(pos, rows_e), rows(valid, rows_e) & (jnp.arange(rows_e) < n_exact))
-    if n_summary:
-        sk, sg = rows(k, rows_s), rows(g, rows_s)
-        counts = rows(valid, rows_s) & (jnp.arange(rows_s) < n_summary)
-        if cfg.gated:
-            counts = counts & (sg >= cfg.write_gate_threshold_summary)
-        unit = summary_bank.routing_keys(sk, layout.lf_dims)
-        unit_dh = (jnp.zeros(sk.shape, jnp.float32).at[..., layout.lf_dims].set(unit)
-                   if fused else None)
-        summary = (sk, rows(v, rows_s), unit, unit_dh, jnp.where(counts, sg, 0.0))
-    cand = BlockCandidates(*exact, *summary)
-    return jax.lax.stop_gradient(cand) if cfg.detach_evicted else cand
-
-
-def _route_xla(layout: BankLayout, eta_logit: jax.Array, banks: Banks,
-               blocks: BlockCandidates | None, i: jax.Array, count: jax.Array, ceilings
-               ) -> tuple[Banks, RouteCounts]:
-    """Route block ``i``'s candidates into both banks (XLA); rows with no token
-    in the block (``count`` (B,) == 0) keep their banks bit for bit."""
-    cfg = layout.cfg
-    cand = jax.tree.map(lambda a: a[:, i], blocks)
+    n_exact = min(cfg.exact_candidates_per_block, cand.gate.shape[-1]) if cfg.num_exact else 0
+    n_summary = (min(cfg.summary_candidates_per_block, cand.gate.shape[-1])
+                 if cfg.num_summary else 0)
     exact_fn = summary_fn = None
-    if cand is not None and cand.exact_k is not None:
+    if n_exact > 0:
         def exact_fn(**bank):
             return exact_bank.update_block(
-                cfg, **bank, cand_k=cand.exact_k, cand_v=cand.exact_v,
-                cand_unit=cand.exact_unit, cand_pos=cand.exact_pos,
-                cand_gate=cand.exact_gate, cand_valid=cand.exact_valid)
-    if cand is not None and cand.summary_k is not None:
+                cfg, **bank, cand_k=cand.k[:, :n_exact], cand_v=cand.v[:, :n_exact],
+                cand_unit=cand.v_unit[:, :n_exact], cand_pos=cand.pos[:, :n_exact],
+                cand_gate=cand.gate[:, :n_exact], cand_valid=cand.valid[:, :n_exact])
+    if n_summary > 0:
         def summary_fn(**bank):
+            g, ok = cand.gate[:, :n_summary], cand.valid[:, :n_summary]
+            if cfg.gated:
+                ok = ok & (g >= cfg.write_gate_threshold_summary)
             return summary_bank.update_block(
-                cfg, **bank, eta_logit=eta_logit, cand_k=cand.summary_k,
-                cand_v=cand.summary_v, cand_unit=cand.summary_unit,
-                weight=cand.summary_weight, lf_dims=layout.lf_dims,
-                energy_scale=layout.energy_scale)
-    new, exact, summary = _update_banks(layout, banks, ceilings, exact_fn, summary_fn)
-    run = count > 0
-    counts = jax.tree.map(lambda c: jnp.where(run, c, 0), _route_counts(exact, summary, banks, new))
-    return where_rows(run, new, banks), counts
-
-
-def _route_pallas(layout: BankLayout, eta_logit: jax.Array, banks: Banks,
-                  blocks: BlockCandidates, i: jax.Array, count: jax.Array, ceilings
-                  ) -> tuple[Banks, RouteCounts]:
-    """:func:`_route_xla` as one Pallas kernel (``pallas_kernels.bank_routing``)."""
-    from pallas_kernels.bank_routing import META, OUT_FIELDS, RoutingRule, route_block
-
-    cfg = layout.cfg
-    rule = RoutingRule(
-        num_kv_heads=layout.num_kv_heads, gated=cfg.gated,
-        write_gate_threshold_exact=cfg.write_gate_threshold_exact,
-        exact_novelty_threshold=cfg.exact_novelty_threshold,
-        exact_match_threshold=cfg.exact_match_threshold,
-        exact_refresh_on_hit=cfg.exact_refresh_on_hit,
-        summary_overwrite_on_insert=cfg.summary_overwrite_on_insert,
-        energy_scale=layout.energy_scale, expand=ceilings is not None)
-    zero = jnp.zeros_like(count)
-    ceil_e, ceil_s = (zero, zero) if ceilings is None else ceilings
-    lanes = [banks.active_exact, banks.active_summary, count, ceil_e, ceil_s, zero + i]
-    meta = jnp.stack(lanes + [zero] * (META - len(lanes)), axis=1).astype(jnp.int32)
-    heads = layout.num_kv_heads
-    eta = jax.nn.sigmoid(eta_logit.astype(jnp.float32))
-    eta = jnp.pad(eta, (0, _candidate_rows(heads, True) - heads))
-    band = jnp.asarray(summary_bank.band_mask(layout.lf_dims, layout.head_dim), jnp.int32)
-    as_int = lambda m: m.astype(jnp.int32)  # noqa: E731
-    exact, summary, out = route_block(
-        rule, meta, eta, band,
-        (banks.exact_k, banks.exact_v, as_int(banks.exact_used), banks.exact_last),
-        (banks.summary_k, banks.summary_v, as_int(banks.summary_used)),
-        (blocks.exact_k, blocks.exact_v, blocks.exact_unit, blocks.exact_gate,
-         blocks.exact_pos.astype(jnp.int32), as_int(blocks.exact_valid)),
-        (blocks.summary_k, blocks.summary_v, blocks.summary_unit_dh, blocks.summary_weight))
-    field = {name: out[:, j].astype(POSITION_DTYPE) for j, name in enumerate(OUT_FIELDS)}
-    new = Banks(exact[0], exact[1], exact[2] != 0, exact[3].astype(banks.exact_last.dtype),
-                summary[0], summary[1], summary[2] != 0, field["active_exact"],
-                field["active_summary"])
-    counts = RouteCounts(
-        tokens_gated_out=field["gated_out"], exact_hits=field["exact_hits"],
-        exact_inserts=field["exact_inserts"], exact_overwrites=field["exact_overwrites"],
-        exact_frustrated=field["exact_frustrated"], summary_updates=field["summary_updates"],
-        summary_inserts=field["summary_inserts"],
-        summary_frustrated=field["summary_frustrated"],
-        expansions_exact=new.active_exact - banks.active_exact,
-        expansions_summary=new.active_summary - banks.active_summary)
-    return new, counts
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _route_fused(layout: BankLayout, eta_logit, banks, blocks, i, count, ceilings):
-    """The Pallas routing; its gradient is the XLA routing's (recomputed)."""
-    return _route_pallas(layout, eta_logit, banks, blocks, i, count, ceilings)
-
-
-def _route_fused_fwd(layout, *args):
-    return _route_pallas(layout, *args), args
-
-
-def _route_fused_bwd(layout, args, cotangent):
-    eta_logit, banks, blocks, i, count, ceilings = args
-    _, vjp = jax.vjp(lambda e, b, c: _route_xla(layout, e, b, c, i, count, ceilings),
-                     eta_logit, banks, blocks)
-    return (*vjp(cotangent), None, None, None)
-
-
-_route_fused.defvjp(_route_fused_fwd, _route_fused_bwd)
+                cfg, **bank, eta_logit=eta_logit, cand_k=cand.k[:, :n_summary],
+                cand_v=cand.v[:, :n_summary], cand_unit=cand.k_lf_unit[:, :n_summary],
+                weight=jnp.where(ok, g, 0.0),
+                lf_dims=layout.lf_dims, energy_scale=layout.energy_scale)
+    return exact_fn, summary_fn
 
 
 def write_segment(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Array,
                   gate: jax.Array, lengths: jax.Array, block_size: int,
-                  eta_logit: jax.Array, training: bool, unroll: int | bool,
-                  fused: bool = False
+                  eta_logit: jax.Array, training: bool, unroll: int | bool
                   ) -> tuple[BankState, tuple[jax.Array, jax.Array, jax.Array]]:
     """Append a segment of whole blocks (k/v (B, L, Hkv, Dh), gate (B, L)) whose
     first ``lengths`` (B,) tokens are valid, block by block.
@@ -436,11 +267,8 @@ def write_segment(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.
     Returns the state after the segment and, per block, the buffer it
     attends to: (k (B, n, Lbuf, Hkv, Dh), v, allowed (B, n, Lbuf)), with the
     ring in time order. A row with no valid tokens keeps its state bit for bit.
-    ``fused`` routes each block with the Pallas kernel where the layout allows
-    (:func:`fusable`); the result is the same.
     """
     cfg = layout.cfg
-    fused = fused and fusable(layout)
     w = cfg.window
     length = gate.shape[1]
     n_blocks = length // block_size
@@ -469,25 +297,45 @@ def write_segment(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.
         return (zero(_take_per_block(stream_k, src)), zero(_take_per_block(stream_v, src)),
                 zero(_take_per_block(stream_g, src)), valid)
 
-    blocks = _block_candidates(
-        layout, stream=(stream_k, stream_v, stream_g), first=ring_start[:-1],
-        evicted=ring_start[1:] - ring_start[:-1], source=source, pos0=state.pos - filled0,
-        block_size=block_size, fused=fused)
+    num_cand = max(min(cfg.exact_candidates_per_block if cfg.num_exact else 0, block_size),
+                   min(cfg.summary_candidates_per_block if cfg.num_summary else 0, block_size))
+    evicted = ring_start[1:] - ring_start[:-1]                        # (n, B), <= block_size
+    cand = None
+    if num_cand > 0:
+        ev_pos = ring_start[:-1][..., None] + jnp.arange(block_size)   # (n, B, T)
+        ev_valid = jnp.arange(block_size) < evicted[..., None]
+        ev_g = _take_per_block(stream_g, source(ev_pos))
+        rank = jnp.argsort(jnp.where(ev_valid, -ev_g, jnp.inf), axis=-1,
+                           stable=True)[..., :num_cand]
+        cand_stream = ring_start[:-1][..., None] + rank
+        cand_src = source(cand_stream)
+        cand_k, cand_v = _take_per_block(stream_k, cand_src), _take_per_block(stream_v, cand_src)
+        # Routing's normalised candidates for every block at once, not per block.
+        cand = Candidates(
+            k=cand_k, v=cand_v, v_unit=exact_bank.routing_values(cand_v),
+            k_lf_unit=summary_bank.routing_keys(cand_k, layout.lf_dims),
+            gate=jnp.take_along_axis(ev_g, rank, axis=-1),
+            pos=(state.pos - filled0)[None, :, None] + cand_stream,
+            valid=jnp.arange(num_cand) < evicted[..., None])
+        if cfg.detach_evicted:
+            cand = jax.lax.stop_gradient(cand)
+
     counts = streamed[1:] - streamed[:-1]                             # (n, B) tokens per block
-    seen_before = state.pos[None] + (streamed[:-1] - filled0[None])   # tokens before each block
-    ceilings = None if training else _ceilings(layout, seen_before)
-    route = _route_fused if fused else _route_xla
+    pos_before = state.pos[None] + (streamed[:-1] - filled0[None])
 
     def body(carry, inputs):
         banks, metrics = carry
-        i, count, n_evicted, ceiling = inputs
-        new, route_counts = route(layout, eta_logit, banks, blocks, i, count, ceiling)
-        return (new, _count_metrics(metrics, route_counts, n_evicted)), banks
+        block_cand, count, n_evicted, pos = inputs
+        exact_fn, summary_fn = (_bank_update_fns(layout, block_cand, eta_logit)
+                                if block_cand is not None else (None, None))
+        new, exact, summary = _update_banks(layout, banks, pos, exact_fn, summary_fn, training)
+        new_metrics = _count_metrics(metrics, exact, summary, n_evicted, banks, new)
+        # Rows with nothing in this block keep their banks bit for bit.
+        return where_rows(count > 0, (new, new_metrics), (banks, metrics)), banks
 
     (banks, metrics), seen = jax.lax.scan(
-        body, (_banks_of(layout, state), state.metrics),
-        (jnp.arange(n_blocks, dtype=jnp.int32), counts, ring_start[1:] - ring_start[:-1],
-         ceilings), unroll=unroll)
+        body, (_banks_of(layout, state), state.metrics), (cand, counts, evicted, pos_before),
+        unroll=unroll)
 
     ring_k, ring_v, ring_g, ring_valid = ring_at(slice(n_blocks, n_blocks + 1))
     new = _assemble(
@@ -537,8 +385,8 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
 
     banks = _banks_of(layout, state)
     new, exact, summary = _update_banks(
-        layout, banks, None if training else _ceilings(layout, state.pos),
-        exact_fn if cfg.num_exact else None, summary_fn if cfg.num_summary else None)
+        layout, banks, state.pos, exact_fn if cfg.num_exact else None,
+        summary_fn if cfg.num_summary else None, training)
 
     ring = (state.k_buf[:, :w].at[rows, slot].set(k.astype(state.k_buf.dtype)),
             state.v_buf[:, :w].at[rows, slot].set(v.astype(state.v_buf.dtype)),
@@ -549,5 +397,5 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
         recent_idx=jnp.where(full, (state.recent_idx + 1) % w, state.recent_idx),
         recent_filled=jnp.minimum(state.recent_filled + 1, w).astype(POSITION_DTYPE),
         pos=state.pos + 1,
-        metrics=_count_metrics(state.metrics, _route_counts(exact, summary, banks, new),
-                               full.astype(jnp.int32)))
+        metrics=_count_metrics(state.metrics, exact, summary, full.astype(jnp.int32),
+                               banks, new))
