@@ -6,9 +6,12 @@ One program owns one KV head of one sequence and one slice of the slots: all
 query heads of the KV group and all query tokens (both differential streams)
 are rows of the same tiles, so every K/V byte is read once. The slots are split
 over programs (flash-decoding) when the batch alone would leave the GPU's
-streaming multiprocessors idle; the partial softmaxes are merged afterwards,
-together with the ``signal - lambda * noise`` and head-RMSNorm epilogue (a few
-KB per token, so XLA does it). Forward only: decode is inference.
+streaming multiprocessors idle; the partial softmaxes are then merged
+afterwards, together with the ``signal - lambda * noise`` and head-RMSNorm
+epilogue. When the batch fills the GPU the slots are not split and each
+program applies the epilogue itself, writing only the finished 16-bit rows. A
+key mask shared by all query rows is read once per slot, not once per row.
+Forward only: decode is inference.
 
 On CPU the kernel runs in Pallas interpret mode (the tests); on GPU through the
 portable Triton lowering.
@@ -31,8 +34,12 @@ MIN_ROWS = 16        # the tile matmul's smallest row count
 TARGET_PROGRAMS = 264  # two per H100 streaming multiprocessor
 
 
-def _split_kernel(q_ref, qn_ref, k_ref, v_ref, mask_ref, acc1_ref, acc2_ref, m1_ref, m2_ref,
-                  l1_ref, l2_ref, *, block_s: int, scale: float):
+def _split_kernel(q_ref, qn_ref, k_ref, v_ref, mask_ref, *rest, block_s: int, scale: float,
+                  epilogue: bool, head_norm: bool, eps: float):
+    """Both streams' online softmax over this program's slots. With ``epilogue``
+    (the slots are not split) the program finishes the rows itself: softmax
+    normalisation, ``signal - lambda * noise``, head RMSNorm, one 16-bit write;
+    otherwise it writes float32 partials for :func:`_merge`."""
     queries = (q_ref[...], qn_ref[...])
     rows, dh = queries[0].shape
     init = tuple(x for _ in range(2) for x in (
@@ -42,7 +49,7 @@ def _split_kernel(q_ref, qn_ref, k_ref, v_ref, mask_ref, acc1_ref, acc2_ref, m1_
     def body(i, carry):
         span = pl.ds(i * block_s, block_s)
         k, v = k_ref[span, :], v_ref[span, :]
-        mask = mask_ref[:, span] > 0
+        mask = mask_ref[:, span] > 0  # (1 or rows, block_s): shared by the rows or per row
         out = []
         for stream, query in enumerate(queries):
             acc, m_prev, l_prev = carry[3 * stream:3 * stream + 3]
@@ -56,8 +63,21 @@ def _split_kernel(q_ref, qn_ref, k_ref, v_ref, mask_ref, acc1_ref, acc2_ref, m1_
 
     n_blocks = k_ref.shape[0] // block_s
     acc1, m1, l1, acc2, m2, l2 = jax.lax.fori_loop(0, n_blocks, body, init)
-    acc1_ref[...], acc2_ref[...] = acc1, acc2
-    m1_ref[...], m2_ref[...], l1_ref[...], l2_ref[...] = m1, m2, l1, l2
+    if not epilogue:
+        acc1_ref, acc2_ref, m1_ref, m2_ref, l1_ref, l2_ref = rest
+        acc1_ref[...], acc2_ref[...] = acc1, acc2
+        m1_ref[...], m2_ref[...], l1_ref[...], l2_ref[...] = m1, m2, l1, l2
+        return
+    lam_ref, w_ref, out_ref = rest
+
+    def normalised(acc, total):  # rows that saw nothing -> 0
+        return jnp.where(total[:, None] > 0, acc / jnp.where(total > 0, total, 1.0)[:, None], 0.0)
+
+    out = normalised(acc1, l1) - lam_ref[...][:, None] * normalised(acc2, l2)
+    if head_norm:
+        out = out * jax.lax.rsqrt(jnp.mean(out * out, axis=1, keepdims=True) + eps)
+        out = out * w_ref[...][None, :]
+    out_ref[...] = out.astype(out_ref.dtype)
 
 
 def _merge(acc, m, l):
@@ -108,37 +128,56 @@ def decode_attention(q: jax.Array, q_noise: jax.Array, k: jax.Array, v: jax.Arra
     splits = decode_splits(b, hkv, s, block_s)
     split_len = -(-s // (splits * block_s)) * block_s
     s_pad = splits * split_len
+    epilogue = splits == 1  # each program owns whole rows: finish them in the kernel
 
-    def as_rows(x):  # (B, T, H, Dh) -> (B, Hkv, rows_pad, Dh), row = token * G + head
-        x = x.reshape(b, t, hkv, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, hkv, rows, dh)
-        return jnp.pad(x, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
+    def as_rows(x):  # (B, T, H, ...) -> (B, Hkv, rows_pad, ...), row = token * G + head
+        x = x.reshape(b, t, hkv, g, *x.shape[3:]).swapaxes(1, 2).reshape(b, hkv, rows,
+                                                                         *x.shape[3:])
+        return jnp.pad(x, [(0, 0), (0, 0), (0, rows_pad - rows)] + [(0, 0)] * (x.ndim - 3))
 
-    mask = jnp.ones((b, s), bool) if key_mask is None else key_mask
-    mask = jnp.broadcast_to(mask[:, None] if mask.ndim == 2 else mask, (b, t, s))
-    mask = jnp.repeat(mask, g, axis=1).astype(jnp.float32)          # (B, rows, S)
-    mask = jnp.pad(mask, ((0, 0), (0, rows_pad - rows), (0, s_pad - s)))
+    # The key mask: one row shared by every query row (B, S), or per row (B, T, S).
+    if key_mask is None or key_mask.ndim == 2:
+        mask = (jnp.ones((b, s), bool) if key_mask is None else key_mask)[:, None, :]
+    else:
+        mask = jnp.repeat(key_mask, g, axis=1)                               # (B, rows, S)
+        mask = jnp.pad(mask, ((0, 0), (0, rows_pad - rows), (0, 0)))
+    mask_rows = mask.shape[1]
+    mask = jnp.pad(mask.astype(jnp.float32), ((0, 0), (0, 0), (0, s_pad - s)))
     pad_s = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
     row_spec = pl.BlockSpec((None, None, rows_pad, dh), lambda b_, j, c: (b_, j, 0, 0))
     kv_spec = pl.BlockSpec((None, split_len, None, dh), lambda b_, j, c: (b_, c, j, 0))
-    acc_spec = pl.BlockSpec((None, None, None, rows_pad, dh), lambda b_, j, c: (b_, j, c, 0, 0))
-    stat_spec = pl.BlockSpec((None, None, None, rows_pad), lambda b_, j, c: (b_, j, c, 0))
-    acc_shape = jax.ShapeDtypeStruct((b, hkv, splits, rows_pad, dh), jnp.float32)
-    stat_shape = jax.ShapeDtypeStruct((b, hkv, splits, rows_pad), jnp.float32)
-    acc1, acc2, m1, m2, l1, l2 = pl.pallas_call(
-        functools.partial(_split_kernel, block_s=block_s, scale=dh ** -0.5),
-        grid=(b, hkv, splits),
-        in_specs=[row_spec, row_spec, kv_spec, kv_spec,
-                  pl.BlockSpec((None, rows_pad, split_len), lambda b_, j, c: (b_, 0, c))],
-        out_specs=[acc_spec] * 2 + [stat_spec] * 4,
-        out_shape=[acc_shape] * 2 + [stat_shape] * 4,
+    in_specs = [row_spec, row_spec, kv_spec, kv_spec,
+                pl.BlockSpec((None, mask_rows, split_len), lambda b_, j, c: (b_, 0, c))]
+    args = [as_rows(q), as_rows(q_noise), jnp.pad(k, pad_s), jnp.pad(v, pad_s), mask]
+    if epilogue:
+        weight = jnp.ones((dh,)) if norm_weight is None else norm_weight
+        in_specs += [pl.BlockSpec((None, None, rows_pad), lambda b_, j, c: (b_, j, 0)),
+                     pl.BlockSpec((dh,), lambda b_, j, c: (0,))]
+        args += [as_rows(lam.astype(jnp.float32)), weight.astype(jnp.float32)]
+        out_specs = [row_spec]
+        out_shape = [jax.ShapeDtypeStruct((b, hkv, rows_pad, dh), q.dtype)]
+    else:
+        acc_spec = pl.BlockSpec((None, None, None, rows_pad, dh),
+                                lambda b_, j, c: (b_, j, c, 0, 0))
+        stat_spec = pl.BlockSpec((None, None, None, rows_pad), lambda b_, j, c: (b_, j, c, 0))
+        out_specs = [acc_spec] * 2 + [stat_spec] * 4
+        out_shape = ([jax.ShapeDtypeStruct((b, hkv, splits, rows_pad, dh), jnp.float32)] * 2
+                     + [jax.ShapeDtypeStruct((b, hkv, splits, rows_pad), jnp.float32)] * 4)
+    outs = pl.pallas_call(
+        functools.partial(_split_kernel, block_s=block_s, scale=dh ** -0.5, epilogue=epilogue,
+                          head_norm=head_norm, eps=eps),
+        grid=(b, hkv, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret, name="bounded_decode_attention",
-    )(as_rows(q), as_rows(q_noise), jnp.pad(k, pad_s), jnp.pad(v, pad_s), mask)
+    )(*args)
 
     def as_heads(x):  # (B, Hkv, rows_pad, Dh) -> (B, T, H, Dh)
         return x[:, :, :rows].reshape(b, hkv, t, g, dh).transpose(0, 2, 1, 3, 4).reshape(
             b, t, h, dh)
 
+    if epilogue:
+        return as_heads(outs[0])
+    acc1, acc2, m1, m2, l1, l2 = outs
     signal, noise = as_heads(_merge(acc1, m1, l1)), as_heads(_merge(acc2, m2, l2))
     out = signal - lam[..., None].astype(jnp.float32) * noise
     if head_norm:

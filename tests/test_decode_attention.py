@@ -1,7 +1,8 @@
 """The bounded decode attention kernel against the pure-jnp reference.
 
 CPU: Pallas interpret mode over a pairwise matrix of query tokens (1, 3), bank
-sizes (100, 384, 700: not multiples of the tile, one split or several), batch
+sizes (50: one tile, so the kernel finishes the rows itself; 100, 384, 700: not
+multiples of the tile, split over programs and merged afterwards), batch
 (1, 3), GQA ratios 1/4/8, head_dim 64/128, masks (none, holes, per-token),
 float32 (1e-5 relative) and bf16 (1e-2), fresh random inputs per case. The
 ``gpu`` test repeats it at decode sizes when a GPU is present.
@@ -23,7 +24,7 @@ from pairwise import pairwise, uncovered_pairs
 
 FACTORS = {
     "tokens": [1, 3],
-    "slots": [100, 384, 700],
+    "slots": [50, 100, 384, 700],
     "batch": [1, 3],
     "group": [1, 4, 8],
     "head_dim": [64, 128],
@@ -72,9 +73,23 @@ def test_decode_matches_reference(case):
     assert rel_err(got, reference(q, qn, k, v, lam, w, mask)) < tol
 
 
+@pytest.mark.parametrize("slots", [50, 384])
+def test_without_head_norm(slots):
+    case = dict(tokens=1, slots=slots, batch=2, group=4, head_dim=64, mask="holes",
+                dtype="float32")
+    q, qn, k, v, lam, w, mask = make_inputs(case, slots)
+    got = decode_attention(q, qn, k, v, lam, mask, head_norm=False)
+    up = lambda x: x.astype(jnp.float32)  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        want = differential_attention(up(q), up(k), up(v), q_noise=up(qn), lam=up(lam),
+                                      mask=mask[:, None, :], head_norm=False)
+    assert rel_err(got, want) < 1e-5
+
+
 def test_slots_split_over_programs_when_the_batch_is_small():
     assert decode_splits(batch=1, kv_heads=8, slots=384, block_s=64) == 6
     assert decode_splits(batch=256, kv_heads=8, slots=384, block_s=64) == 1
+    assert decode_splits(batch=1, kv_heads=8, slots=50, block_s=64) == 1
 
 
 def test_rows_without_visible_slots_are_zero():
