@@ -99,15 +99,16 @@ def decode_splits(batch: int, kv_heads: int, slots: int, block_s: int) -> int:
 def decode_attention(q: jax.Array, q_noise: jax.Array, k: jax.Array, v: jax.Array,
                      lam: jax.Array, key_mask: jax.Array | None = None, *,
                      norm_weight: jax.Array | None = None, head_norm: bool = True,
-                     eps: float = 1e-6, block_s: int = 64,
-                     interpret: bool | None = None) -> jax.Array:
+                     eps: float = 1e-6, block_s: int = 64, num_warps: int = 4,
+                     num_stages: int = 2, interpret: bool | None = None) -> jax.Array:
     """``HeadNorm(Attn(q) - lam * Attn(q_noise))`` of T query tokens over a bank -> (B, T, H, Dh).
 
     q, q_noise (B, T, H, Dh); k, v (B, S, Hkv, Dh) (the bank's slots); lam
     (B, T, H); key_mask (B, S) or (B, T, S) bool, True = may attend (the bank's
     allowed slots; a (B, T, S) mask also expresses causality among the T new
-    tokens). Rows with no visible slot output zeros. ``interpret`` defaults to
-    True off GPU.
+    tokens). Rows with no visible slot output zeros. ``block_s`` (slots per
+    tile), ``num_warps`` and ``num_stages`` are the GPU tuning knobs
+    (``benchmarks/tune_decode.py``). ``interpret`` defaults to True off GPU.
     """
     b, t, h, dh = q.shape
     s, hkv = k.shape[1], k.shape[2]
@@ -167,7 +168,7 @@ def decode_attention(q: jax.Array, q_noise: jax.Array, k: jax.Array, v: jax.Arra
         functools.partial(_split_kernel, block_s=block_s, scale=dh ** -0.5, epilogue=epilogue,
                           head_norm=head_norm, eps=eps),
         grid=(b, hkv, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="bounded_decode_attention",
     )(*args)
 

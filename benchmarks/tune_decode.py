@@ -1,0 +1,61 @@
+"""Tile and pipeline settings of the bounded decode kernel (tuning aid).
+
+    python benchmarks/tune_decode.py --out tune_decode_h100.json
+
+Times ``decode_attention`` as bench_decode_attention.py does (one token, H=32,
+Hkv=8, Dh=128, bf16, a key mask with holes) at the batches where it is
+bandwidth-bound, for every combination of slots per tile (``block_s``), warps
+and pipeline stages, and prints achieved GB/s per setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import jax
+import jax.numpy as jnp
+
+from bench_decode_attention import DH, H, HKV, per_call_seconds
+from pallas_kernels.decode_attention import decode_attention
+
+SETTINGS = {"block_s": (64, 128), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
+CASES = ((64, 768), (256, 384), (256, 768))  # (batch, slots)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    results = {"what": __doc__.split("\n\n")[0], "device": jax.devices()[0].device_kind,
+               "jax": jax.__version__, "GBs": {}}
+    for batch, slots in CASES:
+        keys = jax.random.split(jax.random.key(batch + slots), 6)
+        q = jax.random.normal(keys[0], (batch, 1, H, DH), jnp.bfloat16)
+        qn = jax.random.normal(keys[1], (batch, 1, H, DH), jnp.bfloat16)
+        k = jax.random.normal(keys[2], (batch, slots, HKV, DH), jnp.bfloat16)
+        v = jax.random.normal(keys[3], (batch, slots, HKV, DH), jnp.bfloat16)
+        lam = jax.nn.sigmoid(jax.random.normal(keys[4], (batch, 1, H))).astype(jnp.bfloat16)
+        mask = jax.random.uniform(keys[5], (batch, slots)) > 0.2
+        w = jnp.ones((DH,), jnp.bfloat16)
+        kv_bytes = 2 * k.size * k.dtype.itemsize
+        for values in itertools.product(*SETTINGS.values()):
+            setting = dict(zip(SETTINGS, values))
+
+            def fn(*a, setting=setting):
+                return decode_attention(*a[:6], norm_weight=a[6], interpret=False, **setting)
+            try:
+                gbs = kv_bytes / per_call_seconds(fn, q, qn, k, v, lam, mask, w) / 1e9
+            except Exception as error:  # noqa: BLE001  (a setting the GPU cannot fit)
+                print(batch, slots, setting, "failed:", str(error)[:200], flush=True)
+                continue
+            label = f"B{batch} S{slots} " + " ".join(f"{n}={x}" for n, x in setting.items())
+            results["GBs"][label] = round(gbs)
+            print(label, round(gbs), flush=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
