@@ -167,6 +167,18 @@ class CoDAGQALandmark(AttentionCore):
             return jnp.ones(x.shape[:-1], jnp.float32)
         return jax.nn.sigmoid(self.write_proj(x)[..., 0].astype(jnp.float32))
 
+    def _gates(self, x: jax.Array) -> tuple[jax.Array | None, jax.Array]:
+        """(lambda (B, L, H) or None, write gate (B, L)), float32. With both
+        projections present one matmul reads x once (as two, each a full pass
+        over the prompt, otherwise)."""
+        if self.lambda_proj is None or not self.bank_cfg.gated:
+            return self.cancellation_gate(x), self._write_gate(x)
+        lam, write = self.lambda_proj, self.write_proj
+        kernel = jnp.concatenate([lam.kernel[...], write.kernel[...]], axis=1)
+        bias = jnp.concatenate([lam.bias[...], write.bias[...]])
+        logits = jax.nn.sigmoid((x @ kernel + bias).astype(jnp.float32))
+        return logits[..., :-1], logits[..., -1]
+
     def _visible(self, allowed: jax.Array) -> jax.Array:
         """Key mask of buffer slots (B, ..., S): the used ones, or every slot when
         ``mask_unused_memory=False``."""
@@ -182,11 +194,12 @@ class CoDAGQALandmark(AttentionCore):
         positions = state.pos[:, None] + jnp.arange(seg_len, dtype=POSITION_DTYPE)[None, :]
         q = self.project_q(x, positions)
         k, v = self.project_kv(x, positions)
+        lam, write_gate = self._gates(x)
         # The bank writes never read attention outputs: write the whole
         # segment first, keeping the buffer each block saw; then every block's
         # attention is one batched call (one kernel launch, the full GPU).
         state, (seen_k, seen_v, seen_allowed) = memory.write_segment(
-            self.layout, state, k=k, v=v, gate=self._write_gate(x), lengths=lengths,
+            self.layout, state, k=k, v=v, gate=write_gate, lengths=lengths,
             block_size=block_size, eta_logit=self.summary_eta_logit[...], training=training,
             unroll=unroll)
 
@@ -199,11 +212,12 @@ class CoDAGQALandmark(AttentionCore):
         keys = as_rows(jnp.concatenate([seen_k, by_block(k).astype(seen_k.dtype)], axis=2))
         values = as_rows(jnp.concatenate([seen_v, by_block(v).astype(seen_v.dtype)], axis=2))
         key_mask = as_rows(jnp.concatenate([self._visible(seen_allowed), by_block(valid)], axis=2))
-        lam = self.cancellation_gate(x)
         heads = self.mix_heads(
             as_rows(by_block(q)), keys.astype(q.dtype), values.astype(q.dtype),
             None if lam is None else as_rows(by_block(lam)), causal=True, key_mask=key_mask)
-        heads = jnp.where(valid[..., None, None], heads.reshape(q.shape), 0)
+        heads = heads.reshape(q.shape)
+        if training:  # padded rows' values never reach o_proj's weight gradient
+            heads = jnp.where(valid[..., None, None], heads, 0)
         y = self.merge_heads(heads, x.dtype)
         return jnp.where(valid[..., None], y, 0), state
 
