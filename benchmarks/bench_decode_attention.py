@@ -40,6 +40,25 @@ def pallas(q, qn, k, v, lam, mask, w):
     return decode_attention(q, qn, k, v, lam, mask, norm_weight=w, interpret=False)
 
 
+def decode_inputs(batch: int, slots: int, *, seed: int) -> tuple[jax.Array, ...]:
+    """(q, q_noise, k, v, lambda, key mask with holes, norm weight) of one decode
+    token per sequence over ``slots`` bank slots, bf16."""
+    keys = jax.random.split(jax.random.key(seed), 6)
+    q = jax.random.normal(keys[0], (batch, 1, H, DH), jnp.bfloat16)
+    qn = jax.random.normal(keys[1], (batch, 1, H, DH), jnp.bfloat16)
+    k = jax.random.normal(keys[2], (batch, slots, HKV, DH), jnp.bfloat16)
+    v = jax.random.normal(keys[3], (batch, slots, HKV, DH), jnp.bfloat16)
+    lam = jax.nn.sigmoid(jax.random.normal(keys[4], (batch, 1, H))).astype(jnp.bfloat16)
+    mask = jax.random.uniform(keys[5], (batch, slots)) > 0.2
+    return q, qn, k, v, lam, mask, jnp.ones((DH,), jnp.bfloat16)
+
+
+def kv_bytes_read(inputs: tuple[jax.Array, ...]) -> int:
+    """The K and V bytes one call must read."""
+    k = inputs[2]
+    return 2 * k.size * k.dtype.itemsize
+
+
 def per_call_seconds(fn, *args, repeats: int = 7) -> float:
     q = args[0]
 
@@ -69,18 +88,11 @@ def main() -> None:
                "copy_ceiling_GBs": COPY_CEILING_GBS, "runs": []}
     for slots in SLOTS:
         for batch in BATCHES:
-            keys = jax.random.split(jax.random.key(batch * slots), 7)
-            q = jax.random.normal(keys[0], (batch, 1, H, DH), jnp.bfloat16)
-            qn = jax.random.normal(keys[1], (batch, 1, H, DH), jnp.bfloat16)
-            k = jax.random.normal(keys[2], (batch, slots, HKV, DH), jnp.bfloat16)
-            v = jax.random.normal(keys[3], (batch, slots, HKV, DH), jnp.bfloat16)
-            lam = jax.nn.sigmoid(jax.random.normal(keys[4], (batch, 1, H))).astype(jnp.bfloat16)
-            mask = jax.random.uniform(keys[5], (batch, slots)) > 0.2
-            w = jnp.ones((DH,), jnp.bfloat16)
-            kv_bytes = 2 * k.size * k.dtype.itemsize
+            inputs = decode_inputs(batch, slots, seed=batch * slots)
+            kv_bytes = kv_bytes_read(inputs)
             entry = {"slots": slots, "batch": batch, "kv_bytes": kv_bytes}
             for name, fn in (("pallas", pallas), ("xla", xla)):
-                sec = per_call_seconds(fn, q, qn, k, v, lam, mask, w)
+                sec = per_call_seconds(fn, *inputs)
                 entry[name] = {"us": sec * 1e6, "GBs": kv_bytes / sec / 1e9}
             entry["pallas_vs_xla"] = entry["xla"]["us"] / entry["pallas"]["us"]
             entry["pallas_fraction_of_ceiling"] = entry["pallas"]["GBs"] / COPY_CEILING_GBS

@@ -15,9 +15,8 @@ import itertools
 import json
 
 import jax
-import jax.numpy as jnp
 
-from bench_decode_attention import DH, H, HKV, per_call_seconds
+from bench_decode_attention import decode_inputs, kv_bytes_read, per_call_seconds
 from pallas_kernels.decode_attention import decode_attention
 
 SETTINGS = {"block_s": (64, 128), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
@@ -31,22 +30,15 @@ def main() -> None:
     results = {"what": __doc__.split("\n\n")[0], "device": jax.devices()[0].device_kind,
                "jax": jax.__version__, "GBs": {}}
     for batch, slots in CASES:
-        keys = jax.random.split(jax.random.key(batch + slots), 6)
-        q = jax.random.normal(keys[0], (batch, 1, H, DH), jnp.bfloat16)
-        qn = jax.random.normal(keys[1], (batch, 1, H, DH), jnp.bfloat16)
-        k = jax.random.normal(keys[2], (batch, slots, HKV, DH), jnp.bfloat16)
-        v = jax.random.normal(keys[3], (batch, slots, HKV, DH), jnp.bfloat16)
-        lam = jax.nn.sigmoid(jax.random.normal(keys[4], (batch, 1, H))).astype(jnp.bfloat16)
-        mask = jax.random.uniform(keys[5], (batch, slots)) > 0.2
-        w = jnp.ones((DH,), jnp.bfloat16)
-        kv_bytes = 2 * k.size * k.dtype.itemsize
+        inputs = decode_inputs(batch, slots, seed=batch + slots)
+        kv_bytes = kv_bytes_read(inputs)
         for values in itertools.product(*SETTINGS.values()):
             setting = dict(zip(SETTINGS, values))
 
             def fn(*a, setting=setting):
                 return decode_attention(*a[:6], norm_weight=a[6], interpret=False, **setting)
             try:
-                gbs = kv_bytes / per_call_seconds(fn, q, qn, k, v, lam, mask, w) / 1e9
+                gbs = kv_bytes / per_call_seconds(fn, *inputs) / 1e9
             except Exception as error:  # noqa: BLE001  (a setting the GPU cannot fit)
                 print(batch, slots, setting, "failed:", str(error)[:200], flush=True)
                 continue
