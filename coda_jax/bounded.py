@@ -169,8 +169,7 @@ class CoDAGQALandmark(AttentionCore):
 
     def _gates(self, x: jax.Array) -> tuple[jax.Array | None, jax.Array]:
         """(lambda (B, L, H) or None, write gate (B, L)), float32. With both
-        projections present one matmul reads x once (as two, each a full pass
-        over the prompt, otherwise)."""
+        projections present, one matmul reads the prompt once instead of twice."""
         if self.lambda_proj is None or not self.bank_cfg.gated:
             return self.cancellation_gate(x), self._write_gate(x)
         lam, write = self.lambda_proj, self.write_proj

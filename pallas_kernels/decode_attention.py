@@ -6,9 +6,8 @@ One program owns one KV head of one sequence and one slice of the slots: all
 query heads of the KV group and all query tokens (both differential streams)
 are rows of the same tiles, so every K/V byte is read once. The slots are split
 over programs (flash-decoding) when the batch alone would leave the GPU's
-streaming multiprocessors idle; the partial softmaxes are then merged
-afterwards, together with the ``signal - lambda * noise`` and head-RMSNorm
-epilogue. When the batch fills the GPU the slots are not split and each
+streaming multiprocessors idle; their partial softmaxes are merged afterwards,
+together with the ``signal - lambda * noise`` and head-RMSNorm epilogue. When the batch fills the GPU the slots are not split and each
 program applies the epilogue itself, writing only the finished 16-bit rows. A
 key mask shared by all query rows is read once per slot, not once per row.
 Forward only: decode is inference.
