@@ -51,11 +51,12 @@ def cudnn_two(q, qn, k, v, lam, w):
 
 
 def cudnn_stacked(q, qn, k, v, lam, w):
-    b, l, h, dh = q.shape
+    b, length, h, dh = q.shape
     g = h // k.shape[2]
-    both = jnp.concatenate([q.reshape(b, l, -1, g, dh), qn.reshape(b, l, -1, g, dh)], axis=3)
-    out = jax.nn.dot_product_attention(both.reshape(b, l, 2 * h, dh), k, v, is_causal=True,
-                                       implementation="cudnn").reshape(b, l, -1, 2 * g, dh)
+    both = jnp.concatenate([q.reshape(b, length, -1, g, dh), qn.reshape(b, length, -1, g, dh)],
+                           axis=3)
+    out = jax.nn.dot_product_attention(both.reshape(b, length, 2 * h, dh), k, v, is_causal=True,
+                                       implementation="cudnn").reshape(b, length, -1, 2 * g, dh)
     return epilogue(out[:, :, :, :g].reshape(q.shape), out[:, :, :, g:].reshape(q.shape), lam, w)
 
 

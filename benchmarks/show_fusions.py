@@ -10,5 +10,5 @@ for block in blocks:
     head = block.split("\n", 1)[0]
     if pattern in block and "fused" in head:
         lines = block.split("\n")
-        print("\n".join(l[:220] for l in lines[:limit]))
+        print("\n".join(line[:220] for line in lines[:limit]))
         print("-----")

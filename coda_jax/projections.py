@@ -95,21 +95,22 @@ class AttentionCore(nnx.Module):
 
     def project_q(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """RoPE'd queries (B, L, H, Dh) for tokens at integer ``positions`` (B, L)."""
-        b, l, _ = x.shape
-        q = self.q_proj(x).reshape(b, l, self.attn_cfg.num_heads, self.attn_cfg.head_dim)
+        b, length, _ = x.shape
+        q = self.q_proj(x).reshape(b, length, self.attn_cfg.num_heads, self.attn_cfg.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
         return apply_rope(q, positions, self.inv_freq, interleaved=self.attn_cfg.rope_interleaved)
 
     def project_kv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """RoPE'd keys and raw values, each (B, L, Hkv, Dh)."""
-        b, l, _ = x.shape
-        shape = (b, l, self.attn_cfg.num_kv_heads, self.attn_cfg.head_dim)
+        b, length, _ = x.shape
+        shape = (b, length, self.attn_cfg.num_kv_heads, self.attn_cfg.head_dim)
         k = self.k_proj(x).reshape(shape)
         if self.k_norm is not None:
             k = self.k_norm(k)
         v = self.v_proj(x).reshape(shape)
-        return apply_rope(k, positions, self.inv_freq, interleaved=self.attn_cfg.rope_interleaved), v
+        k = apply_rope(k, positions, self.inv_freq, interleaved=self.attn_cfg.rope_interleaved)
+        return k, v
 
     def cancellation_gate(self, x: jax.Array) -> jax.Array | None:
         """lambda = sigmoid(lambda_proj(x)) per token and head (B, L, H), float32;
@@ -139,8 +140,9 @@ class AttentionCore(nnx.Module):
 
     def merge_heads(self, heads: jax.Array, dtype) -> jax.Array:
         """o_proj of per-head outputs (B, L, H, Dh) -> (B, L, D) in ``dtype``."""
-        b, l = heads.shape[:2]
-        y = self.o_proj(heads.reshape(b, l, self.attn_cfg.num_heads * self.attn_cfg.head_dim))
+        b, length = heads.shape[:2]
+        y = self.o_proj(heads.reshape(b, length,
+                                      self.attn_cfg.num_heads * self.attn_cfg.head_dim))
         return y.astype(dtype)
 
     def attend(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, *,

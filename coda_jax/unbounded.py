@@ -33,9 +33,9 @@ class _UnboundedAttention(AttentionCore):
         to (B, L, L_total); when given, ``is_causal`` is ignored (as in the reference).
         """
         self.check_input(x)
-        b, l, _ = x.shape
+        b, length, _ = x.shape
         offset = 0 if past_key_value is None else past_key_value[0].shape[1]
-        positions = jnp.broadcast_to(offset + jnp.arange(l), (b, l))
+        positions = jnp.broadcast_to(offset + jnp.arange(length), (b, length))
         q = self.project_q(x, positions)
         k, v = self.project_kv(x, positions)
         if past_key_value is not None:

@@ -56,9 +56,9 @@ def cmd_adapters(args: argparse.Namespace) -> None:
     nbytes = sum(v.nbytes for sd in weights.values() for v in sd.values())
     meta = {"format": ADAPTER_FORMAT, "layers": len(weights), "parameters": int(count)}
     path = orbax_io.write(args.out, weights, meta, overwrite=args.overwrite)
+    dtype = next(iter(next(iter(weights.values())).values())).dtype
     _summary(f"wrote {path}", {"layers": len(weights), "parameters": int(count),
-                               "dtype": str(next(iter(next(iter(weights.values())).values())).dtype),
-                               "bytes": int(nbytes)})
+                               "dtype": str(dtype), "bytes": int(nbytes)})
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -7,9 +7,10 @@ query heads of the KV group and all query tokens (both differential streams)
 are rows of the same tiles, so every K/V byte is read once. The slots are split
 over programs (flash-decoding) when the batch alone would leave the GPU's
 streaming multiprocessors idle; their partial softmaxes are merged afterwards,
-together with the ``signal - lambda * noise`` and head-RMSNorm epilogue. When the batch fills the GPU the slots are not split and each
-program applies the epilogue itself, writing only the finished 16-bit rows. A
-key mask shared by all query rows is read once per slot, not once per row.
+together with the ``signal - lambda * noise`` and head-RMSNorm epilogue. When
+the batch fills the GPU the slots are not split and each program applies the
+epilogue itself, writing only the finished 16-bit rows. A key mask shared by
+all query rows is read once per slot, not once per row.
 Forward only: decode is inference.
 
 On CPU the kernel runs in Pallas interpret mode (the tests); on GPU through the
@@ -79,11 +80,11 @@ def _split_kernel(q_ref, qn_ref, k_ref, v_ref, mask_ref, *rest, block_s: int, sc
     out_ref[...] = out.astype(out_ref.dtype)
 
 
-def _merge(acc, m, l):
+def _merge(acc, m, denom):
     """Combine per-split partial softmaxes (axis 2); rows that saw nothing -> 0."""
     m_all = jnp.max(m, axis=2, keepdims=True)
     weight = jnp.exp2(m - m_all)
-    total = jnp.sum(l * weight, axis=2)
+    total = jnp.sum(denom * weight, axis=2)
     out = jnp.sum(acc * weight[..., None], axis=2)
     return jnp.where(total[..., None] > 0, out / jnp.where(total > 0, total, 1.0)[..., None], 0.0)
 

@@ -42,8 +42,8 @@ def test_model_prefill_equals_layerwise_and_last_only(model):
     h = model.embed_tokens(tokens)
     for i in range(CFG.num_layers):
         layer = jax.tree.map(lambda a, i=i: a[i], model.layers)
-        out, _ = layer.self_attn.prefill(layer.input_layernorm(h), jax.tree.map(lambda a, i=i: a[i], state),
-                              block_size=4)
+        layer_state = jax.tree.map(lambda a, i=i: a[i], state)
+        out, _ = layer.self_attn.prefill(layer.input_layernorm(h), layer_state, block_size=4)
         h = layer._mlp_residual(h + out)
     np.testing.assert_allclose(model.logits(h), logits, rtol=1e-5, atol=1e-5)
 
