@@ -1,11 +1,15 @@
 """Where the host time of one bounded-layer prefill call goes (tuning aid).
 
     python benchmarks/host_profile.py [--block 1024] [--calls 50]
+    python benchmarks/host_profile.py --python-only --out host_python_cpu.json
 
 For the two layer shapes of bench_layer.py (L=4096, bf16): the time until
 ``prefill`` returns (dispatch: everything the host does before the GPU can
 run on its own) against the time until its result is ready, then the Python
 functions that take the host's time (cProfile, sorted by own time).
+``--python-only`` (any backend, no profiler) times the pure-Python parts of a
+call apart: flattening the NNX layer into jit's arguments, and ``prefill``
+with its compiled call replaced by a stub (argument checks, segmenting).
 """
 import argparse
 import cProfile
@@ -14,9 +18,37 @@ import pstats
 import statistics
 import time
 
+import json
+
 import jax
 
+import coda_jax.bounded as bounded
 from bench_layer import SHAPES, random_layer
+
+
+def _mean_us(fn, calls: int = 2000) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def python_overhead(block: int) -> dict:
+    """Microseconds per call of the Python-side parts of ``prefill``, per shape."""
+    out = {}
+    compiled = bounded._prefill_segment_jit
+    for shape in SHAPES:
+        layer, x, st = random_layer(shape)
+        flatten = _mean_us(lambda: jax.tree.flatten(layer))
+        bounded._prefill_segment_jit = lambda layer, x, lengths, state, **_: (x, state)
+        try:
+            rest = _mean_us(lambda: layer.prefill(x, st, block_size=block))
+        finally:
+            bounded._prefill_segment_jit = compiled
+        out[f"D{shape['embed_dim']}"] = {"flatten_layer_us": round(flatten, 1),
+                                         "prefill_without_compiled_call_us": round(rest, 1)}
+    return out
 
 
 def main() -> None:
@@ -25,7 +57,20 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--implementation", default=None, help="attention: pallas, cudnn, xla")
     parser.add_argument("--no-profile", action="store_true", help="timings only")
+    parser.add_argument("--python-only", action="store_true",
+                        help="only the pure-Python parts of a call (any backend)")
+    parser.add_argument("--out", help="JSON file for --python-only")
     args = parser.parse_args()
+    if args.python_only:
+        result = {"what": "Python-side host time of one prefill call (host_profile.py "
+                          "--python-only)", "backend": jax.default_backend(),
+                  "jax": jax.__version__, "block": args.block,
+                  "per_shape": python_overhead(args.block)}
+        print(json.dumps(result, indent=1))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     for shape in SHAPES:
         d = shape["embed_dim"]
         layer, x, st = random_layer(shape, args.implementation)
