@@ -4,7 +4,8 @@
         [--baseline PACKAGE] [--out results.json]
 
 Each config is block_size x chunks_per_call; L=4096, bf16, W=256/Me=64/Ms=64, the
-two layer shapes of bench_layer.py. The variants are the scan unroll values and,
+two layer shapes of bench_layer.py. The variants are the scan unroll values,
+with ``--bound`` the layer's ``prefill_fn()`` (weights bound once) and,
 with ``--baseline``, the same layer from another copy of ``coda_jax`` importable
 as PACKAGE (e.g. an older commit's package, to measure a change in one run), and
 with ``--compiler-options``, the prefill compiled with other XLA options.
@@ -40,6 +41,8 @@ def main() -> None:
     parser.add_argument("--compiler-options", nargs="*", default=[], metavar="NAME=VALUE;...",
                         help="variants compiling the prefill with these XLA options, e.g. "
                              "xla_gpu_graph_min_graph_size=1000000")
+    parser.add_argument("--bound", action="store_true",
+                        help="a variant calling the layer's prefill_fn() (weights bound once)")
     parser.add_argument("--out")
     args = parser.parse_args()
     results = {"label": args.label, "device": jax.devices()[0].device_kind,
@@ -57,6 +60,15 @@ def main() -> None:
                 return jax.block_until_ready(
                     layer.prefill(x, st, block_size=block, chunks_per_call=cpc))
             variants[f"unroll={unroll}"] = run
+        if args.bound:
+            bound_fns = {}
+
+            def run_bound(block, cpc):
+                if (block, cpc) not in bound_fns:
+                    bound_fns[block, cpc] = layer.prefill_fn(block_size=block,
+                                                             chunks_per_call=cpc)
+                return jax.block_until_ready(bound_fns[block, cpc](x, st))
+            variants["prefill_fn"] = run_bound
         default_jit = bounded._prefill_segment_jit
         for options in args.compiler_options:
             parsed = {name: _option_value(value) for name, value in

@@ -64,6 +64,29 @@ def test_prefill_compiles_once_for_any_length_and_step_once_for_1000_steps():
     assert TRACE_COUNTS["step"] == 1
 
 
+def test_bound_prefill_equals_prefill_compiles_once_and_keeps_its_weights():
+    layer = _layer(window=16)
+    state = layer.init_state(2, key=jax.random.key(0))
+    bound = layer.prefill_fn(block_size=16)
+    TRACE_COUNTS.clear()
+    for length, lengths in ((37, None), (200, [200, 131]), (5, np.array([5, 0]))):
+        x = _x(length, 2, length)
+        got = bound(x, state, lengths)
+        want = layer.prefill(x, state, block_size=16, lengths=lengths)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    assert TRACE_COUNTS["prefill"] == 2  # one compilation each: bound and unbound
+    # A snapshot: changing the weights afterwards changes prefill, not the bound function.
+    x = _x(9, 2, 20)
+    before = bound(x, state)[0]
+    layer.o_proj.kernel[...] = layer.o_proj.kernel[...] * 2
+    np.testing.assert_array_equal(np.asarray(bound(x, state)[0]), np.asarray(before))
+    assert not np.allclose(np.asarray(layer.prefill(x, state, block_size=16)[0]),
+                           np.asarray(before))
+    with pytest.raises(ValueError, match="lengths"):
+        bound(x, state, [21, 3])
+
+
 def test_decode_loop_equals_repeated_steps():
     layer = _layer(window=4, collect_metrics=True)
     state = layer.prefill(_x(20, 2, 9), layer.init_state(2, key=jax.random.key(0)),
