@@ -53,19 +53,6 @@ def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, 
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def _split_pairs(x: jax.Array, interleaved: bool) -> tuple[jax.Array, jax.Array]:
-    if interleaved:
-        return x[..., 0::2], x[..., 1::2]
-    half = x.shape[-1] // 2
-    return x[..., :half], x[..., half:]
-
-
-def _join_pairs(a: jax.Array, b: jax.Array, interleaved: bool) -> jax.Array:
-    if interleaved:
-        return jnp.stack([a, b], axis=-1).reshape(*a.shape[:-1], 2 * a.shape[-1])
-    return jnp.concatenate([a, b], axis=-1)
-
-
 def rotate_pairs(x: jax.Array, cos: jax.Array, sin: jax.Array, *, interleaved: bool) -> jax.Array:
     """Rotate each feature pair of ``x`` (..., Dh) by the angle whose cos/sin are given.
 
@@ -75,9 +62,18 @@ def rotate_pairs(x: jax.Array, cos: jax.Array, sin: jax.Array, *, interleaved: b
     of x's dtype and float32, returned in x's dtype.
     """
     dtype = x.dtype
-    a, b = _split_pairs(x.astype(jnp.promote_types(dtype, jnp.float32)), interleaved)
-    out = _join_pairs(a * cos - b * sin, a * sin + b * cos, interleaved)
-    return out.astype(dtype)
+    half = x.shape[-1] // 2
+    # (a, b) -> (a cos - b sin, b cos + a sin) as x * cos + partner * sin, with
+    # partner = (-b, a) a flip of the pair axis: elementwise, so XLA makes one
+    # loop fusion; joining the halves with a stack or concatenate instead ran at
+    # half the memory bandwidth on an H100.
+    pair_axis = -1 if interleaved else -2
+    pairs = x.astype(jnp.promote_types(dtype, jnp.float32)).reshape(
+        *x.shape[:-1], *((half, 2) if interleaved else (2, half)))
+    sign = jnp.array([-1.0, 1.0], pairs.dtype).reshape((2,) if interleaved else (2, 1))
+    cos, sin = jnp.expand_dims(cos, pair_axis), jnp.expand_dims(sin, pair_axis)
+    out = pairs * cos + jnp.flip(pairs, pair_axis) * sign * sin
+    return out.reshape(x.shape).astype(dtype)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, *,
