@@ -2,9 +2,10 @@
 
 bf16, batch 1, medium cache (W=256, Me=64, Ms=64), L=4096, the two layer
 shapes of ``reference-figures.md``. Reports prefill tokens/s (block 256 and
-1024) and decode tokens/s (ours: per-token ``layer.step`` calls, the same through
-``layer.step_fn()``, and a compiled loop of steps, which is how generation runs;
-the reference: its ``step``),
+1024; ours through ``layer.prefill_fn()``, and per call also through the
+``layer.prefill`` method) and decode tokens/s (ours: per-token ``layer.step``
+calls, the same through ``layer.step_fn()``, and a compiled loop of steps,
+which is how generation runs; the reference: its ``step``),
 plus the fidelity of each bf16 computation against our float32 one. Ours runs
 twice: attention through the Pallas kernels (the GPU default) and through cuDNN.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.metadata as md
 import json
 import statistics
@@ -126,16 +128,20 @@ def ours_layer(ref_module, implementation: str | None):
     return from_reference(ref_module, param_dtype=jnp.bfloat16, implementation=implementation)
 
 
-def ours_prefill_calls(layer, x_np: np.ndarray) -> dict[str, Callable[[], None]]:
+def ours_prefill_calls(layer, x_np: np.ndarray, *, bound: bool = True
+                       ) -> dict[str, Callable[[], None]]:
     """Per block size: one prefill call waited for, and BACK_TO_BACK calls queued
-    before one wait (the host runs ahead of the GPU, as over many documents)."""
+    before one wait (the host runs ahead of the GPU, as over many documents).
+    ``bound``: through ``layer.prefill_fn()`` (how a loop over documents calls
+    it), else ``layer.prefill`` (which walks the module on every call)."""
     x = jnp.asarray(x_np, jnp.bfloat16)
     state0 = layer.init_state(1, jnp.bfloat16, key=jax.random.key(0))
     calls = {}
     for block in BLOCKS:
-        def one(block=block):
-            return layer.prefill(x, state0, block_size=block)
-
+        if bound:
+            one = functools.partial(layer.prefill_fn(block_size=block), x, state0)
+        else:
+            one = functools.partial(layer.prefill, x, state0, block_size=block)
         calls[f"block{block}"] = lambda one=one: jax.block_until_ready(one())
         calls[f"block{block}_back_to_back"] = lambda one=one: jax.block_until_ready(
             [one() for _ in range(BACK_TO_BACK)])
@@ -291,17 +297,32 @@ def main() -> None:
         cudnn = None if "cudnn_variant" in args.skip else ours_layer(ref, "cudnn")
         cudnn_out = None if cudnn is None else bench_ours(cudnn, x, tokens)
         # Prefill: ours and the reference take turns in every round (same clocks).
+        # "ours" calls prefill_fn(); "ours_prefill_method" (per call only) the
+        # method, which walks the module on every call.
+        method_out = {}
+        method_calls = {mode: fn for mode, fn in ours_prefill_calls(ours, x, bound=False).items()
+                        if not mode.endswith("back_to_back")}
         sides = {"ours": (ours_prefill_calls(ours, x), ours_out),
-                 "reference": (reference_prefill_calls(ref, x), ref_out)}
+                 "reference": (reference_prefill_calls(ref, x), ref_out),
+                 "ours_prefill_method": (method_calls, method_out)}
         if cudnn is not None:
             sides["ours_cudnn"] = (ours_prefill_calls(cudnn, x), cudnn_out)
         ratios = {}
         for mode in [f"block{b}{tail}" for b in BLOCKS for tail in ("", "_back_to_back")]:
             per_call = BACK_TO_BACK if mode.endswith("back_to_back") else 1
-            rounds = per_call_rounds({name: calls[mode] for name, (calls, _) in sides.items()})
+            rounds = per_call_rounds({name: calls[mode] for name, (calls, _) in sides.items()
+                                      if mode in calls})
             for name, (_, out) in sides.items():
-                out[f"prefill_{mode}_tokens_per_s"] = (
-                    LENGTH * per_call / statistics.median(rounds[name]))
+                if name in rounds:
+                    out[f"prefill_{mode}_tokens_per_s"] = (
+                        LENGTH * per_call / statistics.median(rounds[name]))
+            if "ours_prefill_method" in rounds:
+                ratios[f"prefill_{mode}_method"] = (
+                    method_out[f"prefill_{mode}_tokens_per_s"]
+                    / ref_out[f"prefill_{mode}_tokens_per_s"])
+                ratios[f"prefill_{mode}_method_per_round"] = [
+                    round(r / o, 3) for o, r in zip(rounds["ours_prefill_method"],
+                                                    rounds["reference"])]
             ratios[f"prefill_{mode}"] = (ours_out[f"prefill_{mode}_tokens_per_s"]
                                          / ref_out[f"prefill_{mode}_tokens_per_s"])
             ratios[f"prefill_{mode}_per_round"] = [
@@ -312,7 +333,8 @@ def main() -> None:
                                              / ref_out["decode_tokens_per_s"])
         ratios["decode_compiled_loop"] = (ours_out["decode_compiled_loop_tokens_per_s"]
                                           / ref_out["decode_tokens_per_s"])
-        entry = {"shape": shape, "ours": ours_out, "reference": ref_out, "ratios": ratios}
+        entry = {"shape": shape, "ours": ours_out, "reference": ref_out, "ratios": ratios,
+                 "ours_prefill_method": method_out}
         if cudnn_out is not None:
             entry["ours_cudnn_attention"] = cudnn_out
         if "fidelity" not in args.skip:
