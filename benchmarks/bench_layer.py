@@ -312,21 +312,15 @@ def main() -> None:
             per_call = BACK_TO_BACK if mode.endswith("back_to_back") else 1
             rounds = per_call_rounds({name: calls[mode] for name, (calls, _) in sides.items()
                                       if mode in calls})
+            key = f"prefill_{mode}_tokens_per_s"
             for name, (_, out) in sides.items():
                 if name in rounds:
-                    out[f"prefill_{mode}_tokens_per_s"] = (
-                        LENGTH * per_call / statistics.median(rounds[name]))
-            if "ours_prefill_method" in rounds:
-                ratios[f"prefill_{mode}_method"] = (
-                    method_out[f"prefill_{mode}_tokens_per_s"]
-                    / ref_out[f"prefill_{mode}_tokens_per_s"])
-                ratios[f"prefill_{mode}_method_per_round"] = [
-                    round(r / o, 3) for o, r in zip(rounds["ours_prefill_method"],
-                                                    rounds["reference"])]
-            ratios[f"prefill_{mode}"] = (ours_out[f"prefill_{mode}_tokens_per_s"]
-                                         / ref_out[f"prefill_{mode}_tokens_per_s"])
-            ratios[f"prefill_{mode}_per_round"] = [
-                round(r / o, 3) for o, r in zip(rounds["ours"], rounds["reference"])]
+                    out[key] = LENGTH * per_call / statistics.median(rounds[name])
+            for side, suffix in (("ours", ""), ("ours_prefill_method", "_method")):
+                if side in rounds:
+                    ratios[f"prefill_{mode}{suffix}"] = sides[side][1][key] / ref_out[key]
+                    ratios[f"prefill_{mode}{suffix}_per_round"] = [
+                        round(r / o, 3) for o, r in zip(rounds[side], rounds["reference"])]
         ratios["decode_per_call"] = (ours_out["decode_per_call_tokens_per_s"]
                                      / ref_out["decode_tokens_per_s"])
         ratios["decode_step_fn_per_call"] = (ours_out["decode_step_fn_per_call_tokens_per_s"]

@@ -26,11 +26,7 @@ BLOCK = 1024
 
 
 def projections(layer, x, lengths, state):
-    positions = state.pos[:, None] + jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]
-    q = layer.project_q(x, positions)
-    k, v = layer.project_kv(x, positions)
-    lam, gate = layer._gates(x)
-    return q, k, v, lam, gate
+    return layer._segment_projections(x, state)
 
 
 def with_writes(layer, x, lengths, state):

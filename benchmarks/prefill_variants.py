@@ -32,6 +32,17 @@ def _option_value(text: str) -> bool | int | str:
     return int(text) if text.lstrip("-").isdigit() else text
 
 
+def _bound_runner(layer, x, state):
+    """``run(block, chunks_per_call)`` through ``layer.prefill_fn()``, bound once per config."""
+    bound = {}
+
+    def run(block, cpc):
+        if (block, cpc) not in bound:
+            bound[block, cpc] = layer.prefill_fn(block_size=block, chunks_per_call=cpc)
+        return jax.block_until_ready(bound[block, cpc](x, state))
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("label")
@@ -61,14 +72,7 @@ def main() -> None:
                     layer.prefill(x, st, block_size=block, chunks_per_call=cpc))
             variants[f"unroll={unroll}"] = run
         if args.bound:
-            bound_fns = {}
-
-            def run_bound(block, cpc):
-                if (block, cpc) not in bound_fns:
-                    bound_fns[block, cpc] = layer.prefill_fn(block_size=block,
-                                                             chunks_per_call=cpc)
-                return jax.block_until_ready(bound_fns[block, cpc](x, st))
-            variants["prefill_fn"] = run_bound
+            variants["prefill_fn"] = _bound_runner(layer, x, st)
         default_jit = bounded._prefill_segment_jit
         for options in args.compiler_options:
             parsed = {name: _option_value(value) for name, value in
@@ -88,17 +92,12 @@ def main() -> None:
             base, _, base_st = random_layer(shape, package=importlib.import_module(args.baseline))
             nnx.update(base, nnx.state(layer))
 
-            base_bound = {}
-
             def run_base(block, cpc):
-                if not args.bound:
-                    return jax.block_until_ready(
-                        base.prefill(x, base_st, block_size=block, chunks_per_call=cpc))
-                if (block, cpc) not in base_bound:  # bound too, as the variant it is timed against
-                    base_bound[block, cpc] = base.prefill_fn(block_size=block,
-                                                             chunks_per_call=cpc)
-                return jax.block_until_ready(base_bound[block, cpc](x, base_st))
-            variants[f"baseline {args.baseline}"] = run_base
+                return jax.block_until_ready(
+                    base.prefill(x, base_st, block_size=block, chunks_per_call=cpc))
+            # With --bound the baseline is bound too, as the variant it is timed against.
+            variants[f"baseline {args.baseline}"] = (
+                _bound_runner(base, x, base_st) if args.bound else run_base)
         for config in args.configs:
             block, cpc = map(int, config.split("x"))
             fns = {name: (lambda run=run: run(block, cpc)) for name, run in variants.items()}

@@ -183,17 +183,23 @@ class CoDAGQALandmark(AttentionCore):
         ``mask_unused_memory=False``."""
         return allowed if self.bank_cfg.mask_unused_memory else jnp.ones_like(allowed)
 
+    def _segment_projections(self, x: jax.Array, state: BankState
+                             ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None,
+                                        jax.Array]:
+        """(q, k, v, lambda, write gate) of a whole segment at once (large matmuls,
+        fewer kernels per block); valid tokens of a row sit at pos, pos + 1, ..."""
+        positions = state.pos[:, None] + jnp.arange(x.shape[1], dtype=POSITION_DTYPE)[None, :]
+        q = self.project_q(x, positions)
+        k, v = self.project_kv(x, positions)
+        lam, write_gate = self._gates(x)
+        return q, k, v, lam, write_gate
+
     def _prefill_segment(self, x: jax.Array, lengths: jax.Array, state: BankState, *,
                          block_size: int, training: bool, unroll: int | bool
                          ) -> tuple[jax.Array, BankState]:
         batch, seg_len, _ = x.shape
         n_blocks = seg_len // block_size
-        # Projections for the whole segment at once (large matmuls, fewer
-        # kernels per block); valid tokens of a row sit at pos, pos + 1, ...
-        positions = state.pos[:, None] + jnp.arange(seg_len, dtype=POSITION_DTYPE)[None, :]
-        q = self.project_q(x, positions)
-        k, v = self.project_kv(x, positions)
-        lam, write_gate = self._gates(x)
+        q, k, v, lam, write_gate = self._segment_projections(x, state)
         # The bank writes never read attention outputs: write the whole
         # segment first, keeping the buffer each block saw; then every block's
         # attention is one batched call (one kernel launch, the full GPU).
@@ -266,14 +272,9 @@ class CoDAGQALandmark(AttentionCore):
         50 us per call for one layer on the host), which counts when many
         prompts are prefilled from Python; it keeps the weights it was made with.
         """
-        unroll = prefill_unroll()
-
-        def segment(layer, x_seg, seg_lengths, state):
-            TRACE_COUNTS["prefill"] += 1
-            return layer._prefill_segment(x_seg, seg_lengths, state, block_size=block_size,
-                                          training=training, unroll=unroll)
-
-        run = bind_weights(self, segment)
+        run = bind_weights(self, functools.partial(
+            _prefill_segment_traced, block_size=block_size, training=training,
+            unroll=prefill_unroll()))
 
         def prefill(x: jax.Array, state: BankState, lengths=None
                     ) -> tuple[jax.Array, BankState]:
@@ -340,11 +341,14 @@ class CoDAGQALandmark(AttentionCore):
 
 # NNX modules are pytrees: the layer travels into jit as its arrays plus a
 # static tree definition (config included), far cheaper than nnx.split per call.
-@functools.partial(jax.jit, static_argnames=("block_size", "training", "unroll"))
-def _prefill_segment_jit(layer, x, lengths, state, *, block_size, training, unroll):
+def _prefill_segment_traced(layer, x, lengths, state, *, block_size, training, unroll):
     TRACE_COUNTS["prefill"] += 1
     return layer._prefill_segment(x, lengths, state, block_size=block_size, training=training,
                                   unroll=unroll)
+
+
+_prefill_segment_jit = jax.jit(_prefill_segment_traced,
+                               static_argnames=("block_size", "training", "unroll"))
 
 
 @functools.partial(jax.jit, static_argnames=("training",))
