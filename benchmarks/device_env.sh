@@ -8,3 +8,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=/tmp/site:$PWD:$PWD/benchmarks PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+# Results files are named after the GPU they ran on (h100, h200).
+GPU_TAG=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 \
+          | grep -o 'H[0-9]\+' | tr 'H' 'h')
+GPU_TAG=${GPU_TAG:-gpu}

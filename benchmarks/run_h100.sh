@@ -64,18 +64,18 @@ for phase in "$@"; do
           tests/test_bounded_parity.py 2>&1 | tail -3 ;;
     diff)
       timeout 300 python3 benchmarks/bench_diff_attention.py --skip ours_portable \
-          --out "$OUT/diff_attention_h100.json" 2>&1 | quiet > "$OUT/diff_attention.log"
-      summarise_diff "$OUT/diff_attention_h100.json" ;;
+          --out "$OUT/diff_attention_${GPU_TAG}.json" 2>&1 | quiet > "$OUT/diff_attention.log"
+      summarise_diff "$OUT/diff_attention_${GPU_TAG}.json" ;;
     decode)
       timeout 120 python3 benchmarks/bench_decode_attention.py \
-          --out "$OUT/decode_attention_h100.json" 2>&1 | quiet | tail -12 ;;
+          --out "$OUT/decode_attention_${GPU_TAG}.json" 2>&1 | quiet | tail -12 ;;
     layer)
-      timeout 420 python3 benchmarks/bench_layer.py ${LAYER_ARGS:-} --out "$OUT/layer_h100.json" 2>&1 \
+      timeout 420 python3 benchmarks/bench_layer.py ${LAYER_ARGS:-} --out "$OUT/layer_${GPU_TAG}.json" 2>&1 \
           | quiet > "$OUT/bench_layer.log"
-      summarise_layer "$OUT/layer_h100.json"; tail -3 "$OUT/bench_layer.log" ;;
+      summarise_layer "$OUT/layer_${GPU_TAG}.json"; tail -3 "$OUT/bench_layer.log" ;;
     fidelity)
       timeout 120 python3 benchmarks/bench_layer.py --fidelity-only \
-          --out "$OUT/layer_fidelity_h100.json" 2>&1 | quiet | tail -25 ;;
+          --out "$OUT/layer_fidelity_${GPU_TAG}.json" 2>&1 | quiet | tail -25 ;;
     profile)
       for impl in pallas; do
         mkdir -p "$OUT/profile_$impl"
@@ -102,7 +102,7 @@ for phase in "$@"; do
             2>&1 | grep "^D="
       done ;;
     tune)
-      timeout 200 python3 benchmarks/tune_mosaic.py --out "$OUT/tune_mosaic_h100.json" 2>&1 \
+      timeout 200 python3 benchmarks/tune_mosaic.py --out "$OUT/tune_mosaic_${GPU_TAG}.json" 2>&1 \
           | quiet | tail -5 ;;
     *) echo "unknown phase $phase" ;;
   esac
