@@ -59,9 +59,6 @@ class MosaicConfig(NamedTuple):
     eps: float
     heavy_first: bool = True  # causal: launch the longest query tiles first (less tail)
     offset: int | None = None  # query i sits at key i + offset; None: Lk - Lq of the inputs
-    # FlashAttention-3's intra-warpgroup overlap: tile j's QK^T and tile j-1's PV are
-    # issued together, and tile j's softmax runs while PV still occupies the tensor cores.
-    overlap: bool = True
 
 
 def heavy_first_pays(q_len: int) -> bool:
@@ -216,11 +213,16 @@ def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
             plgpu.barrier_wait(k_loaded.at[0])  # kv_steps >= 1 always
             pl.when(wg == 1)(take_turn)
 
-            def scores_of(acc_s, slot):
-                plgpu.wgmma(acc_s, qo_smem, k_smem.at[slot].transpose((1, 0)))
+            def kv_step_body(step, carry, diagonal: bool):
+                acc, m_i, l_i = carry
+                slot = lax.rem(step, jnp.array(stages, step.dtype))
 
-            def masked(s, step, slot, diagonal: bool):
-                """Key bias and causal mask of one score tile; frees the K slot."""
+                def scores(acc_ref):
+                    plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+                    take_turn()
+                    return acc_ref[...]
+
+                s = pl.run_scoped(scores, plgpu.ACC((block_q, block_kv), jnp.float32))
                 if key_masked:  # read before k_consumed: that frees the slot's bias too
                     plgpu.barrier_wait(bias_loaded.at[slot])
                     bias = _load(plgpu, bias_smem.at[slot], wgmma_cols)
@@ -233,37 +235,12 @@ def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
                                                    layout=plgpu.Layout.WGMMA)
                     s = jnp.where(q_pos + (q_base + offset) >= k_pos + step * block_kv,
                                   s, -jnp.inf)
-                return s
-
-            def online_softmax(s, m_i, l_i):
-                """-> (p in the input dtype, new running max, new running sum, rescale)."""
                 m_new = jnp.maximum(m_i, s.max(axis=1) * score_to_log2)
                 alpha = jnp.exp2(m_i - m_new)
                 p = jnp.exp2(s * score_to_log2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                return p.astype(dtype), m_new, l_i * alpha + p.sum(axis=1), alpha
-
-            def rescaled(acc, alpha):
-                return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-
-            def slot_of(step):
-                if isinstance(step, int):  # not causal: static loop bounds
-                    return step % stages
-                return lax.rem(step, jnp.array(stages, step.dtype))
-
-            def serial_step(step, carry, diagonal: bool):
-                """One K/V tile: QK^T, softmax, then PV, each waiting for the last."""
-                acc, m_i, l_i = carry
-                slot = slot_of(step)
-
-                def scores(acc_s):
-                    scores_of(acc_s, slot)
-                    take_turn()
-                    return acc_s[...]
-
-                s = masked(pl.run_scoped(scores, plgpu.ACC((block_q, block_kv), jnp.float32)),
-                           step, slot, diagonal)
-                p16, m_new, l_i, alpha = online_softmax(s, m_i, l_i)
-                acc = rescaled(acc, alpha)
+                acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l_i = l_i * alpha + p.sum(axis=1)
+                p16 = p.astype(dtype)
                 acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
                 plgpu.barrier_arrive(turn)  # softmax done
                 plgpu.barrier_wait(v_loaded.at[slot])
@@ -275,82 +252,24 @@ def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
 
                     @pl.when(nxt < kv_steps)
                     def _():
-                        plgpu.barrier_wait(k_loaded.at[slot_of(nxt)])
+                        plgpu.barrier_wait(k_loaded.at[lax.rem(nxt, jnp.array(stages,
+                                                                             nxt.dtype))])
 
                 acc = pl.run_state(values)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_consumed.at[slot])
                 return acc, m_new, l_i
 
-            def overlapped_step(step, carry, diagonal: bool):
-                """Tile ``step``'s QK^T and tile ``step - 1``'s PV issued together; the
-                softmax of ``step`` runs while PV is still on the tensor cores. The
-                carry holds the previous tile's probabilities, not yet applied."""
-                acc, m_i, l_i, p16 = carry
-                slot, prev = slot_of(step), slot_of(step - 1)
-                plgpu.barrier_wait(k_loaded.at[slot])
-                plgpu.barrier_wait(v_loaded.at[prev])
-                take_turn()  # the other warpgroup has issued its matmuls
-
-                def both(acc_o):
-                    acc_o[...] = acc
-
-                    def scores(acc_s):
-                        scores_of(acc_s, slot)
-                        plgpu.wgmma(acc_o, p16, v_smem.at[prev])
-                        take_turn()
-                        return plgpu.wgmma_accumulator_load(acc_s, wait_n=1)  # PV may run on
-
-                    s = masked(pl.run_scoped(scores, plgpu.ACC((block_q, block_kv),
-                                                               jnp.float32)),
-                               step, slot, diagonal)
-                    p16_new, m_new, l_new, alpha = online_softmax(s, m_i, l_i)
-                    return rescaled(acc_o[...], alpha), m_new, l_new, p16_new
-
-                carry = pl.run_scoped(both, plgpu.ACC((block_q, dh), jnp.float32))
-                plgpu.barrier_arrive(v_consumed.at[prev])
-                return carry
-
-            def kv_loop(step_fn, first, carry):
-                """Runs ``step_fn`` over tiles first..kv_steps-1: unmasked tiles, then
-                (causal) the tiles the diagonal crosses."""
-                if not cfg.causal:
-                    return lax.fori_loop(first, kv_steps,
-                                         functools.partial(step_fn, diagonal=False), carry)
+            carry = (acc, m_i, l_i)
+            if cfg.causal:
                 # Tiles wholly at or before the first row's position need no mask.
-                split = jnp.maximum(unmasked, first)
-                carry = lax.fori_loop(first, split, functools.partial(step_fn, diagonal=False),
-                                      carry)
-                return lax.fori_loop(split, kv_steps, functools.partial(step_fn, diagonal=True),
-                                     carry)
-
-            if not cfg.overlap:
-                acc, m_i, l_i = kv_loop(serial_step, 0, (acc, m_i, l_i))
+                carry = lax.fori_loop(0, unmasked, functools.partial(kv_step_body,
+                                                                     diagonal=False), carry)
+                carry = lax.fori_loop(unmasked, kv_steps, functools.partial(kv_step_body,
+                                                                            diagonal=True), carry)
             else:
-                # Tile 0: scores and softmax only (its PV goes out with tile 1's QK^T).
-                # The causal mask is exact on every tile, so tile 0 always takes it.
-                def first_scores(acc_s):
-                    scores_of(acc_s, 0)
-                    take_turn()
-                    return acc_s[...]
-
-                zero = jnp.array(0, jnp.int32)
-                s = masked(pl.run_scoped(first_scores, plgpu.ACC((block_q, block_kv),
-                                                                 jnp.float32)),
-                           zero, zero, cfg.causal)
-                p16, m_i, l_i, _ = online_softmax(s, m_i, l_i)
-                acc, m_i, l_i, p16 = kv_loop(overlapped_step, 1, (acc, m_i, l_i, p16))
-                last = slot_of(kv_steps - 1)
-                plgpu.barrier_wait(v_loaded.at[last])
-                take_turn()
-
-                def last_values(acc_o):
-                    acc_o[...] = acc
-                    plgpu.wgmma(acc_o, p16, v_smem.at[last])
-                    take_turn()
-                    return acc_o[...]
-
-                acc = pl.run_scoped(last_values, plgpu.ACC((block_q, dh), jnp.float32))
-                plgpu.barrier_arrive(v_consumed.at[last])
+                carry = lax.fori_loop(0, kv_steps, functools.partial(kv_step_body,
+                                                                     diagonal=False), carry)
+            acc, m_i, l_i = carry
             pl.when(wg == 0)(take_turn)
             lse = m_i + jnp.log(l_i) * LOG2E
             if key_masked:

@@ -330,17 +330,16 @@ def test_portable_kernels_lower_for_cuda_with_their_backward(head_norm):
         "diff_flash_forward", "diff_flash_epilogue_grad", "diff_flash_dq", "diff_flash_dkv"}
 
 
-@pytest.mark.parametrize("causal,head_dim,residuals,key_bias,overlap", [
-    (True, 128, True, False, True), (False, 64, False, True, True),
-    (True, 64, False, False, False), (True, 128, True, True, True),
-    (False, 128, True, False, False)])
-def test_hopper_kernel_lowers_for_cuda(causal, head_dim, residuals, key_bias, overlap):
+@pytest.mark.parametrize("causal,head_dim,residuals,key_bias", [
+    (True, 128, True, False), (False, 64, False, True), (True, 64, False, False),
+    (True, 128, True, True)])
+def test_hopper_kernel_lowers_for_cuda(causal, head_dim, residuals, key_bias):
     """Traced and lowered to Mosaic GPU on the CPU (not run): API drift and tracing
     errors show here; the ``gpu`` tests above check its numbers on a Hopper GPU."""
     from pallas_kernels.diff_flash_mgpu import MosaicConfig, mosaic_blocks, mosaic_forward
 
     cfg = MosaicConfig(*mosaic_blocks(head_dim), 2, causal=causal, head_norm=True, eps=1e-6,
-                       offset=250 if key_bias else None, overlap=overlap)
+                       offset=250 if key_bias else None)
     q = jax.ShapeDtypeStruct((1, 256, 4, head_dim), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 512, 2, head_dim), jnp.bfloat16)
     lam = jax.ShapeDtypeStruct((1, 4, 256), jnp.float32)
