@@ -7,15 +7,21 @@ Ms 64, and 768), H=32, Hkv=8, Dh=128, bf16, a key mask with holes, batch 1 to
 device loop's per-iteration predicate read-back is what is measured).
 Achieved bandwidth counts the K and V bytes each call must read, against two
 ceilings measured in the same run: a device-to-device copy (bytes read and
-written per second) and a read-only reduction over the same 2 GiB.
+written per second) and a read-only sum over the same 2 GiB, through PyTorch
+(its copy is cudaMemcpy) where it sees the GPU, and through XLA.
 
     python benchmarks/bench_decode_attention.py --out results.json
+    python benchmarks/bench_decode_attention.py --out ab.json --baseline baselines.OLD
+
+``--baseline PACKAGE`` also times that package's ``decode_attention`` (an older
+copy of ``pallas_kernels``) in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import statistics
 import time
@@ -79,9 +85,35 @@ def per_call_seconds(fn, *args, repeats: int = 7) -> float:
     return statistics.median(times) / INNER
 
 
-def memory_ceilings_gbs() -> dict[str, float]:
-    """GB/s of a 2 GiB device-to-device copy (read + written) and of a 2 GiB
-    read-only sum: the memory system's practical ceilings on this GPU."""
+def torch_ceilings_gbs() -> dict[str, float]:
+    """GB/s of a 2 GiB cudaMemcpy (read + written) and of a 2 GiB sum, through
+    PyTorch with CUDA events (best of 10); empty without a CUDA PyTorch."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    if not torch.cuda.is_available():
+        return {}
+    x = torch.ones(CEILING_BYTES // 2, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    ceilings = {}
+    for name, fn, moved in (("copy", lambda: y.copy_(x), 2 * CEILING_BYTES),
+                            ("read", lambda: x.sum(dtype=torch.float32), CEILING_BYTES)):
+        fn()
+        best = float("inf")
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        ceilings[name] = moved / best / 1e9
+    return ceilings
+
+
+def xla_ceilings_gbs() -> dict[str, float]:
+    """The same two ceilings through XLA (an elementwise add and a sum, wall clock)."""
     x = jnp.ones((CEILING_BYTES // 2,), jnp.bfloat16)
     copy = jax.jit(lambda a: a + jnp.bfloat16(1))
     read = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
@@ -97,10 +129,27 @@ def memory_ceilings_gbs() -> dict[str, float]:
     return ceilings
 
 
+def memory_ceilings_gbs() -> dict[str, float]:
+    """The copy and read ceilings of this GPU: PyTorch's where it runs, else XLA's;
+    both sets recorded."""
+    xla_ceilings = xla_ceilings_gbs()
+    ceilings = torch_ceilings_gbs() or dict(xla_ceilings)
+    ceilings.update({f"xla_{name}": gbs for name, gbs in xla_ceilings.items()})
+    return ceilings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--baseline", help="package holding an older decode_attention module")
     args = parser.parse_args()
+    variants = {"pallas": pallas, "xla": xla}
+    if args.baseline:
+        old = importlib.import_module(f"{args.baseline}.decode_attention").decode_attention
+
+        def baseline(q, qn, k, v, lam, mask, w):
+            return old(q, qn, k, v, lam, mask, norm_weight=w, interpret=False)
+        variants["baseline"] = baseline
     results = {"what": __doc__.split("\n\n")[0], "device": jax.devices()[0].device_kind,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "jax": jax.__version__, "shape": dict(H=H, Hkv=HKV, Dh=DH, tokens=1),
@@ -113,12 +162,15 @@ def main() -> None:
             inputs = decode_inputs(batch, slots, seed=batch * slots)
             kv_bytes = kv_bytes_read(inputs)
             entry = {"slots": slots, "batch": batch, "kv_bytes": kv_bytes}
-            for name, fn in (("pallas", pallas), ("xla", xla)):
+            for name, fn in variants.items():
                 sec = per_call_seconds(fn, *inputs)
                 entry[name] = {"us": sec * 1e6, "GBs": kv_bytes / sec / 1e9}
             entry["pallas_vs_xla"] = entry["xla"]["us"] / entry["pallas"]["us"]
-            for name, gbs in ceilings.items():
-                entry[f"pallas_fraction_of_{name}_ceiling"] = entry["pallas"]["GBs"] / gbs
+            if args.baseline:
+                entry["pallas_vs_baseline"] = entry["baseline"]["us"] / entry["pallas"]["us"]
+            for name in ("copy", "read"):
+                entry[f"pallas_fraction_of_{name}_ceiling"] = (entry["pallas"]["GBs"]
+                                                               / ceilings[name])
             results["runs"].append(entry)
             print(json.dumps(entry), flush=True)
     with open(args.out, "w") as f:

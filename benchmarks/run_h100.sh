@@ -7,7 +7,8 @@
 #                     optionally only those matching -k PYTEST_K (e.g. "tests:gradients or decode")
 #   layer-tests       the bounded layer's GPU parity tests (test_bounded_parity on CUDA)
 #   diff              bench_diff_attention.py (the slow portable forward skipped)
-#   decode            bench_decode_attention.py
+#   decode[:PKG]      bench_decode_attention.py; with :PKG also benchmarks/baselines/PKG's
+#                     decode kernel (an older pallas_kernels), in the same run
 #   layer             bench_layer.py (fidelity figures in the same file); $LAYER_ARGS adds
 #                     its options, e.g. LAYER_ARGS="--embed-dims 4096 --skip fidelity"
 #   fidelity          bench_layer.py --fidelity-only
@@ -66,8 +67,9 @@ for phase in "$@"; do
       timeout 300 python3 benchmarks/bench_diff_attention.py --skip ours_portable \
           --out "$OUT/diff_attention_${GPU_TAG}.json" 2>&1 | quiet > "$OUT/diff_attention.log"
       summarise_diff "$OUT/diff_attention_${GPU_TAG}.json" ;;
-    decode)
-      timeout 120 python3 benchmarks/bench_decode_attention.py \
+    decode|decode:*)  # decode:PACKAGE also times benchmarks/baselines/PACKAGE's kernel
+      base=${phase#decode}; base=${base#:}
+      timeout 180 python3 benchmarks/bench_decode_attention.py ${base:+--baseline baselines.$base} \
           --out "$OUT/decode_attention_${GPU_TAG}.json" 2>&1 | quiet | tail -12 ;;
     layer)
       timeout 420 python3 benchmarks/bench_layer.py ${LAYER_ARGS:-} --out "$OUT/layer_${GPU_TAG}.json" 2>&1 \

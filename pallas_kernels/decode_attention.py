@@ -145,29 +145,33 @@ def decode_attention(q: jax.Array, q_noise: jax.Array, k: jax.Array, v: jax.Arra
     mask_rows = mask.shape[1]
     mask = jnp.pad(mask.astype(jnp.float32), ((0, 0), (0, 0), (0, s_pad - s)))
     pad_s = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
-    row_spec = pl.BlockSpec((None, None, rows_pad, dh), lambda b_, j, c: (b_, j, 0, 0))
-    kv_spec = pl.BlockSpec((None, split_len, None, dh), lambda b_, j, c: (b_, c, j, 0))
+    # Grid (KV head, split, sequence), KV head fastest: the programs that run side by
+    # side read the same slots of one sequence, whose KV heads sit next to each other
+    # in memory (B, S, Hkv, Dh), so together they stream whole rows, not 256-byte
+    # pieces of rows far apart.
+    row_spec = pl.BlockSpec((None, None, rows_pad, dh), lambda j, c, b_: (b_, j, 0, 0))
+    kv_spec = pl.BlockSpec((None, split_len, None, dh), lambda j, c, b_: (b_, c, j, 0))
     in_specs = [row_spec, row_spec, kv_spec, kv_spec,
-                pl.BlockSpec((None, mask_rows, split_len), lambda b_, j, c: (b_, 0, c))]
+                pl.BlockSpec((None, mask_rows, split_len), lambda j, c, b_: (b_, 0, c))]
     args = [as_rows(q), as_rows(q_noise), jnp.pad(k, pad_s), jnp.pad(v, pad_s), mask]
     if epilogue:
         weight = jnp.ones((dh,)) if norm_weight is None else norm_weight
-        in_specs += [pl.BlockSpec((None, None, rows_pad), lambda b_, j, c: (b_, j, 0)),
-                     pl.BlockSpec((dh,), lambda b_, j, c: (0,))]
+        in_specs += [pl.BlockSpec((None, None, rows_pad), lambda j, c, b_: (b_, j, 0)),
+                     pl.BlockSpec((dh,), lambda j, c, b_: (0,))]
         args += [as_rows(lam.astype(jnp.float32)), weight.astype(jnp.float32)]
         out_specs = [row_spec]
         out_shape = [jax.ShapeDtypeStruct((b, hkv, rows_pad, dh), q.dtype)]
     else:
         acc_spec = pl.BlockSpec((None, None, None, rows_pad, dh),
-                                lambda b_, j, c: (b_, j, c, 0, 0))
-        stat_spec = pl.BlockSpec((None, None, None, rows_pad), lambda b_, j, c: (b_, j, c, 0))
+                                lambda j, c, b_: (b_, j, c, 0, 0))
+        stat_spec = pl.BlockSpec((None, None, None, rows_pad), lambda j, c, b_: (b_, j, c, 0))
         out_specs = [acc_spec] * 2 + [stat_spec] * 4
         out_shape = ([jax.ShapeDtypeStruct((b, hkv, splits, rows_pad, dh), jnp.float32)] * 2
                      + [jax.ShapeDtypeStruct((b, hkv, splits, rows_pad), jnp.float32)] * 4)
     outs = pl.pallas_call(
         functools.partial(_split_kernel, block_s=block_s, scale=dh ** -0.5, epilogue=epilogue,
                           head_norm=head_norm, eps=eps),
-        grid=(b, hkv, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        grid=(hkv, splits, b), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="bounded_decode_attention",
     )(*args)
