@@ -19,7 +19,8 @@
 #   variants-graphs   the same, unrolled, under XLA command buffers (CUDA graphs)
 #   host              host_profile.py: dispatch vs ready time of a prefill call and the
 #                     host's Python profile; the timings again with cuDNN and XLA attention
-#   tune              tune_mosaic.py: launch order and K/V stages of the Hopper forward
+#   tune              tune_mosaic.py: launch order of the Hopper forward against cuDNN
+#   tune-decode       tune_decode.py: tiles, stages, KV heads per program, launch order
 #
 # A phase's full log and results land in $OUT; a short table is printed.
 source benchmarks/device_env.sh
@@ -106,6 +107,9 @@ for phase in "$@"; do
     tune)
       timeout 200 python3 benchmarks/tune_mosaic.py --out "$OUT/tune_mosaic_${GPU_TAG}.json" 2>&1 \
           | quiet | tail -5 ;;
+    tune-decode)
+      timeout 300 python3 benchmarks/tune_decode.py --out "$OUT/tune_decode_${GPU_TAG}.json" 2>&1 \
+          | quiet | grep "best\|failed" ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

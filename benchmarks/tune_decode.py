@@ -5,7 +5,8 @@
 Times ``decode_attention`` as bench_decode_attention.py does (one token, H=32,
 Hkv=8, Dh=128, bf16, a key mask with holes) at the batches where it is
 bandwidth-bound, for every combination of slots per tile (``block_s``), warps
-and pipeline stages, and prints achieved GB/s per setting.
+and pipeline stages, KV heads per program and launch order, and prints
+achieved GB/s per setting, then the three best settings of each case.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import jax
 from bench_decode_attention import decode_inputs, kv_bytes_read, per_call_seconds
 from pallas_kernels.decode_attention import decode_attention
 
-SETTINGS = {"block_s": (64, 128), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
-CASES = ((64, 768), (256, 384), (256, 768))  # (batch, slots)
+# Warps (4 or 8) and block_s 128 were flat on the H100 (tune_decode_h100.json).
+SETTINGS = {"block_s": (32, 64), "num_stages": (2, 3), "heads_per_program": (1, 2, 4),
+            "kv_head_major": (True, False)}
+CASES = ((64, 384), (256, 384), (256, 768))  # (batch, slots)
 
 
 def main() -> None:
@@ -45,6 +48,11 @@ def main() -> None:
             label = f"B{batch} S{slots} " + " ".join(f"{n}={x}" for n, x in setting.items())
             results["GBs"][label] = round(gbs)
             print(label, round(gbs), flush=True)
+    for batch, slots in CASES:
+        prefix = f"B{batch} S{slots} "
+        ranked = sorted(((gbs, label) for label, gbs in results["GBs"].items()
+                         if label.startswith(prefix)), reverse=True)
+        print("best:", ranked[:3], flush=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
 
