@@ -36,54 +36,48 @@ TARGET_PROGRAMS = 264  # two per H100 streaming multiprocessor
 
 def _split_kernel(q_ref, qn_ref, k_ref, v_ref, mask_ref, *rest, block_s: int, scale: float,
                   epilogue: bool, head_norm: bool, eps: float):
-    """Both streams' online softmax over this program's slots, for each of its KV
-    heads (the refs' leading head axis). With ``epilogue`` (the slots are not
-    split) the program finishes the rows itself: softmax normalisation,
-    ``signal - lambda * noise``, head RMSNorm, one 16-bit write; otherwise it
-    writes float32 partials for :func:`_merge`."""
-    heads, rows, dh = q_ref.shape
-    queries = [(q_ref[h], qn_ref[h]) for h in range(heads)]
-    init = tuple(x for _ in range(2 * heads) for x in (
+    """Both streams' online softmax over this program's slots. With ``epilogue``
+    (the slots are not split) the program finishes the rows itself: softmax
+    normalisation, ``signal - lambda * noise``, head RMSNorm, one 16-bit write;
+    otherwise it writes float32 partials for :func:`_merge`."""
+    queries = (q_ref[...], qn_ref[...])
+    rows, dh = queries[0].shape
+    init = tuple(x for _ in range(2) for x in (
         jnp.zeros((rows, dh), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
         jnp.zeros((rows,), jnp.float32)))
 
     def body(i, carry):
         span = pl.ds(i * block_s, block_s)
+        k, v = k_ref[span, :], v_ref[span, :]
         mask = mask_ref[:, span] > 0  # (1 or rows, block_s): shared by the rows or per row
         out = []
-        for h in range(heads):  # neighbours in memory: one program reads whole rows
-            k, v = k_ref[span, h, :], v_ref[span, h, :]
-            for stream, query in enumerate(queries[h]):
-                acc, m_prev, l_prev = carry[len(out):len(out) + 3]
-                s = _scores(query, k, scale, mask)
-                m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
-                corr = jnp.exp2(m_prev - m_next)
-                p = jnp.where(mask, jnp.exp2(s - m_next[:, None]), 0.0)
-                out += [acc * corr[:, None] + _mm(p.astype(v.dtype), v, NN), m_next,
-                        l_prev * corr + jnp.sum(p, axis=-1)]
+        for stream, query in enumerate(queries):
+            acc, m_prev, l_prev = carry[3 * stream:3 * stream + 3]
+            s = _scores(query, k, scale, mask)
+            m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
+            corr = jnp.exp2(m_prev - m_next)
+            p = jnp.where(mask, jnp.exp2(s - m_next[:, None]), 0.0)
+            out += [acc * corr[:, None] + _mm(p.astype(v.dtype), v, NN), m_next,
+                    l_prev * corr + jnp.sum(p, axis=-1)]
         return tuple(out)
 
     n_blocks = k_ref.shape[0] // block_s
-    carry = jax.lax.fori_loop(0, n_blocks, body, init)
+    acc1, m1, l1, acc2, m2, l2 = jax.lax.fori_loop(0, n_blocks, body, init)
     if not epilogue:
         acc1_ref, acc2_ref, m1_ref, m2_ref, l1_ref, l2_ref = rest
-        for h in range(heads):
-            acc1, m1, l1, acc2, m2, l2 = carry[6 * h:6 * h + 6]
-            acc1_ref[h], acc2_ref[h] = acc1, acc2
-            m1_ref[h], m2_ref[h], l1_ref[h], l2_ref[h] = m1, m2, l1, l2
+        acc1_ref[...], acc2_ref[...] = acc1, acc2
+        m1_ref[...], m2_ref[...], l1_ref[...], l2_ref[...] = m1, m2, l1, l2
         return
     lam_ref, w_ref, out_ref = rest
 
     def normalised(acc, total):  # rows that saw nothing -> 0
         return jnp.where(total[:, None] > 0, acc / jnp.where(total > 0, total, 1.0)[:, None], 0.0)
 
-    for h in range(heads):
-        acc1, _, l1, acc2, _, l2 = carry[6 * h:6 * h + 6]
-        out = normalised(acc1, l1) - lam_ref[h][:, None] * normalised(acc2, l2)
-        if head_norm:
-            out = out * jax.lax.rsqrt(jnp.mean(out * out, axis=1, keepdims=True) + eps)
-            out = out * w_ref[...][None, :]
-        out_ref[h] = out.astype(out_ref.dtype)
+    out = normalised(acc1, l1) - lam_ref[...][:, None] * normalised(acc2, l2)
+    if head_norm:
+        out = out * jax.lax.rsqrt(jnp.mean(out * out, axis=1, keepdims=True) + eps)
+        out = out * w_ref[...][None, :]
+    out_ref[...] = out.astype(out_ref.dtype)
 
 
 def _merge(acc, m, denom):
@@ -106,19 +100,17 @@ def decode_attention(q: jax.Array, q_noise: jax.Array, k: jax.Array, v: jax.Arra
                      lam: jax.Array, key_mask: jax.Array | None = None, *,
                      norm_weight: jax.Array | None = None, head_norm: bool = True,
                      eps: float = 1e-6, block_s: int = 64, num_warps: int = 4,
-                     num_stages: int = 2, heads_per_program: int = 1,
-                     kv_head_major: bool = True, interpret: bool | None = None) -> jax.Array:
+                     num_stages: int = 3, interpret: bool | None = None) -> jax.Array:
     """``HeadNorm(Attn(q) - lam * Attn(q_noise))`` of T query tokens over a bank -> (B, T, H, Dh).
 
     q, q_noise (B, T, H, Dh); k, v (B, S, Hkv, Dh) (the bank's slots); lam
     (B, T, H); key_mask (B, S) or (B, T, S) bool, True = may attend (the bank's
     allowed slots; a (B, T, S) mask also expresses causality among the T new
-    tokens). Rows with no visible slot output zeros. The GPU tuning knobs
-    (``benchmarks/tune_decode.py``): ``block_s`` (slots per tile),
-    ``num_warps``, ``num_stages``, ``heads_per_program`` (KV heads one program
-    reads side by side) and ``kv_head_major`` (programs of one sequence's KV
-    heads launched next to each other, else those of neighbouring sequences).
-    ``interpret`` defaults to True off GPU.
+    tokens). Rows with no visible slot output zeros. ``block_s`` (slots per
+    tile), ``num_warps`` and ``num_stages`` are the GPU tuning knobs
+    (``benchmarks/tune_decode.py``; 64 slots, 4 warps and 3 stages were the best
+    or within 3% of it at batch 256 on an H200). ``interpret`` defaults to True
+    off GPU.
     """
     b, t, h, dh = q.shape
     s, hkv = k.shape[1], k.shape[2]
@@ -128,8 +120,6 @@ def decode_attention(q: jax.Array, q_noise: jax.Array, k: jax.Array, v: jax.Arra
     if h % hkv or dh & (dh - 1):
         raise ValueError(f"need num_heads % num_kv_heads == 0 and a power-of-two head_dim; "
                          f"got H={h}, Hkv={hkv}, Dh={dh}")
-    if hkv % heads_per_program:
-        raise ValueError(f"heads_per_program={heads_per_program} must divide Hkv={hkv}")
     if key_mask is not None and key_mask.shape not in ((b, s), (b, t, s)):
         raise ValueError(f"key_mask must be (B, S)={(b, s)} or (B, T, S)={(b, t, s)}, got "
                          f"{key_mask.shape}")
@@ -138,8 +128,7 @@ def decode_attention(q: jax.Array, q_noise: jax.Array, k: jax.Array, v: jax.Arra
     g = h // hkv
     rows = t * g
     rows_pad = max(MIN_ROWS, pl.next_power_of_2(rows))
-    programs_per_row = hkv // heads_per_program
-    splits = decode_splits(b, programs_per_row, s, block_s)
+    splits = decode_splits(b, hkv, s, block_s)
     split_len = -(-s // (splits * block_s)) * block_s
     s_pad = splits * split_len
     epilogue = splits == 1  # each program owns whole rows: finish them in the kernel
@@ -158,47 +147,33 @@ def decode_attention(q: jax.Array, q_noise: jax.Array, k: jax.Array, v: jax.Arra
     mask_rows = mask.shape[1]
     mask = jnp.pad(mask.astype(jnp.float32), ((0, 0), (0, 0), (0, s_pad - s)))
     pad_s = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
-    if kv_head_major:
-        # Grid (KV heads, split, sequence), KV heads fastest: the programs that run side
-        # by side read the same slots of one sequence, whose KV heads sit next to each
-        # other in memory (B, S, Hkv, Dh).
-        grid = (programs_per_row, splits, b)
-
-        def index(f):
-            return lambda j, c, b_: f(b_, j, c)
-    else:  # programs of neighbouring sequences side by side
-        grid = (b, programs_per_row, splits)
-
-        def index(f):
-            return f
-
-    row_spec = pl.BlockSpec((None, heads_per_program, rows_pad, dh),
-                            index(lambda b_, j, c: (b_, j, 0, 0)))
-    kv_spec = pl.BlockSpec((None, split_len, heads_per_program, dh),
-                           index(lambda b_, j, c: (b_, c, j, 0)))
+    # Grid (KV head, split, sequence), KV head fastest: the programs that run side by
+    # side read the same slots of one sequence, whose KV heads sit next to each other
+    # in memory (B, S, Hkv, Dh), so together they stream whole rows, not 256-byte
+    # pieces of rows far apart.
+    row_spec = pl.BlockSpec((None, None, rows_pad, dh), lambda j, c, b_: (b_, j, 0, 0))
+    kv_spec = pl.BlockSpec((None, split_len, None, dh), lambda j, c, b_: (b_, c, j, 0))
     in_specs = [row_spec, row_spec, kv_spec, kv_spec,
-                pl.BlockSpec((None, mask_rows, split_len), index(lambda b_, j, c: (b_, 0, c)))]
+                pl.BlockSpec((None, mask_rows, split_len), lambda j, c, b_: (b_, 0, c))]
     args = [as_rows(q), as_rows(q_noise), jnp.pad(k, pad_s), jnp.pad(v, pad_s), mask]
     if epilogue:
         weight = jnp.ones((dh,)) if norm_weight is None else norm_weight
-        in_specs += [pl.BlockSpec((None, heads_per_program, rows_pad),
-                                  index(lambda b_, j, c: (b_, j, 0))),
-                     pl.BlockSpec((dh,), index(lambda b_, j, c: (0,)))]
+        in_specs += [pl.BlockSpec((None, None, rows_pad), lambda j, c, b_: (b_, j, 0)),
+                     pl.BlockSpec((dh,), lambda j, c, b_: (0,))]
         args += [as_rows(lam.astype(jnp.float32)), weight.astype(jnp.float32)]
         out_specs = [row_spec]
         out_shape = [jax.ShapeDtypeStruct((b, hkv, rows_pad, dh), q.dtype)]
     else:
-        acc_spec = pl.BlockSpec((None, heads_per_program, None, rows_pad, dh),
-                                index(lambda b_, j, c: (b_, j, c, 0, 0)))
-        stat_spec = pl.BlockSpec((None, heads_per_program, None, rows_pad),
-                                 index(lambda b_, j, c: (b_, j, c, 0)))
+        acc_spec = pl.BlockSpec((None, None, None, rows_pad, dh),
+                                lambda j, c, b_: (b_, j, c, 0, 0))
+        stat_spec = pl.BlockSpec((None, None, None, rows_pad), lambda j, c, b_: (b_, j, c, 0))
         out_specs = [acc_spec] * 2 + [stat_spec] * 4
         out_shape = ([jax.ShapeDtypeStruct((b, hkv, splits, rows_pad, dh), jnp.float32)] * 2
                      + [jax.ShapeDtypeStruct((b, hkv, splits, rows_pad), jnp.float32)] * 4)
     outs = pl.pallas_call(
         functools.partial(_split_kernel, block_s=block_s, scale=dh ** -0.5, epilogue=epilogue,
                           head_norm=head_norm, eps=eps),
-        grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        grid=(hkv, splits, b), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="bounded_decode_attention",
     )(*args)

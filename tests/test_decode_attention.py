@@ -86,23 +86,6 @@ def test_without_head_norm(slots):
     assert rel_err(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("heads_per_program,kv_head_major,slots,mask", [
-    (2, True, 50, "holes"), (2, False, 384, "per_token"), (1, False, 50, "per_token"),
-    (1, False, 384, "holes")])
-def test_tuning_knobs_keep_the_numbers(heads_per_program, kv_head_major, slots, mask):
-    """Several KV heads per program and either launch order: the same result, in
-    the kernel's own epilogue (50 slots) and through the split-and-merge path."""
-    case = dict(tokens=3, slots=slots, batch=2, group=4, head_dim=64, mask=mask,
-                dtype="float32")
-    q, qn, k, v, lam, w, key_mask = make_inputs(case, slots + heads_per_program)
-    assert k.shape[2] % heads_per_program == 0
-    got = decode_attention(q, qn, k, v, lam, key_mask, norm_weight=w,
-                           heads_per_program=heads_per_program, kv_head_major=kv_head_major)
-    assert rel_err(got, reference(q, qn, k, v, lam, w, key_mask)) < 1e-5
-    with pytest.raises(ValueError, match="must divide"):
-        decode_attention(q, qn, k, v, lam, key_mask, heads_per_program=3)
-
-
 def test_slots_split_over_programs_when_the_batch_is_small():
     assert decode_splits(batch=1, kv_heads=8, slots=384, block_s=64) == 6
     assert decode_splits(batch=256, kv_heads=8, slots=384, block_s=64) == 1
