@@ -1,8 +1,9 @@
-"""Plot the committed H100 kernel results: differential attention TFLOP/s per length
-(forward and forward+backward) and decode attention bandwidth per batch.
+"""Plot the committed kernel results: differential attention TFLOP/s per length
+(forward and forward+backward) and decode attention bandwidth per batch, with the
+memory ceilings measured in the same run.
 
-    python benchmarks/plot_kernels.py --attention benchmarks/results/diff_attention_h100.json \
-        --decode benchmarks/results/decode_attention_h100.json --out docs/kernels_h100.png
+    python benchmarks/plot_kernels.py --attention benchmarks/results/diff_attention_h200.json \
+        --decode benchmarks/results/decode_attention_h200.json --out docs/kernels_h200.png
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     a = p.parse_args()
     with open(a.attention) as f:
-        attention = json.load(f)["lengths"]
+        attention_file = json.load(f)
+    attention = attention_file["lengths"]
     with open(a.decode) as f:
         decode = json.load(f)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -48,14 +50,19 @@ def main() -> None:
         for name, style in (("pallas", "-o"), ("xla", "--x")):
             ax.plot([r["batch"] for r in runs], [r[name]["GBs"] for r in runs], style,
                     label=f"{name}, {slots} slots")
-    ax.axhline(decode["copy_ceiling_GBs"], color="grey", lw=0.8, label="copy ceiling")
+    # Older files carry one assumed copy ceiling, newer ones the ceilings they measured.
+    ceilings = decode.get("ceilings_GBs") or {"copy": decode["copy_ceiling_GBs"]}
+    for name, style in (("copy", "-"), ("read", ":")):
+        if name in ceilings:
+            ax.axhline(ceilings[name], color="grey", lw=0.8, ls=style,
+                       label=f"{name} ceiling ({ceilings[name] / 1e3:.2f} TB/s)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch (sequences)")
     ax.set_ylabel("GB/s of K/V read")
     ax.set_title("bounded decode attention")
     ax.legend(fontsize=7)
-    fig.suptitle("H100: B=1 H=32 Hkv=8 Dh=128 bf16 causal; decode H=32 "
-                 "Hkv=8 Dh=128, 1 token")
+    fig.suptitle(f"{attention_file['device']}: B=1 H=32 Hkv=8 Dh=128 bf16 causal; "
+                 "decode H=32 Hkv=8 Dh=128, 1 token")
     fig.tight_layout()
     fig.savefig(a.out, dpi=110)
 

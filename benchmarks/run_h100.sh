@@ -57,7 +57,7 @@ for phase in "$@"; do
     tests|tests:*)
       filter=${phase#tests}; filter=${filter#:}
       log="$OUT/gpu_tests$(printf %s "${filter:+_$filter}" | tr -c 'A-Za-z0-9_' '_').log"
-      JAX_PLATFORMS=cuda timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu \
+      JAX_PLATFORMS=cuda timeout 540 python3 -m pytest -q -p no:cacheprovider -m gpu \
           ${filter:+-k "$filter"} --tb=short -rA tests/test_diff_flash.py \
           tests/test_decode_attention.py > "$log" 2>&1
       grep -E "^(PASSED|FAILED|ERROR)|passed|failed|^E  " "$log" | head -40 ;;
