@@ -2,10 +2,10 @@
 
 B=1, H=32, Hkv=8, Dh=128, causal, bf16: the forward of
 ``diff_flash_mgpu.mosaic_forward`` with heavy_first on and off (the launch
-order of the causal query tiles), next to the two cuDNN
-baselines of ``bench_diff_attention`` in the same process, the variants timed in
-turns. Prints one JSON line per length, with each round's ratio of every
-variant to the faster cuDNN baseline.
+order of the causal query tiles), next to the two cuDNN baselines of
+``bench_diff_attention`` in the same process, the variants timed in turns.
+Prints one JSON line per length, with each variant's error against two cuDNN
+calls and each round's ratio to the faster cuDNN baseline.
 
     python benchmarks/tune_mosaic.py --out results.json
 """
