@@ -85,9 +85,19 @@ def per_call_seconds(fn, *args, repeats: int = 7) -> float:
     return statistics.median(times) / INNER
 
 
+def ceilings_gbs(copy, read, seconds) -> dict[str, float]:
+    """GB/s of ``copy`` (2 GiB read and written) and ``read`` (2 GiB read), each
+    timed by ``seconds(fn)``, best of 10 after a warm-up."""
+    def best(fn):
+        fn()
+        return min(seconds(fn) for _ in range(10))
+    return {"copy": 2 * CEILING_BYTES / best(copy) / 1e9,
+            "read": CEILING_BYTES / best(read) / 1e9}
+
+
 def torch_ceilings_gbs() -> dict[str, float]:
-    """GB/s of a 2 GiB cudaMemcpy (read + written) and of a 2 GiB sum, through
-    PyTorch with CUDA events (best of 10); empty without a CUDA PyTorch."""
+    """The ceilings through PyTorch: cudaMemcpy and a sum, timed with CUDA events;
+    empty without a CUDA PyTorch."""
     try:
         import torch
     except ImportError:
@@ -96,37 +106,28 @@ def torch_ceilings_gbs() -> dict[str, float]:
         return {}
     x = torch.ones(CEILING_BYTES // 2, dtype=torch.bfloat16, device="cuda")
     y = torch.empty_like(x)
-    ceilings = {}
-    for name, fn, moved in (("copy", lambda: y.copy_(x), 2 * CEILING_BYTES),
-                            ("read", lambda: x.sum(dtype=torch.float32), CEILING_BYTES)):
+
+    def seconds(fn):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-        best = float("inf")
-        for _ in range(10):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            best = min(best, start.elapsed_time(end) / 1e3)
-        ceilings[name] = moved / best / 1e9
-    return ceilings
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    return ceilings_gbs(lambda: y.copy_(x), lambda: x.sum(dtype=torch.float32), seconds)
 
 
 def xla_ceilings_gbs() -> dict[str, float]:
-    """The same two ceilings through XLA (an elementwise add and a sum, wall clock)."""
+    """The ceilings through XLA: an elementwise add and a sum, wall clock."""
     x = jnp.ones((CEILING_BYTES // 2,), jnp.bfloat16)
     copy = jax.jit(lambda a: a + jnp.bfloat16(1))
     read = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-    ceilings = {}
-    for name, fn, moved in (("copy", copy, 2 * CEILING_BYTES), ("read", read, CEILING_BYTES)):
-        jax.block_until_ready(fn(x))
-        times = []
-        for _ in range(10):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(x))
-            times.append(time.perf_counter() - start)
-        ceilings[name] = moved / min(times) / 1e9
-    return ceilings
+
+    def seconds(fn):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        return time.perf_counter() - start
+    return ceilings_gbs(lambda: copy(x), lambda: read(x), seconds)
 
 
 def memory_ceilings_gbs() -> dict[str, float]:

@@ -95,10 +95,10 @@ def stream_kv_tiles(plgpu, kv_refs, kv_smem, loaded, consumed, *, batch, kv_head
     """The memory warpgroup of the forward and dq kernels: TMA the first ``steps``
     K/V tiles of one KV head into a ring of ``stages`` shared-memory slots. Each
     ref is refilled as soon as its own ``consumed`` barrier says both compute
-    warpgroups are done with its slot (K frees a slot before V does); refs past
-    the last barrier (the key bias) are refilled with the last one. ``steps`` is
-    a Python int (static loop bounds) or, when causal, a traced count (>= 1). A
-    (B, Lk) ref among ``kv_refs`` (the key bias) is streamed tile by tile alongside."""
+    warpgroups are done with its slot (K frees a slot before V does). A (B, Lk)
+    ref after K and V (the key bias) is streamed tile by tile alongside and
+    refilled after V's barrier. ``steps`` is a Python int (static loop bounds)
+    or, when causal, a traced count (>= 1)."""
     plgpu.set_max_registers(40, action="decrease")
 
     def fetch(step, slot, ref, smem, barrier):
