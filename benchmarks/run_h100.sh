@@ -20,7 +20,7 @@
 #   host              host_profile.py: dispatch vs ready time of a prefill call and the
 #                     host's Python profile; the timings again with cuDNN and XLA attention
 #   tune              tune_mosaic.py: launch order of the Hopper forward against cuDNN
-#   tune-decode       tune_decode.py: tiles, stages, KV heads per program, launch order
+#   tune-decode       tune_decode.py: slots per tile and pipeline stages of the decode kernel
 #
 # A phase's full log and results land in $OUT; a short table is printed.
 source benchmarks/device_env.sh
