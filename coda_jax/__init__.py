@@ -1,9 +1,18 @@
-"""CoDA-GQA-L in JAX: bounded-memory differential attention and its saveable state."""
+"""CoDA-GQA-L in JAX: bounded-memory differential attention and its saveable state.
+
+Layers (``CoDAGQALandmark``, ``CoDAGQA``, ``BaselineGQA``), decoder models
+(``CausalLM`` with a ``DecoderConfig``), compiled generation, the bank state
+and its row helpers, and Orbax checkpoints of states and models.
+"""
 
 from .bounded import CoDAGQALandmark
-from .checkpoint import load_state, read_state_metadata, save_state
+from .checkpoint import check_finite, load_state, nonfinite_rows, read_state_metadata, save_state
 from .config import AttentionConfig, BankConfig, lf_band_dims
-from .state import BankMetrics, BankState, select_rows, stack_states
+from .decoder import CausalLM
+from .generation import generate, sample_logits
+from .model_config import DecoderConfig
+from .model_io import load_model, read_model_metadata, save_model
+from .state import BankMetrics, BankState, batch_axis, select_rows, stack_states, where_rows
 from .unbounded import BaselineGQA, CoDAGQA
 
 __all__ = [
@@ -12,12 +21,23 @@ __all__ = [
     "BankMetrics",
     "BankState",
     "BaselineGQA",
+    "CausalLM",
     "CoDAGQA",
     "CoDAGQALandmark",
+    "DecoderConfig",
+    "batch_axis",
+    "check_finite",
+    "generate",
     "lf_band_dims",
+    "load_model",
     "load_state",
+    "nonfinite_rows",
+    "read_model_metadata",
     "read_state_metadata",
+    "sample_logits",
+    "save_model",
     "save_state",
     "select_rows",
     "stack_states",
+    "where_rows",
 ]

@@ -24,9 +24,11 @@ from flax import nnx
 from . import orbax_io
 from .bounded import CoDAGQALandmark
 from .memory import stack_shapes, state_shapes
-from .state import BankState
+from .state import BankMetrics, BankState
 
-FORMAT = "coda_jax.bank_state/1"
+FORMAT = "coda_jax.bank_state/2"
+# Format 1 (no checksums, no ``nonfinite`` flag) still loads, with a warning.
+LEGACY_FORMATS = ("coda_jax.bank_state/1",)
 _HASH_FULL_LIMIT = 1 << 20   # hash small arrays whole; sample larger ones
 _HASH_SAMPLES = 1 << 16
 
@@ -92,18 +94,41 @@ def _check_matches(layers, state) -> None:
                          f"{jax.tree.leaves(got)}, the model expects {jax.tree.leaves(want)}")
 
 
+def nonfinite_rows(state: BankState) -> list[int]:
+    """Batch rows whose buffer a NaN or Inf reached (in any layer); reads the flag
+    back from the device."""
+    flags = np.asarray(state.nonfinite).reshape(-1, state.batch_size)
+    return np.flatnonzero(flags.any(axis=0)).tolist()
+
+
+def check_finite(state: BankState) -> None:
+    """``ValueError`` naming the rows whose state holds NaN or Inf values."""
+    rows = nonfinite_rows(state)
+    if rows:
+        raise ValueError(f"batch row(s) {rows} of this state hold NaN or Inf values (a "
+                         "non-finite input or activation reached the banks); such a state "
+                         "gives garbage answers and is not saved")
+
+
 def save_state(path: str | os.PathLike, state: BankState, model: Any, *,
                overwrite: bool = False) -> Path:
     """Write ``state`` (one layer's, or a layer stack's with a leading layer axis)
-    of ``model`` to the directory ``path``; return the absolute path."""
+    of ``model`` to the directory ``path``; return the absolute path.
+
+    Refuses (``ValueError``) a state that does not fit the model or whose rows
+    hold NaN/Inf values; replaces an existing saved state only with
+    ``overwrite=True``, and never anything else (see :func:`orbax_io.write`).
+    """
     layers, weights = _layers_of(model)
     _check_matches(layers, state)
-    return orbax_io.write(path, state, _describe(layers, weights, state), overwrite=overwrite)
+    check_finite(state)
+    return orbax_io.write(path, state, _describe(layers, weights, state), overwrite=overwrite,
+                          what="state")
 
 
 def read_state_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata saved beside a state (configs, weights fingerprint, batch, dtype)."""
-    return orbax_io.read_meta(path, FORMAT, "state")
+    return orbax_io.read_meta(path, FORMAT, "state", accepted=LEGACY_FORMATS)
 
 
 def _config_differences(saved: list[dict], layers: Sequence[CoDAGQALandmark]) -> list[str]:
@@ -139,4 +164,24 @@ def load_state(path: str | os.PathLike, model: Any, *, check_weights: bool = Tru
         raise ValueError(f"the state at {path} was computed by different weights "
                          "(weights fingerprint differs); pass check_weights=False to load anyway")
     abstract = _expected_state(layers, meta["batch_size"], jnp.dtype(meta["dtype"]))
-    return orbax_io.read_tree(path, abstract)
+    if meta["format"] in LEGACY_FORMATS:
+        state = _from_legacy(orbax_io.read_tree(path, None, "state"), abstract, path)
+        _check_matches(layers, state)
+        return state
+    return orbax_io.read_tree(path, abstract, "state")
+
+
+def _from_legacy(raw: dict[str, Any], abstract: BankState, path: Path) -> BankState:
+    """A format-1 state (saved without the ``nonfinite`` flag) in today's structure."""
+    fields = dict(raw)
+    metrics = fields.pop("metrics", None)
+    fields["metrics"] = BankMetrics(**metrics) if isinstance(metrics, dict) else None
+    k_buf = np.asarray(fields["k_buf"])
+    fields["nonfinite"] = ~np.isfinite(k_buf.reshape(*fields["pos"].shape, -1)).all(-1)
+    try:
+        state = jax.tree.map(lambda want, got: jnp.asarray(got, want.dtype), abstract,
+                             BankState(**fields))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"the saved state at {path} (format 1) does not fit this model: "
+                         f"{err}") from err
+    return state

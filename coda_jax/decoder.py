@@ -11,10 +11,12 @@ state of the whole model is one ``BankState`` whose leaves lead with the layer a
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from . import bounded, memory
@@ -68,7 +70,7 @@ def attention_module(cfg: DecoderConfig, kind: AttentionKind, options: dict[str,
     if kind == "gqa":
         if options:
             raise ValueError(f"attention='gqa' takes no options, got {sorted(options)}")
-        return BaselineGQA(rope_interleaved=False, **common)
+        return BaselineGQA(rope_interleaved=False, sliding_window=cfg.sliding_window, **common)
     if kind == "coda":
         return CoDAGQA(**common, **(ADAPTER_DEFAULTS | options))
     if kind == "coda_bounded":
@@ -130,6 +132,14 @@ class CausalLM(nnx.Module):
         self.attention = attention
         self.reference_compat = reference_compat
         options = dict(attention_options or {})
+        if cfg.sliding_window is not None and attention in ("coda", "coda_bounded"):
+            # As in the reference's adapters, which ignore it too.
+            sees = ("its bank (the recent 'window' option and the landmarks)"
+                    if attention == "coda_bounded" else "every earlier token")
+            warnings.warn(
+                f"the {cfg.family} config's sliding_window={cfg.sliding_window} is not applied "
+                f"to attention={attention!r}, which attends over {sees}; only "
+                "attention='gqa' applies it", UserWarning, stacklevel=2)
         self.attention_options = tuple(sorted(options.items()))  # static: part of the treedef
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size,
                                       param_dtype=param_dtype, rngs=rngs)
@@ -159,6 +169,14 @@ class CausalLM(nnx.Module):
         self._require_bounded()
         return [self.layers.self_attn] * self.cfg.num_layers
 
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """Token embeddings (B, L, D); ids outside ``[0, vocab)`` become NaN rows, so
+        they can neither wrap around to a real token nor pass unnoticed: the
+        state of their batch row is flagged (``BankState.nonfinite``)."""
+        h = self.embed_tokens(tokens)
+        known = (tokens >= 0) & (tokens < self.cfg.vocab_size)
+        return jnp.where(known[..., None], h, jnp.asarray(jnp.nan, h.dtype))
+
     def logits(self, h: jax.Array) -> jax.Array:
         h = self.norm(h)
         if self.lm_head is None:
@@ -176,7 +194,8 @@ class CausalLM(nnx.Module):
         (the returned one: per-layer K/V stacked (layers, B, T, Hkv, Dh))."""
         if self.attention == "coda_bounded":
             raise ValueError("a bounded model runs with prefill/step and a state")
-        h = self.embed_tokens(tokens)
+        tokens = self._check_tokens(tokens)
+        h = self.embed(tokens)
 
         def body(h, inputs):
             layer, past = inputs
@@ -198,7 +217,7 @@ class CausalLM(nnx.Module):
 
     def _prefill_segment(self, tokens, lengths, state, *, block_size, training, unroll,
                          last_only):
-        h = self.embed_tokens(tokens)
+        h = self.embed(tokens)
 
         def body(h, inputs):
             layer, st = inputs
@@ -212,7 +231,7 @@ class CausalLM(nnx.Module):
         return self.logits(h), state
 
     def _step(self, token, state, *, training):
-        h = self.embed_tokens(token)
+        h = self.embed(token)
 
         def body(h, inputs):
             layer, st = inputs
@@ -224,6 +243,12 @@ class CausalLM(nnx.Module):
     def check_state(self, state: BankState, batch_size: int) -> None:
         """``ValueError`` unless ``state`` is this model's stacked state for ``batch_size``."""
         self._require_bounded()
+        if not isinstance(state, BankState):
+            raise ValueError(f"expected this model's BankState, got {type(state).__name__}")
+        if state.num_layers is None:
+            raise ValueError("this is one layer's state (leaves (batch, ...)); the model "
+                             "needs its stacked state (layers, batch, ...) from "
+                             "model.init_state")
         # Cached shapes, not a trace of init_state: this runs on every step call.
         layer = memory.state_shapes(self.layers.self_attn.layout, int(batch_size),
                                     jnp.dtype(state.k_buf.dtype))
@@ -235,10 +260,26 @@ class CausalLM(nnx.Module):
                              f"batch {batch_size}): got k_buf {state.k_buf.shape}, expected "
                              f"{expected.k_buf.shape}")
 
-    def _check_tokens(self, tokens: jax.Array, what: str = "tokens") -> None:
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    def _check_tokens(self, tokens, what: str = "tokens") -> jax.Array:
+        """Shape and dtype always; the id range too for host inputs (lists, numpy),
+        which needs no device sync. Device arrays with ids out of range give NaN
+        logits and a flagged state (see :meth:`embed`)."""
+        on_host = not isinstance(tokens, jax.Array)
+        host = np.asarray(tokens) if on_host else None
+        array = host if on_host else tokens
+        if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
             raise ValueError(f"{what} must be integer ids of shape (batch, length), got "
-                             f"{tokens.dtype} {tuple(tokens.shape)}")
+                             f"{array.dtype} {tuple(array.shape)}")
+        if array.shape[0] == 0:
+            raise ValueError(f"{what} has an empty batch (shape {tuple(array.shape)})")
+        if on_host and host.size:
+            bad = (host < 0) | (host >= self.cfg.vocab_size)
+            if bad.any():
+                row, col = map(int, np.argwhere(bad)[0])
+                raise ValueError(f"{what} holds ids outside the vocabulary [0, "
+                                 f"{self.cfg.vocab_size}): {int(host[row, col])} at row {row}, "
+                                 f"position {col} ({int(bad.sum())} such ids)")
+        return jnp.asarray(array)
 
     def prefill(self, tokens: jax.Array, state: BankState, *, block_size: int = 1024,
                 lengths=None, last_only: bool = False, training: bool = False,
@@ -251,10 +292,15 @@ class CausalLM(nnx.Module):
         call runs ``chunks_per_call`` blocks (default:
         ``segments.default_chunks_per_call``).
         """
-        tokens = jnp.asarray(tokens)
-        self._check_tokens(tokens)
+        tokens = self._check_tokens(tokens)
         self.check_state(state, tokens.shape[0])
         lengths = check_lengths(lengths, *tokens.shape)
+        if last_only and isinstance(lengths, np.ndarray) and (lengths == 0).any():
+            rows = np.flatnonzero(lengths == 0).tolist()
+            raise ValueError(f"last_only=True needs at least one token per row; row(s) {rows} "
+                             f"have none (prompt shape {tuple(tokens.shape)})")
+        if tokens.shape[1] == 0:  # nothing to read: the state is unchanged
+            return jnp.zeros((tokens.shape[0], 0, self.cfg.vocab_size), jnp.float32), state
         outputs, last = [], None
         for tok_seg, seg_lengths in split_segments(tokens, lengths, block_size=block_size,
                                                    chunks_per_call=chunks_per_call):
@@ -293,8 +339,10 @@ class CausalLM(nnx.Module):
         return step
 
     def _check_step_args(self, token, state: BankState) -> jax.Array:
-        token = jnp.asarray(token)
-        self._check_tokens(token, "token")
+        token = self._check_tokens(token, "token")
+        if token.shape[1] != 1:
+            raise ValueError(f"step takes one token per row, shape (batch, 1); got "
+                             f"{tuple(token.shape)}")
         self.check_state(state, token.shape[0])
         return token
 

@@ -3,7 +3,8 @@
 The whole loop (sample, step every layer, stop check) is one ``lax.scan``
 under ``jax.jit``: no per-token dispatch from Python, no host reads until the
 tokens come back. Rows that hit a stop token keep their state from then on
-and emit ``pad_id``.
+and emit ``pad_id``. Rows are independent: each row of a batch (at its own
+position) generates what it would generate alone (exactly so when greedy).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .bounded import TRACE_COUNTS
 from .decoder import CausalLM
@@ -35,32 +37,68 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float | jax
     return jax.random.categorical(key, jnp.where(drop, -jnp.inf, logits), axis=-1)
 
 
+PAD_ID = -1  # what stopped rows emit by default: never a token id
+
+
+def _integer(name: str, value, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        span = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {span}, got {value}")
+    return int(value)
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
 def generate(model: CausalLM, state: BankState, logits: jax.Array, *, max_new_tokens: int,
              key: jax.Array | None = None, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, stop_tokens: tuple[int, ...] = (), pad_id: int = 0
+             top_p: float = 1.0, stop_tokens: tuple[int, ...] = (), pad_id: int = PAD_ID
              ) -> tuple[jax.Array, jax.Array, BankState]:
     """Continue from ``logits`` (B, V) (the last prompt token's, e.g. from
-    ``model.prefill(..., last_only=True)``) and ``state``.
+    ``model.prefill(..., last_only=True)``) and ``state`` (the model's, every row
+    at its own position).
 
-    ``temperature=0`` is greedy. Returns (tokens (B, max_new_tokens), number of
-    tokens per row up to and including its stop token, final state).
+    ``temperature=0`` is greedy, ``> 0`` samples (needs ``key``); ``top_k=0`` and
+    ``top_p=1`` switch those filters off. A row stops after emitting one of
+    ``stop_tokens``; it then emits ``pad_id`` (default -1, not a token id) and its
+    state stays as it was after the stop token. Returns (tokens (B,
+    max_new_tokens), number of tokens per row up to and including its stop
+    token, final state).
     """
     model._require_bounded()
+    vocab = model.cfg.vocab_size
+    if not hasattr(logits, "ndim") or logits.ndim not in (2, 3) or logits.shape[-1] != vocab:
+        shape = tuple(getattr(logits, "shape", ()))
+        raise ValueError(f"logits must have shape (batch, {vocab}) or (batch, 1, {vocab}) "
+                         f"(the last prompt token's), got {shape}")
     if logits.ndim == 3:
         logits = logits[:, -1]
     model.check_state(state, logits.shape[0])
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    greedy = temperature <= 0
+    max_new_tokens = _integer("max_new_tokens", max_new_tokens, 1)
+    temperature = _number("temperature", temperature)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    greedy = temperature == 0
     if not greedy and key is None:
-        raise ValueError("sampling (temperature > 0) needs a PRNG key")
+        raise ValueError("sampling (temperature > 0) needs a PRNG key: key=jax.random.key(seed)")
+    top_k = _integer("top_k", top_k, 0, vocab)
+    top_p = _number("top_p", top_p)
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    stops = tuple(_integer("a stop token", t, 0, vocab - 1) for t in stop_tokens)
+    pad_id = _integer("pad_id", pad_id, -(2 ** 31))
     key = jax.random.key(0) if key is None else key
     return _generate_jit(model, state, logits, key, jnp.float32(max(temperature, 1e-6)),
                          jnp.float32(top_p), max_new_tokens=max_new_tokens, greedy=greedy,
-                         top_k=int(top_k), stop_tokens=tuple(int(t) for t in stop_tokens),
-                         pad_id=int(pad_id))
+                         top_k=top_k, stop_tokens=stops, pad_id=pad_id)
 
 
 @functools.partial(jax.jit, static_argnames=("max_new_tokens", "greedy", "top_k",
@@ -79,15 +117,15 @@ def _generate_jit(model, state, logits, key, temperature, top_p, *, max_new_toke
             token = sample_logits(logits, step_key, temperature=temperature, top_k=top_k,
                                   top_p=top_p).astype(jnp.int32)
         emitted = jnp.where(done, pad_id, token)
-        new_logits, new_state = model._step(emitted[:, None], state, training=False)
+        # Stopped rows step on their (valid) sampled token; the result is discarded.
+        new_logits, new_state = model._step(token[:, None], state, training=False)
         state = where_rows(done, state, new_state)
+        live = ~done
         done = done | jnp.isin(token, stops)
-        return (state, new_logits[:, 0], done), emitted
+        return (state, new_logits[:, 0], done), (emitted, live)
 
     init = (state, logits, jnp.zeros((batch,), jnp.bool_))
-    (state, _, _), tokens = jax.lax.scan(body, init, jax.random.split(key, max_new_tokens))
-    tokens = tokens.T
-    # Tokens per row: up to and including the first stop token.
-    is_stop = jnp.isin(tokens, stops)
-    counts = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1) + 1, max_new_tokens)
-    return tokens, counts.astype(jnp.int32), state
+    (state, _, _), (tokens, live) = jax.lax.scan(body, init,
+                                                 jax.random.split(key, max_new_tokens))
+    # Tokens per row: those emitted while live, up to and including the stop token.
+    return tokens.T, jnp.sum(live, axis=0, dtype=jnp.int32), state

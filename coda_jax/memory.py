@@ -94,6 +94,7 @@ def init_state(layout: BankLayout, batch_size: int, dtype, key: jax.Array | None
         pos=vec(0),
         active_exact=vec(cfg.min_landmarks_exact if cfg.num_exact > 0 else 0),
         active_summary=vec(cfg.min_landmarks_summary if cfg.num_summary > 0 else 0),
+        nonfinite=jnp.zeros((batch_size,), jnp.bool_),
         metrics=BankMetrics.zeros(batch_size) if cfg.collect_metrics else None)
 
 
@@ -120,6 +121,19 @@ def _expand(active: jax.Array, frustrated: jax.Array, ceiling: jax.Array) -> jax
     """Pressure-gated growth: by the frustrated count, up to the log ceiling."""
     room = jnp.maximum(ceiling - active, 0)
     return active + jnp.where(frustrated > 0, jnp.minimum(frustrated, room), 0)
+
+
+def _any_nonfinite(arrays: tuple[jax.Array, ...], valid: jax.Array | None = None
+                   ) -> jax.Array:
+    """Per row (B,): whether any of ``arrays`` (B, L, ...) holds a NaN or Inf among
+    the ``valid`` (B, L) tokens. Such a value would sit in the banks for good."""
+    bad = None
+    for a in arrays:
+        row = jnp.any(~jnp.isfinite(a), axis=tuple(range(2, a.ndim)))
+        bad = row if bad is None else bad | row
+    if valid is not None:
+        bad = bad & valid
+    return jnp.any(bad, axis=1)
 
 
 def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
@@ -331,7 +345,7 @@ def write_segment(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.
         new, exact, summary = _update_banks(layout, banks, pos, exact_fn, summary_fn, training)
         new_metrics = _count_metrics(metrics, exact, summary, n_evicted, banks, new)
         # Rows with nothing in this block keep their banks bit for bit.
-        return where_rows(count > 0, (new, new_metrics), (banks, metrics)), banks
+        return where_rows(count > 0, (new, new_metrics), (banks, metrics), axis=0), banks
 
     (banks, metrics), seen = jax.lax.scan(
         body, (_banks_of(layout, state), state.metrics), (cand, counts, evicted, pos_before),
@@ -342,7 +356,10 @@ def write_segment(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.
         state, (ring_k[0], ring_v[0], ring_valid[0]), banks, g_recent=ring_g[0],
         recent_idx=jnp.zeros_like(state.recent_idx),
         recent_filled=(streamed[-1] - ring_start[-1]).astype(POSITION_DTYPE),
-        pos=state.pos + lengths, metrics=metrics)
+        pos=state.pos + lengths, metrics=metrics,
+        nonfinite=state.nonfinite | _any_nonfinite(
+            (k, v, gate[..., None, None]),
+            jnp.arange(length)[None, :] < lengths[:, None]))
     new = where_rows(lengths > 0, new, state)
 
     seen_k, seen_v, _, seen_valid = ring_at(slice(0, n_blocks))
@@ -397,5 +414,7 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
         recent_idx=jnp.where(full, (state.recent_idx + 1) % w, state.recent_idx),
         recent_filled=jnp.minimum(state.recent_filled + 1, w).astype(POSITION_DTYPE),
         pos=state.pos + 1,
+        nonfinite=state.nonfinite | _any_nonfinite((k[:, None], v[:, None],
+                                                    gate[:, None, None, None])),
         metrics=_count_metrics(state.metrics, exact, summary, full.astype(jnp.int32),
                                banks, new))

@@ -20,7 +20,9 @@ from . import orbax_io
 from .decoder import CausalLM
 from .model_config import DecoderConfig
 
-FORMAT = "coda_jax.model/1"
+FORMAT = "coda_jax.model/2"
+# Format 1 differs only in having no checksums: it loads, with a warning.
+LEGACY_FORMATS = ("coda_jax.model/1",)
 
 
 def describe_model(model: CausalLM) -> dict[str, Any]:
@@ -36,13 +38,19 @@ def describe_model(model: CausalLM) -> dict[str, Any]:
 
 
 def save_model(path: str | os.PathLike, model: CausalLM, *, overwrite: bool = False) -> Path:
-    """Write ``model`` (config, attention choice, weights) to the directory ``path``."""
+    """Write ``model`` (config, attention choice, weights) to the directory ``path``.
+
+    An existing path is replaced (atomically) only with ``overwrite=True`` and
+    only if it holds a saved model; anything else there is refused.
+    """
     _, state = nnx.split(model)
-    return orbax_io.write(path, state, describe_model(model), overwrite=overwrite)
+    return orbax_io.write(path, state, describe_model(model), overwrite=overwrite,
+                          what="model")
 
 
 def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    return orbax_io.read_meta(path, FORMAT, "model")
+    """The metadata of a saved model (config, attention, sizes), checksums verified."""
+    return orbax_io.read_meta(path, FORMAT, "model", accepted=LEGACY_FORMATS)
 
 
 def load_model(path: str | os.PathLike) -> CausalLM:
@@ -54,4 +62,4 @@ def load_model(path: str | os.PathLike) -> CausalLM:
         cfg, attention=meta["attention"], attention_options=meta["attention_options"],
         reference_compat=meta["reference_compat"], param_dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
-    return nnx.merge(graphdef, orbax_io.read_tree(path, abstract_state))
+    return nnx.merge(graphdef, orbax_io.read_tree(path, abstract_state, "model"))

@@ -88,10 +88,19 @@ class AttentionCore(nnx.Module):
                              self.attn_cfg.rope_scaling)
 
     def check_input(self, x: jax.Array, *, what: str = "x") -> None:
+        """``ValueError`` unless x is a floating (batch, length, embed_dim) array with rows."""
+        if not hasattr(x, "ndim") or not hasattr(x, "dtype"):
+            raise ValueError(f"{what} must be an array of shape (batch, length, embed_dim="
+                             f"{self.attn_cfg.embed_dim}), got {type(x).__name__}")
         if x.ndim != 3 or x.shape[-1] != self.attn_cfg.embed_dim:
             raise ValueError(
                 f"{what} must have shape (batch, length, embed_dim={self.attn_cfg.embed_dim}), "
                 f"got {tuple(x.shape)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{what} must hold floating-point activations, got {x.dtype} "
+                             "(token ids go to a model's embedding, not to a layer)")
+        if x.shape[0] == 0:
+            raise ValueError(f"{what} has an empty batch (shape {tuple(x.shape)})")
 
     def project_q(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """RoPE'd queries (B, L, H, Dh) for tokens at integer ``positions`` (B, L)."""

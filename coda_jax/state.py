@@ -8,16 +8,22 @@ Buffer layout along the slot axis (``Lbuf = W + Me + Ms``)::
 
 Keys are stored with RoPE applied. Unlike the reference, positions, ring
 index, fill and active bank sizes are per-row arrays, so the states of
-different documents (at different positions) stack into one batch with
-``jax.tree.map(lambda *a: jnp.concatenate(a), s1, s2)``. The reference's
-cached normalised routing targets are not stored: they always equal the
-normalised bank contents, so they are recomputed where needed.
+different documents (at different positions) stack into one batch. The
+reference's cached normalised routing targets are not stored: they always
+equal the normalised bank contents, so they are recomputed where needed.
+
+Axes: one layer's state has leaves ``(B, ...)``; a model's state stacks its
+layers' states, ``(layers, B, ...)``. Every leaf has the same leading axes as
+``pos``, so the batch axis is always ``pos.ndim - 1`` (:func:`batch_axis`), and
+the row helpers here (:func:`stack_states`, :func:`select_rows`,
+:func:`where_rows`) work on both.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 POSITION_DTYPE = jnp.int32
@@ -64,26 +70,64 @@ class BankState:
     pos: jax.Array             # (B,) absolute position of the next token
     active_exact: jax.Array    # (B,) exact slots in use by routing (dynamic expansion)
     active_summary: jax.Array  # (B,) summary slots in use by routing
+    nonfinite: jax.Array       # (B,) bool: a NaN or Inf reached this row's buffer
     metrics: BankMetrics | None = None
 
     @property
     def batch_size(self) -> int:
         return self.pos.shape[-1]
 
+    @property
+    def num_layers(self) -> int | None:
+        """Layers of a model's stacked state; None for one layer's state."""
+        return self.pos.shape[0] if self.pos.ndim == 2 else None
+
+
+def batch_axis(state: BankState) -> int:
+    """The batch axis of every leaf: 0 for a layer's state, 1 for a model's stack."""
+    if not isinstance(state, BankState):
+        raise TypeError(f"expected a BankState, got {type(state).__name__}")
+    return state.pos.ndim - 1
+
 
 def stack_states(*states: BankState) -> BankState:
-    """Concatenate states of different documents along the batch axis."""
-    return jax.tree.map(lambda *leaves: jnp.concatenate(leaves, axis=0), *states)
+    """Concatenate the rows of states of different documents (layer or model
+    states alike) into one batch, in the order given."""
+    if not states:
+        raise ValueError("stack_states needs at least one state")
+    axes = {batch_axis(s) for s in states}
+    layers = {s.num_layers for s in states}
+    if len(axes) != 1 or len(layers) != 1:
+        raise ValueError("stack_states cannot mix layer states and model states, or models "
+                         f"of different depths (layers: {sorted(map(str, layers))})")
+    if len({jax.tree.structure(s) for s in states}) != 1:
+        raise ValueError("stack_states needs states of one structure (with or without metrics)")
+    axis = axes.pop()
+    return jax.tree.map(lambda *leaves: jnp.concatenate(leaves, axis=axis), *states)
 
 
 def select_rows(state: BankState, rows) -> BankState:
-    """The states of some batch rows (an index, slice or index array)."""
-    return jax.tree.map(lambda leaf: leaf[rows], state)
+    """The states of some batch rows: an index (kept as a batch of one), a
+    slice, or an index array; layer or model states alike."""
+    axis = batch_axis(state)
+    if isinstance(rows, (int, np.integer)):
+        batch = state.batch_size
+        if not -batch <= rows < batch:
+            raise IndexError(f"row {rows} is out of range for a batch of {batch}")
+        rows = slice(rows % batch, rows % batch + 1)
+    index = (slice(None),) * axis + (rows,)
+    return jax.tree.map(lambda leaf: leaf[index], state)
 
 
-def where_rows(take_new: jax.Array, new: BankState, old: BankState) -> BankState:
-    """Per batch row, ``new`` where ``take_new`` (B,) else ``old``."""
+def where_rows(take_new: jax.Array, new, old, *, axis: int | None = None):
+    """Per batch row, ``new`` where ``take_new`` (B,) else ``old``.
+
+    The batch axis is :func:`batch_axis` for states, else ``axis`` (default 0).
+    """
+    if axis is None:
+        axis = batch_axis(new) if isinstance(new, BankState) else 0
+
     def pick(a, b):
-        cond = take_new.reshape(take_new.shape + (1,) * (a.ndim - 1))
+        cond = take_new.reshape((1,) * axis + take_new.shape + (1,) * (a.ndim - axis - 1))
         return jnp.where(cond, a, b)
     return jax.tree.map(pick, new, old)

@@ -36,6 +36,16 @@ def _to_numpy(tensor: Any) -> np.ndarray:
     return np.array(tensor, copy=True)
 
 
+def check_finite(value: np.ndarray, what: str) -> None:
+    """``ValueError`` naming ``what`` when a floating-point array holds NaN or Inf."""
+    if not jnp.issubdtype(value.dtype, jnp.inexact):
+        return
+    finite = np.isfinite(value)
+    if not finite.all():
+        bad = int(finite.size - np.count_nonzero(finite))
+        raise ValueError(f"{what} holds NaN or Inf ({bad:,} of {finite.size:,} values)")
+
+
 def _rope_base(inv_freq: np.ndarray, head_dim: int) -> float:
     """Recover the RoPE base from the reference's float32 inverse frequencies.
 
@@ -156,8 +166,8 @@ def reference_state_dict(layer: nnx.Module) -> dict[str, np.ndarray]:
 def load_reference_weights(layer: nnx.Module, state_dict: Mapping[str, Any]) -> None:
     """Copy a reference state_dict (torch tensors or arrays) into ``layer``, in place.
 
-    Keys may carry the adapters' ``coda.`` prefix. Missing or unexpected keys
-    and shape mismatches raise ``ValueError`` before anything is written.
+    Keys may carry the adapters' ``coda.`` prefix. Missing or unexpected keys,
+    shape mismatches and NaN/Inf values raise ``ValueError`` before anything is written.
     """
     keys = list(state_dict)
     strip = bool(keys) and all(k.startswith(ADAPTER_PREFIX) for k in keys)
@@ -174,6 +184,7 @@ def load_reference_weights(layer: nnx.Module, state_dict: Mapping[str, Any]) -> 
         if value.shape != expected[key].shape:
             raise ValueError(f"weight {key!r} has shape {value.shape}, expected "
                              f"{expected[key].shape}")
+        check_finite(value, f"{type(layer).__name__} weight {key!r}")
     for key, value in arrays.items():
         variable, transposed = _variable_for(layer, key)
         variable[...] = jnp.asarray(value.T if transposed else value, variable[...].dtype)
@@ -206,7 +217,10 @@ def state_from_reference(ref_state: Any, layer: CoDAGQALandmark, *, dtype=None) 
         recent_idx=per_row(ref_state.recent_idx), recent_filled=per_row(ref_state.recent_filled),
         mem_last_exact=jnp.asarray(last, jnp.int32), pos=per_row(ref_state.pos),
         active_exact=per_row(ref_state.active_exact),
-        active_summary=per_row(ref_state.active_summary), metrics=metrics)
+        active_summary=per_row(ref_state.active_summary),
+        nonfinite=jnp.asarray(~np.isfinite(k).all(axis=(1, 2, 3))
+                              | ~np.isfinite(_to_numpy(ref_state.v_buf)).all(axis=(1, 2, 3))),
+        metrics=metrics)
     layer.check_state(state)
     return state
 

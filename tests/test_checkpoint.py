@@ -76,7 +76,7 @@ def test_saving_never_loses_an_existing_state(tmp_path):
     layer = _layer()
     first, second = _filled_state(layer, seed=1), _filled_state(layer, seed=2)
     save_state(tmp_path / "doc", first, layer)
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(FileExistsError, match="overwriting it was not asked for"):
         save_state(tmp_path / "doc", second, layer)
     _assert_identical(load_state(tmp_path / "doc", layer), first)
     # A state that does not belong to the model is refused before anything is written.
