@@ -140,6 +140,9 @@ def read_meta(path: str | os.PathLike, fmt: str, what: str, *,
         raise ValueError(f"{path} is not a saved coda_jax {what} (format {found!r}, "
                          f"expected {fmt!r})")
     if not checked:
+        if found == fmt:  # today's format always has them
+            raise ValueError(f"the saved {what} at {path} is damaged: {CHECKSUMS} "
+                             "is missing")
         warnings.warn(f"{path} was saved without checksums (format {found}); its data "
                       "cannot be verified", stacklevel=3)
     return meta
