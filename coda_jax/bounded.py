@@ -130,6 +130,7 @@ class CoDAGQALandmark(AttentionCore):
 
         ``mem_init`` overrides the layer's (the reference's trainer uses ``"zeros"``).
         """
+        memory.check_state_request(batch_size, dtype)
         return memory.init_state(self.layout, int(batch_size), dtype, key,
                                  mem_init or self.bank_cfg.mem_init)
 

@@ -15,10 +15,16 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .primitives import check_rope_scaling
+
 HeadNormMode = Literal["full", "identity"]
 WritePolicy = Literal["gated", "none"]
 MemInit = Literal["random_normal", "zeros"]
 LfBand = Literal["reference", "frequency"]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
@@ -50,6 +56,7 @@ class AttentionConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        check_rope_scaling(self.rope_scaling)  # refuse what RoPE would fail on at the forward
         for name in ("embed_dim", "num_heads", "num_kv_heads"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value <= 0:
@@ -107,8 +114,25 @@ class BankConfig:
     lf_band: LfBand = "reference"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.window, (int, np.integer)) or self.window <= 0:
+        if not _is_int(self.window) or self.window <= 0:
             raise ValueError(f"window must be a positive integer, got {self.window!r}")
+        for name in ("num_landmarks_exact", "num_landmarks_summary", "expansion_t_max",
+                     "exact_candidates_per_block", "summary_candidates_per_block",
+                     "min_landmarks_exact", "max_landmarks_exact", "min_landmarks_summary",
+                     "max_landmarks_summary"):
+            value = getattr(self, name)
+            if value is not None and not _is_int(value):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in ("write_gate_threshold_exact", "write_gate_threshold_summary",
+                     "exact_match_threshold", "exact_novelty_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+                    or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name in ("exact_refresh_on_hit", "summary_overwrite_on_insert",
+                     "mask_unused_memory", "detach_evicted", "collect_metrics"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.num_landmarks_exact < 0 or self.num_landmarks_summary < 0:
             raise ValueError("num_landmarks_exact and num_landmarks_summary must be >= 0")
         _check_choice("write_policy", self.write_policy, ("gated", "none"))

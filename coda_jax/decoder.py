@@ -209,6 +209,7 @@ class CausalLM(nnx.Module):
                    mem_init: str | None = None) -> BankState:
         """The state of every layer, stacked on a leading layer axis."""
         self._require_bounded()
+        memory.check_state_request(batch_size, dtype)
         attn = self.layers.self_attn  # configuration only: the same for every layer
         keys = (jax.random.split(key, self.cfg.num_layers) if key is not None
                 else [None] * self.cfg.num_layers)

@@ -60,6 +60,19 @@ def bank_layout(cfg: BankConfig, num_kv_heads: int, head_dim: int,
             cfg.min_landmarks_summary, cfg.max_landmarks_summary, cfg.expansion_t_max), int_max))
 
 
+def check_state_request(batch_size: int, dtype) -> None:
+    """``ValueError`` unless a state of ``batch_size`` rows in ``dtype`` makes sense."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    try:
+        floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise ValueError(f"a state holds keys and values in a floating dtype, got {dtype!r}")
+
+
 def init_state(layout: BankLayout, batch_size: int, dtype, key: jax.Array | None,
                mem_init: str) -> BankState:
     """A fresh state; ``random_normal`` fills bank slots with N(0, 0.02^2) from ``key``
