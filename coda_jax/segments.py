@@ -56,9 +56,10 @@ def split_segments(x: jax.Array, lengths: jax.Array | np.ndarray, *, block_size:
     """
     if chunks_per_call is None:
         chunks_per_call = default_chunks_per_call(block_size)
-    if block_size <= 0 or chunks_per_call <= 0:
-        raise ValueError("block_size and chunks_per_call must be positive, got "
-                         f"{block_size} and {chunks_per_call}")
+    for value in (block_size, chunks_per_call):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError("block_size and chunks_per_call must be positive integers, got "
+                             f"{block_size!r} and {chunks_per_call!r}")
     length = x.shape[1]
     seg = block_size * chunks_per_call
     n_seg = -(-length // seg)

@@ -1,6 +1,14 @@
-"""Converters between this package and other formats: the PyTorch reference (now),
-HuggingFace checkpoints and adapter files (see the README's roadmap)."""
+"""Converters between this package and other formats.
 
+HuggingFace model directories (``load_hf_model``), the reference's adapter
+files (``load_adapters``, ``save_adapters``, ``read_adapter_file``), its
+modules and per-layer states (``from_reference``, ``state_from_reference``,
+``state_to_reference``), and its saved neural-database states
+(``import_reference_states``). The command line is ``python -m convert``.
+"""
+
+from .adapters import adapter_weights, load_adapters, read_adapter_file, save_adapters
+from .hf import load_hf_model, read_config
 from .reference import (
     from_reference,
     load_reference_weights,
@@ -8,11 +16,20 @@ from .reference import (
     state_from_reference,
     state_to_reference,
 )
+from .reference_states import import_reference_states, read_reference_states
 
 __all__ = [
+    "adapter_weights",
     "from_reference",
+    "import_reference_states",
+    "load_adapters",
+    "load_hf_model",
     "load_reference_weights",
+    "read_adapter_file",
+    "read_config",
+    "read_reference_states",
     "reference_state_dict",
+    "save_adapters",
     "state_from_reference",
     "state_to_reference",
 ]
