@@ -24,6 +24,24 @@ def causal_mask(q_len: int, k_len: int) -> jax.Array:
     return jnp.arange(k_len)[None, :] <= q_idx
 
 
+def sliding_window_mask(q_len: int, k_len: int, window: int, *, causal: bool = True
+                        ) -> jax.Array:
+    """Lower-right aligned sliding window (Lq, Lk): the query at position
+    ``p = i + Lk - Lq`` sees keys ``p - window < j`` (and ``j <= p`` when ``causal``),
+    as transformers' Mistral does.
+
+    Built here rather than with ``jax.nn.dot_product_attention``'s
+    ``local_window_size``, whose XLA mask is aligned to the upper left (wrong after
+    a past cache: a decoded query would see only the first keys).
+    """
+    if window < 1:
+        raise ValueError(f"window must be a positive integer, got {window!r}")
+    q_pos = jnp.arange(q_len)[:, None] + (k_len - q_len)
+    k_pos = jnp.arange(k_len)[None, :]
+    visible = k_pos > q_pos - window
+    return visible & (k_pos <= q_pos) if causal else visible
+
+
 def _grouped_scores(q: jax.Array, k: jax.Array) -> jax.Array:
     """(B, Lq, Hkv, S, Dh) x (B, Lk, Hkv, Dh) -> float32 logits (B, Hkv, S, Lq, Lk)."""
     scale = q.shape[-1] ** -0.5

@@ -15,6 +15,32 @@ import numpy as np
 from flax import nnx
 
 
+# HuggingFace rope types rope_inv_freq implements, and the parameters each needs.
+ROPE_TYPE_PARAMETERS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings"),
+}
+SUPPORTED_ROPE_TYPES = tuple(ROPE_TYPE_PARAMETERS)
+
+
+def check_rope_scaling(scaling: Any) -> str:
+    """The rope type of a HuggingFace ``rope_scaling``/``rope_parameters`` (a dict or
+    its items); ``ValueError`` naming it unless :func:`rope_inv_freq` implements
+    it with the parameters it needs."""
+    params = dict(scaling or ())
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPE_PARAMETERS:
+        raise ValueError(f"RoPE scaling type {kind!r} is not supported; supported types: "
+                         f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+    missing = [name for name in ROPE_TYPE_PARAMETERS[kind] if params.get(name) is None]
+    if missing:
+        raise ValueError(f"RoPE scaling type {kind!r} needs {', '.join(missing)}; "
+                         f"got {sorted(params)}")
+    return kind
+
+
 @functools.lru_cache(maxsize=64)
 def rope_inv_freq(head_dim: int, base: float,
                   scaling: tuple[tuple[str, Any], ...] | None = None) -> np.ndarray:
@@ -26,7 +52,7 @@ def rope_inv_freq(head_dim: int, base: float,
     exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
     inv_freq = (np.float32(1.0) / np.power(np.float32(base), exponents)).astype(np.float32)
     params = dict(scaling or ())
-    kind = params.get("rope_type", params.get("type", "default"))
+    kind = check_rope_scaling(params)
     if kind == "default":
         return inv_freq
     if kind == "linear":
@@ -41,7 +67,7 @@ def rope_inv_freq(head_dim: int, base: float,
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < context / high) & ~(wavelen > context / low)
         return np.where(medium, smoothed, scaled).astype(np.float32)
-    raise ValueError(f"RoPE scaling type {kind!r} is not supported (default, linear, llama3)")
+    raise AssertionError(f"check_rope_scaling accepted {kind!r}")  # unreachable
 
 
 def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:

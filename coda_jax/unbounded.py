@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .attention_math import sliding_window_mask
 from .config import AttentionConfig, HeadNormMode
 from .projections import AttentionCore
 
@@ -24,6 +25,11 @@ KVCache = tuple[jax.Array, jax.Array]
 class _UnboundedAttention(AttentionCore):
     """Shared forward of the unbounded layers."""
 
+    # Keys a query may see, counting itself (Mistral's sliding window); None = all.
+    # Only BaselineGQA sets it. Not part of AttentionConfig, whose fields are
+    # hashed into the fingerprint of saved states.
+    sliding_window: int | None = None
+
     def __call__(self, x: jax.Array, *, is_causal: bool = True,
                  attention_mask: jax.Array | None = None,
                  past_key_value: KVCache | None = None) -> tuple[jax.Array, KVCache]:
@@ -31,6 +37,8 @@ class _UnboundedAttention(AttentionCore):
 
         ``attention_mask``: bool (True = attend) or additive float, broadcastable
         to (B, L, L_total); when given, ``is_causal`` is ignored (as in the reference).
+        With a ``sliding_window`` W, a query at position p never sees keys at
+        ``j <= p - W``, whatever the mask (positions count the past cache).
         """
         self.check_input(x)
         b, length, _ = x.shape
@@ -51,6 +59,13 @@ class _UnboundedAttention(AttentionCore):
                 bias = _to_3d(attention_mask)
         elif is_causal:
             causal = True
+        if self.sliding_window is not None:
+            # An explicit mask: the Pallas kernels take no window, so such calls go
+            # to cuDNN or XLA (differential_attention routes any general mask there).
+            window = sliding_window_mask(length, k.shape[1], self.sliding_window,
+                                         causal=causal)[None]
+            mask = window if mask is None else mask & window
+            causal = False
         return self.attend(x, q, k, v, mask=mask, bias=bias, causal=causal), (k, v)
 
 
@@ -93,14 +108,24 @@ class CoDAGQA(_UnboundedAttention):
 
 
 class BaselineGQA(_UnboundedAttention):
-    """Standard grouped-query attention with RoPE (one attention stream, no head norm)."""
+    """Standard grouped-query attention with RoPE (one attention stream, no head norm).
+
+    ``sliding_window`` W (Mistral's): the query at position i sees keys
+    ``i - W < j <= i``; None = every earlier key.
+    """
 
     def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int,
                  rope_base: float = 10_000.0, rope_interleaved: bool = True,
                  head_dim: int | None = None, qkv_bias: bool = False, o_bias: bool = False,
                  rope_scaling: dict | None = None, qk_norm: bool = False,
-                 qk_norm_eps: float = 1e-6, param_dtype=jnp.float32,
-                 implementation: str | None = None, rngs: nnx.Rngs):
+                 qk_norm_eps: float = 1e-6, sliding_window: int | None = None,
+                 param_dtype=jnp.float32, implementation: str | None = None,
+                 rngs: nnx.Rngs):
+        if sliding_window is not None and (
+                isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                or sliding_window < 1):
+            raise ValueError(f"sliding_window must be a positive integer or None, got "
+                             f"{sliding_window!r}")
         cfg = AttentionConfig(embed_dim=embed_dim, num_heads=num_heads,
                               num_kv_heads=num_kv_heads, head_dim=head_dim,
                               rope_base=rope_base, rope_interleaved=rope_interleaved,
@@ -109,3 +134,4 @@ class BaselineGQA(_UnboundedAttention):
                               qkv_bias=qkv_bias, o_bias=o_bias)
         super().__init__(cfg, param_dtype=param_dtype, implementation=implementation,
                          rngs=rngs)
+        self.sliding_window = sliding_window
