@@ -54,6 +54,13 @@ class DecoderConfig:
                              f"{SUPPORTED_FAMILIES}")
         if d.get("mlp_bias"):
             raise ValueError("mlp_bias=True is not supported")
+        act = d.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"hidden_act {act!r} is not supported (the MLP is SwiGLU: 'silu')")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
+                               "num_hidden_layers", "num_attention_heads") if d.get(k) is None]
+        if missing:
+            raise ValueError(f"the config lacks {', '.join(missing)}")
         heads = int(d["num_attention_heads"])
         theta, scaling = _rope(d)
         window = _sliding_window(d, family)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 
 import jax.numpy as jnp
@@ -207,3 +208,15 @@ def test_load_hf_model_refuses_yarn_before_reading_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))  # no weights at all
     with pytest.raises(ValueError, match="'yarn' is not supported"):
         load_hf_model(tmp_path, dtype=jnp.float32, progress=False)
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ({"mlp_bias": True}, "mlp_bias=True is not supported"),
+    ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+    ({"vocab_size": None}, "the config lacks vocab_size"),
+])
+def test_configs_the_decoder_would_compute_wrongly_are_refused(change, fragment):
+    d = dict(TINY, model_type="llama", rope_theta=1e4) | change
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        DecoderConfig.from_hf(d)
