@@ -37,15 +37,18 @@ def describe_model(model: CausalLM) -> dict[str, Any]:
             "bytes": int(sum(p.nbytes for p in params))}
 
 
-def save_model(path: str | os.PathLike, model: CausalLM, *, overwrite: bool = False) -> Path:
+def save_model(path: str | os.PathLike, model: CausalLM, *, overwrite: bool = False,
+               extra_meta: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (config, attention choice, weights) to the directory ``path``.
 
     An existing path is replaced (atomically) only with ``overwrite=True`` and
     only if it holds a saved model; anything else there is refused.
+    ``extra_meta`` adds JSON entries to the metadata (never replacing
+    :func:`describe_model`'s).
     """
     _, state = nnx.split(model)
-    return orbax_io.write(path, state, describe_model(model), overwrite=overwrite,
-                          what="model")
+    return orbax_io.write(path, state, dict(extra_meta or {}) | describe_model(model),
+                          overwrite=overwrite, what="model")
 
 
 def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:

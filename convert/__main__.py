@@ -3,18 +3,59 @@
     python -m convert hf MODEL_DIR OUT [--dtype bfloat16] [--attention coda_bounded]
                                        [--adapters coda_adapters.pt] [--window 256 ...]
     python -m convert adapters IN.pt OUT
-    python -m convert export MODEL_CKPT OUT.pt      (or OUT.safetensors)
+    python -m convert export MODEL_CKPT OUT.pt      (or OUT.safetensors, or --format)
+
+Every command checks its output before reading any weight: OUT may not be,
+contain or lie inside an input, and an existing OUT is replaced only with
+--overwrite and only if it is what the command writes (a coda_jax model
+checkpoint, adapter checkpoint or adapter export), atomically; anything else
+there is refused and left untouched.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
-from typing import Any, Sequence
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+BANK_FLAGS = {"window": "--window", "num_landmarks_exact": "--num-landmarks-exact",
+              "num_landmarks_summary": "--num-landmarks-summary"}
+
+EXIT_OK, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REFUSED = 0, 1, 2, 3
+EXIT_CODES = """\
+exit codes:
+  0  done
+  1  usage: flags that do not fit together (e.g. --window with --attention gqa)
+  2  an input was not found (argparse's own usage errors also exit 2, after
+     its usage line)
+  3  refused: OUT exists (without --overwrite) or is not ours to replace, OUT
+     overlaps an input, or an input is invalid (damaged, truncated, NaN/Inf
+     weights, shapes or keys that do not match, a pickle with code in it)
+errors are one line on stderr, starting with 'error:'."""
+__doc__ += "\n" + EXIT_CODES + "\n"
+
+
+class UsageError(Exception):
+    """Flags that do not fit together (exit code 1)."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                    argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's layout and shows every option's default, unless
+    its help already says it ("(default: ...)")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default:" in text or "%(default)" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def _summary(title: str, items: dict[str, Any]) -> None:
@@ -22,91 +63,258 @@ def _summary(title: str, items: dict[str, Any]) -> None:
     for key, value in items.items():
         if isinstance(value, int) and key in ("bytes",):
             value = f"{value:,} ({value / 2**30:.2f} GiB)"
-        elif isinstance(value, int):
+        elif isinstance(value, int) and not isinstance(value, bool):
             value = f"{value:,}"
         print(f"  {key:>12}: {value}")
 
 
+# ---------------------------------------------------------------- output checks
+def _checkpoint_of(kind: str) -> Callable[[Path], bool]:
+    """Recognises an Orbax directory of ours whose metadata's format is ``kind/...``."""
+
+    def is_ours(path: Path) -> bool:
+        try:
+            meta = json.loads((path / "meta" / "metadata").read_text())
+        except (OSError, ValueError):
+            return False
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        return isinstance(fmt, str) and fmt.split("/")[0] == kind
+
+    return is_ours
+
+
+def _require(path: str, what: str) -> None:
+    if not (os.path.exists(path) or os.path.islink(path)):
+        raise FileNotFoundError(f"no {what} at {path}")
+
+
+def _check_output(out: str, inputs: Sequence[str], *, overwrite: bool,
+                  is_ours: Callable[[Path], bool], what: str) -> Path:
+    """OUT, after checking (before any weight is read) that writing it destroys
+    neither an input nor anything that is not ours."""
+    from coda_jax import safe_paths
+
+    safe_paths.refuse_overlap(out, inputs)
+    try:
+        return safe_paths.check_replaceable(out, overwrite=overwrite, is_ours=is_ours,
+                                            what=what)
+    except FileExistsError:
+        raise FileExistsError(f"{out} already exists "
+                              f"({safe_paths.describe_path(Path(out))}); use --overwrite "
+                              f"to replace it") from None
+
+
+# ---------------------------------------------------------------- commands
 def cmd_hf(args: argparse.Namespace) -> None:
+    from coda_jax.decoder import BOUNDED_DEFAULTS
     from coda_jax.model_io import describe_model, save_model
 
     from .hf import load_hf_model
 
-    options = {k: v for k, v in (("window", args.window),
-                                 ("num_landmarks_exact", args.num_landmarks_exact),
-                                 ("num_landmarks_summary", args.num_landmarks_summary))
-               if v is not None}
+    given = {k: getattr(args, k) for k in BANK_FLAGS if getattr(args, k) is not None}
+    flags = "/".join(BANK_FLAGS.values())
+    if args.attention != "coda_bounded" and given:
+        used = ", ".join(BANK_FLAGS[k] for k in given)
+        verb = "applies" if len(given) == 1 else "apply"
+        raise UsageError(f"{used} {verb} only to --attention coda_bounded, not --attention "
+                         f"{args.attention}; drop {flags} or choose --attention coda_bounded")
+    if args.adapters is not None and args.attention == "gqa":
+        raise UsageError("--adapters needs --attention coda or --attention coda_bounded "
+                         "(--attention gqa has no CoDA weights to load)")
+    _require(args.model_dir, "HuggingFace model directory")
+    if args.adapters is not None:
+        _require(args.adapters, "adapter file")
+    inputs = [args.model_dir] + ([args.adapters] if args.adapters is not None else [])
+    out = _check_output(args.out, inputs, overwrite=args.overwrite,
+                        is_ours=_checkpoint_of("coda_jax.model"), what="saved model")
+    extra: dict[str, Any] = {}
+    options = dict(given)
+    if args.attention == "coda_bounded":
+        assumed = {k: v for k, v in BOUNDED_DEFAULTS.items() if k not in given}
+        if assumed:
+            values = ", ".join(f"{BANK_FLAGS[k]} {v}" for k, v in assumed.items())
+            print(f"warning: --attention coda_bounded without {flags}: ASSUMING {values} "
+                  "(coda_jax's defaults). Adapter files do not record their bank sizes: if "
+                  "the adapter was trained with other values, the converted model computes "
+                  "something else. Pass the flags to be explicit; the checkpoint's metadata "
+                  "records these values as assumed (assumed_bank_options).", file=sys.stderr)
+        options |= assumed  # recorded explicitly: later default changes cannot alter it
+        extra["assumed_bank_options"] = assumed
     model = load_hf_model(args.model_dir, attention=args.attention, attention_options=options,
                           adapters=args.adapters, reference_compat=args.reference_compat,
                           dtype=DTYPES[args.dtype])
-    path = save_model(args.out, model, overwrite=args.overwrite)
+    path = save_model(out, model, overwrite=args.overwrite, extra_meta=extra)
     meta = describe_model(model)
-    _summary(f"wrote {path}", {"family": model.cfg.family, "attention": model.attention,
-                               "layers": model.cfg.num_layers, "parameters": meta["parameters"],
-                               "dtype": meta["dtype"], "bytes": meta["bytes"]})
+    items = {"family": model.cfg.family, "attention": model.attention,
+             "layers": model.cfg.num_layers, "parameters": meta["parameters"],
+             "dtype": meta["dtype"], "bytes": meta["bytes"]}
+    if extra.get("assumed_bank_options"):
+        items["assumed"] = ", ".join(f"{k}={v}" for k, v in
+                                     extra["assumed_bank_options"].items())
+    _summary(f"wrote {path}", items)
 
 
 def cmd_adapters(args: argparse.Namespace) -> None:
     from coda_jax import orbax_io
 
-    from .adapters import ADAPTER_FORMAT, read_adapter_file
+    from .adapters import ADAPTER_FORMAT, read_adapter_file, weights_dims
 
-    weights = read_adapter_file(args.input)
+    _require(args.input, "adapter file")
+    out = _check_output(args.out, [args.input], overwrite=args.overwrite,
+                        is_ours=_checkpoint_of("coda_jax.adapters"),
+                        what="saved adapter checkpoint")
+    weights = read_adapter_file(args.input, progress=True)  # checked, see check_adapter_weights
+    dims = weights_dims(weights)
     count = sum(v.size for sd in weights.values() for v in sd.values())
     nbytes = sum(v.nbytes for sd in weights.values() for v in sd.values())
-    meta = {"format": ADAPTER_FORMAT, "layers": len(weights), "parameters": int(count)}
-    path = orbax_io.write(args.out, weights, meta, overwrite=args.overwrite)
-    dtype = next(iter(next(iter(weights.values())).values())).dtype
+    meta = {"format": ADAPTER_FORMAT, "layers": len(weights), "parameters": int(count),
+            "dims": dims._asdict()}
+    path = orbax_io.write(out, weights, meta, overwrite=args.overwrite,
+                          what="adapter checkpoint")
+    dtype = next(iter(weights["layer_0"].values())).dtype
     _summary(f"wrote {path}", {"layers": len(weights), "parameters": int(count),
                                "dtype": str(dtype), "bytes": int(nbytes)})
+
+
+def _export_format(out: str, requested: str | None) -> str:
+    from .adapters import EXPORT_FORMATS
+
+    suffix = Path(out).suffix
+    by_suffix = {s: f for f, s in EXPORT_FORMATS.items()}
+    if requested is None:
+        if suffix not in by_suffix:
+            raise UsageError(f"cannot tell the export format from OUT's suffix "
+                             f"{suffix or '(none)'!r} ({out}): name OUT *.pt or "
+                             "*.safetensors, or pass --format pt or --format safetensors")
+        return by_suffix[suffix]
+    if suffix in by_suffix and by_suffix[suffix] != requested:
+        raise UsageError(f"--format {requested} contradicts OUT's suffix {suffix} ({out}); "
+                         f"name OUT *{EXPORT_FORMATS[requested]} or pass --format "
+                         f"{by_suffix[suffix]}")
+    return requested
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from coda_jax.model_io import load_model
 
-    from .adapters import save_adapters
+    from .adapters import FORMAT_DESCRIPTIONS, is_our_adapter_file, save_adapters
 
+    fmt = _export_format(args.out, args.format)
+    _require(args.model, "saved model")
+    out = _check_output(args.out, [args.model], overwrite=args.overwrite,
+                        is_ours=lambda p: is_our_adapter_file(p, fmt),
+                        what=f"{fmt} adapter file")
     model = load_model(args.model)
-    path = save_adapters(model, args.out, overwrite=args.overwrite)
-    _summary(f"wrote {path}", {"layers": model.cfg.num_layers, "format": path.suffix})
+    if model.attention == "gqa":
+        raise ValueError(f"{args.model} was converted with --attention gqa: it has no CoDA "
+                         "adapters to export")
+    path = save_adapters(model, out, overwrite=args.overwrite, format=fmt, progress=True)
+    _summary(f"wrote {path}", {"layers": model.cfg.num_layers,
+                               "format": FORMAT_DESCRIPTIONS[fmt]})
+
+
+# ---------------------------------------------------------------- parser, main
+def build_parser() -> argparse.ArgumentParser:
+    common = dict(formatter_class=HelpFormatter, epilog=EXIT_CODES)
+    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split(
+        "\nexit codes:")[0], **common)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="hf, adapters or export")
+    hf = sub.add_parser("hf", help="a HuggingFace model directory -> an Orbax model checkpoint",
+                        description="A HuggingFace model directory (config.json and "
+                                    "safetensors) -> an Orbax model checkpoint,\noptionally "
+                                    "with the reference's CoDA adapter weights.", **common)
+    hf.add_argument("model_dir", metavar="MODEL_DIR",
+                    help="HuggingFace model directory: config.json and model.safetensors or "
+                         "a sharded index (required)")
+    hf.add_argument("out", metavar="OUT", help="the model checkpoint directory to write "
+                                               "(required)")
+    hf.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                    help="dtype of the saved weights")
+    hf.add_argument("--attention", choices=["gqa", "coda", "coda_bounded"], default="gqa",
+                    help="attention of the converted model: the HF one, CoDA unbounded, or "
+                         "CoDA-GQA-L bounded")
+    hf.add_argument("--adapters", metavar="FILE",
+                    help="the reference's coda_adapters.pt (or .safetensors, or an adapter "
+                         "checkpoint) to load CoDA's weights from (default: none: CoDA's own "
+                         "parameters keep their initial values)")
+    hf.add_argument("--window", type=int,
+                    help="--attention coda_bounded: recent-window size (default: 256, with a "
+                         "warning: adapter files do not record it)")
+    hf.add_argument("--num-landmarks-exact", type=int,
+                    help="--attention coda_bounded: exact-bank slots (default: 64, with a "
+                         "warning)")
+    hf.add_argument("--num-landmarks-summary", type=int,
+                    help="--attention coda_bounded: summary-bank slots (default: 64, with a "
+                         "warning)")
+    hf.add_argument("--reference-compat", action=argparse.BooleanOptionalAction, default=None,
+                    help="Qwen3: reproduce the reference (no q_norm/k_norm) (default: decided "
+                         "from the adapter file: on for a reference .pt, with a warning)")
+    hf.add_argument("--overwrite", action="store_true",
+                    help="replace OUT if it is a model checkpoint written by coda_jax "
+                         "(anything else is refused)")
+    hf.set_defaults(run=cmd_hf)
+    ad = sub.add_parser("adapters", help="a reference adapter file -> an Orbax checkpoint",
+                        description="A reference adapter file (coda_adapters.pt or "
+                                    ".safetensors) -> an Orbax adapter checkpoint,\nafter "
+                                    "checking it for missing or extra layers and keys, "
+                                    "shapes and NaN/Inf values.", **common)
+    ad.add_argument("input", metavar="IN", help="the adapter file to read (required)")
+    ad.add_argument("out", metavar="OUT", help="the adapter checkpoint directory to write "
+                                               "(required)")
+    ad.add_argument("--overwrite", action="store_true",
+                    help="replace OUT if it is an adapter checkpoint written by coda_jax "
+                         "(anything else is refused)")
+    ad.set_defaults(run=cmd_adapters)
+    ex = sub.add_parser("export", help="an Orbax model checkpoint -> the reference's "
+                                       "coda_adapters.pt (or .safetensors)",
+                        description="An Orbax model checkpoint -> its CoDA weights as the "
+                                    "reference's coda_adapters.pt\n(a torch pickle of "
+                                    "tensors) or as safetensors.",
+                        **common)
+    ex.add_argument("model", metavar="MODEL_CKPT", help="the model checkpoint directory "
+                                                        "(written by 'hf') (required)")
+    ex.add_argument("out", metavar="OUT", help="the adapter file to write (required)")
+    ex.add_argument("--format", choices=["pt", "safetensors"],
+                    help="file format (default: from OUT's suffix: .pt -> pt, .safetensors "
+                         "-> safetensors; any other suffix needs --format)")
+    ex.add_argument("--overwrite", action="store_true",
+                    help="replace OUT if it is an adapter file of that format written by "
+                         "coda_jax (anything else is refused)")
+    ex.set_defaults(run=cmd_export)
+    return parser
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        text = f"{err.filename}: {err.strerror}"
+    else:
+        text = str(err) or type(err).__name__
+    text = text.replace("overwriting it was not asked for", "use --overwrite to replace it")
+    text = text.replace("pass overwrite=True to replace it", "use --overwrite to replace it")
+    return " ".join(text.split())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    hf = sub.add_parser("hf", help="a HuggingFace model directory -> an Orbax model checkpoint")
-    hf.add_argument("model_dir")
-    hf.add_argument("out")
-    hf.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    hf.add_argument("--attention", choices=["gqa", "coda", "coda_bounded"], default="gqa")
-    hf.add_argument("--adapters", help="the reference's coda_adapters.pt (or .safetensors)")
-    hf.add_argument("--window", type=int)
-    hf.add_argument("--num-landmarks-exact", type=int)
-    hf.add_argument("--num-landmarks-summary", type=int)
-    hf.add_argument("--reference-compat", action=argparse.BooleanOptionalAction, default=None,
-                    help="Qwen3: reproduce the reference (no q_norm/k_norm); default: decided "
-                         "from the adapter file")
-    hf.add_argument("--overwrite", action="store_true")
-    hf.set_defaults(run=cmd_hf)
-    ad = sub.add_parser("adapters", help="a reference adapter file -> an Orbax checkpoint")
-    ad.add_argument("input")
-    ad.add_argument("out")
-    ad.add_argument("--overwrite", action="store_true")
-    ad.set_defaults(run=cmd_adapters)
-    ex = sub.add_parser("export", help="an Orbax model checkpoint -> the reference's "
-                                       "coda_adapters.pt (or .safetensors)")
-    ex.add_argument("model")
-    ex.add_argument("out")
-    ex.add_argument("--overwrite", action="store_true")
-    ex.set_defaults(run=cmd_export)
-    args = parser.parse_args(argv)
-    try:
-        args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    args = build_parser().parse_args(argv)  # argparse's own usage errors exit 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            args.run(args)
+        except UsageError as err:
+            code, text = EXIT_USAGE, _one_line(err)
+        except FileNotFoundError as err:
+            code, text = EXIT_NOT_FOUND, _one_line(err)
+        except (FileExistsError, ValueError, OSError) as err:
+            code, text = EXIT_REFUSED, _one_line(err)
+        else:
+            return EXIT_OK
+    print(f"error: {text}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

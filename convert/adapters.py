@@ -2,25 +2,39 @@
 
 The file is a dict ``"layer_{i}" -> state_dict`` of that layer's
 ``LlamaCoDAAdapter``/``Qwen3CoDAAdapter`` (keys ``coda.q_proj.weight``,
-``coda.theta``, ...). ``.pt`` files are only read with ``weights_only=True``
-loading; ``.safetensors`` files hold the same tensors under
-``layer_{i}.<key>``. Everything is checked before any weight is written.
+``coda.theta``, ...). ``.pt`` files are only read with torch's safe
+(tensors-only) loader, so a file carrying code is refused, never run;
+``.safetensors`` files hold the same tensors under ``layer_{i}.<key>``.
+
+Every way in goes through one check, :func:`check_adapter_weights`: layers
+``layer_0 .. layer_{N-1}`` without gaps or extras, every layer the same keys,
+keys among the reference adapter's parameter names, shapes consistent with one
+``(num_heads, num_kv_heads, head_dim, embed_dim)`` (the model's, when there is
+one), floating-point values free of NaN and Inf. Nothing is written into a
+model, and no file is written, unless all layers pass. Exports replace only
+an adapter file of the same format written by coda_jax, atomically.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
+import re
+import struct
 import warnings
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
-from coda_jax import orbax_io
+from coda_jax import orbax_io, safe_paths
 from coda_jax.decoder import CausalLM
 
-from .reference import ADAPTER_PREFIX, _to_numpy, _variable_for, reference_state_dict
+from .reference import ADAPTER_PREFIX, _to_numpy, _variable_for, check_finite, \
+    reference_state_dict
 from .safetensors_io import SafetensorsFile
 
 AdapterWeights = dict[str, dict[str, np.ndarray]]
@@ -30,6 +44,167 @@ ADAPTER_FORMAT = "coda_jax.adapters/1"
 QK_NORM_METADATA = "coda_jax.qk_norm"
 # Attention weights that come from the HF checkpoint, never from an adapter.
 HF_OWNED = ("q_norm.", "k_norm.")
+# Export formats and the file suffix each goes with.
+EXPORT_FORMATS = {"pt": ".pt", "safetensors": ".safetensors"}
+FORMAT_DESCRIPTIONS = {"pt": "reference coda_adapters.pt (torch pickle of tensors)",
+                       "safetensors": "safetensors"}
+_TORCH_SUFFIXES = (".pt", ".pth")  # other suffixes: the content decides
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+class AdapterDims(NamedTuple):
+    """The dimensions an adapter's shapes are consistent with."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    embed_dim: int
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self._asdict().items())
+
+
+# The reference adapter's parameter names (without the ``coda.`` prefix) -> their
+# shapes (torch layout) for given dimensions: CoDAGQA's, plus CoDAGQALandmark's
+# write gate and summary rate (see ``reference_state_dict`` of either layer).
+ADAPTER_SHAPES: dict[str, Callable[[AdapterDims], tuple[int, ...]]] = {
+    "theta": lambda d: (d.num_heads, d.head_dim // 2),
+    "q_proj.weight": lambda d: (d.num_heads * d.head_dim, d.embed_dim),
+    "q_proj.bias": lambda d: (d.num_heads * d.head_dim,),
+    "k_proj.weight": lambda d: (d.num_kv_heads * d.head_dim, d.embed_dim),
+    "k_proj.bias": lambda d: (d.num_kv_heads * d.head_dim,),
+    "v_proj.weight": lambda d: (d.num_kv_heads * d.head_dim, d.embed_dim),
+    "v_proj.bias": lambda d: (d.num_kv_heads * d.head_dim,),
+    "o_proj.weight": lambda d: (d.embed_dim, d.num_heads * d.head_dim),
+    "o_proj.bias": lambda d: (d.embed_dim,),
+    "lambda_proj.weight": lambda d: (d.num_heads, d.embed_dim),
+    "lambda_proj.bias": lambda d: (d.num_heads,),
+    "write_proj.weight": lambda d: (1, d.embed_dim),
+    "write_proj.bias": lambda d: (1,),
+    "summary_eta_logit": lambda d: (d.num_kv_heads,),
+    "head_norm.weight": lambda d: (d.head_dim,),
+}
+# What every CoDA adapter has, bounded or not (the dimensions are read from these).
+REQUIRED_KEYS = ("theta", "q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+                 "lambda_proj.weight")
+
+
+def _layer_order(name: Any) -> tuple[int, str]:
+    match = re.fullmatch(r"layer_(\d+)", str(name))
+    return (int(match.group(1)) if match else 1 << 62, str(name))
+
+
+def _sorted_layers(names: Iterable[Any]) -> list[str]:
+    return [str(n) for n in sorted(names, key=_layer_order)]
+
+
+def _strip(sd: Mapping[str, Any]) -> dict[str, Any]:
+    if sd and all(k.startswith(ADAPTER_PREFIX) for k in sd):
+        return {k[len(ADAPTER_PREFIX):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def _dims_from(layer: Mapping[str, np.ndarray], where: str) -> AdapterDims:
+    """The dimensions layer_0's theta, q_proj and k_proj imply."""
+    theta, q, k = layer["theta"].shape, layer["q_proj.weight"].shape, layer["k_proj.weight"].shape
+    for key, shape, meaning in (("theta", theta, "(num_heads, head_dim/2)"),
+                                ("q_proj.weight", q, "(num_heads*head_dim, embed_dim)"),
+                                ("k_proj.weight", k, "(num_kv_heads*head_dim, embed_dim)")):
+        if len(shape) != 2 or 0 in shape:
+            raise ValueError(f"{where}: {key!r} has shape {shape}, expected {meaning}")
+    head_dim = 2 * theta[1]
+    if k[0] % head_dim:
+        raise ValueError(f"{where}: 'k_proj.weight' has shape {k}, not a multiple of "
+                         f"head_dim={head_dim} (from 'theta' {theta}) rows")
+    dims = AdapterDims(num_heads=theta[0], num_kv_heads=k[0] // head_dim, head_dim=head_dim,
+                       embed_dim=q[1])
+    if dims.num_heads % dims.num_kv_heads:
+        raise ValueError(f"{where}: num_heads={dims.num_heads} (from 'theta' {theta}) is not a "
+                         f"multiple of num_kv_heads={dims.num_kv_heads} (from 'k_proj.weight' "
+                         f"{k})")
+    return dims
+
+
+def weights_dims(weights: Mapping[str, Mapping[str, np.ndarray]]) -> AdapterDims:
+    """The dimensions of adapter weights already checked by :func:`check_adapter_weights`."""
+    return _dims_from(_strip(weights["layer_0"]), "layer_0")
+
+
+def model_dims(model: CausalLM) -> AdapterDims:
+    cfg = model.cfg
+    return AdapterDims(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size)
+
+
+def check_adapter_weights(weights: Mapping[str, Any], source: str = "adapter weights", *,
+                          model: CausalLM | None = None, strict: bool = True
+                          ) -> tuple[AdapterWeights, AdapterDims]:
+    """Check adapter weights and return them without the ``coda.`` prefix, with their
+    dimensions. The one validation every reader and writer of adapters uses.
+
+    Without ``model``, the weights are checked for their own consistency (the
+    ``adapters`` command has no model); with one, against the model's layer
+    count, keys and shapes (``strict=False`` tolerates keys the model has and
+    the weights lack, such as a phase-1 adapter's write gate). Raises
+    ``ValueError`` naming the layer and key.
+    """
+    if not isinstance(weights, Mapping) or not weights:
+        raise ValueError(f"{source} holds no adapter layers")
+    count = model.cfg.num_layers if model is not None else len(weights)
+    names = [f"layer_{i}" for i in range(count)]
+    given = {str(n) for n in weights}
+    if given != set(names) or len(given) != len(weights):
+        missing = _sorted_layers(set(names) - given)
+        extra = _sorted_layers(given - set(names))
+        if model is not None:
+            raise ValueError(f"{source}: adapter layers do not match the model's {count}: "
+                             f"missing {missing}, unexpected {extra}")
+        raise ValueError(f"{source}: layers must be named layer_0 .. layer_{count - 1} "
+                         f"without gaps: missing {missing}, unexpected {extra}")
+    by_name = {str(n): sd for n, sd in weights.items()}
+    tensors: AdapterWeights = {}
+    for name in names:
+        sd = by_name[name]
+        if not isinstance(sd, Mapping) or not all(isinstance(k, str) for k in sd):
+            raise ValueError(f"{source}: {name} is a {type(sd).__name__}, not a dict "
+                             "{name: tensor}")
+        for key, value in sd.items():
+            if not isinstance(value, np.ndarray):
+                raise ValueError(f"{source}: {name}: {key!r} is a {type(value).__name__}, "
+                                 "not an array")
+        tensors[name] = _strip(sd)
+
+    first = tensors["layer_0"]
+    if model is not None:
+        expected = {k: tuple(v.shape[1:]) for k, v in _adapter_keys(model).items()}
+        known, needed = set(expected), set(expected) if strict else set()
+    else:
+        known, needed = set(ADAPTER_SHAPES), set(REQUIRED_KEYS)
+    for name, sd in tensors.items():
+        unexpected, missing = sorted(set(sd) - known), sorted(needed - set(sd))
+        if unexpected or missing:
+            raise ValueError(f"{source}: {name}: missing {missing}, unexpected {unexpected}")
+        if set(sd) != set(first):
+            raise ValueError(f"{source}: {name} has other keys than layer_0: missing "
+                             f"{sorted(set(first) - set(sd))}, unexpected "
+                             f"{sorted(set(sd) - set(first))}")
+    if model is not None:
+        dims = model_dims(model)
+        against = (f"the model's (num_heads={dims.num_heads}, num_kv_heads={dims.num_kv_heads}, "
+                   f"head_dim={dims.head_dim})")
+    else:
+        dims = _dims_from(first, f"{source}: layer_0")
+        expected = {k: ADAPTER_SHAPES[k](dims) for k in first}
+        against = f"what layer_0 implies ({dims})"
+    for name, sd in tensors.items():
+        for key, value in sd.items():
+            if tuple(value.shape) != expected[key]:
+                raise ValueError(f"{source}: {name}: {key!r} has shape {tuple(value.shape)}, "
+                                 f"{against} is {expected[key]}")
+            if not jnp.issubdtype(value.dtype, jnp.floating):
+                raise ValueError(f"{source}: {name}: {key!r} has dtype {value.dtype}, not a "
+                                 "floating-point type")
+            check_finite(value, f"{source}: {name}: {key!r}")
+    return tensors, dims
 
 
 def _adapter_keys(model: CausalLM) -> dict[str, np.ndarray]:
@@ -38,82 +213,188 @@ def _adapter_keys(model: CausalLM) -> dict[str, np.ndarray]:
             if not k.startswith(HF_OWNED)}
 
 
-def read_adapter_file(path: str | os.PathLike) -> AdapterWeights:
-    """``layer_{i}`` -> {reference key: array}, from a ``.pt`` (read with
-    ``weights_only=True``), a ``.safetensors`` or an Orbax adapter checkpoint."""
+# ---------------------------------------------------------------- reading files
+def _refusal_detail(message: str) -> tuple[str | None, str]:
+    """What torch's safe loader stopped at (a class name, if it was one), without
+    repeating its advice."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if found:
+        return found.group(1), found.group(1)
+    found = re.search(r"[Uu]nsupported operand (\d+)", message)
+    if found:
+        return None, f"pickle instruction {found.group(1)}"
+    return None, "an instruction it does not accept"
+
+
+def safe_torch_load(path: str | os.PathLike, what: str, *, allowed: Iterable[Any] = ()) -> Any:
+    """``torch.load`` with torch's tensors-only loader, errors in our own words.
+
+    ``ValueError`` "PATH is not a WHAT (...)" for empty, foreign or damaged
+    files, "PATH refused: it holds objects other than tensors (...)" for a
+    pickle that would build anything else; such a file is never run.
+    ``allowed`` extends what may be built (``torch.serialization.safe_globals``).
+    """
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no {what} at {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is {safe_paths.describe_path(path)}, not a {what} (a file)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise ValueError(f"{path} is not a {what} (it is empty)")
+    is_zip = head.startswith(_ZIP_MAGIC)
+    if not is_zip and not (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        raise ValueError(f"{path} is not a {what} (neither a torch archive nor a pickle)")
+    # torch's own messages advise loading unsafely: they are replaced, and the
+    # error is raised outside the handler so that it does not carry them along.
+    problem = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols
+            with torch.serialization.safe_globals(list(allowed)):
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        global_name, detail = _refusal_detail(str(err))
+        if global_name is None:
+            problem = (f"{path} refused: it is not a plain file of tensors (the tensors-only "
+                       f"loader stopped at {detail}); nothing in it was run")
+        else:
+            problem = (f"{path} refused: it holds objects other than tensors ({detail}); "
+                       "nothing in it was run")
+    except EOFError:
+        problem = f"{path} is not a {what} (it ends early: truncated?)"
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError,
+            struct.error, UnicodeDecodeError, OverflowError, OSError) as err:
+        kind = "a damaged or truncated torch archive" if is_zip else "a damaged pickle"
+        problem = f"{path} is not a {what} ({kind}: {type(err).__name__})"
+    raise ValueError(problem)
+
+
+def _is_torch_tensor_dict(raw: Any) -> bool:
+    import torch
+
+    return isinstance(raw, Mapping) and all(
+        isinstance(layer, str) and isinstance(sd, Mapping)
+        and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in sd.items())
+        for layer, sd in raw.items())
+
+
+def _read_pt(path: Path, progress: bool) -> AdapterWeights:
+    import torch
+
+    what = "PyTorch adapter file"
+    raw = safe_torch_load(path, what)
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{path} is not a {what}: it holds a {type(raw).__name__}, expected "
+                         "a dict 'layer_i' -> {name: tensor}")
+    for layer, sd in raw.items():
+        if not isinstance(sd, Mapping):
+            raise ValueError(f"{path} is not a {what}: its entry {layer!r} is a "
+                             f"{type(sd).__name__}, expected a dict {{name: tensor}}")
+        for key, value in sd.items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{path} refused: it holds objects other than tensors "
+                                 f"({layer}: {key!r} is of type {type(value).__name__}, "
+                                 "not a tensor)")
+    out: AdapterWeights = {}
+    with tqdm(raw.items(), desc="layers", total=len(raw), disable=not progress) as bar:
+        for layer, sd in bar:
+            out[layer] = {k: _to_numpy(t) for k, t in sd.items()}
+    return out
+
+
+def _open_safetensors(path: Path) -> SafetensorsFile:
+    try:
+        return SafetensorsFile(path)
+    except (KeyError, TypeError, AttributeError, IndexError, struct.error) as err:
+        raise ValueError(f"{path} has a malformed safetensors header "
+                         f"({type(err).__name__})") from None
+
+
+def _safetensors_metadata(path: Path) -> dict[str, Any] | None:
+    """The ``__metadata__`` of a safetensors file, or None if it is not one."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                return None
+            (n,) = struct.unpack("<Q", raw)
+            if n > path.stat().st_size - 8:
+                return None
+            header = json.loads(f.read(n))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    meta = header.get("__metadata__", {})
+    return meta if isinstance(meta, dict) else None
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(9)[8:9] == b"{"
+    except OSError:
+        return False
+
+
+def _read_safetensors(path: Path, progress: bool) -> AdapterWeights:
+    file = _open_safetensors(path)
+    out: AdapterWeights = {}
+    with tqdm(file.keys(), desc="tensors", disable=not progress) as bar:
+        for name in bar:
+            layer, _, key = name.partition(".")
+            out.setdefault(layer, {})[key] = file.read(name)
+    return out
+
+
+def read_adapter_file(path: str | os.PathLike, *, progress: bool = False) -> AdapterWeights:
+    """``layer_{i}`` -> {reference key: array}, from a ``.pt`` (tensors only), a
+    ``.safetensors`` or an Orbax adapter checkpoint, checked for its own
+    consistency (:func:`check_adapter_weights`); keys keep their prefix."""
     path = Path(path)
     if path.is_dir():
         orbax_io.read_meta(path, ADAPTER_FORMAT, "adapter checkpoint")
-        tree = orbax_io.read_tree(path, None)
-        return {layer: {k: np.asarray(v) for k, v in sd.items()} for layer, sd in tree.items()}
-    if not path.is_file():
+        tree = orbax_io.read_tree(path, None, "adapter checkpoint")
+        if not isinstance(tree, Mapping):
+            raise ValueError(f"{path}: the saved adapter checkpoint holds no layers")
+        out = {layer: ({k: np.asarray(v) for k, v in sd.items()} if isinstance(sd, Mapping)
+                       else sd) for layer, sd in tree.items()}
+    elif not path.exists():
         raise FileNotFoundError(f"no adapter file at {path}")
-    if path.suffix == ".safetensors":
-        file = SafetensorsFile(path)
-        out: AdapterWeights = {}
-        for name in file.keys():
-            layer, _, key = name.partition(".")
-            out.setdefault(layer, {})[key] = file.read(name)
-        return out
-    import pickle
-
-    import torch
-
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ValueError(f"{path} is not a plain adapter file (refused by weights_only "
-                         f"loading): {str(err).splitlines()[0]}") from err
-    if not isinstance(raw, Mapping) or not all(
-            isinstance(v, Mapping) and all(isinstance(t, torch.Tensor) for t in v.values())
-            for v in raw.values()):
-        raise ValueError(f"{path} must hold a dict 'layer_i' -> {{name: tensor}}")
-    return {layer: {k: _to_numpy(t) for k, t in sd.items()} for layer, sd in raw.items()}
-
-
-def _strip(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    if sd and all(k.startswith(ADAPTER_PREFIX) for k in sd):
-        return {k[len(ADAPTER_PREFIX):]: v for k, v in sd.items()}
-    return dict(sd)
+    elif not path.is_file():
+        raise ValueError(f"{path} is {safe_paths.describe_path(path)}, not an adapter file")
+    elif path.suffix == ".safetensors" or (path.suffix not in _TORCH_SUFFIXES
+                                           and _looks_like_safetensors(path)):
+        out = _read_safetensors(path, progress)
+    else:
+        out = _read_pt(path, progress)
+    check_adapter_weights(out, str(path))
+    return out
 
 
 def load_adapters(model: CausalLM, weights: AdapterWeights | str | os.PathLike, *,
                   strict: bool = True) -> None:
     """Write adapter weights (a file or :func:`read_adapter_file`'s dict) into ``model``.
 
-    ``ValueError`` on a missing or extra layer, a missing or extra key, or a
-    shape mismatch (e.g. other head counts); nothing is written unless all
-    layers pass. ``strict=False`` tolerates missing keys (a phase-1 adapter
-    without the write gate loaded into a bounded model).
+    ``ValueError`` on a missing or extra layer, a missing or extra key, a
+    shape mismatch (e.g. other head counts) or a NaN/Inf value; nothing is
+    written unless all layers pass. ``strict=False`` tolerates missing keys (a
+    phase-1 adapter without the write gate loaded into a bounded model).
     """
+    source = "adapter weights"
     if not isinstance(weights, Mapping):
+        source = str(weights)
         weights = read_adapter_file(weights)
     if model.attention == "gqa":
         raise ValueError("adapters need attention='coda' or 'coda_bounded'")
+    tensors, _ = check_adapter_weights(weights, source, model=model, strict=strict)
     layers = model.cfg.num_layers
-    names = {f"layer_{i}" for i in range(layers)}
-    if set(weights) != names:
-        missing = sorted(names - set(weights), key=lambda n: int(n.split("_")[1]))
-        extra = sorted(set(weights) - names)
-        raise ValueError(f"adapter layers do not match the model's {layers}: missing "
-                         f"{missing}, unexpected {extra}")
-    expected = {k: v[0] for k, v in _adapter_keys(model).items()}
-    tensors = {name: _strip(sd) for name, sd in weights.items()}
-    for name, sd in tensors.items():
-        unexpected = sorted(set(sd) - set(expected))
-        missing = sorted(set(expected) - set(sd))
-        if unexpected or (missing and strict):
-            raise ValueError(f"{name}: missing {missing}, unexpected {unexpected}")
-        for key, value in sd.items():
-            if value.shape != expected[key].shape:
-                raise ValueError(f"{name}: {key!r} has shape {value.shape}, the model's is "
-                                 f"{expected[key].shape} (num_heads={model.cfg.num_heads}, "
-                                 f"num_kv_heads={model.cfg.num_kv_heads}, "
-                                 f"head_dim={model.cfg.head_dim})")
     attention = model.layers.self_attn
-    for key in expected:
-        if key not in tensors["layer_0"]:
-            continue
+    for key in tensors["layer_0"]:
         variable, transposed = _variable_for(attention, key)
         per_layer = [tensors[f"layer_{i}"][key] for i in range(layers)]
         stacked = np.stack([t.T if transposed else t for t in per_layer])
@@ -129,44 +410,103 @@ def adapter_weights(model: CausalLM) -> AdapterWeights:
             for i in range(model.cfg.num_layers)}
 
 
-def save_adapters(model: CausalLM, path: str | os.PathLike, *, overwrite: bool = False
-                  ) -> Path:
-    """Write the reference's ``coda_adapters.pt`` format (or ``.safetensors``)."""
+# ---------------------------------------------------------------- writing files
+def export_format(path: str | os.PathLike, requested: str | None = None) -> str:
+    """The export format for ``path``: ``requested``, or else the one its suffix names.
+
+    ``ValueError`` for a suffix that names neither format (without
+    ``requested``) or names the other one.
+    """
+    suffix = Path(path).suffix
+    by_suffix = {s: f for f, s in EXPORT_FORMATS.items()}
+    if requested is not None and requested not in EXPORT_FORMATS:
+        raise ValueError(f"unknown adapter format {requested!r}; expected one of "
+                         f"{sorted(EXPORT_FORMATS)}")
+    if requested is None:
+        if suffix not in by_suffix:
+            raise ValueError(f"cannot tell the adapter format of {path} from its suffix "
+                             f"{suffix or '(none)'!r}: expected .pt (pt) or .safetensors "
+                             "(safetensors)")
+        return by_suffix[suffix]
+    if suffix in by_suffix and by_suffix[suffix] != requested:
+        raise ValueError(f"{path} ends in {suffix}, the suffix of the {by_suffix[suffix]} "
+                         f"format, but format {requested!r} was asked for")
+    return requested
+
+
+def is_our_adapter_file(path: Path, fmt: str) -> bool:
+    """Whether ``path`` is an adapter export of format ``fmt`` as coda_jax writes
+    them: for ``pt`` a tensors-only file of a dict ``layer_i -> {str: tensor}``,
+    for ``safetensors`` one whose header carries our ``coda_jax.qk_norm`` entry."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    if path.is_symlink() or not path.is_file():
+        return False
+    if fmt == "safetensors":
+        meta = _safetensors_metadata(path)
+        return meta is not None and QK_NORM_METADATA in meta
+    try:
+        raw = safe_torch_load(path, "PyTorch adapter file")
+    except (ValueError, OSError):
+        return False
+    return bool(raw) and _is_torch_tensor_dict(raw) and all(
+        re.fullmatch(r"layer_\d+", layer) for layer in raw)
+
+
+def save_adapters(model: CausalLM, path: str | os.PathLike, *, overwrite: bool = False,
+                  format: str | None = None, progress: bool = False) -> Path:
+    """Write the reference's ``coda_adapters.pt`` format (``format="pt"``) or
+    ``.safetensors`` (``format="safetensors"``); by default the format the suffix names.
+
+    The weights are checked first (:func:`check_adapter_weights`). An existing
+    ``path`` is replaced only with ``overwrite`` and only if it is an adapter
+    file of the same format written by coda_jax (``FileExistsError`` /
+    ``ValueError`` otherwise, nothing touched); the new file is built beside
+    it and swapped in, so a failure leaves the old one whole.
+    """
+    fmt = export_format(path, format)
+    target = safe_paths.check_replaceable(
+        path, overwrite=overwrite, is_ours=lambda p: is_our_adapter_file(p, fmt),
+        what=f"{fmt} adapter file")
     weights = adapter_weights(model)
-    if model.cfg.qk_norm and not model.reference_compat and path.suffix == ".pt":
+    check_adapter_weights(weights, "the model's adapter weights")
+    if model.cfg.qk_norm and not model.reference_compat and fmt == "pt":
         warnings.warn("this Qwen3 model applies q_norm/k_norm, which the reference's "
                       "Qwen3 adapter drops: the reference will compute something else",
                       stacklevel=2)
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import save_file
 
-        flat = {f"{layer}.{key}": np.ascontiguousarray(np.asarray(v, np.float32))
-                for layer, sd in weights.items() for key, v in sd.items()}
-        save_file(flat, path, metadata={QK_NORM_METADATA: str(
-            model.cfg.qk_norm and not model.reference_compat)})
-        return path
-    import torch
+    def write(staging: Path) -> None:
+        if fmt == "safetensors":
+            from safetensors.numpy import save_file
 
-    torch.save({layer: {k: torch.from_numpy(np.array(v, np.float32)) for k, v in sd.items()}
-                for layer, sd in weights.items()}, path)
-    return path
+            flat = {}
+            with tqdm(weights.items(), desc="layers", disable=not progress) as bar:
+                for layer, sd in bar:
+                    for key, v in sd.items():
+                        flat[f"{layer}.{key}"] = np.ascontiguousarray(np.asarray(v, np.float32))
+            save_file(flat, staging, metadata={QK_NORM_METADATA: str(
+                model.cfg.qk_norm and not model.reference_compat)})
+            return
+        import torch
+
+        out = {}
+        with tqdm(weights.items(), desc="layers", disable=not progress) as bar:
+            for layer, sd in bar:
+                out[layer] = {k: torch.from_numpy(np.array(v, np.float32))
+                              for k, v in sd.items()}
+        torch.save(out, staging)
+
+    return safe_paths.write_atomically(target, write, overwrite=overwrite,
+                                       is_ours=lambda p: is_our_adapter_file(p, fmt),
+                                       what=f"{fmt} adapter file")
 
 
 def adapter_uses_qk_norm(path: str | os.PathLike) -> bool:
     """Whether an adapter file was trained with Qwen3's q/k norms: only our own
     safetensors exports can say so; a ``.pt`` is the reference's format, which drops them."""
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if not path.is_file() or path.suffix in _TORCH_SUFFIXES:
         return False
-    import json
-    import struct
-
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        meta = json.loads(f.read(n)).get("__metadata__", {})
+    meta = _safetensors_metadata(path) or {}
     return meta.get(QK_NORM_METADATA) == "True"
 
 

@@ -4,13 +4,16 @@ Weights are read tensor by tensor and written straight into the model's
 parameters in the target dtype, one stacked parameter at a time, so a
 conversion never holds a second copy of the model in host memory. Parameters
 a HF checkpoint lacks (CoDA's theta, lambda_proj, write gate, ...) keep their
-initial values until an adapter file supplies them.
+initial values until an adapter file supplies them. Every tensor is checked
+for NaN and Inf as it is read; an adapter file is read and checked before
+any HF weight is.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,10 +23,13 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from coda_jax import safe_paths
 from coda_jax.decoder import CausalLM
 from coda_jax.model_config import DecoderConfig
 
-from .adapters import load_adapters, resolve_reference_compat
+from .adapters import AdapterDims, load_adapters, read_adapter_file, \
+    resolve_reference_compat, weights_dims
+from .reference import check_finite
 from .safetensors_io import CheckpointReader
 
 # Keys some checkpoints carry that are recomputed, never loaded.
@@ -31,11 +37,49 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def read_config(model_dir: str | os.PathLike) -> DecoderConfig:
-    """The decoder config of a HF model directory (``config.json``)."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
+    """The decoder config of a HF model directory (``config.json``).
+
+    ``FileNotFoundError`` for a missing directory or config.json, ``ValueError``
+    for a path that is not a directory or a config.json that is not a valid
+    config of a supported family (naming the file and the problem).
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise FileNotFoundError(f"no HuggingFace model directory at {model_dir}")
+    if not model_dir.is_dir():
+        raise ValueError(f"{model_dir} is {safe_paths.describe_path(model_dir)}, not a "
+                         "HuggingFace model directory")
+    path = model_dir / "config.json"
+    if not path.exists():
         raise FileNotFoundError(f"no config.json in {model_dir}")
-    return DecoderConfig.from_hf(json.loads(path.read_text()))
+    if not path.is_file():
+        raise ValueError(f"{path} is {safe_paths.describe_path(path)}, not a config file")
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path} is not valid JSON ({type(err).__name__}: "
+                         f"{str(err)[:200]})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object")
+    try:
+        return DecoderConfig.from_hf(config)
+    except KeyError as err:
+        raise ValueError(f"{path}: the config lacks {err.args[0]}") from None
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def open_checkpoint(model_dir: str | os.PathLike) -> CheckpointReader:
+    """The safetensors index of a HF model directory, malformed headers and
+    indexes reported as ``ValueError`` naming the file."""
+    try:
+        return CheckpointReader(model_dir)
+    except (KeyError, TypeError, AttributeError, IndexError, struct.error) as err:
+        raise ValueError(f"{model_dir}: malformed safetensors header or index "
+                         f"({type(err).__name__}: {err})") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{model_dir}: the safetensors index is not text ({err.reason})"
+                         ) from None
 
 
 def _hf_key(path: tuple[str, ...], layer: int | None) -> tuple[str, bool] | None:
@@ -69,9 +113,11 @@ def load_hf_weights(model: CausalLM, model_dir: str | os.PathLike, *,
     each parameter is then allocated only when its weights arrive.
 
     Raises ``ValueError`` naming the key on missing weights, unexpected weights
-    or shape mismatches; the checks run before any parameter is written.
+    or shape mismatches; those checks run before any parameter is written. A
+    NaN or Inf value is found as its tensor is read (the model is then left
+    partly loaded: discard it).
     """
-    reader = CheckpointReader(model_dir)
+    reader = open_checkpoint(model_dir)
     layers = model.cfg.num_layers
     plan = []  # (variable, [(key, transposed)], stacked)
     wanted = set()
@@ -99,15 +145,17 @@ def load_hf_weights(model: CausalLM, model_dir: str | os.PathLike, *,
         raise ValueError(f"{model_dir}: weights the config does not account for: "
                          f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
 
-    for variable, keys, stacked in tqdm(plan, desc="weights", disable=not progress):
-        target = variable.get_value()  # a ShapeDtypeStruct when the model is abstract
-        host = np.empty(target.shape, np.dtype(target.dtype))
-        for i, (key, transposed) in enumerate(keys):
-            tensor = reader.read(key)
-            (host[i] if stacked else host)[...] = tensor.T if transposed else tensor
-            del tensor
-        variable.set_value(jax.device_put(host))
-        del host
+    with tqdm(plan, desc="weights", disable=not progress) as bar:
+        for variable, keys, stacked in bar:
+            target = variable.get_value()  # a ShapeDtypeStruct when the model is abstract
+            host = np.empty(target.shape, np.dtype(target.dtype))
+            for i, (key, transposed) in enumerate(keys):
+                tensor = reader.read(key)
+                check_finite(tensor, f"{model_dir}: weight {key!r}")
+                (host[i] if stacked else host)[...] = tensor.T if transposed else tensor
+                del tensor
+            variable.set_value(jax.device_put(host))
+            del host
 
 
 def init_missing_params(model: CausalLM, seed: int) -> None:
@@ -146,9 +194,21 @@ def load_hf_model(model_dir: str | os.PathLike, *, attention: str = "gqa",
 
     ``reference_compat=None`` decides by itself: a Qwen3 model with a reference
     adapter file runs the reference's computation (no q_norm/k_norm), with a warning.
+    The adapter file is read and checked (against the config's head counts
+    too) before any HF weight is.
     """
     cfg = read_config(model_dir)
+    weights = None
     if adapters is not None:
+        if attention == "gqa":
+            raise ValueError("adapters need attention='coda' or 'coda_bounded'")
+        weights = read_adapter_file(adapters)  # checked for its own consistency
+        dims = weights_dims(weights)
+        wanted = AdapterDims(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size)
+        if dims != wanted or len(weights) != cfg.num_layers:
+            raise ValueError(f"{adapters} does not fit {model_dir}: the adapter has "
+                             f"{len(weights)} layers ({dims}), the config "
+                             f"{cfg.num_layers} layers ({wanted})")
         reference_compat = resolve_reference_compat(cfg.family, adapters, reference_compat)
     # Built abstractly: parameters are allocated as their weights are read.
     model = nnx.eval_shape(lambda: CausalLM(
@@ -156,6 +216,6 @@ def load_hf_model(model_dir: str | os.PathLike, *, attention: str = "gqa",
         reference_compat=bool(reference_compat), param_dtype=dtype, rngs=nnx.Rngs(seed)))
     load_hf_weights(model, model_dir, progress=progress)
     init_missing_params(model, seed)
-    if adapters is not None:
-        load_adapters(model, adapters)
+    if weights is not None:
+        load_adapters(model, weights)
     return model

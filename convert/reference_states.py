@@ -10,7 +10,6 @@ unpickler may build; anything else is refused.
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 from coda_jax.decoder import CausalLM
 from coda_jax.state import BankState
 
+from .adapters import safe_torch_load
 from .reference import state_from_reference
 
 REFERENCE_STATE_CLASS = "coda_gqa_l.state.CoDAGQALandmarkStatePerf2"
@@ -31,22 +31,20 @@ class ReferenceStateRecord:
 
 def read_reference_states(path: str | os.PathLike) -> dict[str, Any]:
     """The ``{"states": {layer: record}, "metadata": {...}}`` dict of a reference state file."""
-    import torch
-
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no state file at {path}")
-    try:
-        with torch.serialization.safe_globals([(ReferenceStateRecord, REFERENCE_STATE_CLASS)]):
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ValueError(f"{path} holds objects other than a reference neural state; refused "
-                         f"(weights_only): {str(err).splitlines()[0]}") from err
+    data = safe_torch_load(path, "reference neural state file",
+                           allowed=[(ReferenceStateRecord, REFERENCE_STATE_CLASS)])
     states = data.get("states") if isinstance(data, dict) else None
     if not isinstance(states, dict) or not all(
             isinstance(s, ReferenceStateRecord) for s in states.values()):
         raise ValueError(f"{path} is not a reference neural state file "
                          "(expected {'states': {layer: state}, 'metadata': ...})")
+    if not all(isinstance(layer, int) for layer in states):
+        raise ValueError(f"{path} is not a reference neural state file: its layers are "
+                         f"{sorted(map(repr, states))}, expected numbers 0, 1, ...")
+    if not isinstance(data.get("metadata", {}), dict):
+        raise ValueError(f"{path} is not a reference neural state file: its metadata is a "
+                         f"{type(data['metadata']).__name__}, expected a dict")
     return data
 
 
@@ -59,6 +57,14 @@ def import_reference_states(path: str | os.PathLike, model: CausalLM, *, dtype=j
     if sorted(states) != list(range(len(layers))):
         raise ValueError(f"{path} holds states of layers {sorted(states)}, the model has "
                          f"{len(layers)}")
-    ours = [state_from_reference(states[i], layer, dtype=dtype)
-            for i, layer in enumerate(layers)]
+    ours = []
+    for i, layer in enumerate(layers):
+        try:
+            ours.append(state_from_reference(states[i], layer, dtype=dtype))
+        except AttributeError as err:
+            raise ValueError(f"{path}: the state of layer {i} lacks the field "
+                             f"{err.name!r}") from None
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: the state of layer {i} does not fit the model: "
+                             f"{err}") from None
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *ours), dict(data.get("metadata", {}))

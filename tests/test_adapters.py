@@ -227,3 +227,31 @@ def test_reference_neural_states_carry_over_without_unpickling_code(hf_dirs, tmp
     torch.save({"states": {0: Payload()}, "metadata": {}}, evil)
     with pytest.raises(ValueError, match="refused"):
         import_reference_states(evil, ours)
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+@pytest.mark.parametrize("options", [
+    dict(head_dim=8),
+    dict(head_dim=16, qkv_bias=True, o_bias=True, head_norm_mode="full", qk_norm=True),
+])
+def test_the_adapter_shape_table_is_the_layers_own(bounded, options):
+    """The model-free check of adapter files (``convert adapters``) derives every
+    key's shape from one (num_heads, num_kv_heads, head_dim, embed_dim): the
+    table agrees with the layers' reference state_dicts."""
+    from flax import nnx
+
+    from coda_jax import CoDAGQA, CoDAGQALandmark
+    from convert.adapters import ADAPTER_SHAPES, HF_OWNED, AdapterDims, check_adapter_weights
+    from convert.reference import reference_state_dict
+
+    cls = CoDAGQALandmark if bounded else CoDAGQA
+    extra = dict(window=8, num_landmarks_exact=4, num_landmarks_summary=4) if bounded else {}
+    layer = cls(embed_dim=32, num_heads=4, num_kv_heads=2, **options, **extra,
+                rngs=nnx.Rngs(0))
+    sd = {"coda." + k: v for k, v in reference_state_dict(layer).items()
+          if not k.startswith(HF_OWNED)}
+    dims = AdapterDims(4, 2, options["head_dim"], 32)
+    for key, value in sd.items():
+        assert value.shape == ADAPTER_SHAPES[key[len("coda."):]](dims), key
+    tensors, found = check_adapter_weights({"layer_0": sd, "layer_1": sd}, "table")
+    assert found == dims and set(tensors["layer_1"]) == {k[len("coda."):] for k in sd}
