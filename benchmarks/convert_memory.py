@@ -6,6 +6,9 @@ process (CPU), and reports that process's peak resident memory, also net of the
 same process's footprint after importing everything but before converting.
 
     python benchmarks/convert_memory.py --params 1e9 --out results.json
+
+tests/test_convert_memory.py runs this script (smaller, with --shard-bytes) and
+reads its --out file.
 """
 
 from __future__ import annotations
@@ -119,9 +122,11 @@ def measure(params: float, shard_bytes: int = 500 << 20) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--params", type=float, default=1e9)
+    p.add_argument("--shard-bytes", type=int, default=500 << 20,
+                   help="the checkpoint's shard size limit")
     p.add_argument("--out")
     a = p.parse_args()
-    result = measure(a.params)
+    result = measure(a.params, a.shard_bytes)
     print(json.dumps(result, indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1))

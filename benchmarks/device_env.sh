@@ -1,4 +1,4 @@
-# Sourced by the run_h100*.sh device scripts, from the repository root: installs the
+# Sourced by run_on_gpu.sh, from the repository root: installs the
 # reference's wheel from a carried .whl/ into /tmp/site, sets import paths and $OUT
 # (the device tool's folder that comes back; /tmp/out elsewhere).
 set -uo pipefail

@@ -1,7 +1,7 @@
 """Plot ours/reference speed ratios of one bounded layer from committed H100 results.
 
-    python benchmarks/plot_layer.py --prefill benchmarks/results/layer_h100_v10.json \
-        --decode benchmarks/results/layer_h100_v10.json --out docs/layer_h100.png
+    python benchmarks/plot_layer.py --prefill benchmarks/results/layer_h100.json \
+        --decode benchmarks/results/layer_h100.json --out docs/layer_h100.png
 
 Prefill and decode figures may come from different runs (see
 benchmarks/results/NOTES.md); each ratio is taken within its own run. Whiskers

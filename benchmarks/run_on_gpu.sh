@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Every device-tool job, as phases run in the order given (one call, one warm machine):
+# Every GPU job of the project (benchmarks, profilers, the GPU tests) on whichever GPU the
+# device tool lends (H100, H200), as phases run in the order given (one call, one warm
+# machine); results files are named after the GPU (device_env.sh sets $GPU_TAG):
 #
-#   bash benchmarks/run_h100.sh PHASE [PHASE ...]     (carry [".whl"]: the coda-gqa-l wheel)
+#   bash benchmarks/run_on_gpu.sh PHASE [PHASE ...]     (carry [".whl"]: the coda-gqa-l wheel)
 #
 #   tests [PYTEST_K]  the `gpu` tests of the kernels (test_diff_flash, test_decode_attention),
 #                     optionally only those matching -k PYTEST_K (e.g. "tests:gradients or decode")
@@ -12,18 +14,21 @@
 #   layer             bench_layer.py (fidelity figures in the same file); $LAYER_ARGS adds
 #                     its options, e.g. LAYER_ARGS="--embed-dims 4096 --skip fidelity"
 #   fidelity          bench_layer.py --fidelity-only
-#   profile           profile_prefill.py at block 1024 (Pallas attention), with the HLO
-#   variants[:PKG]    prefill_variants.py: the current layer, and with :PKG the same
-#                     layer from benchmarks/baselines/PKG (an older coda_jax), in turns;
+#   profile           investigations/profile_prefill.py at block 1024 (Pallas attention),
+#                     with the HLO
+#   variants[:PKG]    investigations/prefill_variants.py: the current layer, and with :PKG
+#                     the same layer from benchmarks/baselines/PKG (an older coda_jax), in turns;
 #                     $VARIANT_ARGS adds options (e.g. --compiler-options NAME=VALUE)
 #   variants-graphs   the same, unrolled, under XLA command buffers (CUDA graphs)
-#   host              host_profile.py: dispatch vs ready time of a prefill call and the
-#                     host's Python profile; the timings again with cuDNN and XLA attention
+#   host              investigations/host_profile.py: dispatch vs ready time of a prefill
+#                     call and the host's Python profile; the timings again with cuDNN and
+#                     XLA attention
 #   tune              tune_mosaic.py: launch order of the Hopper forward against cuDNN
 #   tune-decode       tune_decode.py: slots per tile and pipeline stages of the decode kernel
 #
 # A phase's full log and results land in $OUT; a short table is printed.
 source benchmarks/device_env.sh
+inv=benchmarks/investigations  # the profilers and one-off experiments
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
 quiet() { grep -v "^W\|Warning"; }
 
@@ -82,26 +87,26 @@ for phase in "$@"; do
     profile)
       for impl in pallas; do
         mkdir -p "$OUT/profile_$impl"
-        timeout 150 python3 benchmarks/profile_prefill.py --out "$OUT/profile_$impl" \
+        timeout 150 python3 $inv/profile_prefill.py --out "$OUT/profile_$impl" \
             --block 1024 --implementation $impl --chunks-per-call 4 --hlo 2>&1 | quiet | head -80
         rm -rf "$OUT"/profile_$impl/trace_*
       done ;;
     variants|variants:*)  # variants:PACKAGE adds that copy of coda_jax (benchmarks/baselines/)
       base=${phase#variants}; base=${base#:}
-      timeout ${VARIANT_TIMEOUT:-240} python3 benchmarks/prefill_variants.py default --unroll True \
+      timeout ${VARIANT_TIMEOUT:-240} python3 $inv/prefill_variants.py default --unroll True \
           --configs 1024x4 256x16 ${base:+--baseline baselines.$base} ${VARIANT_ARGS:-} \
           --out "$OUT/prefill_variants.json" 2>&1 | grep "tok/s\|{\|failed" ;;
     variants-graphs)  # the unrolled prefill as CUDA graphs (XLA command buffers)
       for size in 5 1; do
         XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN --xla_gpu_graph_min_graph_size=$size" \
-            timeout 150 python3 benchmarks/prefill_variants.py "graphs_min$size" --unroll True \
+            timeout 150 python3 $inv/prefill_variants.py "graphs_min$size" --unroll True \
             --configs 1024x4 256x16 2>&1 | grep "tok/s\|rror" | head -6
       done ;;
     host)
-      timeout 150 python3 benchmarks/host_profile.py 2>&1 | quiet > "$OUT/host_profile.log"
+      timeout 150 python3 $inv/host_profile.py 2>&1 | quiet > "$OUT/host_profile.log"
       grep -A24 "^D=" "$OUT/host_profile.log" | cut -c1-150
       for impl in cudnn xla; do
-        timeout 100 python3 benchmarks/host_profile.py --no-profile --implementation $impl \
+        timeout 100 python3 $inv/host_profile.py --no-profile --implementation $impl \
             2>&1 | grep "^D="
       done ;;
     tune)

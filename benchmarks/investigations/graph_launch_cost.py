@@ -1,7 +1,7 @@
 """Per-call time of a jitted chain of N small dependent kernels (one CUDA graph
 under XLA's command buffers): how a call's host cost grows with its kernel count.
 
-    python benchmarks/graph_launch_cost.py [--out graph_launch_cost.json]
+    python benchmarks/investigations/graph_launch_cost.py [--out graph_launch_cost.json]
 
 Each kernel is a tiny elementwise op on a 4 KB array kept apart by an
 optimisation barrier, so the GPU time is negligible and the per-call time is

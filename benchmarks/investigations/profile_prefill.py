@@ -1,6 +1,7 @@
 """Where the GPU time of one bounded-layer prefill goes (tuning aid).
 
-    python benchmarks/profile_prefill.py --out DIR [--block 1024] [--implementation cudnn] [--hlo]
+    python benchmarks/investigations/profile_prefill.py --out DIR [--block 1024]
+        [--implementation cudnn] [--hlo]
 
 Traces three prefills of L=4096 tokens (bf16, W=256 Me=64 Ms=64, the two layer
 shapes of bench_layer.py) with the JAX profiler, reads the Perfetto trace and
@@ -14,13 +15,17 @@ import glob
 import gzip
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from bench_layer import LENGTH, SHAPES, random_layer
 from coda_jax import bounded
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for bench_layer
+from bench_layer import LENGTH, SHAPES, random_layer  # noqa: E402
 
 
 def trace_events(trace_dir: str) -> tuple[list[dict], list[dict]]:

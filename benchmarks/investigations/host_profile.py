@@ -1,7 +1,7 @@
 """Where the host time of one bounded-layer prefill call goes (tuning aid).
 
-    python benchmarks/host_profile.py [--block 1024] [--calls 50]
-    python benchmarks/host_profile.py --python-only --out host_python_cpu.json
+    python benchmarks/investigations/host_profile.py [--block 1024] [--calls 50]
+    python benchmarks/investigations/host_profile.py --python-only --out host_python_cpu.json
 
 For the two layer shapes of bench_layer.py (L=4096, bf16): the time until
 ``prefill`` returns (dispatch: everything the host does before the GPU can
@@ -14,16 +14,19 @@ with its compiled call replaced by a stub (argument checks, segmenting).
 import argparse
 import cProfile
 import io
+import json
 import pstats
 import statistics
+import sys
 import time
-
-import json
+from pathlib import Path
 
 import jax
 
 import coda_jax.bounded as bounded
-from bench_layer import SHAPES, random_layer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for bench_layer
+from bench_layer import SHAPES, random_layer  # noqa: E402
 
 
 def _mean_us(fn, calls: int = 2000) -> float:

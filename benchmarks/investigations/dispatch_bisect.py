@@ -1,6 +1,6 @@
 """Which part of a bounded prefill call costs the host its time (tuning aid).
 
-    python benchmarks/dispatch_bisect.py [--out dispatch_bisect.json]
+    python benchmarks/investigations/dispatch_bisect.py [--out dispatch_bisect.json]
 
 At D=4096, block 1024, 4096 tokens, weights bound once (no module walk): the
 time until the call returns (host work: dispatch, XLA's thunks, graph launch)
@@ -13,14 +13,18 @@ attention. Medians of 100 calls, each waited for.
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from bench_layer import SHAPES, random_layer
 from coda_jax import memory
 from coda_jax.frozen import bind_weights
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for bench_layer
+from bench_layer import SHAPES, random_layer  # noqa: E402
 
 BLOCK = 1024
 

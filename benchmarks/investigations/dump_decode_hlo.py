@@ -1,4 +1,7 @@
-"""Dump the optimised HLO of one decode step (to find slow fusions)."""
+"""Dump the optimised HLO of one decode step (to find slow fusions).
+
+    python benchmarks/investigations/dump_decode_hlo.py D HEADS KV_HEADS OUT.hlo
+"""
 import sys
 import jax
 import jax.numpy as jnp

@@ -5,7 +5,7 @@ per phase, wall time, summed GPU kernel time, kernel count and the costliest
 kernels. Used to steer optimisation; the numbers that count come from
 ``bench_layer.py``.
 
-    python benchmarks/profile_layer.py --embed-dim 4096 --heads 32 --kv-heads 8
+    python benchmarks/investigations/profile_layer.py --embed-dim 4096 --heads 32 --kv-heads 8
 """
 
 from __future__ import annotations

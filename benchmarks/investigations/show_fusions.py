@@ -1,4 +1,7 @@
-"""Print the fused computations of an HLO dump that contain a given op pattern."""
+"""Print the fused computations of an HLO dump that contain a given op pattern.
+
+    python benchmarks/investigations/show_fusions.py OUT.hlo PATTERN [MAX_LINES]
+"""
 import re
 import sys
 

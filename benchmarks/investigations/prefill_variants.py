@@ -1,7 +1,7 @@
 """Prefill tokens/s of the bounded layer under variants, timed in turns in one process.
 
-    python benchmarks/prefill_variants.py LABEL [--unroll True 1] [--configs 1024x4 256x16]
-        [--baseline PACKAGE] [--out results.json]
+    python benchmarks/investigations/prefill_variants.py LABEL [--unroll True 1]
+        [--configs 1024x4 256x16] [--baseline PACKAGE] [--out results.json]
 
 Each config is block_size x chunks_per_call; L=4096, bf16, W=256/Me=64/Ms=64, the
 two layer shapes of bench_layer.py. The variants are the scan unroll values,
@@ -17,12 +17,16 @@ import argparse
 import importlib
 import json
 import statistics
+import sys
+from pathlib import Path
 
 import jax
 from flax import nnx
 
 import coda_jax.bounded as bounded
-from bench_layer import LENGTH, SHAPES, per_call_rounds, random_layer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for bench_layer
+from bench_layer import LENGTH, SHAPES, per_call_rounds, random_layer  # noqa: E402
 
 
 def _option_value(text: str) -> bool | int | str:
