@@ -7,8 +7,6 @@ shape and never synchronise with the host. See ``memory.py`` for the write rules
 
 from __future__ import annotations
 
-import collections
-import functools
 import math
 from typing import Callable
 
@@ -16,36 +14,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import memory
+from . import memory, runner
 from .config import AttentionConfig, BankConfig, HeadNormMode, LfBand, MemInit, WritePolicy
-from .frozen import bind_weights
 from .primitives import materialise
-from .projections import AttentionCore, _linear
-from .segments import check_lengths, join_segments, split_segments
+from .projections import AttentionCore, linear
 from .state import POSITION_DTYPE, BankState
-
-# Blocks of one prefill call unrolled per loop iteration; None: ``prefill_unroll()``
-# picks per backend (a tuning knob for benchmarks).
-PREFILL_UNROLL: int | bool | None = None
-MAX_UNROLLED_BLOCKS = 16
-
-
-def prefill_unroll() -> int | bool:
-    """How many blocks of one prefill call run as straight-line code.
-
-    On GPU a rolled loop reads its predicate back to the host every block, so
-    the host cannot queue the next block's kernels while the GPU works: fully
-    unrolled, prefill ran 1.15x faster at D=4096 and 1.7x at D=512 with block
-    1024 on an H100 (benchmarks/results/prefill_variants_h100.json). Elsewhere
-    unrolling only adds compile time.
-    """
-    if PREFILL_UNROLL is not None:
-        return PREFILL_UNROLL
-    return MAX_UNROLLED_BLOCKS if jax.default_backend() == "gpu" else 1
-
-
-# How many times each compiled entry point has been traced (a retrace shows up here).
-TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
 
 class CoDAGQALandmark(AttentionCore):
@@ -107,7 +80,7 @@ class CoDAGQALandmark(AttentionCore):
             detach_evicted=detach_evicted, collect_metrics=collect_metrics, lf_band=lf_band)
         super().__init__(attn_cfg, lambda_init_bias=lambda_init_bias, theta_init=theta_init,
                          param_dtype=param_dtype, implementation=implementation, rngs=rngs)
-        self.write_proj = _linear(
+        self.write_proj = linear(
             embed_dim, 1, bias=True, param_dtype=param_dtype, rngs=rngs,
             kernel_init=nnx.initializers.zeros,
             bias_init=nnx.initializers.constant(write_gate_init_bias))
@@ -195,9 +168,17 @@ class CoDAGQALandmark(AttentionCore):
         lam, write_gate = self._gates(x)
         return q, k, v, lam, write_gate
 
-    def _prefill_segment(self, x: jax.Array, lengths: jax.Array, state: BankState, *,
-                         block_size: int, training: bool, unroll: int | bool
-                         ) -> tuple[jax.Array, BankState]:
+    # ------------------------------------------------- pure functions (runner.py)
+    @property
+    def output_dim(self) -> int:
+        return self.embed_dim
+
+    def prefill_segment(self, x: jax.Array, lengths: jax.Array, state: BankState, *,
+                        block_size: int, training: bool, unroll: int | bool,
+                        last_only: bool = False) -> tuple[jax.Array, BankState]:
+        """One segment of whole blocks x (B, L, D), its first ``lengths`` (B,) tokens
+        valid: -> (y (B, L, D), or (B, 1, D) at each row's last valid token with
+        ``last_only``; the state after it). Pure: what training differentiates."""
         batch, seg_len, _ = x.shape
         n_blocks = seg_len // block_size
         q, k, v, lam, write_gate = self._segment_projections(x, state)
@@ -224,11 +205,16 @@ class CoDAGQALandmark(AttentionCore):
         heads = heads.reshape(q.shape)
         if training:  # padded rows' values never reach o_proj's weight gradient
             heads = jnp.where(valid[..., None, None], heads, 0)
-        y = self.merge_heads(heads, x.dtype)
-        return jnp.where(valid[..., None], y, 0), state
+        y = jnp.where(valid[..., None], self.merge_heads(heads, x.dtype), 0)
+        if last_only:
+            last = jnp.clip(lengths - 1, 0, seg_len - 1)
+            y = jnp.take_along_axis(y, last[:, None, None], axis=1)
+        return y, state
 
-    def _step(self, x: jax.Array, state: BankState, training: bool
-              ) -> tuple[jax.Array, BankState]:
+    def decode_step(self, x: jax.Array, state: BankState, *, training: bool = False
+                    ) -> tuple[jax.Array, BankState]:
+        """One token per row x (B, 1, D) -> (y (B, 1, D), new state). Pure: what
+        generation scans over."""
         positions = state.pos[:, None]
         # With one token the projections are vector-matrix products, which XLA
         # may rewrite as multiply-reduce and fuse into the buffer writes,
@@ -243,28 +229,28 @@ class CoDAGQALandmark(AttentionCore):
 
     # ------------------------------------------------------------ public API
     def prefill(self, x: jax.Array, state: BankState, *, block_size: int = 256,
-                lengths=None, training: bool = False,
-                chunks_per_call: int | None = None) -> tuple[jax.Array, BankState]:
+                lengths=None, training: bool = False, chunks_per_call: int | None = None,
+                unroll: int | bool | None = None) -> tuple[jax.Array, BankState]:
         """Process a prompt x (B, L, D) block by block; return (y (B, L, D), new state).
 
         ``lengths`` (B,) marks rows shorter than L (their tail is padding: no
         output, no state change); host values are range-checked, device arrays
         are clipped to [0, L] rather than read back. The compiled unit is ``chunks_per_call``
         blocks (default: ``segments.default_chunks_per_call``), so prompts of any
-        length reuse one compilation per block size.
+        length reuse one compilation per block size; ``unroll`` blocks of a call
+        run as straight-line code (default: ``runner.default_unroll()``).
         ``training=True`` freezes bank expansion, as the reference does in
         training mode. The input state is not modified. All blocks of a call
         attend in one batched call: with ``implementation="xla"`` its float32
         scores take ``4 * chunks_per_call * block * (buffer + block) * heads * 2``
         bytes per row, so a smaller ``chunks_per_call`` caps the memory.
         """
-        run = functools.partial(_prefill_segment_jit, self, block_size=block_size,
-                                training=training, unroll=prefill_unroll())
-        return self._run_segments(run, x, state, lengths, block_size=block_size,
-                                  chunks_per_call=chunks_per_call)
+        return runner.prefill(self, x, state, block_size=block_size, lengths=lengths,
+                              training=training, chunks_per_call=chunks_per_call,
+                              unroll=unroll)
 
     def prefill_fn(self, *, block_size: int = 256, training: bool = False,
-                   chunks_per_call: int | None = None
+                   chunks_per_call: int | None = None, unroll: int | bool | None = None
                    ) -> Callable[..., tuple[jax.Array, BankState]]:
         """``prefill`` bound to the current weights and these settings:
         ``fn(x, state, lengths=None) -> (y, state)``.
@@ -273,32 +259,8 @@ class CoDAGQALandmark(AttentionCore):
         50 us per call for one layer on the host), which counts when many
         prompts are prefilled from Python; it keeps the weights it was made with.
         """
-        run = bind_weights(self, functools.partial(
-            _prefill_segment_traced, block_size=block_size, training=training,
-            unroll=prefill_unroll()))
-
-        def prefill(x: jax.Array, state: BankState, lengths=None
-                    ) -> tuple[jax.Array, BankState]:
-            return self._run_segments(run, x, state, lengths, block_size=block_size,
-                                      chunks_per_call=chunks_per_call)
-
-        return prefill
-
-    def _run_segments(self, run: Callable, x: jax.Array, state: BankState, lengths, *,
-                      block_size: int, chunks_per_call: int | None
-                      ) -> tuple[jax.Array, BankState]:
-        """Check the inputs, then ``run(x_segment, lengths_in_it, state)`` segment by segment."""
-        self.check_input(x)
-        self.check_state(state, x.shape[0])
-        lengths = check_lengths(lengths, x.shape[0], x.shape[1])
-        outputs = []
-        for x_seg, seg_lengths in split_segments(x, lengths, block_size=block_size,
-                                                 chunks_per_call=chunks_per_call):
-            y, state = run(x_seg, seg_lengths, state)
-            outputs.append(y)
-        if not outputs:
-            return x, state
-        return join_segments(outputs, x.shape[1]), state
+        return runner.prefill_fn(self, block_size=block_size, training=training,
+                                 chunks_per_call=chunks_per_call, unroll=unroll)
 
     def step(self, x: jax.Array, state: BankState, *, training: bool = False
              ) -> tuple[jax.Array, BankState]:
@@ -307,8 +269,7 @@ class CoDAGQALandmark(AttentionCore):
         Rows may be at different positions. The input state is not modified.
         In a Python loop over tokens, :meth:`step_fn` has less per-call overhead.
         """
-        self._check_step_args(x, state)
-        return _step_jit(self, x, state, training=training)
+        return runner.step(self, x, state, training=training)
 
     def step_fn(self, *, training: bool = False
                 ) -> Callable[[jax.Array, BankState], tuple[jax.Array, BankState]]:
@@ -317,54 +278,10 @@ class CoDAGQALandmark(AttentionCore):
         It skips walking the module on each call (the host overhead of a decode
         step driven from Python); it keeps the weights it was made with.
         """
-        run = bind_weights(self, lambda layer, x, state: layer._step(x, state, training))
-
-        def step(x: jax.Array, state: BankState) -> tuple[jax.Array, BankState]:
-            self._check_step_args(x, state)
-            return run(x, state)
-
-        return step
-
-    def _check_step_args(self, x: jax.Array, state: BankState) -> None:
-        self.check_input(x)
-        if x.shape[1] != 1:
-            raise ValueError(f"step takes one token per row, x (B, 1, D); got {tuple(x.shape)}")
-        self.check_state(state, x.shape[0])
+        return runner.step_fn(self, training=training)
 
     def decode(self, xs: jax.Array, state: BankState, *, training: bool = False
                ) -> tuple[jax.Array, BankState]:
         """Feed xs (B, T, D) one token at a time by the decode rule, in one compiled
-        loop (a ``lax.scan`` of ``step``): -> (y (B, T, D), new state)."""
-        self.check_input(xs)
-        self.check_state(state, xs.shape[0])
-        return _decode_jit(self, xs, state, training=training)
-
-
-# NNX modules are pytrees: the layer travels into jit as its arrays plus a
-# static tree definition (config included), far cheaper than nnx.split per call.
-def _prefill_segment_traced(layer, x, lengths, state, *, block_size, training, unroll):
-    TRACE_COUNTS["prefill"] += 1
-    return layer._prefill_segment(x, lengths, state, block_size=block_size, training=training,
-                                  unroll=unroll)
-
-
-_prefill_segment_jit = jax.jit(_prefill_segment_traced,
-                               static_argnames=("block_size", "training", "unroll"))
-
-
-@functools.partial(jax.jit, static_argnames=("training",))
-def _step_jit(layer, x, state, *, training):
-    TRACE_COUNTS["step"] += 1
-    return layer._step(x, state, training)
-
-
-@functools.partial(jax.jit, static_argnames=("training",))
-def _decode_jit(layer, xs, state, *, training):
-    TRACE_COUNTS["decode"] += 1
-
-    def body(st, x_t):
-        y, st = layer._step(x_t[:, None], st, training)
-        return st, y[:, 0]
-
-    state, ys = jax.lax.scan(body, state, xs.swapaxes(0, 1))
-    return ys.swapaxes(0, 1), state
+        loop (a ``lax.scan`` of ``decode_step``): -> (y (B, T, D), new state)."""
+        return runner.decode(self, xs, state, training=training)

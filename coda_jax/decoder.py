@@ -19,11 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import bounded, memory
-from .bounded import TRACE_COUNTS, CoDAGQALandmark
-from .frozen import bind_weights
+from . import memory, runner
+from .bounded import CoDAGQALandmark
 from .model_config import DecoderConfig
-from .segments import check_lengths, join_segments, split_segments
 from .state import BankState
 from .unbounded import BaselineGQA, CoDAGQA
 
@@ -95,19 +93,20 @@ class DecoderLayer(nnx.Module):
     def _mlp_residual(self, h: jax.Array) -> jax.Array:
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def forward(self, h: jax.Array, past) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    def __call__(self, h: jax.Array, past) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Unbounded attention over the past cache and h."""
         out, cache = self.self_attn(self.input_layernorm(h), past_key_value=past)
         return self._mlp_residual(h + out), cache
 
     def prefill_segment(self, h, lengths, state, *, block_size, training, unroll):
-        out, state = self.self_attn._prefill_segment(
+        out, state = self.self_attn.prefill_segment(
             self.input_layernorm(h), lengths, state, block_size=block_size,
             training=training, unroll=unroll)
         return self._mlp_residual(h + out), state
 
-    def step(self, h, state, *, training):
-        out, state = self.self_attn._step(self.input_layernorm(h), state, training)
+    def decode_step(self, h, state, *, training):
+        out, state = self.self_attn.decode_step(self.input_layernorm(h), state,
+                                                training=training)
         return self._mlp_residual(h + out), state
 
 
@@ -166,7 +165,7 @@ class CausalLM(nnx.Module):
         """One entry per layer giving that layer's bank config and state shapes (for
         saving and loading states). All layers share them: each entry is the stacked
         attention module itself, so nothing is copied."""
-        self._require_bounded()
+        self.require_bounded()
         return [self.layers.self_attn] * self.cfg.num_layers
 
     def embed(self, tokens: jax.Array) -> jax.Array:
@@ -183,7 +182,8 @@ class CausalLM(nnx.Module):
             return self.embed_tokens.attend(h).astype(jnp.float32)
         return self.lm_head(h).astype(jnp.float32)
 
-    def _require_bounded(self) -> None:
+    def require_bounded(self) -> None:
+        """``ValueError`` unless this model has bounded attention (a state to run on)."""
         if self.attention != "coda_bounded":
             raise ValueError(f"this needs attention='coda_bounded'; the model has "
                              f"{self.attention!r}")
@@ -194,12 +194,12 @@ class CausalLM(nnx.Module):
         (the returned one: per-layer K/V stacked (layers, B, T, Hkv, Dh))."""
         if self.attention == "coda_bounded":
             raise ValueError("a bounded model runs with prefill/step and a state")
-        tokens = self._check_tokens(tokens)
+        tokens = self.check_input(tokens)
         h = self.embed(tokens)
 
         def body(h, inputs):
             layer, past = inputs
-            return layer.forward(h, past)
+            return layer(h, past)
 
         h, cache = jax.lax.scan(body, h, (self.layers, cache))
         return self.logits(h), cache
@@ -208,7 +208,7 @@ class CausalLM(nnx.Module):
     def init_state(self, batch_size: int, dtype=jnp.float32, *, key: jax.Array | None = None,
                    mem_init: str | None = None) -> BankState:
         """The state of every layer, stacked on a leading layer axis."""
-        self._require_bounded()
+        self.require_bounded()
         memory.check_state_request(batch_size, dtype)
         attn = self.layers.self_attn  # configuration only: the same for every layer
         keys = (jax.random.split(key, self.cfg.num_layers) if key is not None
@@ -216,8 +216,18 @@ class CausalLM(nnx.Module):
         states = [attn.init_state(batch_size, dtype, key=k, mem_init=mem_init) for k in keys]
         return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
-    def _prefill_segment(self, tokens, lengths, state, *, block_size, training, unroll,
-                         last_only):
+    # ------------------------------------------- pure functions (runner.py)
+    @property
+    def output_dim(self) -> int:
+        return self.cfg.vocab_size
+
+    def prefill_segment(self, tokens: jax.Array, lengths: jax.Array, state: BankState, *,
+                        block_size: int, training: bool, unroll: int | bool,
+                        last_only: bool = False) -> tuple[jax.Array, BankState]:
+        """One segment of whole blocks of ``tokens`` (B, L), the first ``lengths``
+        valid, through every layer: -> (logits (B, L, V), or (B, 1, V) at each
+        row's last valid token with ``last_only``; the state). Pure: what
+        training differentiates through."""
         h = self.embed(tokens)
 
         def body(h, inputs):
@@ -231,19 +241,22 @@ class CausalLM(nnx.Module):
             h = jnp.take_along_axis(h, last[:, None, None], axis=1)
         return self.logits(h), state
 
-    def _step(self, token, state, *, training):
+    def decode_step(self, token: jax.Array, state: BankState, *, training: bool = False
+                    ) -> tuple[jax.Array, BankState]:
+        """One token per row (B, 1) through every layer -> (logits (B, 1, V), state).
+        Pure: what generation scans over."""
         h = self.embed(token)
 
         def body(h, inputs):
             layer, st = inputs
-            return layer.step(h, st, training=training)
+            return layer.decode_step(h, st, training=training)
 
         h, state = jax.lax.scan(body, h, (self.layers, state))
         return self.logits(h), state
 
     def check_state(self, state: BankState, batch_size: int) -> None:
         """``ValueError`` unless ``state`` is this model's stacked state for ``batch_size``."""
-        self._require_bounded()
+        self.require_bounded()
         if not isinstance(state, BankState):
             raise ValueError(f"expected this model's BankState, got {type(state).__name__}")
         if state.num_layers is None:
@@ -261,7 +274,7 @@ class CausalLM(nnx.Module):
                              f"batch {batch_size}): got k_buf {state.k_buf.shape}, expected "
                              f"{expected.k_buf.shape}")
 
-    def _check_tokens(self, tokens, what: str = "tokens") -> jax.Array:
+    def check_input(self, tokens, *, what: str = "tokens") -> jax.Array:
         """Shape and dtype always; the id range too for host inputs (lists, numpy),
         which needs no device sync. Device arrays with ids out of range give NaN
         logits and a flagged state (see :meth:`embed`)."""
@@ -284,7 +297,8 @@ class CausalLM(nnx.Module):
 
     def prefill(self, tokens: jax.Array, state: BankState, *, block_size: int = 1024,
                 lengths=None, last_only: bool = False, training: bool = False,
-                chunks_per_call: int | None = None) -> tuple[jax.Array, BankState]:
+                chunks_per_call: int | None = None, unroll: int | bool | None = None
+                ) -> tuple[jax.Array, BankState]:
         """Read ``tokens`` (B, L) into the bounded state: -> (logits, new state).
 
         Logits are (B, L, V), or (B, 1, V) for each row's last valid token with
@@ -293,29 +307,9 @@ class CausalLM(nnx.Module):
         call runs ``chunks_per_call`` blocks (default:
         ``segments.default_chunks_per_call``).
         """
-        tokens = self._check_tokens(tokens)
-        self.check_state(state, tokens.shape[0])
-        lengths = check_lengths(lengths, *tokens.shape)
-        if last_only and isinstance(lengths, np.ndarray) and (lengths == 0).any():
-            rows = np.flatnonzero(lengths == 0).tolist()
-            raise ValueError(f"last_only=True needs at least one token per row; row(s) {rows} "
-                             f"have none (prompt shape {tuple(tokens.shape)})")
-        if tokens.shape[1] == 0:  # nothing to read: the state is unchanged
-            return jnp.zeros((tokens.shape[0], 0, self.cfg.vocab_size), jnp.float32), state
-        outputs, last = [], None
-        for tok_seg, seg_lengths in split_segments(tokens, lengths, block_size=block_size,
-                                                   chunks_per_call=chunks_per_call):
-            logits, state = _model_prefill_jit(self, tok_seg, seg_lengths, state,
-                                               block_size=block_size, training=training,
-                                               last_only=last_only)
-            if last_only:
-                last = logits if last is None else jnp.where(
-                    (seg_lengths > 0)[:, None, None], logits, last)
-            else:
-                outputs.append(logits)
-        if last_only:
-            return last, state
-        return join_segments(outputs, tokens.shape[1]), state
+        return runner.prefill(self, tokens, state, block_size=block_size, lengths=lengths,
+                              training=training, chunks_per_call=chunks_per_call,
+                              unroll=unroll, last_only=last_only)
 
     def step(self, token: jax.Array, state: BankState, *, training: bool = False
              ) -> tuple[jax.Array, BankState]:
@@ -324,39 +318,10 @@ class CausalLM(nnx.Module):
         In a Python loop over tokens, :meth:`step_fn` has less per-call overhead
         (``generation.generate`` runs the whole loop compiled instead).
         """
-        token = self._check_step_args(token, state)
-        return _model_step_jit(self, token, state, training=training)
+        return runner.step(self, token, state, training=training)
 
     def step_fn(self, *, training: bool = False
                 ) -> Callable[[jax.Array, BankState], tuple[jax.Array, BankState]]:
         """``step`` bound to the current weights: ``fn(token, state) -> (logits, state)``,
         without walking the model on each call; it keeps the weights it was made with."""
-        run = bind_weights(self, lambda model, token, state: model._step(
-            token, state, training=training))
-
-        def step(token: jax.Array, state: BankState) -> tuple[jax.Array, BankState]:
-            return run(self._check_step_args(token, state), state)
-
-        return step
-
-    def _check_step_args(self, token, state: BankState) -> jax.Array:
-        token = self._check_tokens(token, "token")
-        if token.shape[1] != 1:
-            raise ValueError(f"step takes one token per row, shape (batch, 1); got "
-                             f"{tuple(token.shape)}")
-        self.check_state(state, token.shape[0])
-        return token
-
-
-@functools.partial(jax.jit, static_argnames=("block_size", "training", "last_only"))
-def _model_prefill_jit(model, tokens, lengths, state, *, block_size, training, last_only):
-    TRACE_COUNTS["model_prefill"] += 1
-    return model._prefill_segment(tokens, lengths, state, block_size=block_size,
-                                  training=training, unroll=bounded.prefill_unroll(),
-                                  last_only=last_only)
-
-
-@functools.partial(jax.jit, static_argnames=("training",))
-def _model_step_jit(model, token, state, *, training):
-    TRACE_COUNTS["model_step"] += 1
-    return model._step(token, state, training=training)
+        return runner.step_fn(self, training=training)

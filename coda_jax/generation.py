@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .bounded import TRACE_COUNTS
+from . import runner
 from .decoder import CausalLM
 from .state import BankState, where_rows
 
@@ -73,7 +73,7 @@ def generate(model: CausalLM, state: BankState, logits: jax.Array, *, max_new_to
     max_new_tokens), number of tokens per row up to and including its stop
     token, final state).
     """
-    model._require_bounded()
+    model.require_bounded()
     vocab = model.cfg.vocab_size
     if not hasattr(logits, "ndim") or logits.ndim not in (2, 3) or logits.shape[-1] != vocab:
         shape = tuple(getattr(logits, "shape", ()))
@@ -105,7 +105,7 @@ def generate(model: CausalLM, state: BankState, logits: jax.Array, *, max_new_to
                                              "stop_tokens", "pad_id"))
 def _generate_jit(model, state, logits, key, temperature, top_p, *, max_new_tokens, greedy,
                   top_k, stop_tokens, pad_id):
-    TRACE_COUNTS["generate"] += 1
+    runner.count_trace("generate", model)
     batch = logits.shape[0]
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
 
@@ -118,7 +118,7 @@ def _generate_jit(model, state, logits, key, temperature, top_p, *, max_new_toke
                                   top_p=top_p).astype(jnp.int32)
         emitted = jnp.where(done, pad_id, token)
         # Stopped rows step on their (valid) sampled token; the result is discarded.
-        new_logits, new_state = model._step(token[:, None], state, training=False)
+        new_logits, new_state = model.decode_step(token[:, None], state, training=False)
         state = where_rows(done, state, new_state)
         live = ~done
         done = done | jnp.isin(token, stops)

@@ -20,7 +20,7 @@ from .config import AttentionConfig
 from .primitives import HeadwiseRMSNorm, apply_rope, givens_rotate, rope_inv_freq
 
 
-def _linear(cfg_in: int, cfg_out: int, *, bias: bool, param_dtype, rngs: nnx.Rngs,
+def linear(cfg_in: int, cfg_out: int, *, bias: bool, param_dtype, rngs: nnx.Rngs,
             kernel_init=None, bias_init=None) -> nnx.Linear:
     # torch.nn.Linear's default init: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
     bound = 1.0 / math.sqrt(cfg_in)
@@ -45,13 +45,13 @@ class AttentionCore(nnx.Module):
         # None = the Pallas kernels on GPU, XLA otherwise.
         self.implementation = implementation
         h, hkv, dh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
-        self.q_proj = _linear(d, h * dh, bias=cfg.qkv_bias, param_dtype=param_dtype, rngs=rngs)
-        self.k_proj = _linear(d, hkv * dh, bias=cfg.qkv_bias, param_dtype=param_dtype, rngs=rngs)
-        self.v_proj = _linear(d, hkv * dh, bias=cfg.qkv_bias, param_dtype=param_dtype, rngs=rngs)
-        self.o_proj = _linear(h * dh, d, bias=cfg.o_bias, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = linear(d, h * dh, bias=cfg.qkv_bias, param_dtype=param_dtype, rngs=rngs)
+        self.k_proj = linear(d, hkv * dh, bias=cfg.qkv_bias, param_dtype=param_dtype, rngs=rngs)
+        self.v_proj = linear(d, hkv * dh, bias=cfg.qkv_bias, param_dtype=param_dtype, rngs=rngs)
+        self.o_proj = linear(h * dh, d, bias=cfg.o_bias, param_dtype=param_dtype, rngs=rngs)
         if cfg.differential:
             self.theta = nnx.Param(jnp.full((h, dh // 2), theta_init, param_dtype))
-            self.lambda_proj = _linear(d, h, bias=True, param_dtype=param_dtype, rngs=rngs,
+            self.lambda_proj = linear(d, h, bias=True, param_dtype=param_dtype, rngs=rngs,
                                        bias_init=nnx.initializers.constant(lambda_init_bias))
         else:
             self.theta = None
@@ -87,8 +87,9 @@ class AttentionCore(nnx.Module):
         return rope_inv_freq(self.attn_cfg.head_dim, self.attn_cfg.rope_base,
                              self.attn_cfg.rope_scaling)
 
-    def check_input(self, x: jax.Array, *, what: str = "x") -> None:
-        """``ValueError`` unless x is a floating (batch, length, embed_dim) array with rows."""
+    def check_input(self, x: jax.Array, *, what: str = "x") -> jax.Array:
+        """x, after a ``ValueError`` unless it is a floating (batch, length,
+        embed_dim) array with rows."""
         if not hasattr(x, "ndim") or not hasattr(x, "dtype"):
             raise ValueError(f"{what} must be an array of shape (batch, length, embed_dim="
                              f"{self.attn_cfg.embed_dim}), got {type(x).__name__}")
@@ -101,6 +102,7 @@ class AttentionCore(nnx.Module):
                              "(token ids go to a model's embedding, not to a layer)")
         if x.shape[0] == 0:
             raise ValueError(f"{what} has an empty batch (shape {tuple(x.shape)})")
+        return x
 
     def project_q(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """RoPE'd queries (B, L, H, Dh) for tokens at integer ``positions`` (B, L)."""

@@ -32,9 +32,9 @@ EXIT_OK, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REFUSED = 0, 1, 2, 3
 EXIT_CODES = """\
 exit codes:
   0  done
-  1  usage: flags that do not fit together (e.g. --window with --attention gqa)
-  2  an input was not found (argparse's own usage errors also exit 2, after
-     its usage line)
+  1  usage: unknown or missing arguments, flags that do not fit together
+     (e.g. --window with --attention gqa)
+  2  an input was not found
   3  refused: OUT exists (without --overwrite) or is not ours to replace, OUT
      overlaps an input, or an input is invalid (damaged, truncated, NaN/Inf
      weights, shapes or keys that do not match, a pickle with code in it)
@@ -214,9 +214,17 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------- parser, main
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors exiting 1 (argparse's own code, 2, means "not found" here)."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = dict(formatter_class=HelpFormatter, epilog=EXIT_CODES)
-    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split(
+    parser = Parser(prog="python -m convert", description=__doc__.split(
         "\nexit codes:")[0], **common)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="hf, adapters or export")
@@ -300,7 +308,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # argparse's own usage errors exit 2
+    args = build_parser().parse_args(argv)  # usage errors exit 1
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:

@@ -13,7 +13,7 @@ import torch
 from flax import nnx
 
 from coda_jax import CoDAGQA, CoDAGQALandmark, select_rows, stack_states
-from coda_jax.bounded import TRACE_COUNTS
+from coda_jax.runner import compile_counts
 from convert import from_reference, load_reference_weights, reference_state_dict
 from oracle import assert_close, reference_landmark, sorted_reference_topk, to_jnp
 
@@ -49,33 +49,40 @@ def test_window_covering_the_prompt_equals_unbounded_attention():
         np.testing.assert_allclose(got_t, want_t, rtol=1e-5, atol=1e-5)
 
 
+def _new_traces(before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in compile_counts().items()
+            if v != before.get(k, 0)}
+
+
 def test_prefill_compiles_once_for_any_length_and_step_once_for_1000_steps():
     layer = _layer(window=16)
     state = layer.init_state(1, key=jax.random.key(0))
-    TRACE_COUNTS.clear()
+    before = compile_counts()
     for length in (5, 37, 200, 64, 129):
         y, _ = layer.prefill(_x(length, 1, length), state, block_size=16)
         assert y.shape == (1, length, 64)
-    assert TRACE_COUNTS["prefill"] == 1
+    traced = _new_traces(before)
+    assert traced == {"prefill:CoDAGQALandmark": 1}, traced
     x = _x(0, 1, 1)
     for _ in range(1000):
         _, state = layer.step(x, state)
     assert int(state.pos[0]) == 1000
-    assert TRACE_COUNTS["step"] == 1
+    assert _new_traces(before) == {"prefill:CoDAGQALandmark": 1, "step:CoDAGQALandmark": 1}
 
 
 def test_bound_prefill_equals_prefill_compiles_once_and_keeps_its_weights():
     layer = _layer(window=16)
     state = layer.init_state(2, key=jax.random.key(0))
     bound = layer.prefill_fn(block_size=16)
-    TRACE_COUNTS.clear()
+    before = compile_counts()
     for length, lengths in ((37, None), (200, [200, 131]), (5, np.array([5, 0]))):
         x = _x(length, 2, length)
         got = bound(x, state, lengths)
         want = layer.prefill(x, state, block_size=16, lengths=lengths)
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-    assert TRACE_COUNTS["prefill"] == 2  # one compilation each: bound and unbound
+    # one compilation each: bound and unbound
+    assert _new_traces(before) == {"prefill:CoDAGQALandmark": 2}
     # A snapshot: changing the weights afterwards changes prefill, not the bound function.
     x = _x(9, 2, 20)
     before = bound(x, state)[0]
@@ -161,18 +168,15 @@ def test_ragged_prompts_in_one_batch_equal_separate_prefills():
             assert_close(a, b, what=f"state row {row}")
 
 
-def test_unrolled_block_loop_equals_the_rolled_one(monkeypatch):
-    """GPU prefill unrolls the block loop (``prefill_unroll``); CPU runs it rolled."""
-    from coda_jax import bounded
-
+def test_unrolled_block_loop_equals_the_rolled_one():
+    """GPU prefill unrolls the block loop (``runner.default_unroll``); CPU runs it rolled."""
     layer = _layer(window=8)
     x = _x(4, 2, 45)
     state0 = layer.init_state(2, mem_init="zeros")
     results = []
     for unroll in (1, True):
-        monkeypatch.setattr(bounded, "PREFILL_UNROLL", unroll)
         results.append(layer.prefill(x, state0, block_size=8, lengths=[45, 20],
-                                     chunks_per_call=4))
+                                     chunks_per_call=4, unroll=unroll))
     (y_rolled, s_rolled), (y_unrolled, s_unrolled) = results
     assert_close(y_unrolled, y_rolled, what="output")
     for a, b in zip(jax.tree.leaves(s_unrolled), jax.tree.leaves(s_rolled)):

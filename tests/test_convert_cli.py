@@ -156,6 +156,7 @@ def test_help_shows_every_default_and_the_exit_codes(capsys):
     import convert.__main__ as cli
 
     assert "exit codes:" in cli.__doc__ and "3  refused" in cli.__doc__
-    with pytest.raises(SystemExit) as info:
-        main(["export", "only-one-path"])
-    assert info.value.code == 2  # argparse's own usage errors keep its code
+    for argv in (["export", "only-one-path"], ["hf", "a", "b", "--no-such-flag"], ["nothing"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 1, argv  # usage errors: 1; 2 means "not found"

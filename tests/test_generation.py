@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from coda_jax.bounded import TRACE_COUNTS
+from coda_jax.runner import compile_counts
 from coda_jax.decoder import CausalLM
 from coda_jax.generation import generate, sample_logits
 from coda_jax.model_config import DecoderConfig
@@ -51,10 +51,10 @@ def test_model_prefill_equals_layerwise_and_last_only(model):
 def test_greedy_generation_equals_a_loop_of_steps_and_compiles_once(model):
     state = model.init_state(2, key=jax.random.key(0))
     logits, state = model.prefill(_prompt(2), state, block_size=4, last_only=True)
-    TRACE_COUNTS.clear()
+    before = compile_counts().get("generate:CausalLM", 0)
     tokens, counts, final = generate(model, state, logits, max_new_tokens=7)
     generate(model, state, logits + 0.0, max_new_tokens=7)
-    assert TRACE_COUNTS["generate"] == 1
+    assert compile_counts()["generate:CausalLM"] - before == 1
     manual, st, lg = [], state, logits[:, -1]
     for _ in range(7):
         tok = jnp.argmax(lg, axis=-1)
@@ -107,12 +107,14 @@ def test_generation_input_errors(model):
 
 def test_model_prefill_and_step_compile_once(model):
     state = model.init_state(1, key=jax.random.key(0))
-    TRACE_COUNTS.clear()
+    before = compile_counts()
     for length in (3, 17, 40):  # block 8: a shape no other test compiles
         _, st = model.prefill(_prompt(length, 1, length), state, block_size=8)
     for t in range(20):
         _, st = model.step(jnp.full((1, 1), t % 53, jnp.int32), st)
-    assert TRACE_COUNTS["model_prefill"] == 1 and TRACE_COUNTS["model_step"] == 1
+    now = compile_counts()
+    assert {k: now[k] - before.get(k, 0) for k in ("prefill:CausalLM", "step:CausalLM")} == {
+        "prefill:CausalLM": 1, "step:CausalLM": 1}
 
 
 def test_whole_model_state_round_trip(model, tmp_path):
