@@ -10,7 +10,7 @@ from .checkpoint import check_finite, load_state, nonfinite_rows, read_state_met
 from .config import AttentionConfig, BankConfig, lf_band_dims
 from .decoder import CausalLM
 from .generation import generate, sample_logits
-from .model_config import DecoderConfig
+from .model_config import AttentionSpec, DecoderConfig
 from .model_io import load_model, read_model_metadata, save_model
 from .state import BankMetrics, BankState, batch_axis, select_rows, stack_states, where_rows
 from .unbounded import BaselineGQA, CoDAGQA
@@ -19,6 +19,7 @@ __all__ = [
     "AttentionConfig",
     "BankConfig",
     "BankMetrics",
+    "AttentionSpec",
     "BankState",
     "BaselineGQA",
     "CausalLM",

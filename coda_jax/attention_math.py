@@ -15,6 +15,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.shared import MASKED_SCORE
+
 from .primitives import einsum_f32, head_rms_norm
 
 
@@ -51,7 +53,6 @@ def _grouped_scores(q: jax.Array, k: jax.Array) -> jax.Array:
 
 Implementation = Literal["xla", "cudnn", "pallas"]
 DECODE_MAX_TOKENS = 16  # up to this many queries over a bank: the decode kernel
-MASKED_LOGIT = -1e9  # finite, so a fully masked row's softmax stays free of NaN
 
 
 def resolve_implementation(requested: str | None) -> Implementation:
@@ -84,7 +85,7 @@ def _cudnn_attention(q, k, v, mask, bias):
     if bias is not None:
         total = bias.astype(jnp.float32)
     if mask is not None:
-        masked = jnp.where(mask, 0.0, MASKED_LOGIT)
+        masked = jnp.where(mask, 0.0, MASKED_SCORE)
         total = masked if total is None else total + masked
     if total is not None:
         total = jnp.broadcast_to(total, (total.shape[0], lq, k.shape[1]))[:, None].astype(q.dtype)
@@ -109,7 +110,7 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)[:, None, None]
     if mask is not None:
-        logits = jnp.where(mask[:, None, None], logits, MASKED_LOGIT)
+        logits = jnp.where(mask[:, None, None], logits, MASKED_SCORE)
     probs = jax.nn.softmax(logits, axis=-1)
     if mask is not None:
         probs = jnp.where(jnp.any(mask, axis=-1)[:, None, None, :, None], probs, 0.0)

@@ -21,14 +21,10 @@ from flax import nnx
 
 from . import memory, runner
 from .bounded import CoDAGQALandmark
-from .model_config import DecoderConfig
+from .model_config import AttentionKind, AttentionSpec, DecoderConfig
 from .state import BankState
 from .unbounded import BaselineGQA, CoDAGQA
 
-AttentionKind = Literal["gqa", "coda", "coda_bounded"]
-# The reference's Llama/Qwen3 adapters' defaults, also ours for these models.
-ADAPTER_DEFAULTS = dict(head_norm_mode="identity", rope_interleaved=False)
-BOUNDED_DEFAULTS = dict(window=256, num_landmarks_exact=64, num_landmarks_summary=64)
 
 
 class RMSNorm(nnx.Module):
@@ -57,34 +53,29 @@ class MLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def attention_module(cfg: DecoderConfig, kind: AttentionKind, options: dict[str, Any], *,
-                     qk_norm: bool, param_dtype, rngs: nnx.Rngs) -> nnx.Module:
+def attention_module(cfg: DecoderConfig, spec: AttentionSpec, *, qk_norm: bool, param_dtype,
+                     rngs: nnx.Rngs) -> nnx.Module:
     """The attention of one decoder layer, configured from the model's config."""
     common = dict(embed_dim=cfg.hidden_size, num_heads=cfg.num_heads,
                   num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                   rope_base=cfg.rope_theta, rope_scaling=dict(cfg.rope_scaling or {}) or None,
                   qk_norm=qk_norm, qk_norm_eps=cfg.rms_norm_eps, qkv_bias=cfg.attention_bias,
                   o_bias=cfg.attention_bias, param_dtype=param_dtype, rngs=rngs)
-    if kind == "gqa":
-        if options:
-            raise ValueError(f"attention='gqa' takes no options, got {sorted(options)}")
+    if spec.kind == "gqa":
         return BaselineGQA(rope_interleaved=False, sliding_window=cfg.sliding_window, **common)
-    if kind == "coda":
-        return CoDAGQA(**common, **(ADAPTER_DEFAULTS | options))
-    if kind == "coda_bounded":
-        return CoDAGQALandmark(**common, **(ADAPTER_DEFAULTS | BOUNDED_DEFAULTS | options))
-    raise ValueError(f"attention must be 'gqa', 'coda' or 'coda_bounded', got {kind!r}")
+    layer = CoDAGQA if spec.kind == "coda" else CoDAGQALandmark
+    return layer(**common, **spec.layer_options())
 
 
 class DecoderLayer(nnx.Module):
     """Pre-norm residual block: attention, then SwiGLU MLP."""
 
-    def __init__(self, cfg: DecoderConfig, kind: AttentionKind, options: dict[str, Any], *,
-                 qk_norm: bool, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: DecoderConfig, spec: AttentionSpec, *, qk_norm: bool, param_dtype,
+                 rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
                                        param_dtype=param_dtype)
-        self.self_attn = attention_module(cfg, kind, options, qk_norm=qk_norm,
-                                          param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = attention_module(cfg, spec, qk_norm=qk_norm, param_dtype=param_dtype,
+                                          rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
                                                 param_dtype=param_dtype)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, param_dtype=param_dtype,
@@ -118,19 +109,29 @@ def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
 class CausalLM(nnx.Module):
     """A decoder language model: embeddings, a stack of layers, final norm, LM head.
 
-    ``attention_options`` are constructor keywords of the attention layers
-    (for ``coda_bounded``: window, num_landmarks_exact, ...). ``reference_compat``
-    reproduces the reference's Qwen3 adapter, which drops q_norm/k_norm.
+    ``attention`` is a typed :class:`AttentionSpec`, or its kind (``"gqa"``,
+    ``"coda"``, ``"coda_bounded"``) with ``attention_options`` in the attention
+    layers' flat keyword names (the reference's: window, num_landmarks_exact,
+    ...). ``reference_compat`` reproduces the reference's Qwen3 adapter, which
+    drops q_norm/k_norm.
     """
 
-    def __init__(self, cfg: DecoderConfig, *, attention: AttentionKind = "gqa",
+    def __init__(self, cfg: DecoderConfig, *, attention: AttentionKind | AttentionSpec = "gqa",
                  attention_options: dict[str, Any] | None = None,
                  reference_compat: bool = False, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
+        if isinstance(attention, AttentionSpec):
+            if attention_options:
+                raise ValueError("give the options inside the AttentionSpec, not also as "
+                                 "attention_options")
+            spec = attention
+        else:
+            spec = AttentionSpec.from_options(attention, attention_options)
         self.cfg = cfg
-        self.attention = attention
+        self.spec = spec  # static: part of the treedef
+        self.attention = spec.kind
         self.reference_compat = reference_compat
-        options = dict(attention_options or {})
+        attention = spec.kind
         if cfg.sliding_window is not None and attention in ("coda", "coda_bounded"):
             # As in the reference's adapters, which ignore it too.
             sees = ("its bank (the recent 'window' option and the landmarks)"
@@ -139,12 +140,11 @@ class CausalLM(nnx.Module):
                 f"the {cfg.family} config's sliding_window={cfg.sliding_window} is not applied "
                 f"to attention={attention!r}, which attends over {sees}; only "
                 "attention='gqa' applies it", UserWarning, stacklevel=2)
-        self.attention_options = tuple(sorted(options.items()))  # static: part of the treedef
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size,
                                       param_dtype=param_dtype, rngs=rngs)
         self.layers = stack_modules([
-            DecoderLayer(cfg, attention, options, qk_norm=self.attention_qk_norm,
-                         param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+            DecoderLayer(cfg, spec, qk_norm=self.attention_qk_norm, param_dtype=param_dtype,
+                         rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = None if cfg.tie_word_embeddings else nnx.Linear(
             cfg.hidden_size, cfg.vocab_size, use_bias=False, param_dtype=param_dtype, rngs=rngs)
@@ -157,8 +157,8 @@ class CausalLM(nnx.Module):
 
     def fresh_attention(self, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
         """A newly initialised attention module of this model's kind (one layer)."""
-        return attention_module(self.cfg, self.attention, dict(self.attention_options),
-                                qk_norm=self.attention_qk_norm, param_dtype=dtype, rngs=rngs)
+        return attention_module(self.cfg, self.spec, qk_norm=self.attention_qk_norm,
+                                param_dtype=dtype, rngs=rngs)
 
     @property
     def bank_layer_specs(self) -> list[CoDAGQALandmark]:

@@ -16,10 +16,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.shared import MASKED_SCORE
+
 from .config import BankConfig
 from .primitives import einsum_f32, l2_normalize, materialise
 
-MASKED_SCORE = -1e9
 STAMP_MAX = jnp.iinfo(jnp.int32).max
 STAMP_MIN = -STAMP_MAX
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+import math
+from typing import Any, Literal, Mapping
+
+from .config import BankConfig, HeadNormMode
 
 from .primitives import check_rope_scaling
 
@@ -124,3 +127,93 @@ def _sliding_window(d: Mapping[str, Any], family: str) -> int | None:
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"sliding_window must be a positive integer or null, got {window!r}")
     return window
+
+
+AttentionKind = Literal["gqa", "coda", "coda_bounded"]
+ATTENTION_KINDS = ("gqa", "coda", "coda_bounded")
+# The bank a bounded model gets when none is given (the reference adapters' medium cache).
+BOUNDED_DEFAULTS = dict(window=256, num_landmarks_exact=64, num_landmarks_summary=64)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """How a decoder's attention layers are built: their kind and typed options.
+
+    ``kind="gqa"`` is the HuggingFace attention (no options); ``"coda"``
+    unbounded differential attention; ``"coda_bounded"`` CoDA-GQA-L over the
+    fixed-size state described by ``bank`` (default: ``BOUNDED_DEFAULTS``).
+    The other fields are the differential layers' constructor keywords, with
+    the reference's Llama/Qwen3 adapters' defaults (contiguous-halves RoPE, no
+    head norm). :meth:`from_options` takes the reference's flat keyword names.
+    """
+
+    kind: AttentionKind = "gqa"
+    bank: BankConfig | None = None
+    head_norm_mode: HeadNormMode = "identity"
+    rope_interleaved: bool = False
+    differential: bool = True
+    lambda_init_bias: float = -6.0
+    theta_init: float = math.pi / 2
+    eps: float = 1e-6
+    write_gate_init_bias: float = -2.0
+    summary_eta_init_logit: float = -3.0
+    implementation: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be 'gqa', 'coda' or 'coda_bounded', "
+                             f"got {self.kind!r}")
+        if self.kind == "coda_bounded" and self.bank is None:
+            object.__setattr__(self, "bank", BankConfig(**BOUNDED_DEFAULTS))
+        if self.kind != "coda_bounded" and self.bank is not None:
+            raise ValueError(f"a bank configuration needs kind='coda_bounded', not {self.kind!r}")
+        if isinstance(self.bank, Mapping):
+            object.__setattr__(self, "bank", BankConfig(**self.bank))
+
+    @classmethod
+    def from_options(cls, kind: str, options: Mapping[str, Any] | None = None
+                     ) -> "AttentionSpec":
+        """From the attention layers' flat keyword names (the reference's), e.g.
+        ``from_options("coda_bounded", dict(window=256, num_landmarks_exact=64, ...))``."""
+        options = dict(options or {})
+        if kind not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be 'gqa', 'coda' or 'coda_bounded', got {kind!r}")
+        if kind == "gqa":
+            if options:
+                raise ValueError(f"attention 'gqa' (the HuggingFace attention) takes no "
+                                 f"options, got {sorted(options)}")
+            return cls()
+        bank_names = {f.name for f in dataclasses.fields(BankConfig)}
+        own = {f.name for f in dataclasses.fields(cls)} - {"kind", "bank"}
+        if kind == "coda":
+            own -= {"write_gate_init_bias", "summary_eta_init_logit"}
+        allowed = own | (bank_names if kind == "coda_bounded" else set())
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise ValueError(f"unknown option(s) for attention {kind!r}: {unknown}; "
+                             f"known: {sorted(allowed)}")
+        bank = None
+        if kind == "coda_bounded":
+            bank = BankConfig(**(BOUNDED_DEFAULTS | {k: v for k, v in options.items()
+                                                     if k in bank_names}))
+        return cls(kind=kind, bank=bank, **{k: v for k, v in options.items() if k in own})
+
+    def layer_options(self) -> dict[str, Any]:
+        """Every constructor keyword of this kind's attention layer that the spec fixes."""
+        if self.kind == "gqa":
+            return {}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("kind", "bank")}
+        if self.kind == "coda":
+            del out["write_gate_init_bias"], out["summary_eta_init_logit"]
+            return out
+        return out | dataclasses.asdict(self.bank)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind} | self.layer_options()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "AttentionSpec":
+        """Inverse of :meth:`to_dict` (after a JSON round trip)."""
+        d = dict(d)
+        return cls.from_options(d.pop("kind"), d)

@@ -18,7 +18,7 @@ from flax import nnx
 
 from . import orbax_io
 from .decoder import CausalLM
-from .model_config import DecoderConfig
+from .model_config import AttentionSpec, DecoderConfig
 
 FORMAT = "coda_jax.model/2"
 # Format 1 differs only in having no checksums: it loads, with a warning.
@@ -30,7 +30,7 @@ def describe_model(model: CausalLM) -> dict[str, Any]:
     params = jax.tree.leaves(nnx.state(model, nnx.Param))
     return {"format": FORMAT, "config": dataclasses.asdict(model.cfg),
             "attention": model.attention,
-            "attention_options": dict(model.attention_options),
+            "attention_spec": model.spec.to_dict(),
             "reference_compat": model.reference_compat,
             "dtype": str(jnp.dtype(params[0].dtype)),
             "parameters": int(sum(p.size for p in params)),
@@ -61,8 +61,10 @@ def load_model(path: str | os.PathLike) -> CausalLM:
     meta = read_model_metadata(path)
     cfg = DecoderConfig.from_dict(meta["config"])
     dtype = jnp.dtype(meta["dtype"])
+    spec = (AttentionSpec.from_dict(meta["attention_spec"]) if "attention_spec" in meta
+            else AttentionSpec.from_options(meta["attention"], meta["attention_options"]))
     abstract = nnx.eval_shape(lambda: CausalLM(
-        cfg, attention=meta["attention"], attention_options=meta["attention_options"],
-        reference_compat=meta["reference_compat"], param_dtype=dtype, rngs=nnx.Rngs(0)))
+        cfg, attention=spec, reference_compat=meta["reference_compat"], param_dtype=dtype,
+        rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     return nnx.merge(graphdef, orbax_io.read_tree(path, abstract_state, "model"))

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.shared import head_rms_norm  # the kernels' epilogue, shared
+
 
 # HuggingFace rope types rope_inv_freq implements, and the parameters each needs.
 ROPE_TYPE_PARAMETERS = {
@@ -117,15 +119,6 @@ def givens_rotate(q: jax.Array, theta: jax.Array) -> jax.Array:
     """
     theta = theta.astype(jnp.float32)
     return rotate_pairs(q, jnp.cos(theta), jnp.sin(theta), interleaved=True)
-
-
-def head_rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
-    """RMSNorm over the last axis, in float32, then scaled by ``weight``."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    if weight is not None:
-        xf = xf * weight.astype(jnp.float32)
-    return xf.astype(x.dtype)
 
 
 def einsum_f32(spec: str, *operands: jax.Array) -> jax.Array:

@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.shared import MASKED_SCORE
+
 from .config import BankConfig
-from .exact_bank import MASKED_SCORE
 from .primitives import l2_normalize, materialise
 
 

@@ -106,7 +106,7 @@ def _check_output(out: str, inputs: Sequence[str], *, overwrite: bool,
 
 # ---------------------------------------------------------------- commands
 def cmd_hf(args: argparse.Namespace) -> None:
-    from coda_jax.decoder import BOUNDED_DEFAULTS
+    from coda_jax.model_config import BOUNDED_DEFAULTS
     from coda_jax.model_io import describe_model, save_model
 
     from .hf import load_hf_model

@@ -26,9 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from coda_jax.primitives import head_rms_norm
-
-from .diff_flash import MASK_VALUE, NN, _mm, _scores
+from .diff_flash import NN, masked_scores, matmul
+from .shared import MASKED_SCORE, head_rms_norm
 
 MIN_ROWS = 16        # the tile matmul's smallest row count
 TARGET_PROGRAMS = 264  # two per H100 streaming multiprocessor
@@ -43,7 +42,7 @@ def _split_kernel(q_ref, qn_ref, k_ref, v_ref, mask_ref, *rest, block_s: int, sc
     queries = (q_ref[...], qn_ref[...])
     rows, dh = queries[0].shape
     init = tuple(x for _ in range(2) for x in (
-        jnp.zeros((rows, dh), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
+        jnp.zeros((rows, dh), jnp.float32), jnp.full((rows,), MASKED_SCORE, jnp.float32),
         jnp.zeros((rows,), jnp.float32)))
 
     def body(i, carry):
@@ -53,11 +52,11 @@ def _split_kernel(q_ref, qn_ref, k_ref, v_ref, mask_ref, *rest, block_s: int, sc
         out = []
         for stream, query in enumerate(queries):
             acc, m_prev, l_prev = carry[3 * stream:3 * stream + 3]
-            s = _scores(query, k, scale, mask)
+            s = masked_scores(query, k, scale, mask)
             m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
             corr = jnp.exp2(m_prev - m_next)
             p = jnp.where(mask, jnp.exp2(s - m_next[:, None]), 0.0)
-            out += [acc * corr[:, None] + _mm(p.astype(v.dtype), v, NN), m_next,
+            out += [acc * corr[:, None] + matmul(p.astype(v.dtype), v, NN), m_next,
                     l_prev * corr + jnp.sum(p, axis=-1)]
         return tuple(out)
 

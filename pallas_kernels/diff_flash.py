@@ -34,11 +34,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .diff_flash_mgpu import (MASKED_SCORE, MosaicConfig, heavy_first_pays, mosaic_blocks,
+from .shared import MASKED_SCORE
+from .diff_flash_mgpu import (MosaicConfig, heavy_first_pays, mosaic_blocks,
                               mosaic_forward, mosaic_supported)
 from .diff_flash_mgpu_bwd import mosaic_backward
 
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
 
 
@@ -93,18 +93,18 @@ def lax_cdiv(a, b: int):
     return jax.lax.div(a + b - 1, b)
 
 
-# Contracted axes for _mm: a @ b.T, a @ b, a.T @ b.
+# Contracted axes for matmul: a @ b.T, a @ b, a.T @ b.
 NT, NN, TN = ((1,), (1,)), ((1,), (0,)), ((0,), (0,))
 
 
-def _mm(a, b, contract):
+def matmul(a, b, contract):
     """Tile matmul accumulating in float32."""
     return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
 
 
-def _scores(query, k, scale: float, mask):
+def masked_scores(query, k, scale: float, mask):
     """Masked logits of a (block_q, block_k) tile, in log2 units (for exp2)."""
-    return jnp.where(mask, _mm(query, k, NT) * (scale * LOG2E), MASK_VALUE)
+    return jnp.where(mask, matmul(query, k, NT) * (scale * LOG2E), MASKED_SCORE)
 
 
 def _key_tile(cfg: FlashConfig, k_ref, v_ref, valid_ref, kb, q_start):
@@ -125,7 +125,7 @@ def _forward_kernel(q_ref, qn_ref, k_ref, v_ref, lam_ref, valid_ref, w_ref,
     dh = q.shape[-1]
     init = tuple(x for _ in range(2) for x in (
         jnp.zeros((cfg.block_q, dh), jnp.float32),
-        jnp.full((cfg.block_q,), MASK_VALUE, jnp.float32),
+        jnp.full((cfg.block_q,), MASKED_SCORE, jnp.float32),
         jnp.zeros((cfg.block_q,), jnp.float32)))
 
     def body(kb, carry):
@@ -133,11 +133,11 @@ def _forward_kernel(q_ref, qn_ref, k_ref, v_ref, lam_ref, valid_ref, w_ref,
         out = []
         for stream, query in enumerate((q, qn)):
             acc, m_prev, l_prev = carry[3 * stream:3 * stream + 3]
-            s = _scores(query, k, scale, mask)
+            s = masked_scores(query, k, scale, mask)
             m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
             corr = jnp.exp2(m_prev - m_next)
             p = jnp.where(mask, jnp.exp2(s - m_next[:, None]), 0.0)
-            acc = acc * corr[:, None] + _mm(p.astype(v.dtype), v, NN)
+            acc = acc * corr[:, None] + matmul(p.astype(v.dtype), v, NN)
             out += [acc, m_next, l_prev * corr + jnp.sum(p, axis=-1)]
         return tuple(out)
 
@@ -167,7 +167,7 @@ def _specs_q(cfg: FlashConfig, dh: int):
     return pl.BlockSpec((None, cfg.block_q, None, dh), lambda i, b, h: (b, i, h, 0))
 
 
-def _forward(cfg: FlashConfig, q, qn, k, v, lam, valid, w, *, residuals: bool,
+def flash_forward(cfg: FlashConfig, q, qn, k, v, lam, valid, w, *, residuals: bool,
              out_init=None):
     """Padded inputs -> o (and, with ``residuals``, o1, o2, lse1, lse2)."""
     b, lq, h, dh = q.shape
@@ -224,9 +224,9 @@ def _dq_kernel(q_ref, qn_ref, k_ref, v_ref, valid_ref, do1_ref, do2_ref, lse1_re
         k, v, mask = _key_tile(cfg, k_ref, v_ref, valid_ref, kb, q_start)
         out = []
         for (query, do, lse, delta), dq in zip(streams, grads):
-            p = jnp.where(mask, jnp.exp2(_scores(query, k, scale, mask) - lse[:, None]), 0.0)
-            ds = p * (_mm(do, v, NT) - delta[:, None])
-            out.append(dq + _mm(ds.astype(k.dtype), k, NN))
+            p = jnp.where(mask, jnp.exp2(masked_scores(query, k, scale, mask) - lse[:, None]), 0.0)
+            ds = p * (matmul(do, v, NT) - delta[:, None])
+            out.append(dq + matmul(ds.astype(k.dtype), k, NN))
         return tuple(out)
 
     zeros = jnp.zeros((cfg.block_q, q_ref.shape[-1]), jnp.float32)
@@ -251,11 +251,11 @@ def _dkv_kernel(q_ref, qn_ref, k_ref, v_ref, valid_ref, do1_ref, do2_ref, lse1_r
         mask = _visible(cfg, q_start, k_start, valid)
         for query_ref, do_ref, lse_ref, delta_ref in refs:
             query, do = query_ref[rows, :], do_ref[rows, :]
-            s = _scores(query, k, scale, mask)
+            s = masked_scores(query, k, scale, mask)
             p = jnp.where(mask, jnp.exp2(s - lse_ref[rows][:, None]), 0.0)
-            dv = dv + _mm(p.astype(do.dtype), do, TN)
-            ds = p * (_mm(do, v, NT) - delta_ref[rows][:, None])
-            dk = dk + _mm(ds.astype(query.dtype), query, TN)
+            dv = dv + matmul(p.astype(do.dtype), do, TN)
+            ds = p * (matmul(do, v, NT) - delta_ref[rows][:, None])
+            dk = dk + matmul(ds.astype(query.dtype), query, TN)
         return dk, dv
 
     first = 0
@@ -360,7 +360,7 @@ def _epilogue_backward(cfg: FlashConfig, do, o1, o2, lam, w):
 
 def _any_forward(cfg: FlashConfig, q, qn, k, v, lam, valid, w, *, residuals: bool):
     if not cfg.mosaic:
-        outs = _forward(cfg, q, qn, k, v, lam, valid, w, residuals=residuals)
+        outs = flash_forward(cfg, q, qn, k, v, lam, valid, w, residuals=residuals)
         return tuple(outs) if residuals else outs[0]
     mcfg = MosaicConfig(cfg.block_q, cfg.block_k, stages=2, causal=cfg.causal,
                         head_norm=cfg.head_norm, eps=cfg.eps,
@@ -466,11 +466,11 @@ def diff_flash_attention(q: jax.Array, q_noise: jax.Array, k: jax.Array, v: jax.
                       head_norm=head_norm, eps=float(eps), interpret=interpret,
                       mosaic=mosaic, mosaic_backward=mosaic_bwd and backward != "portable",
                       masked=masked)
-    args = _pad_inputs(cfg, q, q_noise, k, v, lam, key_mask, norm_weight)
+    args = pad_inputs(cfg, q, q_noise, k, v, lam, key_mask, norm_weight)
     return _fused(cfg, *args)[:, :lq]
 
 
-def _pad_inputs(cfg: FlashConfig, q, qn, k, v, lam, key_mask, w):
+def pad_inputs(cfg: FlashConfig, q, qn, k, v, lam, key_mask, w):
     """Pad to whole blocks; lam becomes (B, H, Lq) and the mask float (B, Lk)."""
     pad_q = ((0, 0), (0, cfg.q_pad - cfg.q_len), (0, 0), (0, 0))
     pad_k = ((0, 0), (0, cfg.k_pad - cfg.k_len), (0, 0), (0, 0))

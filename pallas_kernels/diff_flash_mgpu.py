@@ -39,13 +39,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from .shared import MASKED_SCORE
+
 LOG2E = math.log2(math.e)
-# Key bias of a masked key. Finite, so a tile masked for a whole row keeps a finite
-# running max (no -inf - -inf); and moderate, because exp2(s * c - m) contracts to
-# an FMA whose rounding residual scales with |s * c|: at -1e30 it reached +1e21 and
-# exp2 overflowed to inf (H100, head_dim 64). At -1e6 the residual is below 0.01,
-# and any real score still outweighs a masked one by 2^(1e5).
-MASKED_SCORE = -1e6
 
 
 class MosaicConfig(NamedTuple):
@@ -67,7 +63,7 @@ def heavy_first_pays(q_len: int) -> bool:
     return q_len >= 4096
 
 
-def _load(plgpu, ref, layout):
+def load_fragment(plgpu, ref, layout):
     """``plgpu.load`` across versions: jax 0.11 takes the ref alone (an index is
     deprecated), jax 0.10 (the CPU test machines, which lower the kernel for
     CUDA without running it) requires an index."""
@@ -225,7 +221,7 @@ def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
                 s = pl.run_scoped(scores, plgpu.ACC((block_q, block_kv), jnp.float32))
                 if key_masked:  # read before k_consumed: that frees the slot's bias too
                     plgpu.barrier_wait(bias_loaded.at[slot])
-                    bias = _load(plgpu, bias_smem.at[slot], wgmma_cols)
+                    bias = load_fragment(plgpu, bias_smem.at[slot], wgmma_cols)
                     s = s + lax.broadcast_in_dim(bias, s.shape, [1])
                 plgpu.barrier_arrive(k_consumed.at[slot])
                 if diagonal:  # the causal boundary crosses this tile
@@ -310,15 +306,15 @@ def mosaic_forward(cfg: MosaicConfig, q: jax.Array, qn: jax.Array, k: jax.Array,
                     write_lse(res_refs[2])
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 plgpu.barrier_wait(noise_ready)
-                noise = _load(plgpu, qo_smem2.at[1], plgpu.Layout.WGMMA)
+                noise = load_fragment(plgpu, qo_smem2.at[1], plgpu.Layout.WGMMA)
                 plgpu.barrier_wait(epi_loaded.at[0])
-                lam = _load(plgpu, lam_smem, wgmma_rows)
+                lam = load_fragment(plgpu, lam_smem, wgmma_rows)
                 o = out - lax.broadcast_in_dim(lam, out.shape, [0]) * noise.astype(jnp.float32)
                 if cfg.head_norm:
                     mean_sq = (o * o).sum(axis=1) * (1.0 / dh)
                     o = o * lax.broadcast_in_dim(lax.rsqrt(mean_sq + cfg.eps), o.shape, [0])
                     plgpu.barrier_wait(epi_loaded.at[1])
-                    weight = _load(plgpu, w_smem, wgmma_cols)
+                    weight = load_fragment(plgpu, w_smem, wgmma_cols)
                     o = o * lax.broadcast_in_dim(weight, o.shape, [1])
                 write(o, o_ref)
                 plgpu.wait_smem_to_gmem(0)

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .diff_flash_mgpu import LOG2E, _load, causal_key_tiles, stream_kv_tiles, swizzled_tiles
+from .diff_flash_mgpu import (LOG2E, causal_key_tiles, load_fragment, stream_kv_tiles,
+                              swizzled_tiles)
 
 BLOCK = 64  # query and key tile of both kernels (the dkv kernel stages outputs in q slots)
 
@@ -135,8 +136,8 @@ def _dq_call(plgpu, args, *, causal: bool, stages: int):
             for barrier in (q_loaded, do_loaded, lse_loaded, delta_loaded):
                 plgpu.barrier_wait(barrier.at[wg])
             q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
-            lse = _load(plgpu, lse_smem2.at[wg], rows_layout)
-            delta = _load(plgpu, delta_smem2.at[wg], rows_layout)
+            lse = load_fragment(plgpu, lse_smem2.at[wg], rows_layout)
+            delta = load_fragment(plgpu, delta_smem2.at[wg], rows_layout)
             dq_acc = plgpu.layout_cast(jnp.full((BLOCK, dh), 0, jnp.float32),
                                        plgpu.Layout.WGMMA)
 
@@ -261,7 +262,7 @@ def _dkv_call(plgpu, args, *, causal: bool, stages: int):
                     return acc_ref[...]
 
                 s_t = pl.run_scoped(scores_t, plgpu.ACC((BLOCK, BLOCK), jnp.float32))
-                lse = _load(plgpu, lse_smem.at[wg, slot], cols_layout)
+                lse = load_fragment(plgpu, lse_smem.at[wg, slot], cols_layout)
                 p_t = jnp.exp2(s_t * to_log2 - lax.broadcast_in_dim(lse, s_t.shape, [1]))
                 if masked:
                     k_pos = _tile_iota(plgpu, 0)
@@ -280,7 +281,7 @@ def _dkv_call(plgpu, args, *, causal: bool, stages: int):
                 dv_acc, dp_t = pl.run_state(values_and_grad_p)(
                     (plgpu.ACC.init(dv_acc), plgpu.ACC.init(zeros_t)))
                 plgpu.barrier_wait(delta_loaded.at[at])
-                delta = _load(plgpu, delta_smem.at[wg, slot], cols_layout)
+                delta = load_fragment(plgpu, delta_smem.at[wg, slot], cols_layout)
                 ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
 
                 def grad_k(acc_ref):

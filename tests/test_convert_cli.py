@@ -10,6 +10,7 @@ from flax import nnx
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import coda_gqa_l
+from coda_jax.model_config import BOUNDED_DEFAULTS
 from coda_jax.model_io import load_model, read_model_metadata
 from convert.__main__ import main
 from convert.adapters import read_adapter_file
@@ -40,8 +41,8 @@ def test_cli_round_trip(tmp_path, capsys):
     assert "parameters" in out and "float32" in out and "bytes" in out
     model = load_model(tmp_path / "model")
     meta = read_model_metadata(tmp_path / "model")
-    assert meta["attention_options"] == {"window": 8, "num_landmarks_exact": 4,
-                                         "num_landmarks_summary": 4}
+    assert {k: meta["attention_spec"][k] for k in BOUNDED_DEFAULTS} == {
+        "window": 8, "num_landmarks_exact": 4, "num_landmarks_summary": 4}
     direct = load_hf_model(tmp_path / "hf", attention="coda_bounded",
                            attention_options=dict(window=8, num_landmarks_exact=4,
                                                   num_landmarks_summary=4),
@@ -94,7 +95,6 @@ def test_cli_round_trip(tmp_path, capsys):
 
 def test_bounded_conversion_without_bank_flags_warns_and_records_what_it_assumed(
         tmp_path, capsys):
-    from coda_jax.decoder import BOUNDED_DEFAULTS
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -111,7 +111,8 @@ def test_bounded_conversion_without_bank_flags_warns_and_records_what_it_assumed
     meta = read_model_metadata(tmp_path / "none")
     assert meta["assumed_bank_options"] == BOUNDED_DEFAULTS == dict(
         window=256, num_landmarks_exact=64, num_landmarks_summary=64)
-    assert meta["attention_options"] == BOUNDED_DEFAULTS  # explicit, not left to defaults
+    # Every bank value is in the metadata explicitly, not left to defaults.
+    assert {k: meta["attention_spec"][k] for k in BOUNDED_DEFAULTS} == BOUNDED_DEFAULTS
     assert load_model(tmp_path / "none").layers.self_attn.window == 256
 
     assert main(["hf", hf, str(tmp_path / "some"), "--attention", "coda_bounded",
@@ -122,8 +123,8 @@ def test_bounded_conversion_without_bank_flags_warns_and_records_what_it_assumed
     meta = read_model_metadata(tmp_path / "some")
     assert meta["assumed_bank_options"] == {"num_landmarks_exact": 64,
                                             "num_landmarks_summary": 64}
-    assert meta["attention_options"] == {"window": 8, "num_landmarks_exact": 64,
-                                         "num_landmarks_summary": 64}
+    assert {k: meta["attention_spec"][k] for k in BOUNDED_DEFAULTS} == {
+        "window": 8, "num_landmarks_exact": 64, "num_landmarks_summary": 64}
     # Replacing our own model checkpoint is allowed, atomically; no bank flags for coda.
     assert main(["hf", hf, str(tmp_path / "some"), "--attention", "coda", "--overwrite"]) == 0
     assert "warning:" not in capsys.readouterr().err

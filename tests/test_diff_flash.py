@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from coda_jax.attention_math import causal_mask, differential_attention
-from pallas_kernels.diff_flash import FlashConfig, _forward, _pad_inputs, diff_flash_attention
+from pallas_kernels.diff_flash import FlashConfig, diff_flash_attention, flash_forward, pad_inputs
 from attention_inputs import random_attention_inputs
 from pairwise import pairwise, uncovered_pairs
 
@@ -109,9 +109,9 @@ def test_every_output_tile_is_written():
     q, qn, k, v, lam, w, key_mask, _ = make_inputs(case, 11)
     cfg = FlashConfig(q_len=70, k_len=107, block_q=16, block_k=32, causal=True,
                       head_norm=True, eps=1e-6, interpret=True)
-    padded = _pad_inputs(cfg, q, qn, k, v, lam, key_mask, w)
+    padded = pad_inputs(cfg, q, qn, k, v, lam, key_mask, w)
     poison = jnp.full(padded[0].shape, jnp.nan, padded[0].dtype)
-    out = _forward(cfg, *padded, residuals=False, out_init=poison)[0]
+    out = flash_forward(cfg, *padded, residuals=False, out_init=poison)[0]
     assert not np.isnan(np.asarray(out)).any()
     assert rel_err(out[:, :70], reference(q, qn, k, v, lam, w, key_mask, True)) < 1e-5
 
