@@ -59,10 +59,9 @@ def resolve_implementation(requested: str | None) -> Implementation:
     """``None`` picks ``"pallas"`` on GPU and ``"xla"`` elsewhere.
 
     ``"pallas"`` runs ``pallas_kernels`` (the fused flash kernel; the decode
-    kernel for a few queries over a bank). On an H100 (benchmarks/results) its
-    Hopper kernels beat two cuDNN calls forward and reach 0.9x of them forward +
-    backward. Calls it cannot take (a general mask or bias, a non-power-of-two
-    head_dim) go to :func:`library_attention`.
+    kernel for a few queries over a bank); its measured speed against cuDNN is in
+    the README and ``benchmarks/results``. Calls it cannot take (a general mask
+    or bias, a non-power-of-two head_dim) go to :func:`library_attention`.
     """
     if requested not in (None, "xla", "cudnn", "pallas"):
         raise ValueError("implementation must be 'xla', 'cudnn', 'pallas' or None, got "

@@ -2,7 +2,7 @@
 
 ``prefill`` runs a ``lax.scan`` over fixed-size blocks (a ragged tail is padded
 and masked) and ``step`` decodes one token; both are jit-compiled once per
-shape and never synchronise with the host. See ``memory.py`` for the write rules.
+shape and never synchronise with the host. See ``bank_writes.py`` for the write rules.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import memory, runner
+from . import bank_writes, runner
 from .config import AttentionConfig, BankConfig, HeadNormMode, LfBand, MemInit, WritePolicy
 from .primitives import materialise
 from .projections import AttentionCore, linear
@@ -89,8 +89,8 @@ class CoDAGQALandmark(AttentionCore):
 
     # ------------------------------------------------------------------ state
     @property
-    def layout(self) -> memory.BankLayout:
-        return memory.bank_layout(self.bank_cfg, self.num_kv_heads, self.head_dim,
+    def layout(self) -> bank_writes.BankLayout:
+        return bank_writes.bank_layout(self.bank_cfg, self.num_kv_heads, self.head_dim,
                                   self.attn_cfg.rope_interleaved)
 
     @property
@@ -103,13 +103,13 @@ class CoDAGQALandmark(AttentionCore):
 
         ``mem_init`` overrides the layer's (the reference's trainer uses ``"zeros"``).
         """
-        memory.check_state_request(batch_size, dtype)
-        return memory.init_state(self.layout, int(batch_size), dtype, key,
+        bank_writes.check_state_request(batch_size, dtype)
+        return bank_writes.init_state(self.layout, int(batch_size), dtype, key,
                                  mem_init or self.bank_cfg.mem_init)
 
     def cache_bytes(self, *, batch_size: int, dtype=jnp.bfloat16) -> int:
         """Bytes of the whole state (every leaf) for ``batch_size`` documents."""
-        shapes = memory.state_shapes(self.layout, int(batch_size), jnp.dtype(dtype))
+        shapes = bank_writes.state_shapes(self.layout, int(batch_size), jnp.dtype(dtype))
         return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes)))
 
     def check_state(self, state: BankState, batch_size: int | None = None) -> None:
@@ -117,7 +117,7 @@ class CoDAGQALandmark(AttentionCore):
         if not isinstance(state, BankState):
             raise ValueError(f"expected a BankState, got {type(state).__name__}")
         batch = state.batch_size if batch_size is None else batch_size
-        expected = memory.state_shapes(self.layout, int(batch), jnp.dtype(state.k_buf.dtype))
+        expected = bank_writes.state_shapes(self.layout, int(batch), jnp.dtype(state.k_buf.dtype))
         exp_leaves = jax.tree_util.tree_leaves_with_path(expected)
         got_leaves = jax.tree.leaves(state)
         if len(exp_leaves) != len(got_leaves):
@@ -185,7 +185,7 @@ class CoDAGQALandmark(AttentionCore):
         # The bank writes never read attention outputs: write the whole
         # segment first, keeping the buffer each block saw; then every block's
         # attention is one batched call (one kernel launch, the full GPU).
-        state, (seen_k, seen_v, seen_allowed) = memory.write_segment(
+        state, (seen_k, seen_v, seen_allowed) = bank_writes.write_segment(
             self.layout, state, k=k, v=v, gate=write_gate, lengths=lengths,
             block_size=block_size, eta_logit=self.summary_eta_logit[...], training=training,
             unroll=unroll)
@@ -220,7 +220,7 @@ class CoDAGQALandmark(AttentionCore):
         # may rewrite as multiply-reduce and fuse into the buffer writes,
         # recomputing them per written element (measured 40x slower): compute them once.
         q, k, v = materialise(self.project_q(x, positions), *self.project_kv(x, positions))
-        state = memory.write_one(
+        state = bank_writes.write_one(
             self.layout, state, k=k[:, 0], v=v[:, 0], gate=self._write_gate(x)[:, 0],
             eta_logit=self.summary_eta_logit[...], training=training)
         y = self.attend(x, q, state.k_buf.astype(q.dtype), state.v_buf.astype(q.dtype),

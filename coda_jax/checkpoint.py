@@ -23,7 +23,7 @@ from flax import nnx
 
 from . import orbax_io
 from .bounded import CoDAGQALandmark
-from .memory import stack_shapes, state_shapes
+from .bank_writes import stack_shapes, state_shapes
 from .state import BankMetrics, BankState
 
 FORMAT = "coda_jax.bank_state/2"

@@ -8,8 +8,6 @@ Field names and defaults are the reference's constructor keywords.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from typing import Any, Literal
 
@@ -223,10 +221,3 @@ def expansion_thresholds(lo: int, hi: int, t_max: int) -> np.ndarray:
                 lo_t = mid + 1
         thresholds.append(lo_t)
     return np.asarray(thresholds, np.int64)
-
-
-def config_fingerprint(*configs: Any) -> str:
-    """A stable hash of one or more config dataclasses (order-sensitive)."""
-    payload = [dataclasses.asdict(c) | {"__class__": type(c).__name__} for c in configs]
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import memory, runner
+from . import bank_writes, runner
 from .bounded import CoDAGQALandmark
 from .model_config import AttentionKind, AttentionSpec, DecoderConfig
 from .state import BankState
@@ -81,24 +81,25 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, param_dtype=param_dtype,
                        rngs=rngs)
 
-    def _mlp_residual(self, h: jax.Array) -> jax.Array:
+    def mlp_residual(self, h: jax.Array) -> jax.Array:
+        """``h`` plus the MLP of its normalised self (the block's second half)."""
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def __call__(self, h: jax.Array, past) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Unbounded attention over the past cache and h."""
         out, cache = self.self_attn(self.input_layernorm(h), past_key_value=past)
-        return self._mlp_residual(h + out), cache
+        return self.mlp_residual(h + out), cache
 
     def prefill_segment(self, h, lengths, state, *, block_size, training, unroll):
         out, state = self.self_attn.prefill_segment(
             self.input_layernorm(h), lengths, state, block_size=block_size,
             training=training, unroll=unroll)
-        return self._mlp_residual(h + out), state
+        return self.mlp_residual(h + out), state
 
     def decode_step(self, h, state, *, training):
         out, state = self.self_attn.decode_step(self.input_layernorm(h), state,
                                                 training=training)
-        return self._mlp_residual(h + out), state
+        return self.mlp_residual(h + out), state
 
 
 def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
@@ -209,7 +210,7 @@ class CausalLM(nnx.Module):
                    mem_init: str | None = None) -> BankState:
         """The state of every layer, stacked on a leading layer axis."""
         self.require_bounded()
-        memory.check_state_request(batch_size, dtype)
+        bank_writes.check_state_request(batch_size, dtype)
         attn = self.layers.self_attn  # configuration only: the same for every layer
         keys = (jax.random.split(key, self.cfg.num_layers) if key is not None
                 else [None] * self.cfg.num_layers)
@@ -264,9 +265,9 @@ class CausalLM(nnx.Module):
                              "needs its stacked state (layers, batch, ...) from "
                              "model.init_state")
         # Cached shapes, not a trace of init_state: this runs on every step call.
-        layer = memory.state_shapes(self.layers.self_attn.layout, int(batch_size),
+        layer = bank_writes.state_shapes(self.layers.self_attn.layout, int(batch_size),
                                     jnp.dtype(state.k_buf.dtype))
-        expected = memory.stack_shapes([layer] * self.cfg.num_layers)
+        expected = bank_writes.stack_shapes([layer] * self.cfg.num_layers)
         want = jax.tree.map(lambda a: a.shape, expected)
         got = jax.tree.map(lambda a: a.shape, state)
         if jax.tree.structure(want) != jax.tree.structure(got) or want != got:

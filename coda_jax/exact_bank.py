@@ -72,7 +72,7 @@ def _write_slots(mem: jax.Array, onehot: jax.Array, idx: jax.Array, write: jax.A
     return mem + contrib.astype(mem.dtype)
 
 
-def _nth_in_stable_order(key: jax.Array, n: jax.Array) -> jax.Array:
+def nth_in_stable_order(key: jax.Array, n: jax.Array) -> jax.Array:
     """``argsort(key, stable=True)[n]`` per row: key (B, M), n (B, T) -> (B, T).
 
     Ranks by pairwise comparison instead of sorting: with M bank slots that is
@@ -112,7 +112,7 @@ def update_block(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: j
     rank_key = jnp.where(used & ~inactive, last, STAMP_MIN)
     novel_rank = jnp.cumsum(novel_keep.astype(jnp.int32), axis=-1) - 1
     novel_cap = novel_keep & (novel_rank < active[:, None])
-    assigned = _nth_in_stable_order(rank_key, jnp.clip(novel_rank, 0, num_slots - 1))
+    assigned = nth_in_stable_order(rank_key, jnp.clip(novel_rank, 0, num_slots - 1))
 
     idx = jnp.where(novel_cap, assigned, best_idx)
     touch = keep & (~novel | novel_cap)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from coda_jax import orbax_io, safe_paths
 from coda_jax.decoder import CausalLM
 
-from .reference import ADAPTER_PREFIX, _to_numpy, _variable_for, check_finite, \
+from .reference import ADAPTER_PREFIX, to_numpy, variable_for, check_finite, \
     reference_state_dict
 from .safetensors_io import SafetensorsFile
 
@@ -302,7 +302,7 @@ def _read_pt(path: Path, progress: bool) -> AdapterWeights:
     out: AdapterWeights = {}
     with tqdm(raw.items(), desc="layers", total=len(raw), disable=not progress) as bar:
         for layer, sd in bar:
-            out[layer] = {k: _to_numpy(t) for k, t in sd.items()}
+            out[layer] = {k: to_numpy(t) for k, t in sd.items()}
     return out
 
 
@@ -395,7 +395,7 @@ def load_adapters(model: CausalLM, weights: AdapterWeights | str | os.PathLike, 
     layers = model.cfg.num_layers
     attention = model.layers.self_attn
     for key in tensors["layer_0"]:
-        variable, transposed = _variable_for(attention, key)
+        variable, transposed = variable_for(attention, key)
         per_layer = [tensors[f"layer_{i}"][key] for i in range(layers)]
         stacked = np.stack([t.T if transposed else t for t in per_layer])
         variable[...] = jnp.asarray(stacked, variable[...].dtype)

@@ -22,7 +22,7 @@ ADAPTER_PREFIX = "coda."
 _ADAPTER_CLASSES = {"LlamaCoDAAdapter", "Qwen3CoDAAdapter", "EveCoDAAdapter"}
 
 
-def _to_numpy(tensor: Any) -> np.ndarray:
+def to_numpy(tensor: Any) -> np.ndarray:
     """A torch tensor (any dtype, bf16 included) or array -> a numpy *copy*, float32 for floats.
 
     Copying matters: on CPU both torch and JAX may alias host memory, and the
@@ -75,7 +75,7 @@ def _common_kwargs(module: Any) -> dict[str, Any]:
     qkv_bias, o_bias = _projection_biases(module)
     return dict(embed_dim=int(module.embed_dim), num_heads=int(module.num_heads),
                 num_kv_heads=int(module.num_kv_heads), head_dim=head_dim,
-                rope_base=_rope_base(_to_numpy(module.rope.inv_freq), head_dim),
+                rope_base=_rope_base(to_numpy(module.rope.inv_freq), head_dim),
                 qkv_bias=qkv_bias, o_bias=o_bias)
 
 
@@ -133,7 +133,7 @@ def from_reference(module: Any, *, param_dtype=jnp.float32, **overrides: Any):
     return layer
 
 
-def _variable_for(layer: nnx.Module, key: str) -> tuple[nnx.Variable, bool]:
+def variable_for(layer: nnx.Module, key: str) -> tuple[nnx.Variable, bool]:
     """The variable behind a reference state_dict key, and whether it is transposed."""
     *path, leaf = key.split(".")
     owner = layer
@@ -179,14 +179,14 @@ def load_reference_weights(layer: nnx.Module, state_dict: Mapping[str, Any]) -> 
     if missing or unexpected:
         raise ValueError(f"weights do not match {type(layer).__name__}: missing {missing}, "
                          f"unexpected {unexpected}")
-    arrays = {k: _to_numpy(v) for k, v in incoming.items()}
+    arrays = {k: to_numpy(v) for k, v in incoming.items()}
     for key, value in arrays.items():
         if value.shape != expected[key].shape:
             raise ValueError(f"weight {key!r} has shape {value.shape}, expected "
                              f"{expected[key].shape}")
         check_finite(value, f"{type(layer).__name__} weight {key!r}")
     for key, value in arrays.items():
-        variable, transposed = _variable_for(layer, key)
+        variable, transposed = variable_for(layer, key)
         variable[...] = jnp.asarray(value.T if transposed else value, variable[...].dtype)
 
 
@@ -195,14 +195,14 @@ _METRIC_NAMES = tuple(BankMetrics.__dataclass_fields__)
 
 def state_from_reference(ref_state: Any, layer: CoDAGQALandmark, *, dtype=None) -> BankState:
     """Convert a reference ``CoDAGQALandmarkStatePerf2`` for ``layer`` (same config)."""
-    k = _to_numpy(ref_state.k_buf)
+    k = to_numpy(ref_state.k_buf)
     batch = k.shape[0]
     dtype = dtype or jnp.float32
 
     def per_row(value):
         return jnp.full((batch,), int(value), jnp.int32)
 
-    last = np.asarray(_to_numpy(ref_state.mem_last_exact), np.int64)
+    last = np.asarray(to_numpy(ref_state.mem_last_exact), np.int64)
     if last.size and (last.max() > np.iinfo(np.int32).max or last.min() < 0):
         raise ValueError("LRU stamps of the reference state do not fit int32 positions")
     metrics = None
@@ -211,15 +211,15 @@ def state_from_reference(ref_state: Any, layer: CoDAGQALandmark, *, dtype=None) 
         metrics = BankMetrics(**{n: per_row(source.get(n, 0)) for n in _METRIC_NAMES})
     state = BankState(
         k_buf=jnp.asarray(k.transpose(0, 2, 1, 3), dtype),
-        v_buf=jnp.asarray(_to_numpy(ref_state.v_buf).transpose(0, 2, 1, 3), dtype),
-        allowed=jnp.asarray(_to_numpy(ref_state.allowed), jnp.bool_),
-        g_recent=jnp.asarray(_to_numpy(ref_state.g_recent), jnp.float32),
+        v_buf=jnp.asarray(to_numpy(ref_state.v_buf).transpose(0, 2, 1, 3), dtype),
+        allowed=jnp.asarray(to_numpy(ref_state.allowed), jnp.bool_),
+        g_recent=jnp.asarray(to_numpy(ref_state.g_recent), jnp.float32),
         recent_idx=per_row(ref_state.recent_idx), recent_filled=per_row(ref_state.recent_filled),
         mem_last_exact=jnp.asarray(last, jnp.int32), pos=per_row(ref_state.pos),
         active_exact=per_row(ref_state.active_exact),
         active_summary=per_row(ref_state.active_summary),
         nonfinite=jnp.asarray(~np.isfinite(k).all(axis=(1, 2, 3))
-                              | ~np.isfinite(_to_numpy(ref_state.v_buf)).all(axis=(1, 2, 3))),
+                              | ~np.isfinite(to_numpy(ref_state.v_buf)).all(axis=(1, 2, 3))),
         metrics=metrics)
     layer.check_state(state)
     return state
@@ -264,4 +264,4 @@ def state_to_reference(state: BankState, layer: CoDAGQALandmark, *, dtype=None):
 
 
 __all__ = ["from_reference", "load_reference_weights", "reference_state_dict",
-           "state_from_reference", "state_to_reference"]
+           "state_from_reference", "state_to_reference", "to_numpy", "variable_for"]

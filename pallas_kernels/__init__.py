@@ -8,6 +8,10 @@ portable (Triton-lowered) kernels, which run in interpret mode on CPU.
 
 ``decode_attention``: a few query tokens over a bounded bank of slots, for a
 batch of states (portable Pallas; forward only).
+
+``shared``: what the kernels and the library's XLA paths compute alike (the one
+masked-key score, the head RMSNorm). This package imports nothing of coda_jax:
+the library depends on the kernels, never the reverse.
 """
 
 from .decode_attention import decode_attention

@@ -1,7 +1,8 @@
 """What the kernels and the library's XLA paths compute the same way.
 
-``MASKED_SCORE`` is the one score given to a masked key everywhere. Finite, so a tile (or a row) whose keys are all masked keeps a finite running
-max (no -inf - -inf); and moderate, because in the Hopper kernel exp2(s * c - m)
+``MASKED_SCORE`` is the one score given to a masked key everywhere. Finite, so
+a tile (or a row) whose keys are all masked keeps a finite running max (no
+-inf - -inf); and moderate, because in the Hopper kernel exp2(s * c - m)
 contracts to an FMA whose rounding residual scales with |s * c|: at -1e30 it
 reached +1e21 and exp2 overflowed to inf (H100, head_dim 64). At -1e6 the
 residual is below 0.01, and any real score still outweighs a masked one by

@@ -328,12 +328,12 @@ def test_bad_inputs_and_foreign_states_are_clear_errors():
 
 def test_lru_slot_ranking_equals_a_stable_sort():
     """The exact bank picks insertion slots by pairwise ranking instead of a sort."""
-    from coda_jax.exact_bank import _nth_in_stable_order
+    from coda_jax.exact_bank import nth_in_stable_order
 
     rng = np.random.default_rng(0)
     for _ in range(20):
         key = rng.integers(-3, 4, size=(3, 16)).astype(np.int32)   # many ties
         n = rng.integers(0, 16, size=(3, 5))
         want = np.take_along_axis(np.argsort(key, axis=-1, kind="stable"), n, axis=1)
-        np.testing.assert_array_equal(_nth_in_stable_order(jnp.asarray(key), jnp.asarray(n)),
+        np.testing.assert_array_equal(nth_in_stable_order(jnp.asarray(key), jnp.asarray(n)),
                                       want)

@@ -44,7 +44,7 @@ def test_model_prefill_equals_layerwise_and_last_only(model):
         layer = jax.tree.map(lambda a, i=i: a[i], model.layers)
         layer_state = jax.tree.map(lambda a, i=i: a[i], state)
         out, _ = layer.self_attn.prefill(layer.input_layernorm(h), layer_state, block_size=4)
-        h = layer._mlp_residual(h + out)
+        h = layer.mlp_residual(h + out)
     np.testing.assert_allclose(model.logits(h), logits, rtol=1e-5, atol=1e-5)
 
 

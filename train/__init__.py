@@ -1,6 +1,5 @@
-"""Two-phase training (unbounded, then bounded with gradients through evictions).
+"""Two-phase training of CoDA models with optax (phase 1 unbounded, phase 2 bounded).
 
-Not written yet (see the README's roadmap). The layers already support it:
-``CoDAGQALandmark.prefill(..., training=True)`` with ``detach_evicted=False``
-is differentiable end to end.
+Empty so far: the training pipeline is the next piece of work (see the README's
+roadmap).
 """
