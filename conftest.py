@@ -1,7 +1,11 @@
 """pytest setup shared by all tests: CPU only, float32 matmuls at full precision."""
 
 import os
+import sys
+from pathlib import Path
 
+# The tests' shared helpers (oracle, pairwise, attention_inputs) live in tests/.
+sys.path.insert(0, str(Path(__file__).parent / "tests"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 

@@ -5,9 +5,9 @@
 #
 #   bash benchmarks/run_on_gpu.sh PHASE [PHASE ...]     (carry [".whl"]: the coda-gqa-l wheel)
 #
-#   tests [PYTEST_K]  the `gpu` tests of the kernels (test_diff_flash, test_decode_attention),
+#   tests [PYTEST_K]  the `gpu` tests of the kernels (tests/kernels, and the layer against cuDNN),
 #                     optionally only those matching -k PYTEST_K (e.g. "tests:gradients or decode")
-#   layer-tests       the bounded layer's GPU parity tests (test_bounded_parity on CUDA)
+#   layer-tests       the bounded layer's GPU parity tests (tests/layers/test_bounded_parity.py on CUDA)
 #   diff              bench_diff_attention.py (the slow portable forward skipped)
 #   decode[:PKG]      bench_decode_attention.py; with :PKG also benchmarks/baselines/PKG's
 #                     decode kernel (an older pallas_kernels), in the same run
@@ -63,12 +63,13 @@ for phase in "$@"; do
       filter=${phase#tests}; filter=${filter#:}
       log="$OUT/gpu_tests$(printf %s "${filter:+_$filter}" | tr -c 'A-Za-z0-9_' '_').log"
       JAX_PLATFORMS=cuda timeout 540 python3 -m pytest -q -p no:cacheprovider -m gpu \
-          ${filter:+-k "$filter"} --tb=short -rA tests/test_diff_flash.py \
-          tests/test_decode_attention.py > "$log" 2>&1
+          ${filter:+-k "$filter"} --tb=short -rA tests/kernels \
+          tests/layers/test_attention_implementations.py > "$log" 2>&1
       grep -E "^(PASSED|FAILED|ERROR)|passed|failed|^E  " "$log" | head -40 ;;
     layer-tests)
       JAX_PLATFORMS=cuda timeout 400 python3 -m pytest -q -x -p no:cacheprovider \
-          tests/test_bounded_parity.py 2>&1 | tail -3 ;;
+          tests/layers/test_bounded_parity.py > "$OUT/gpu_layer_tests.log" 2>&1
+      tail -3 "$OUT/gpu_layer_tests.log" ;;
     diff)
       timeout 300 python3 benchmarks/bench_diff_attention.py --skip ours_portable \
           --out "$OUT/diff_attention_${GPU_TAG}.json" 2>&1 | quiet > "$OUT/diff_attention.log"

@@ -1,9 +1,11 @@
-"""Fresh random inputs of differential attention, shared by the kernel tests."""
+"""Fresh random inputs of differential attention and the error measure, shared by the
+kernel and layer tests."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def random_attention_inputs(key: jax.Array, *, batch: int, q_len: int, k_len: int,
@@ -20,3 +22,10 @@ def random_attention_inputs(key: jax.Array, *, batch: int, q_len: int, k_len: in
     lam = jax.nn.sigmoid(jax.random.normal(keys[4], (batch, q_len, h))).astype(dtype)
     w = (1 + 0.3 * jax.random.normal(keys[5], (head_dim,))).astype(dtype)
     return q, qn, k, v, lam, w
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b||, with ||b|| floored at an RMS of 1e-3: a gradient that is
+    exactly zero (one visible key: softmax is constant) compares on that scale."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-3 * np.sqrt(b.size)))

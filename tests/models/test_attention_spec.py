@@ -13,7 +13,7 @@ from flax import nnx
 from coda_jax import AttentionSpec, BankConfig, CausalLM, DecoderConfig, load_model, save_model
 
 CFG = DecoderConfig("llama", 11, 16, 8, 2, 2, 2, 8)
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 def test_typed_spec_and_flat_options_build_the_same_model():

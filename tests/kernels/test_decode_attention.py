@@ -19,7 +19,7 @@ import pytest
 
 from coda_jax.attention_math import differential_attention
 from pallas_kernels.decode_attention import decode_attention, decode_splits
-from attention_inputs import random_attention_inputs
+from attention_inputs import random_attention_inputs, rel_err
 from pairwise import pairwise, uncovered_pairs
 
 FACTORS = {
@@ -57,11 +57,6 @@ def reference(q, qn, k, v, lam, w, mask):
     with jax.default_matmul_precision("highest"):
         return differential_attention(up(q), up(k), up(v), q_noise=up(qn), lam=up(lam),
                                       mask=mask, norm_weight=up(w))
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c.values())))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "convert_memory.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "convert_memory.py"
 
 
 def convert_memory(tmp_path: Path, *options: str) -> dict:

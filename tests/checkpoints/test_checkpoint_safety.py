@@ -24,7 +24,7 @@ from coda_jax import orbax_io, safe_paths
 
 LAYER = dict(embed_dim=32, num_heads=4, num_kv_heads=2, window=4, num_landmarks_exact=2,
              num_landmarks_summary=2)
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 def _layer(seed=0):
