@@ -12,7 +12,8 @@ from .decoder import CausalLM
 from .generation import generate, sample_logits
 from .model_config import AttentionSpec, DecoderConfig
 from .model_io import load_model, read_model_metadata, save_model
-from .state import BankMetrics, BankState, batch_axis, select_rows, stack_states, where_rows
+from .state import (BankMetrics, BankState, batch_axis, concat_rows, select_rows, stack_states,
+                    where_rows)
 from .unbounded import BaselineGQA, CoDAGQA
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "DecoderConfig",
     "batch_axis",
     "check_finite",
+    "concat_rows",
     "generate",
     "lf_band_dims",
     "load_model",

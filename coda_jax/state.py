@@ -15,7 +15,7 @@ equal the normalised bank contents, so they are recomputed where needed.
 Axes: one layer's state has leaves ``(B, ...)``; a model's state stacks its
 layers' states, ``(layers, B, ...)``. Every leaf has the same leading axes as
 ``pos``, so the batch axis is always ``pos.ndim - 1`` (:func:`batch_axis`), and
-the row helpers here (:func:`stack_states`, :func:`select_rows`,
+the row helpers here (:func:`concat_rows`, :func:`select_rows`,
 :func:`where_rows`) work on both.
 """
 
@@ -90,20 +90,24 @@ def batch_axis(state: BankState) -> int:
     return state.pos.ndim - 1
 
 
-def stack_states(*states: BankState) -> BankState:
+def concat_rows(*states: BankState) -> BankState:
     """Concatenate the rows of states of different documents (layer or model
     states alike) into one batch, in the order given."""
     if not states:
-        raise ValueError("stack_states needs at least one state")
+        raise ValueError("concat_rows needs at least one state")
     axes = {batch_axis(s) for s in states}
     layers = {s.num_layers for s in states}
     if len(axes) != 1 or len(layers) != 1:
-        raise ValueError("stack_states cannot mix layer states and model states, or models "
+        raise ValueError("concat_rows cannot mix layer states and model states, or models "
                          f"of different depths (layers: {sorted(map(str, layers))})")
     if len({jax.tree.structure(s) for s in states}) != 1:
-        raise ValueError("stack_states needs states of one structure (with or without metrics)")
+        raise ValueError("concat_rows needs states of one structure (with or without metrics)")
     axis = axes.pop()
     return jax.tree.map(lambda *leaves: jnp.concatenate(leaves, axis=axis), *states)
+
+
+# The name of earlier releases (it concatenates rows; it does not stack).
+stack_states = concat_rows
 
 
 def select_rows(state: BankState, rows) -> BankState:

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from coda_jax import (CausalLM, CoDAGQALandmark, DecoderConfig, generate, load_model,
-                      load_state, read_state_metadata, save_model, save_state, stack_states)
+                      load_state, read_state_metadata, save_model, save_state, concat_rows)
 
 D = 32
 LAYER = dict(embed_dim=D, num_heads=4, num_kv_heads=2, window=4, num_landmarks_exact=2,
@@ -209,7 +209,7 @@ CASES = [
      lambda e: save_state(e.root / "notes.txt" / "s", e.state, e.layer),
      ValueError, "is not a directory"),
     ("save_state: rows stacked from two layers' and a model's states",
-     lambda e: stack_states(e.state, e.mstate), ValueError, "cannot mix"),
+     lambda e: concat_rows(e.state, e.mstate), ValueError, "cannot mix"),
     ("load_state: missing", lambda e: load_state(e.root / "nothing", e.layer),
      FileNotFoundError, "no saved state at"),
     ("load_state: a file", lambda e: load_state(e.root / "notes.txt", e.layer),

@@ -12,7 +12,7 @@ import pytest
 import torch
 from flax import nnx
 
-from coda_jax import CoDAGQA, CoDAGQALandmark, select_rows, stack_states
+from coda_jax import CoDAGQA, CoDAGQALandmark, select_rows, concat_rows
 from coda_jax.runner import compile_counts
 from convert import from_reference, load_reference_weights, reference_state_dict
 from oracle import assert_close, reference_landmark, sorted_reference_topk, to_jnp
@@ -135,7 +135,7 @@ def test_documents_at_different_positions_share_one_batch():
     docs = [_x(10, 1, 11), _x(11, 1, 30)]
     states = [layer.prefill(d, layer.init_state(1, key=jax.random.key(i)), block_size=4)[1]
               for i, d in enumerate(docs)]
-    batch = stack_states(*states)
+    batch = concat_rows(*states)
     np.testing.assert_array_equal(batch.pos, [11, 30])
     for t in range(12):
         x = _x(100 + t, 2, 1)

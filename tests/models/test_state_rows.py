@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from coda_jax import (CausalLM, CoDAGQALandmark, DecoderConfig, batch_axis, generate,
-                      select_rows, stack_states, where_rows)
+                      select_rows, concat_rows, where_rows)
 
 # Three layers: a batch of 3 is as long as the layer axis, the case that once
 # passed with rows and layers confused.
@@ -46,15 +46,15 @@ def _prefilled(model, seed, length, batch=1):
 def test_row_helpers_act_on_the_batch_axis_of_model_states(model):
     docs = [_prefilled(model, seed, length)[1] for seed, length in ((1, 9), (2, 5), (3, 13))]
     assert batch_axis(docs[0]) == 1 and docs[0].num_layers == 3
-    batch = stack_states(*docs)
+    batch = concat_rows(*docs)
     assert batch.k_buf.shape[:2] == (3, 3) and batch.batch_size == 3
     np.testing.assert_array_equal(np.asarray(batch.pos[0]), [9, 5, 13])
     for row, doc in enumerate(docs):
         _assert_rows_close(select_rows(batch, row), doc, rtol=0, atol=0)
         _assert_rows_close(select_rows(batch, slice(row, row + 1)), doc, rtol=0, atol=0)
     swapped = select_rows(batch, jnp.array([2, 0]))
-    _assert_rows_close(swapped, stack_states(docs[2], docs[0]), rtol=0, atol=0)
-    mixed = where_rows(jnp.array([True, False, True]), batch, stack_states(*docs[::-1]))
+    _assert_rows_close(swapped, concat_rows(docs[2], docs[0]), rtol=0, atol=0)
+    mixed = where_rows(jnp.array([True, False, True]), batch, concat_rows(*docs[::-1]))
     np.testing.assert_array_equal(np.asarray(mixed.pos[:, 1]), [5, 5, 5])
     np.testing.assert_array_equal(np.asarray(mixed.pos[:, 0]), [9, 9, 9])
     np.testing.assert_array_equal(np.asarray(mixed.pos[:, 2]), [13, 13, 13])
@@ -68,7 +68,7 @@ def test_row_helpers_act_on_axis_zero_of_layer_states():
         x = jax.random.normal(jax.random.key(seed), (1, length, 32))
         states.append(layer.prefill(x, layer.init_state(1, key=jax.random.key(seed)),
                                     block_size=4)[1])
-    batch = stack_states(*states)
+    batch = concat_rows(*states)
     assert batch_axis(batch) == 0 and batch.num_layers is None
     np.testing.assert_array_equal(np.asarray(batch.pos), [6, 11])
     _assert_rows_close(select_rows(batch, 1), states[1], rtol=0, atol=0)
@@ -81,9 +81,9 @@ def test_row_helpers_refuse_mixed_states(model):
     model_state = _prefilled(model, 1, 5)[1]
     layer_state = jax.tree.map(lambda a: a[0], model_state)
     with pytest.raises(ValueError, match="cannot mix"):
-        stack_states(model_state, layer_state)
+        concat_rows(model_state, layer_state)
     with pytest.raises(ValueError, match="at least one"):
-        stack_states()
+        concat_rows()
 
 
 @pytest.mark.parametrize("lengths", [(9, 5, 13), (7, 13, 4, 10, 6)], ids=["batch3", "batch5"])
@@ -111,3 +111,9 @@ def test_every_row_of_a_batch_generates_what_it_generates_alone(model, lengths):
         n = int(counts[row])
         assert int(final.pos[0, row]) == length + n
         assert (np.asarray(out[row, n:]) == -1).all()
+
+
+def test_stack_states_is_the_older_name_of_concat_rows():
+    from coda_jax import stack_states
+
+    assert stack_states is concat_rows
