@@ -20,8 +20,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from coda_jax import memory
-from coda_jax.frozen import bind_weights
+from coda_jax import bank_writes
+from coda_jax.runner import bind_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for bench_layer
 from bench_layer import SHAPES, random_layer  # noqa: E402
@@ -30,20 +30,31 @@ BLOCK = 1024
 
 
 def projections(layer, x, lengths, state):
-    return layer._segment_projections(x, state)
+    """(q, k, v, lambda, write gate) of the whole segment: the first step of the layer's
+    ``prefill_segment`` (bounded.py), here from the layer's public parts (lambda and
+    the write gate from one matmul, as there)."""
+    assert layer.lambda_proj is not None and layer.bank_cfg.gated, "the benchmarked layer"
+    positions = state.pos[:, None] + jnp.arange(x.shape[1], dtype=state.pos.dtype)[None, :]
+    q = layer.project_q(x, positions)
+    k, v = layer.project_kv(x, positions)
+    lam, write = layer.lambda_proj, layer.write_proj
+    kernel = jnp.concatenate([lam.kernel[...], write.kernel[...]], axis=1)
+    bias = jnp.concatenate([lam.bias[...], write.bias[...]])
+    gates = jax.nn.sigmoid((x @ kernel + bias).astype(jnp.float32))
+    return q, k, v, gates[..., :-1], gates[..., -1]
 
 
 def with_writes(layer, x, lengths, state):
     q, k, v, lam, gate = projections(layer, x, lengths, state)
-    state, seen = memory.write_segment(
+    state, seen = bank_writes.write_segment(
         layer.layout, state, k=k, v=v, gate=gate, lengths=lengths, block_size=BLOCK,
         eta_logit=layer.summary_eta_logit[...], training=False, unroll=True)
     return q, lam, state, seen
 
 
 def whole(layer, x, lengths, state):
-    return layer._prefill_segment(x, lengths, state, block_size=BLOCK, training=False,
-                                  unroll=True)
+    return layer.prefill_segment(x, lengths, state, block_size=BLOCK, training=False,
+                                 unroll=True)
 
 
 def timings(fn, *args, calls: int = 100, pause_s: float = 0.0) -> dict:

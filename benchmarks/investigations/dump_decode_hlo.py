@@ -14,5 +14,6 @@ layer = CoDAGQALandmark(embed_dim=d, num_heads=h, num_kv_heads=kv, window=256,
                         param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
 state = layer.init_state(1, jnp.bfloat16, key=jax.random.key(0))
 x = jnp.ones((1, 1, d), jnp.bfloat16)
-text = jax.jit(lambda m, x, s: m._step(x, s, False)).lower(layer, x, state).compile().as_text()
+step = jax.jit(lambda m, x, s: m.decode_step(x, s, training=False))
+text = step.lower(layer, x, state).compile().as_text()
 open(sys.argv[4], "w").write(text)

@@ -8,8 +8,9 @@ For the two layer shapes of bench_layer.py (L=4096, bf16): the time until
 run on its own) against the time until its result is ready, then the Python
 functions that take the host's time (cProfile, sorted by own time).
 ``--python-only`` (any backend, no profiler) times the pure-Python parts of a
-call apart: flattening the NNX layer into jit's arguments, and ``prefill``
-with its compiled call replaced by a stub (argument checks, segmenting).
+call apart: flattening the NNX layer into jit's arguments, and the runner's
+own work for a prefill call (``runner.run_segments``: argument checks,
+segmenting, joining the outputs) around a no-op in place of the compiled call.
 """
 import argparse
 import cProfile
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import jax
 
-import coda_jax.bounded as bounded
+from coda_jax import runner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for bench_layer
 from bench_layer import SHAPES, random_layer  # noqa: E402
@@ -40,15 +41,15 @@ def _mean_us(fn, calls: int = 2000) -> float:
 def python_overhead(block: int) -> dict:
     """Microseconds per call of the Python-side parts of ``prefill``, per shape."""
     out = {}
-    compiled = bounded._prefill_segment_jit
+
+    def no_op(x_seg, seg_lengths, state):  # stands in for the compiled segment call
+        return x_seg, state
+
     for shape in SHAPES:
         layer, x, st = random_layer(shape)
         flatten = _mean_us(lambda: jax.tree.flatten(layer))
-        bounded._prefill_segment_jit = lambda layer, x, lengths, state, **_: (x, state)
-        try:
-            rest = _mean_us(lambda: layer.prefill(x, st, block_size=block))
-        finally:
-            bounded._prefill_segment_jit = compiled
+        rest = _mean_us(lambda: runner.run_segments(layer, no_op, x, st, block_size=block,
+                                                    chunks_per_call=None))
         out[f"D{shape['embed_dim']}"] = {"flatten_layer_us": round(flatten, 1),
                                          "prefill_without_compiled_call_us": round(rest, 1)}
     return out

@@ -14,6 +14,7 @@ bench_layer.py, so drifting clocks hit them alike. Run it again under other
 XLA_FLAGS to compare flags (LABEL tags the lines).
 """
 import argparse
+import functools
 import importlib
 import json
 import statistics
@@ -23,7 +24,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-import coda_jax.bounded as bounded
+from coda_jax import runner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for bench_layer
 from bench_layer import LENGTH, SHAPES, per_call_rounds, random_layer  # noqa: E402
@@ -34,6 +35,12 @@ def _option_value(text: str) -> bool | int | str:
     if text in ("True", "False"):
         return text == "True"
     return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _segment(layer, x, lengths, state, *, block_size, unroll):
+    """One compiled prefill call's program (``layer.prefill_segment``, no training)."""
+    return layer.prefill_segment(x, lengths, state, block_size=block_size, training=False,
+                                 unroll=unroll)
 
 
 def _bound_runner(layer, x, state):
@@ -71,26 +78,22 @@ def main() -> None:
             value = True if unroll == "True" else int(unroll)
 
             def run(block, cpc, value=value):
-                bounded.PREFILL_UNROLL = value
                 return jax.block_until_ready(
-                    layer.prefill(x, st, block_size=block, chunks_per_call=cpc))
+                    layer.prefill(x, st, block_size=block, chunks_per_call=cpc, unroll=value))
             variants[f"unroll={unroll}"] = run
         if args.bound:
             variants["prefill_fn"] = _bound_runner(layer, x, st)
-        default_jit = bounded._prefill_segment_jit
         for options in args.compiler_options:
             parsed = {name: _option_value(value) for name, value in
                       (o.split("=", 1) for o in options.split(";"))}
-            jitted = jax.jit(default_jit.__wrapped__, compiler_options=parsed,
-                             static_argnames=("block_size", "training", "unroll"))
+            jitted = jax.jit(_segment, compiler_options=parsed,
+                             static_argnames=("block_size", "unroll"))
 
-            def run_with(block, cpc, jitted=jitted):
-                bounded.PREFILL_UNROLL, bounded._prefill_segment_jit = None, jitted
-                try:
-                    return jax.block_until_ready(
-                        layer.prefill(x, st, block_size=block, chunks_per_call=cpc))
-                finally:
-                    bounded._prefill_segment_jit = default_jit
+            def run_with(block, cpc, jitted=jitted):  # the default unroll, as layer.prefill
+                segment_fn = functools.partial(jitted, layer, block_size=block,
+                                               unroll=runner.default_unroll())
+                return jax.block_until_ready(runner.run_segments(
+                    layer, segment_fn, x, st, block_size=block, chunks_per_call=cpc))
             variants[options] = run_with
         if args.baseline:
             base, _, base_st = random_layer(shape, package=importlib.import_module(args.baseline))

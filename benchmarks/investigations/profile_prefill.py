@@ -22,10 +22,19 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from coda_jax import bounded
+from coda_jax import runner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for bench_layer
 from bench_layer import LENGTH, SHAPES, random_layer  # noqa: E402
+
+
+def _segment(layer, x, lengths, state, *, block_size, unroll):
+    return layer.prefill_segment(x, lengths, state, block_size=block_size, training=False,
+                                 unroll=unroll)
+
+
+# The same program as one compiled prefill call of the layer (for --hlo).
+segment_jit = jax.jit(_segment, static_argnames=("block_size", "unroll"))
 
 
 def trace_events(trace_dir: str) -> tuple[list[dict], list[dict]]:
@@ -91,9 +100,9 @@ def main() -> None:
         if args.hlo:  # the compiled segment: which fusions (kernels) one block runs
             seg = LENGTH if args.chunks_per_call is None else args.block * args.chunks_per_call
             lengths = jnp.full((1,), seg, jnp.int32)
-            text = bounded._prefill_segment_jit.lower(
-                layer, x[:, :seg], lengths, st, block_size=args.block, training=False,
-                unroll=bounded.prefill_unroll()).compile().as_text()
+            text = segment_jit.lower(
+                layer, x[:, :seg], lengths, st, block_size=args.block,
+                unroll=runner.default_unroll()).compile().as_text()
             with open(f"{args.out}/hlo_d{d}.txt", "w") as f:
                 f.write(text)
         trace_dir = f"{args.out}/trace_d{d}"
