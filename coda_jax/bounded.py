@@ -157,7 +157,7 @@ class CoDAGQALandmark(AttentionCore):
         ``mask_unused_memory=False``."""
         return allowed if self.bank_cfg.mask_unused_memory else jnp.ones_like(allowed)
 
-    def _segment_projections(self, x: jax.Array, state: BankState
+    def segment_projections(self, x: jax.Array, state: BankState
                              ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None,
                                         jax.Array]:
         """(q, k, v, lambda, write gate) of a whole segment at once (large matmuls,
@@ -181,7 +181,7 @@ class CoDAGQALandmark(AttentionCore):
         ``last_only``; the state after it). Pure: what training differentiates."""
         batch, seg_len, _ = x.shape
         n_blocks = seg_len // block_size
-        q, k, v, lam, write_gate = self._segment_projections(x, state)
+        q, k, v, lam, write_gate = self.segment_projections(x, state)
         # The bank writes never read attention outputs: write the whole
         # segment first, keeping the buffer each block saw; then every block's
         # attention is one batched call (one kernel launch, the full GPU).

@@ -30,18 +30,9 @@ BLOCK = 1024
 
 
 def projections(layer, x, lengths, state):
-    """(q, k, v, lambda, write gate) of the whole segment: the first step of the layer's
-    ``prefill_segment`` (bounded.py), here from the layer's public parts (lambda and
-    the write gate from one matmul, as there)."""
-    assert layer.lambda_proj is not None and layer.bank_cfg.gated, "the benchmarked layer"
-    positions = state.pos[:, None] + jnp.arange(x.shape[1], dtype=state.pos.dtype)[None, :]
-    q = layer.project_q(x, positions)
-    k, v = layer.project_kv(x, positions)
-    lam, write = layer.lambda_proj, layer.write_proj
-    kernel = jnp.concatenate([lam.kernel[...], write.kernel[...]], axis=1)
-    bias = jnp.concatenate([lam.bias[...], write.bias[...]])
-    gates = jax.nn.sigmoid((x @ kernel + bias).astype(jnp.float32))
-    return q, k, v, gates[..., :-1], gates[..., -1]
+    """(q, k, v, lambda, write gate) of the whole segment: the first step of the
+    layer's ``prefill_segment``."""
+    return layer.segment_projections(x, state)
 
 
 def with_writes(layer, x, lengths, state):
