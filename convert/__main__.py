@@ -177,21 +177,21 @@ def cmd_adapters(args: argparse.Namespace) -> None:
 
 
 def _export_format(out: str, requested: str | None) -> str:
-    from .adapters import EXPORT_FORMATS
+    """The library's choice of format (``adapters.export_format``), its refusals
+    said in the command line's words."""
+    from .adapters import EXPORT_FORMATS, export_format
 
-    suffix = Path(out).suffix
-    by_suffix = {s: f for f, s in EXPORT_FORMATS.items()}
-    if requested is None:
-        if suffix not in by_suffix:
+    try:
+        return export_format(out, requested)
+    except ValueError:
+        suffix = Path(out).suffix
+        if requested is None:
             raise UsageError(f"cannot tell the export format from OUT's suffix "
                              f"{suffix or '(none)'!r} ({out}): name OUT *.pt or "
-                             "*.safetensors, or pass --format pt or --format safetensors")
-        return by_suffix[suffix]
-    if suffix in by_suffix and by_suffix[suffix] != requested:
+                             "*.safetensors, or pass --format pt or --format safetensors"
+                             ) from None
         raise UsageError(f"--format {requested} contradicts OUT's suffix {suffix} ({out}); "
-                         f"name OUT *{EXPORT_FORMATS[requested]} or pass --format "
-                         f"{by_suffix[suffix]}")
-    return requested
+                         f"name OUT *{EXPORT_FORMATS[requested]} or drop --format") from None
 
 
 def cmd_export(args: argparse.Namespace) -> None:
