@@ -10,12 +10,14 @@ position) generates what it would generate alone (exactly so when greedy).
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import runner
+from .checkpoint import nonfinite_rows
 from .decoder import CausalLM
 from .state import BankState, where_rows
 
@@ -96,6 +98,10 @@ def generate(model: CausalLM, state: BankState, logits: jax.Array, *, max_new_to
     stops = tuple(_integer("a stop token", t, 0, vocab - 1) for t in stop_tokens)
     pad_id = _integer("pad_id", pad_id, -(2 ** 31))
     key = jax.random.key(0) if key is None else key
+    poisoned = nonfinite_rows(state)  # a few bools: the loop would wait for the state anyway
+    if poisoned:
+        warnings.warn(f"row(s) {poisoned} of the state hold NaN or Inf values (a non-finite "
+                      "input reached the banks): their tokens are meaningless", stacklevel=2)
     return _generate_jit(model, state, logits, key, jnp.float32(max(temperature, 1e-6)),
                          jnp.float32(top_p), max_new_tokens=max_new_tokens, greedy=greedy,
                          top_k=top_k, stop_tokens=stops, pad_id=pad_id)

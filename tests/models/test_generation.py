@@ -158,3 +158,11 @@ def test_bound_step_functions_equal_step_and_keep_their_weights():
     assert not np.allclose(np.asarray(model.step(token, state)[0]), np.asarray(logits_before))
     with pytest.raises(ValueError):
         bound(jnp.zeros((3, 1), jnp.int32), state)
+
+
+def test_generation_from_a_poisoned_state_warns(model):
+    state = model.init_state(2, key=jax.random.key(0))
+    logits, state = model.prefill(jnp.array([[1, 2, 3], [4, 99, 6]]), state, block_size=4,
+                                  last_only=True)  # 99: outside the vocabulary, on device
+    with pytest.warns(UserWarning, match=r"row\(s\) \[1\] of the state hold NaN or Inf"):
+        generate(model, state, logits, max_new_tokens=2)
