@@ -190,9 +190,11 @@ class CausalLM(nnx.Module):
                              f"{self.attention!r}")
 
     # ------------------------------------------------------ unbounded
-    def __call__(self, tokens: jax.Array, cache=None) -> tuple[jax.Array, Any]:
+    def __call__(self, tokens: jax.Array, cache=None, *, remat: bool = False
+                 ) -> tuple[jax.Array, Any]:
         """Logits (B, L, V) of ``tokens`` (B, L) after an optional ``cache``
-        (the returned one: per-layer K/V stacked (layers, B, T, Hkv, Dh))."""
+        (the returned one: per-layer K/V stacked (layers, B, T, Hkv, Dh)).
+        ``remat`` recomputes each layer in the backward pass (training memory)."""
         if self.attention == "coda_bounded":
             raise ValueError("a bounded model runs with prefill/step and a state")
         tokens = self.check_input(tokens)
@@ -202,7 +204,8 @@ class CausalLM(nnx.Module):
             layer, past = inputs
             return layer(h, past)
 
-        h, cache = jax.lax.scan(body, h, (self.layers, cache))
+        h, cache = jax.lax.scan(jax.checkpoint(body) if remat else body, h,
+                                (self.layers, cache))
         return self.logits(h), cache
 
     # -------------------------------------------------------- bounded
@@ -224,11 +227,13 @@ class CausalLM(nnx.Module):
 
     def prefill_segment(self, tokens: jax.Array, lengths: jax.Array, state: BankState, *,
                         block_size: int, training: bool, unroll: int | bool,
-                        last_only: bool = False) -> tuple[jax.Array, BankState]:
+                        last_only: bool = False, remat: bool = False
+                        ) -> tuple[jax.Array, BankState]:
         """One segment of whole blocks of ``tokens`` (B, L), the first ``lengths``
         valid, through every layer: -> (logits (B, L, V), or (B, 1, V) at each
         row's last valid token with ``last_only``; the state). Pure: what
-        training differentiates through."""
+        training differentiates through (``remat`` recomputes each layer in the
+        backward pass)."""
         h = self.embed(tokens)
 
         def body(h, inputs):
@@ -236,7 +241,8 @@ class CausalLM(nnx.Module):
             return layer.prefill_segment(h, lengths, st, block_size=block_size,
                                          training=training, unroll=unroll)
 
-        h, state = jax.lax.scan(body, h, (self.layers, state))
+        h, state = jax.lax.scan(jax.checkpoint(body) if remat else body, h,
+                                (self.layers, state))
         if last_only:
             last = jnp.clip(lengths - 1, 0, h.shape[1] - 1)
             h = jnp.take_along_axis(h, last[:, None, None], axis=1)

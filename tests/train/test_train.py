@@ -1,0 +1,218 @@
+"""Training stages on the CPU: loss falls, resume is exact, bad input fails fast."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from coda_jax import load_model
+from train import loop, steps
+from train.__main__ import main
+from train.config import TrainConfig, load_config
+
+VOCAB = 48
+BANKS = dict(window=8, num_landmarks_exact=4, num_landmarks_summary=4)
+
+
+def _corpus(path: Path, n: int = 6000, seed: int = 0) -> Path:
+    """Tokens of a noisy cycle: learnable in a few dozen updates."""
+    rng = np.random.default_rng(seed)
+    ids = (np.arange(n) * 5 + rng.integers(0, 2, n)) % VOCAB
+    np.save(path, ids.astype(np.uint32))
+    return path
+
+
+def _config(tmp_path: Path, **sections) -> TrainConfig:
+    base = dict(
+        stage="pretrain", seed=0, log_every=1,
+        model=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=8),
+        attention=dict(kind="gqa"),
+        data=dict(train=str(_corpus(tmp_path / "tokens.npy")), seq_len=32),
+        optim=dict(steps=24, lr=1e-2, lr_gates=1e-2, warmup_steps=2, batch_size=2,
+                   grad_accum=2, trainable="all", compute_dtype="float32"),
+        phase2=dict(block_size=8),
+        checkpoint=dict(every=4, keep=2))
+    for key, value in sections.items():
+        base[key] = base[key] | value if isinstance(value, dict) else value
+    return TrainConfig.from_dict(base)
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text()
+            .splitlines()]
+
+
+def _falls(losses: list[float]) -> bool:
+    """The last four updates' mean loss is clearly below the first four's."""
+    return np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1
+
+
+def test_loss_falls_in_every_stage(tmp_path):
+    base = _config(tmp_path)
+    loop.run(base, tmp_path / "base", progress=False)
+    assert _falls(_losses(tmp_path / "base"))
+    later = dict(lr=5e-3, lr_gates=5e-3)
+    phase1 = _config(tmp_path, stage="phase1", init=str(tmp_path / "base" / "model"),
+                     attention=dict(kind="coda"), optim=later)
+    loop.run(phase1, tmp_path / "p1", progress=False)
+    record = json.loads((tmp_path / "p1" / "config.json").read_text())
+    assert "layers.self_attn.q_proj.kernel" in record["weights_from"]["init"]
+    assert "layers.self_attn.theta" in record["weights_from"]["new"]
+    assert _falls(_losses(tmp_path / "p1"))
+    # Phase 2 from the base too (the ablation's "no phase 1" arm): a phase-1 model of
+    # this tiny task has little left to learn in 24 updates.
+    phase2 = _config(tmp_path, stage="phase2", init=str(tmp_path / "base" / "model"),
+                     attention=dict(kind="coda_bounded", options=BANKS), optim=later)
+    loop.run(phase2, tmp_path / "p2", progress=False)
+    assert _falls(_losses(tmp_path / "p2"))
+    record = json.loads(Path(tmp_path / "p2" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"step", "loss", "lr", "tokens_per_s"} <= set(record)
+
+
+def test_a_stopped_and_resumed_run_reproduces_the_uninterrupted_one(tmp_path):
+    cfg = _config(tmp_path, optim=dict(steps=10))
+    loop.run(cfg, tmp_path / "whole", progress=False)
+    first = loop.run(cfg, tmp_path / "split", progress=False, stop_after=6)
+    assert first["step"] == 6 and first["model"] is None
+    loop.run(cfg, tmp_path / "split", progress=False)  # resumes from 6 to 10
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
+    a = nnx.state(load_model(tmp_path / "whole" / "model"))
+    b = nnx.state(load_model(tmp_path / "split" / "model"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_phase2_gradients_reach_the_write_gate_and_summary_eta(tmp_path):
+    cfg = _config(tmp_path, stage="phase2", attention=dict(kind="coda_bounded",
+                                                           options=BANKS))
+    model, _ = steps.build_model(cfg)
+    graphdef, params = nnx.split(model)
+    tokens = jax.random.randint(jax.random.key(0), (2, 33), 0, VOCAB)
+    grads = jax.grad(lambda p: steps.loss_fn(cfg, nnx.merge(graphdef, p), tokens))(params)
+    attn = grads["layers"]["self_attn"]
+    for name in ("write_proj", "summary_eta_logit"):
+        leaves = jax.tree.leaves(attn[name])
+        assert any(float(jnp.abs(g).max()) > 0 for g in leaves), name
+    # With evictions detached, no gradient reaches the summary bank's learning rate.
+    detached = _config(tmp_path, stage="phase2", attention=dict(kind="coda_bounded",
+                                                                options=BANKS),
+                       phase2=dict(detach_evicted=True))
+    model, _ = steps.build_model(detached)
+    graphdef, params = nnx.split(model)
+    grads = jax.grad(lambda p: steps.loss_fn(detached, nnx.merge(graphdef, p), tokens))(params)
+    assert float(jnp.abs(grads["layers"]["self_attn"]["write_proj"]["kernel"][...]).max()) == 0
+
+
+def test_the_attention_mask_trains_only_attention(tmp_path):
+    cfg = _config(tmp_path, stage="phase1", attention=dict(kind="coda"),
+                  optim=dict(trainable="attention", steps=2, grad_accum=1))
+    model, _ = steps.build_model(cfg)
+    graphdef, params = nnx.split(model)
+    tx = steps.make_optimizer(cfg, params)
+    step = steps.make_train_step(cfg, graphdef, tx)
+    tokens = jax.random.randint(jax.random.key(1), (2, 33), 0, VOCAB)
+    new, opt_state, _, _ = step(params, tx.init(params), tokens)  # warmup: lr 0 at first
+    new, _, _, _ = step(new, opt_state, tokens)
+    np.testing.assert_array_equal(np.asarray(new["embed_tokens"]["embedding"][...]),
+                                  np.asarray(params["embed_tokens"]["embedding"][...]))
+    assert not np.array_equal(np.asarray(new["layers"]["self_attn"]["q_proj"]["kernel"][...]),
+                              np.asarray(params["layers"]["self_attn"]["q_proj"]["kernel"][...]))
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_bad_configs_and_paths_fail_before_any_compute(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("stage: pretrain\noptim:\n  lrr: 1\n")
+    assert main([str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "r")]) == 3
+    assert "unknown config field(s) ['optim.lrr']" in capsys.readouterr().err
+    assert main([str(tmp_path / "none.yaml"), "--out", str(tmp_path / "r")]) == 2
+    (tmp_path / "ok.yaml").write_text("data:\n  train: nowhere/tokens.npy\n")
+    assert main([str(tmp_path / "ok.yaml"), "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert main([str(tmp_path / "ok.yaml"), "--out", str(tmp_path / "r"),
+                 "--set", "optim.steps=-1"]) == 3
+    assert "optim.steps must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ValueError, match="must be a multiple of phase2.block_size"):
+        _config(tmp_path, stage="phase2", attention=dict(kind="coda_bounded"),
+                data=dict(seq_len=30))
+
+
+def test_a_corpus_outside_the_vocabulary_is_refused(tmp_path):
+    np.save(tmp_path / "big.npy", np.array([1, 2, VOCAB + 5] * 100, np.uint32))
+    cfg = _config(tmp_path, data=dict(train=str(tmp_path / "big.npy")))
+    with pytest.raises(ValueError, match=f"token id {VOCAB + 5}, outside the model's vocab"):
+        loop.run(cfg, tmp_path / "r", progress=False)
+
+
+def test_resuming_a_run_of_another_config_is_refused_and_changes_nothing(tmp_path):
+    loop.run(_config(tmp_path, optim=dict(steps=4)), tmp_path / "r", progress=False)
+    before = _snapshot(tmp_path / "r")
+    with pytest.raises(ValueError, match=r"another config \(differs in \['optim.lr'\]\)"):
+        loop.run(_config(tmp_path, optim=dict(steps=4, lr=0.5)), tmp_path / "r",
+                 progress=False)
+    assert _snapshot(tmp_path / "r") == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="holds no training run"):
+        loop.run(_config(tmp_path), tmp_path / "mine", progress=False)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = steps.make_train_step
+    calls = {"n": 0}
+
+    def poisoned(cfg, graphdef, tx):
+        step = real(cfg, graphdef, tx)
+
+        def wrapped(params, opt_state, tokens):
+            calls["n"] += 1
+            out = step(params, opt_state, tokens)
+            return out if calls["n"] < 11 else (out[0], out[1], jnp.float32(jnp.nan), out[3])
+        return wrapped
+
+    monkeypatch.setattr(loop, "make_train_step", poisoned)
+    cfg = _config(tmp_path, optim=dict(steps=10))
+    with pytest.raises(loop.NonFiniteLoss, match="last good checkpoint \\(update 4\\)"):
+        loop.run(cfg, tmp_path / "r", progress=False)
+    monkeypatch.undo()
+    loop.run(cfg, tmp_path / "r", progress=False)  # resumes from update 4
+    assert [json.loads(x)["step"] for x in
+            (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == list(range(1, 11))
+
+
+def test_a_crash_mid_save_leaves_the_previous_checkpoint_restorable(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    cfg = _config(tmp_path, optim=dict(steps=8))
+    real_save = ocp.CheckpointManager.save
+
+    def crash_at_8(self, step, *args, **kwargs):
+        if step == 8:
+            raise OSError("killed mid-save (simulated)")
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", crash_at_8)
+    with pytest.raises(OSError, match="simulated"):
+        loop.run(cfg, tmp_path / "r", progress=False)
+    monkeypatch.undo()
+    loop.run(cfg, tmp_path / "r", progress=False)
+    whole = _config(tmp_path, optim=dict(steps=8))
+    loop.run(whole, tmp_path / "w", progress=False)
+    assert _losses(tmp_path / "r") == _losses(tmp_path / "w")
+
+
+def test_the_tiny_config_is_valid():
+    cfg = load_config(Path(__file__).parents[2] / "train" / "configs" / "tiny.yaml")
+    assert cfg.stage == "pretrain" and cfg.optim.steps > 0

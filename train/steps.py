@@ -1,0 +1,166 @@
+"""The model a stage trains, its loss, its optimizer and one compiled training step.
+
+Losses differentiate the library's public pure functions: the unbounded
+``CausalLM.__call__`` (pretrain, phase 1) and ``CausalLM.prefill_segment(...,
+training=True)`` over the whole sequence (phase 2: block by block through the
+bounded state, gradients through evictions when ``detach_evicted=False``).
+Master weights are float32; the forward runs in ``compute_dtype``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from coda_jax import AttentionSpec, CausalLM, DecoderConfig, load_model
+
+from .config import TrainConfig
+
+# Parameters of the differential machinery, trained at optim.lr_gates (the reference's
+# 1e-3 group: lambda, theta, head norm; the write gate and summary eta with them).
+GATE_NAMES = ("theta", "lambda_proj", "head_norm", "write_proj", "summary_eta_logit")
+
+
+def attention_spec(cfg: TrainConfig) -> AttentionSpec:
+    """The attention the stage trains, from ``cfg.attention`` (flat reference keywords)."""
+    options = dict(cfg.attention.options)
+    if cfg.attention.kind != "gqa":
+        options.setdefault("theta_init", cfg.theta_init)
+    if cfg.attention.kind == "coda_bounded":
+        options.setdefault("detach_evicted", cfg.phase2.detach_evicted)
+    return AttentionSpec.from_options(cfg.attention.kind, options)
+
+
+def _param_paths(model: nnx.Module) -> dict[tuple[str, ...], nnx.Variable]:
+    return {tuple(str(p) for p in path): var for path, var in nnx.iter_graph(model)
+            if isinstance(var, nnx.Param)}
+
+
+def build_model(cfg: TrainConfig) -> tuple[CausalLM, dict[str, list[str]]]:
+    """The model to train and where its weights came from: ``{"init": [...],
+    "new": [...]}`` (parameter paths taken from ``cfg.init``, or freshly initialised)."""
+    spec = attention_spec(cfg)
+    if cfg.init:
+        base = load_model(cfg.init)
+        decoder = base.cfg
+    else:
+        base, decoder = None, DecoderConfig(**dataclasses.asdict(cfg.model))
+    model = CausalLM(decoder, attention=spec, param_dtype=jnp.float32, rngs=nnx.Rngs(cfg.seed))
+    sources: dict[str, list[str]] = {"init": [], "new": []}
+    if base is None:
+        sources["new"] = [".".join(p) for p in _param_paths(model)]
+        return model, sources
+    old = _param_paths(base)
+    for path, var in _param_paths(model).items():
+        name = ".".join(path)
+        if path in old and old[path][...].shape == var[...].shape:
+            var[...] = old[path][...].astype(jnp.float32)
+            sources["init"].append(name)
+        else:
+            sources["new"].append(name)
+    return model, sources
+
+
+def param_label(path: tuple[str, ...], trainable: str) -> str:
+    """Optimizer group of a parameter: ``"gates"``, ``"weights"`` or ``"frozen"``."""
+    in_attention = path[:2] == ("layers", "self_attn")
+    if in_attention and any(name in path for name in GATE_NAMES):
+        return "gates"
+    if in_attention or trainable == "all":
+        return "weights"
+    return "frozen"
+
+
+def schedule(cfg: TrainConfig, peak: float) -> optax.Schedule:
+    """Linear warmup to ``peak * lr_scale``, then cosine decay to 0 at the last update."""
+    o = cfg.optim
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak * o.lr_scale, warmup_steps=min(o.warmup_steps, o.steps - 1),
+        decay_steps=max(o.steps, 1), end_value=0.0)
+
+
+def make_optimizer(cfg: TrainConfig, params: Any) -> optax.GradientTransformation:
+    """AdamW per group (warmup then cosine), global-norm clipping, accumulation."""
+    o = cfg.optim
+
+    def adamw(peak: float) -> optax.GradientTransformation:
+        return optax.adamw(schedule(cfg, peak), b1=0.9, b2=0.999, eps=1e-8,
+                           weight_decay=o.weight_decay)
+
+    labels = jax.tree_util.tree_map_with_path(
+        lambda path, _: param_label(tuple(_key_name(k) for k in path), o.trainable), params)
+    tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), optax.multi_transform(
+        {"weights": adamw(o.lr), "gates": adamw(o.lr_gates), "frozen": optax.set_to_zero()},
+        labels))
+    return optax.MultiSteps(tx, every_k_schedule=o.grad_accum) if o.grad_accum > 1 else tx
+
+
+def learning_rates(cfg: TrainConfig, update: int) -> dict[str, float]:
+    """The two groups' learning rates at optimizer update ``update`` (for the log)."""
+    return {"lr": float(schedule(cfg, cfg.optim.lr)(update)),
+            "lr_gates": float(schedule(cfg, cfg.optim.lr_gates)(update))}
+
+
+def _key_name(key: Any) -> str:
+    return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+
+
+def loss_fn(cfg: TrainConfig, model: CausalLM, tokens: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy of ``tokens`` (B, L + 1)."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if cfg.stage == "phase2":
+        state = model.init_state(inputs.shape[0], jnp.dtype(cfg.optim.compute_dtype),
+                                 mem_init="zeros")
+        lengths = jnp.full((inputs.shape[0],), inputs.shape[1], jnp.int32)
+        logits, _ = model.prefill_segment(inputs, lengths, state,
+                                          block_size=cfg.phase2.block_size, training=True,
+                                          unroll=1, remat=cfg.phase2.remat)
+    else:
+        logits, _ = model(inputs)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), targets).mean()
+
+
+def _cast_loss(cfg: TrainConfig, graphdef: Any, params: Any, tokens: jax.Array) -> jax.Array:
+    """The loss with the float32 master weights cast to ``compute_dtype`` (their
+    gradients flow back through the cast in float32)."""
+    compute = jnp.dtype(cfg.optim.compute_dtype)
+    cast = jax.tree.map(
+        lambda a: a.astype(compute) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+    return loss_fn(cfg, nnx.merge(graphdef, cast), tokens)
+
+
+def make_train_step(cfg: TrainConfig, graphdef: Any, tx: optax.GradientTransformation
+                    ) -> Callable:
+    """``step(params, opt_state, tokens) -> (params, opt_state, loss, grad_norm)``,
+    compiled; one microbatch (an optimizer update every ``grad_accum`` calls)."""
+    loss_of = functools.partial(_cast_loss, cfg, graphdef)
+
+    @jax.jit
+    def step(params, opt_state, tokens):
+        loss, grads = jax.value_and_grad(loss_of)(params, tokens)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
+
+    return step
+
+
+def make_eval_loss(cfg: TrainConfig, graphdef: Any) -> Callable:
+    """``loss(params, tokens)`` compiled, no gradient (held-out loss)."""
+
+    return jax.jit(functools.partial(_cast_loss, cfg, graphdef))
+
+
+def trainable_count(cfg: TrainConfig, params: Any) -> int:
+    """Parameters the optimizer updates."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return int(sum(np.prod(leaf.shape) for path, leaf in flat
+                   if param_label(tuple(_key_name(k) for k in path), cfg.optim.trainable)
+                   != "frozen"))
