@@ -38,9 +38,24 @@ def attention_spec(cfg: TrainConfig) -> AttentionSpec:
     return AttentionSpec.from_options(cfg.attention.kind, options)
 
 
-def _param_paths(model: nnx.Module) -> dict[tuple[str, ...], nnx.Variable]:
+def param_paths(model: nnx.Module) -> dict[tuple[str, ...], nnx.Variable]:
+    """Every parameter of ``model`` by its path."""
     return {tuple(str(p) for p in path): var for path, var in nnx.iter_graph(model)
             if isinstance(var, nnx.Param)}
+
+
+def copy_matching_params(source: nnx.Module, target: nnx.Module) -> dict[str, list[str]]:
+    """Copy into ``target`` every parameter ``source`` has at the same path and shape
+    (as float32); -> ``{"init": copied paths, "new": the others}``."""
+    old = param_paths(source)
+    sources: dict[str, list[str]] = {"init": [], "new": []}
+    for path, var in param_paths(target).items():
+        if path in old and old[path][...].shape == var[...].shape:
+            var[...] = old[path][...].astype(var[...].dtype)
+            sources["init"].append(".".join(path))
+        else:
+            sources["new"].append(".".join(path))
+    return sources
 
 
 def build_model(cfg: TrainConfig) -> tuple[CausalLM, dict[str, list[str]]]:
@@ -53,19 +68,9 @@ def build_model(cfg: TrainConfig) -> tuple[CausalLM, dict[str, list[str]]]:
     else:
         base, decoder = None, DecoderConfig(**dataclasses.asdict(cfg.model))
     model = CausalLM(decoder, attention=spec, param_dtype=jnp.float32, rngs=nnx.Rngs(cfg.seed))
-    sources: dict[str, list[str]] = {"init": [], "new": []}
     if base is None:
-        sources["new"] = [".".join(p) for p in _param_paths(model)]
-        return model, sources
-    old = _param_paths(base)
-    for path, var in _param_paths(model).items():
-        name = ".".join(path)
-        if path in old and old[path][...].shape == var[...].shape:
-            var[...] = old[path][...].astype(jnp.float32)
-            sources["init"].append(name)
-        else:
-            sources["new"].append(name)
-    return model, sources
+        return model, {"init": [], "new": [".".join(p) for p in param_paths(model)]}
+    return model, copy_matching_params(base, model)
 
 
 def param_label(path: tuple[str, ...], trainable: str) -> str:
