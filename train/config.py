@@ -93,6 +93,15 @@ class CheckpointSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshSection:
+    """Devices as a (data, fsdp) mesh (``train/sharding.py``); data=-1 takes every
+    device the fsdp axis leaves. optim.batch_size must divide by data x fsdp."""
+
+    data: int = -1
+    fsdp: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One stage of training. ``init``: a saved model directory (ours) to start
     from; empty for ``pretrain`` from scratch. Parameters the initial model lacks
@@ -109,6 +118,7 @@ class TrainConfig:
     optim: OptimSection = OptimSection()
     phase2: Phase2Section = Phase2Section()
     checkpoint: CheckpointSection = CheckpointSection()
+    mesh: MeshSection = MeshSection()
 
     def __post_init__(self) -> None:
         _check_choice("stage", self.stage, Stage)
@@ -142,7 +152,8 @@ class TrainConfig:
 
 
 # Fields a resumed run may change (a longer run, other logging): the rest must match.
-RESUMABLE_CHANGES = ("optim.steps", "log_every", "checkpoint.every", "checkpoint.keep")
+RESUMABLE_CHANGES = ("optim.steps", "log_every", "checkpoint.every", "checkpoint.keep",
+                     "mesh.data", "mesh.fsdp")
 
 
 def _check_choice(name: str, value: Any, literal: Any) -> None:

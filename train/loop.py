@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from coda_jax import save_model
 
-from . import data
+from . import data, sharding
 from .config import TrainConfig, config_differences
 from .steps import build_model, learning_rates, make_optimizer, make_train_step, trainable_count
 
@@ -110,8 +110,10 @@ def run(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True,
     batches = _load_data(cfg)   # before anything is built: bad data fails fast
     model, sources = build_model(cfg)
     graphdef, params = nnx.split(model)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    params = sharding.shard_params(mesh, params)
     tx = make_optimizer(cfg, params)
-    opt_state = tx.init(params)
+    opt_state = sharding.shard_params(mesh, tx.init(params))
     step_fn = make_train_step(cfg, graphdef, tx)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -150,6 +152,7 @@ def run(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True,
             losses, norms = [], []
             for _ in range(cfg.optim.grad_accum):
                 batch, position = batches.batch(position)
+                batch = sharding.shard_batch(mesh, batch)
                 new_params, new_opt, micro_loss, norm = step_fn(params, opt_state, batch)
                 micro_loss = float(micro_loss)
                 if not math.isfinite(micro_loss):

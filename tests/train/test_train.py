@@ -39,7 +39,7 @@ def _config(tmp_path: Path, **sections) -> TrainConfig:
         optim=dict(steps=24, lr=1e-2, lr_gates=1e-2, warmup_steps=2, batch_size=2,
                    grad_accum=2, trainable="all", compute_dtype="float32"),
         phase2=dict(block_size=8),
-        checkpoint=dict(every=4, keep=2))
+        checkpoint=dict(every=4, keep=2), mesh=dict(data=-1, fsdp=1))
     for key, value in sections.items():
         base[key] = base[key] | value if isinstance(value, dict) else value
     return TrainConfig.from_dict(base)
@@ -246,3 +246,37 @@ def test_evaluation_unbounded_and_bounded(tmp_path, capsys):
 def main_eval(evaluation, tmp_path, extra):
     return evaluation.main([str(tmp_path / "r" / "model"), "--data",
                             str(tmp_path / "tokens.npy"), *extra])
+
+
+def test_four_devices_give_the_losses_of_one(tmp_path):
+    """The same run on a 2 x 2 (data, fsdp) mesh of forced CPU devices and on one device."""
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import json, sys
+sys.path[:0] = {[str(Path(__file__).parents[1]), str(Path(__file__).parent)]!r}
+import jax
+jax.config.update("jax_default_matmul_precision", "highest")
+from pathlib import Path
+import test_train as t
+from train import loop
+mesh = dict(data=int(sys.argv[1]), fsdp=int(sys.argv[2]))
+cfg = t._config(Path(sys.argv[3]), optim=dict(steps=3, batch_size=4, grad_accum=1), mesh=mesh)
+loop.run(cfg, Path(sys.argv[3]) / "run", progress=False)
+print(json.dumps(t._losses(Path(sys.argv[3]) / "run")), len(jax.devices()))
+"""
+    runs = {}
+    for devices, data_axis, fsdp_axis in ((1, 1, 1), (4, 2, 2)):
+        out = tmp_path / f"d{devices}"
+        out.mkdir()
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        done = subprocess.run([sys.executable, "-c", script, str(data_axis), str(fsdp_axis),
+                               str(out)], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        losses, count = done.stdout.strip().splitlines()[-1].rsplit(" ", 1)
+        assert int(count) == devices
+        runs[devices] = json.loads(losses)
+    np.testing.assert_allclose(runs[4], runs[1], rtol=1e-5)
