@@ -4,7 +4,8 @@ A run directory holds ``config.json`` (the run's config), ``checkpoints/``
 (Orbax ``CheckpointManager``: params, optimizer state, step, data position,
 every ``checkpoint.every`` updates and at the end, the last ``keep`` kept),
 ``metrics.jsonl`` (one JSON object per logged update) and, at the end,
-``model/`` (the trained model, ``coda_jax.save_model``). Running again on the
+``model/`` (the trained model, ``coda_jax.save_model``) and, for CoDA models,
+``coda_adapters.pt`` (the reference's adapter format). Running again on the
 same directory resumes from its last checkpoint and reproduces the
 uninterrupted run exactly; a directory of another config is refused. A NaN or
 Inf loss stops the run with the last good checkpoint kept.
@@ -25,6 +26,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from coda_jax import save_model
+from convert import save_adapters
 
 from . import data, sharding
 from .config import TrainConfig, config_differences
@@ -192,4 +194,8 @@ def run(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True,
     model_dir = save_model(run_dir / "model", trained, overwrite=True,
                            extra_meta={"trained_by": RUN_FORMAT, "stage": cfg.stage,
                                        "updates": update})
-    return summary | {"model": str(model_dir)}
+    summary["model"] = str(model_dir)
+    if trained.attention != "gqa":  # the reference's format: loads there with strict=True
+        summary["adapters"] = str(save_adapters(trained, run_dir / "coda_adapters.pt",
+                                                overwrite=True))
+    return summary

@@ -280,3 +280,37 @@ print(json.dumps(t._losses(Path(sys.argv[3]) / "run")), len(jax.devices()))
         assert int(count) == devices
         runs[devices] = json.loads(losses)
     np.testing.assert_allclose(runs[4], runs[1], rtol=1e-5)
+
+
+def test_exported_adapters_load_into_the_reference_and_give_our_logits(tmp_path):
+    """Phase 1 from a HF Llama: the run's coda_adapters.pt, loaded with strict=True into
+    the reference's own swap of that Llama, gives the trained model's logits."""
+    import coda_gqa_l
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from coda_jax import save_model
+    from convert import load_hf_model
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=VOCAB))
+    hf.save_pretrained(tmp_path / "hf")
+    save_model(tmp_path / "base", load_hf_model(tmp_path / "hf", dtype=jnp.float32,
+                                                progress=False))
+    cfg = _config(tmp_path, stage="phase1", init=str(tmp_path / "base"),
+                  attention=dict(kind="coda"),
+                  optim=dict(steps=3, grad_accum=1, trainable="attention"))
+    summary = loop.run(cfg, tmp_path / "p1", progress=False)
+    original_q = hf.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    adapters = coda_gqa_l.LlamaCoDAAdapter.swap_llama_layers(hf, bounded=False)
+    saved = torch.load(summary["adapters"], weights_only=True)
+    assert not torch.equal(saved["layer_0"]["coda.q_proj.weight"], original_q)  # trained
+    for i, adapter in enumerate(adapters):
+        adapter.load_state_dict(saved[f"layer_{i}"], strict=True)
+    tokens = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = hf.eval()(tokens, use_cache=False).logits.numpy()
+    got, _ = load_model(tmp_path / "p1" / "model")(jnp.asarray(tokens.numpy()))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
