@@ -4,11 +4,14 @@ HuggingFace model directories (``load_hf_model``), the reference's adapter
 files (``load_adapters``, ``save_adapters``, ``read_adapter_file``), its
 modules and per-layer states (``from_reference``, ``state_from_reference``,
 ``state_to_reference``), and its saved neural-database states
-(``import_reference_states``). The command line is ``python -m convert``.
+(``import_reference_states``); compact bf16 safetensors exports of whole
+models in shards of bounded size (``export_model``, ``load_export``). The
+command line is ``python -m convert``.
 """
 
 from .adapters import adapter_weights, load_adapters, read_adapter_file, save_adapters
 from .hf import load_hf_model, read_config
+from .model_export import export_model, load_export
 from .reference import (
     from_reference,
     load_reference_weights,
@@ -20,9 +23,11 @@ from .reference_states import import_reference_states, read_reference_states
 
 __all__ = [
     "adapter_weights",
+    "export_model",
     "from_reference",
     "import_reference_states",
     "load_adapters",
+    "load_export",
     "load_hf_model",
     "load_reference_weights",
     "read_adapter_file",

@@ -1,0 +1,53 @@
+"""Compact sharded safetensors exports of whole models, and loading them back."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from coda_jax import CausalLM, DecoderConfig
+from convert import export_model, load_export
+
+CFG = DecoderConfig("llama", 97, 32, 48, 3, 4, 2, 8)
+
+
+def test_export_is_sharded_bf16_and_loads_back(tmp_path):
+    model = CausalLM(CFG, attention="coda_bounded",
+                     attention_options=dict(window=8, num_landmarks_exact=4,
+                                            num_landmarks_summary=4), rngs=nnx.Rngs(0))
+    out = export_model(model, tmp_path / "e", max_shard_bytes=4096)
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) > 3 and all(f.stat().st_size <= 4096 + 2048 for f in files)
+    assert json.loads((out / "export.json").read_text())["dtype"] == "bfloat16"
+    back = load_export(out, dtype=jnp.float32)
+    assert back.spec == model.spec
+    for a, b in zip(jax.tree.leaves(nnx.state(back)), jax.tree.leaves(nnx.state(model))):
+        np.testing.assert_array_equal(np.asarray(a),
+                                      np.asarray(b.astype(jnp.bfloat16).astype(jnp.float32)))
+    tokens = jnp.array([[1, 2, 3, 4, 5]])
+    want, _ = model.prefill(tokens, model.init_state(1, mem_init="zeros"), block_size=4)
+    got, _ = back.prefill(tokens, back.init_state(1, mem_init="zeros"), block_size=4)
+    assert float(jnp.abs(got - want).max()) < 0.1  # bf16 weights
+
+
+def test_damaged_or_foreign_exports_are_refused(tmp_path):
+    model = CausalLM(CFG, rngs=nnx.Rngs(0))
+    out = export_model(model, tmp_path / "e", max_shard_bytes=8192)
+    first = sorted(out.glob("*.safetensors"))[0]
+    first.write_bytes(first.read_bytes()[:-3] + b"xyz")
+    with pytest.raises(ValueError, match="damaged: model-00001.safetensors does not match"):
+        load_export(out)
+    with pytest.raises(FileNotFoundError, match="no model export"):
+        load_export(tmp_path / "nothing")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "a.txt").write_text("keep")
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        export_model(model, tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine" / "a.txt").read_text() == "keep"
+    export_model(model, out, overwrite=True)  # our own export: replaced
+    load_export(out)
