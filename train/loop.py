@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -153,9 +154,11 @@ def run(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True,
         while update < end:
             losses, norms = [], []
             for _ in range(cfg.optim.grad_accum):
+                # The sequences' position seeds the draws: a resumed run draws the same.
+                key = jax.random.fold_in(jax.random.key(cfg.seed), position)
                 batch, position = batches.batch(position)
                 batch = sharding.shard_batch(mesh, batch)
-                new_params, new_opt, micro_loss, norm = step_fn(params, opt_state, batch)
+                new_params, new_opt, micro_loss, norm = step_fn(params, opt_state, batch, key)
                 micro_loss = float(micro_loss)
                 if not math.isfinite(micro_loss):
                     bar.close()

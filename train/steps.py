@@ -117,12 +117,32 @@ def _key_name(key: Any) -> str:
     return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
 
 
-def loss_fn(cfg: TrainConfig, model: CausalLM, tokens: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy of ``tokens`` (B, L + 1)."""
+def random_active_sizes(state, bank, key: jax.Array):
+    """A state whose active bank sizes are drawn per layer and row, uniformly between
+    each bank's minimum and maximum (training with dynamic expansion configured sees
+    every size it may run at)."""
+    k_exact, k_summary = jax.random.split(key)
+    shape = state.active_exact.shape
+    draws = {}
+    for name, k, lo, hi in (("active_exact", k_exact, bank.min_landmarks_exact,
+                             bank.max_landmarks_exact),
+                            ("active_summary", k_summary, bank.min_landmarks_summary,
+                             bank.max_landmarks_summary)):
+        if lo < hi:
+            draws[name] = jax.random.randint(k, shape, lo, hi + 1, state.active_exact.dtype)
+    return state.replace(**draws)
+
+
+def loss_fn(cfg: TrainConfig, model: CausalLM, tokens: jax.Array,
+            key: jax.Array | None = None) -> jax.Array:
+    """Mean next-token cross-entropy of ``tokens`` (B, L + 1); ``key`` draws the
+    active bank sizes in phase 2 (none: the banks' initial sizes)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     if cfg.stage == "phase2":
         state = model.init_state(inputs.shape[0], jnp.dtype(cfg.optim.compute_dtype),
                                  mem_init="zeros")
+        if key is not None:
+            state = random_active_sizes(state, model.spec.bank, key)
         lengths = jnp.full((inputs.shape[0],), inputs.shape[1], jnp.int32)
         logits, _ = model.prefill_segment(inputs, lengths, state,
                                           block_size=cfg.phase2.block_size, training=True,
@@ -133,24 +153,26 @@ def loss_fn(cfg: TrainConfig, model: CausalLM, tokens: jax.Array) -> jax.Array:
         logits.astype(jnp.float32), targets).mean()
 
 
-def _cast_loss(cfg: TrainConfig, graphdef: Any, params: Any, tokens: jax.Array) -> jax.Array:
+def _cast_loss(cfg: TrainConfig, graphdef: Any, params: Any, tokens: jax.Array,
+               key: jax.Array | None = None) -> jax.Array:
     """The loss with the float32 master weights cast to ``compute_dtype`` (their
     gradients flow back through the cast in float32)."""
     compute = jnp.dtype(cfg.optim.compute_dtype)
     cast = jax.tree.map(
         lambda a: a.astype(compute) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
-    return loss_fn(cfg, nnx.merge(graphdef, cast), tokens)
+    return loss_fn(cfg, nnx.merge(graphdef, cast), tokens, key)
 
 
 def make_train_step(cfg: TrainConfig, graphdef: Any, tx: optax.GradientTransformation
                     ) -> Callable:
-    """``step(params, opt_state, tokens) -> (params, opt_state, loss, grad_norm)``,
-    compiled; one microbatch (an optimizer update every ``grad_accum`` calls)."""
+    """``step(params, opt_state, tokens, key) -> (params, opt_state, loss, grad_norm)``,
+    compiled; one microbatch (an optimizer update every ``grad_accum`` calls); ``key``
+    draws phase 2's active bank sizes."""
     loss_of = functools.partial(_cast_loss, cfg, graphdef)
 
     @jax.jit
-    def step(params, opt_state, tokens):
-        loss, grads = jax.value_and_grad(loss_of)(params, tokens)
+    def step(params, opt_state, tokens, key):
+        loss, grads = jax.value_and_grad(loss_of)(params, tokens, key)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 

@@ -119,8 +119,9 @@ def test_the_attention_mask_trains_only_attention(tmp_path):
     tx = steps.make_optimizer(cfg, params)
     step = steps.make_train_step(cfg, graphdef, tx)
     tokens = jax.random.randint(jax.random.key(1), (2, 33), 0, VOCAB)
-    new, opt_state, _, _ = step(params, tx.init(params), tokens)  # warmup: lr 0 at first
-    new, _, _, _ = step(new, opt_state, tokens)
+    key = jax.random.key(0)
+    new, opt_state, _, _ = step(params, tx.init(params), tokens, key)  # warmup: lr 0 first
+    new, _, _, _ = step(new, opt_state, tokens, key)
     np.testing.assert_array_equal(np.asarray(new["embed_tokens"]["embedding"][...]),
                                   np.asarray(params["embed_tokens"]["embedding"][...]))
     assert not np.array_equal(np.asarray(new["layers"]["self_attn"]["q_proj"]["kernel"][...]),
@@ -176,9 +177,9 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     def poisoned(cfg, graphdef, tx):
         step = real(cfg, graphdef, tx)
 
-        def wrapped(params, opt_state, tokens):
+        def wrapped(params, opt_state, tokens, key):
             calls["n"] += 1
-            out = step(params, opt_state, tokens)
+            out = step(params, opt_state, tokens, key)
             return out if calls["n"] < 11 else (out[0], out[1], jnp.float32(jnp.nan), out[3])
         return wrapped
 
@@ -314,3 +315,17 @@ def test_exported_adapters_load_into_the_reference_and_give_our_logits(tmp_path)
         want = hf.eval()(tokens, use_cache=False).logits.numpy()
     got, _ = load_model(tmp_path / "p1" / "model")(jnp.asarray(tokens.numpy()))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_phase2_draws_active_bank_sizes_when_expansion_is_configured(tmp_path):
+    options = BANKS | dict(min_landmarks_exact=1, min_landmarks_summary=2)
+    cfg = _config(tmp_path, stage="phase2", attention=dict(kind="coda_bounded", options=options))
+    model, _ = steps.build_model(cfg)
+    state = model.init_state(64, mem_init="zeros")
+    drawn = steps.random_active_sizes(state, model.spec.bank, jax.random.key(3))
+    assert set(np.unique(np.asarray(drawn.active_exact)).tolist()) == {1, 2, 3, 4}
+    assert set(np.unique(np.asarray(drawn.active_summary)).tolist()) == {2, 3, 4}
+    fixed = steps.random_active_sizes(state, steps.build_model(_config(
+        tmp_path, stage="phase2", attention=dict(kind="coda_bounded", options=BANKS)))[0]
+        .spec.bank, jax.random.key(3))
+    np.testing.assert_array_equal(np.asarray(fixed.active_exact), np.asarray(state.active_exact))
