@@ -50,13 +50,10 @@ a corpus built by this command.
 from __future__ import annotations
 
 import argparse
-import bz2
 import gzip
 import hashlib
-import html.parser
 import importlib.metadata
 import json
-import lzma
 import os
 import platform
 import re
@@ -78,6 +75,8 @@ from tqdm import tqdm
 from coda_jax import safe_paths
 
 from . import data
+from .markup import html_to_text, pod_to_text, rst_to_text
+from .r_data import read_r_lazyload
 
 MANIFEST = "manifest.json"
 CORPUS_FORMAT = "coda_jax.corpus"
@@ -505,96 +504,6 @@ def find_wordnet(args) -> Found | str:
     return Found(str(root), _dpkg_version("wordnet-base"), documents)
 
 
-class _HTMLText(html.parser.HTMLParser):
-    """Visible text of an HTML page: scripts, styles, navigation and sidebars
-    dropped, blocks on their own lines, whitespace kept only inside <pre>.
-    With ``main_only`` only what lies inside an element of role="main" counts."""
-
-    VOID = frozenset({"br", "img", "hr", "meta", "link", "input", "wbr", "area", "base", "col",
-                      "embed", "source", "track", "param"})
-    SKIP_TAGS = frozenset({"script", "style", "head", "nav", "noscript", "svg", "form", "button",
-                           "select", "textarea", "template", "iframe"})
-    SKIP_CLASSES = frozenset({"sphinxsidebar", "related", "footer", "headerlink", "navheader",
-                              "navfooter", "breadcrumbs", "mobile-nav", "toctree-wrapper", "toc"})
-    PARAGRAPH = frozenset({"p", "div", "section", "article", "h1", "h2", "h3", "h4", "h5", "h6",
-                           "ul", "ol", "dl", "table", "pre", "blockquote", "figure", "hr",
-                           "header", "footer", "main", "aside"})
-    LINE = frozenset({"br", "li", "dt", "dd", "tr", "caption", "figcaption", "th"})
-
-    def __init__(self, main_only: bool):
-        super().__init__(convert_charrefs=True)
-        self.main_only = main_only
-        self.stack: list[tuple[str, bool, bool, bool]] = []  # tag, skip, main, pre
-        self.out: list[str] = []
-        self.newlines = 0  # at the end of the output so far
-
-    def _state(self) -> tuple[bool, bool, bool]:
-        return self.stack[-1][1:] if self.stack else (False, False, False)
-
-    def _break(self, text: str) -> None:
-        """End the line ("\\n") or paragraph ("\\n\\n"), once however many blocks end here."""
-        if self.out and len(text) > self.newlines:
-            self.out.append("\n" * (len(text) - self.newlines))
-            self.newlines = len(text)
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        skip, main, pre = self._state()
-        classes = set((attrs.get("class") or "").split())
-        skip = skip or tag in self.SKIP_TAGS or bool(classes & self.SKIP_CLASSES)
-        main = main or attrs.get("role") == "main"
-        pre = pre or tag == "pre"
-        if tag in self.PARAGRAPH:
-            self._break("\n\n")
-        elif tag in self.LINE:
-            self._break("\n")
-        if tag == "li" and not skip and (main or not self.main_only):
-            self.out.append("- ")
-        if tag not in self.VOID:
-            self.stack.append((tag, skip, main, pre))
-
-    def handle_startendtag(self, tag, attrs):
-        if tag in self.PARAGRAPH | self.LINE:
-            self._break("\n")
-
-    def handle_endtag(self, tag):
-        if any(t == tag for t, *_ in self.stack):
-            while self.stack:
-                if self.stack.pop()[0] == tag:
-                    break
-        if tag in self.PARAGRAPH:
-            self._break("\n\n")
-        elif tag in self.LINE:
-            self._break("\n")
-        elif tag in ("td", "th") and self.out and not self.newlines:
-            self.out.append(" ")
-
-    def handle_data(self, text):
-        skip, main, pre = self._state()
-        if skip or (self.main_only and not main):
-            return
-        if not pre:
-            text = re.sub(r"\s+", " ", text)
-            if not self.out or self.newlines:
-                text = text.lstrip()
-        if text:
-            self.out.append(text)
-            trailing = len(text) - len(text.rstrip("\n"))
-            self.newlines = trailing if trailing < len(text) else self.newlines + trailing
-
-    def text(self) -> str:
-        return "".join(self.out)
-
-
-def html_to_text(page: str) -> str:
-    """The readable text of an HTML page (its role="main" part where it has one)."""
-    parser = _HTMLText(main_only=re.search(r"""role=["']?main\b""", page) is not None)
-    parser.feed(page)
-    parser.close()
-    lines = [line.rstrip() for line in parser.text().split("\n")]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-
-
 def find_python_doc(args) -> Found | str:
     roots = sorted((p for p in Path("/usr/share/doc").glob("python3.*/html")
                     if re.fullmatch(r"python3\.\d+", p.parent.name) and not p.parent.is_symlink()),
@@ -617,41 +526,6 @@ def find_python_doc(args) -> Found | str:
     return Found(str(root), _dpkg_version(package), documents)
 
 
-_RST_KEPT_DIRECTIVES = ("code-block", "code", "note", "warning", "important", "tip", "attention",
-                        "caution", "hint", "literalinclude", "sourcecode")
-
-
-def _clean_rst(text: str) -> str:
-    """reStructuredText / kernel .txt made plainer: comments, anchors and the
-    blocks of most directives (toctree, kernel-doc, ...) dropped, admonitions and
-    code blocks kept without their markup, over/underlines dropped, roles
-    reduced to their text."""
-    out, skip_indent = [], None
-    for line in text.split("\n"):
-        stripped = line.strip()
-        indent = len(line) - len(line.lstrip())
-        if skip_indent is not None:
-            if not stripped or indent > skip_indent:
-                continue
-            skip_indent = None
-        m = re.match(r"^\.\.(\s+([\w:-]+)::|\s*$|\s+_|\s+\[|\s+\||\s+\S)", stripped)
-        if m:
-            if m[2] and m[2] in _RST_KEPT_DIRECTIVES:  # the directive line goes, its block stays
-                code = m[2] in ("code-block", "code", "literalinclude", "sourcecode")
-                out.append(line[:indent] + ("" if code else f"{m[2].capitalize()}:"))
-                continue
-            skip_indent = indent  # comments, anchors, substitutions, other directives
-            continue
-        if re.match(r"^:\w[\w-]*:( |$)", stripped):
-            continue  # field lists of directives and file-wide metadata
-        if len(stripped) >= 3 and re.fullmatch(r"([=\-~^*#+`'\"._])\1+", stripped):
-            continue
-        line = re.sub(r":[\w:+-]+:`([^`<]*?)(?:\s*<[^`>]*>)?`", r"\1", line)
-        line = re.sub(r"`([^`<]+?)\s*<[^`>]+>`_{1,2}", r"\1", line)
-        out.append(line.replace("``", "`"))
-    return "\n".join(out)
-
-
 def find_linux_doc(args) -> Found | str:
     roots = sorted(Path("/usr/share/doc").glob("linux-doc-*/Documentation"), reverse=True)
     if not roots:
@@ -667,85 +541,9 @@ def find_linux_doc(args) -> Found | str:
             if not re.search(r"\.(rst|txt)(\.gz)?$", path.name):
                 continue
             name = re.sub(r"\.gz$", "", str(rel))
-            yield Document(name, _clean_rst(_read_text_file(path)))
+            yield Document(name, rst_to_text(_read_text_file(path)))
 
     return Found(str(root), _dpkg_version(root.parent.name), documents)
-
-
-def pod_to_text(pod: str) -> str:
-    """The text of a POD manual: commands become headings and items, formatting
-    codes their text; verbatim (indented) paragraphs are kept as they are."""
-    out, skipping = [], None
-    for para in re.split(r"\n\s*\n", pod):
-        para = para.lstrip("\n")
-        if not para.strip():
-            continue
-        if skipping:
-            if re.match(rf"^=end\s+{re.escape(skipping)}", para):
-                skipping = None
-            continue
-        if para.startswith("="):
-            m = re.match(r"^=(\w+)\s*(.*)", para, re.DOTALL)
-            command, rest = m[1], " ".join(m[2].split())
-            if command.startswith("head"):
-                out.append(_pod_codes(rest))
-            elif command == "item":
-                bullet = rest.startswith("*") or re.match(r"^\d+\.?(\s|$)", rest)
-                out.append(_pod_codes(rest if bullet else f"* {rest}"))
-            elif command == "begin":
-                fmt = rest.split()[0] if rest else ""
-                if fmt.lstrip(":") not in ("text", "man"):
-                    skipping = fmt
-            continue  # =over, =back, =cut, =pod, =for, =encoding ...
-        if para[0] in " \t":
-            out.append(para.rstrip())
-        else:
-            out.append(_pod_codes(para))
-    return "\n\n".join(out)
-
-
-_POD_ESCAPES = {"lt": "<", "gt": ">", "verbar": "|", "sol": "/", "quot": '"', "amp": "&",
-                "apos": "'", "nbsp": " "}
-
-
-def _pod_escape(name: str) -> str:
-    if name.isdigit() or re.fullmatch(r"0x[0-9a-fA-F]+", name):
-        value = int(name, 0) if not name.isdigit() else int(name)
-        return chr(value) if value < 0x110000 else ""
-    return _POD_ESCAPES.get(name, html.unescape(f"&{name};"))
-
-
-def _pod_link(inner: str) -> str:
-    text, bar, target = inner.partition("|")
-    if bar:
-        return text
-    target = text
-    if "://" in target:
-        return target
-    page, slash, section = target.partition("/")
-    section = section.strip('"')
-    return f"{section} in {page}" if slash and page else (section or page)
-
-
-def _pod_codes(text: str) -> str:
-    for n in (4, 3, 2):  # multi-bracket forms first: C<< $a <=> $b >>
-        text = re.sub(rf"([A-Z]){'<' * n}\s(.*?)\s{'>' * n}", lambda m: _pod_code(m[1], m[2]),
-                      text, flags=re.DOTALL)
-    previous = None
-    while previous != text:
-        previous = text
-        text = re.sub(r"([A-Z])<([^<>]*)>", lambda m: _pod_code(m[1], m[2]), text)
-    return text
-
-
-def _pod_code(code: str, inner: str) -> str:
-    if code == "E":
-        return _pod_escape(inner)
-    if code == "L":
-        return _pod_link(inner)
-    if code in ("X", "Z"):
-        return ""
-    return inner
 
 
 def find_perl_doc(args) -> Found | str:
@@ -772,159 +570,6 @@ def find_debian_reference(args) -> Found | str:
             yield Document(path.name, html_to_text(_read_text_file(path)))
 
     return Found(str(root), _dpkg_version("debian-reference-en"), documents)
-
-
-# ---------------------------------------------- R data, read without R
-
-
-class RVector(list):
-    """An R vector read by :class:`_RUnserializer`, with its attributes (``names``...)."""
-
-    attrs: dict
-
-
-class _RUnserializer:
-    """Just enough of R's XDR serialisation (versions 2 and 3) to read data
-    objects: vectors, pairlists, symbols, environments, attributes, references."""
-
-    PAIRLISTS = (2, 3, 5, 6, 17)  # LISTSXP, CLOSXP, PROMSXP, LANGSXP, DOTSXP
-
-    def __init__(self, raw: bytes):
-        if raw[:2] != b"X\n":
-            raise ValueError("not an R XDR serialisation")
-        self.raw, self.pos, self.refs = raw, 2, []
-        version = self._int()
-        self._int(), self._int()
-        if version == 3:
-            length = self._int()
-            self.pos += length  # the native encoding's name
-        elif version != 2:
-            raise ValueError(f"R serialisation version {version} is not supported")
-
-    def _int(self) -> int:
-        (value,) = struct.unpack_from(">i", self.raw, self.pos)
-        self.pos += 4
-        return value
-
-    def _length(self) -> int:
-        n = self._int()
-        if n == -1:
-            high, low = self._int(), self._int()
-            n = (high << 32) + low
-        return n
-
-    @staticmethod
-    def _attrs(pairlist) -> dict:
-        if isinstance(pairlist, tuple) and pairlist[0] == "pairlist":
-            return {tag: value for tag, value in pairlist[1]}
-        return {}
-
-    def read(self):
-        flags = self._int()
-        kind, has_attr, has_tag = flags & 0xFF, flags & (1 << 9), flags & (1 << 10)
-        if kind in (254, 242, 241, 253, 252, 251, 250):  # NULL and special environments
-            return None
-        if kind == 255:  # a reference to an earlier symbol or environment
-            index = flags >> 8 or self._int()
-            return self.refs[index - 1]
-        if kind == 1:  # SYMSXP: its name follows as a CHARSXP
-            symbol = self.read()
-            self.refs.append(symbol)
-            return symbol
-        if kind in (247, 248, 249):  # persistent / package / namespace names
-            self._int()
-            names = [self.read() for _ in range(self._int())]
-            self.refs.append(("namespace", names))
-            return self.refs[-1]
-        if kind == 4:  # ENVSXP
-            env: dict = {}
-            self.refs.append(env)
-            self._int()
-            env.update(enclos=self.read(), frame=self.read(), hashtab=self.read(),
-                       attrib=self.read())
-            return env
-        if kind in self.PAIRLISTS:  # attr, tag, car, then the cdr: read as a loop
-            items = []
-            while True:
-                if has_attr:
-                    self.read()
-                tag = self.read() if has_tag else None
-                items.append((tag, self.read()))
-                flags = self._int()
-                kind, has_attr, has_tag = flags & 0xFF, flags & (1 << 9), flags & (1 << 10)
-                if kind not in self.PAIRLISTS:
-                    self.pos -= 4
-                    self.read()  # the last cdr (normally NULL)
-                    return ("pairlist", items)
-        if kind == 9:  # CHARSXP
-            n = self._int()
-            if n == -1:
-                return None  # NA_character_
-            text = self.raw[self.pos:self.pos + n]
-            self.pos += n
-            latin1 = (flags >> 12) & (1 << 2)
-            return text.decode("latin-1" if latin1 else "utf-8", errors="replace")
-        if kind in (10, 13):  # LGLSXP, INTSXP
-            n = self._length()
-            values = RVector(struct.unpack_from(f">{n}i", self.raw, self.pos))
-            self.pos += 4 * n
-        elif kind == 14:  # REALSXP
-            n = self._length()
-            values = RVector(struct.unpack_from(f">{n}d", self.raw, self.pos))
-            self.pos += 8 * n
-        elif kind in (16, 19, 20):  # STRSXP, VECSXP, EXPRSXP
-            values = RVector(self.read() for _ in range(self._length()))
-        elif kind == 238:  # ALTREP (compact sequences, wrappers): class info, state, attributes
-            info, state, attrs = self.read(), self.read(), self.read()
-            name = info[1][0][1] if isinstance(info, tuple) and info[0] == "pairlist" else None
-            if name in ("wrap_integer", "wrap_real", "wrap_string", "wrap_logical") \
-                    and isinstance(state, list):
-                values = RVector(state[0])
-            elif name in ("compact_intseq", "compact_realseq") and isinstance(state, list):
-                n, start, step = state[0], state[1], state[2]
-                values = RVector(start + step * i for i in range(int(n)))
-            else:
-                raise ValueError(f"the R ALTREP class {name} is not supported")
-            values.attrs = self._attrs(attrs)
-            return values
-        else:
-            raise ValueError(f"R object type {kind} is not supported")
-        values.attrs = self._attrs(self.read()) if has_attr else {}
-        return values
-
-
-def read_r_lazyload(rdx: Path) -> dict[str, object]:
-    """The objects of an R lazy-load database (``NAME.rdx`` + ``NAME.rdb``) by name,
-    read without R (``ValueError`` for what this reader does not handle)."""
-    raw = rdx.read_bytes()
-    raw = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else zlib.decompress(raw[4:])
-    index = _RUnserializer(raw).read()
-    names = getattr(index, "attrs", {}).get("names") or []
-    if not isinstance(index, list) or "variables" not in names:
-        raise ValueError(f"{rdx} is not an R lazy-load index")
-    fields = dict(zip(names, index))
-    variables = fields["variables"]
-    compressed = (fields.get("compressed") or [1])[0]
-    blob = rdx.with_suffix(".rdb").read_bytes()
-    out = {}
-    for name, span in zip(variables.attrs.get("names", []), variables):
-        offset, length = int(span[0]), int(span[1])
-        record = blob[offset:offset + length]
-        size, body = int.from_bytes(record[:4], "big"), record[4:]
-        if compressed in (2, 3):  # a type byte says how this record is compressed
-            kind, body = body[:1], body[1:]
-            decompress = {b"Z": zlib.decompress, b"2": bz2.decompress,
-                          b"X": lzma.decompress, b"0": bytes}.get(kind)
-            if decompress is None:
-                raise ValueError(f"{rdx}: unknown compression {kind!r} of {name}")
-            body = decompress(body)
-        elif compressed:
-            body = zlib.decompress(body)
-        if len(body) != size:
-            raise ValueError(f"{rdx}: the object {name} decompressed to {len(body)} bytes, "
-                             f"expected {size}")
-        out[name] = _RUnserializer(body).read()
-    return out
 
 
 AUSTEN_TITLES = {"emma": "Emma", "mansfieldpark": "Mansfield Park",

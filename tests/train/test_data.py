@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from train.markup import html_to_text, pod_to_text
+from train.r_data import read_r_lazyload
 from train import corpus
 from train.data import (
     PackedBatches,
@@ -245,11 +247,11 @@ def test_cleaning_and_markup():
             "<div class='sphinxsidebar'>nav</div><div role='main'><h1>Title&para;</h1>"
             "<p>Some   <b>bold</b>\ntext.</p><pre>  x = 1\n  y = 2</pre><ul><li>one</li>"
             "<li>two</li></ul></div><script>var x;</script></body></html>")
-    assert corpus.html_to_text(page) == "Title\u00b6\n\nSome bold text.\n\n  x = 1\n  y = 2\n\n- one\n- two"
+    assert html_to_text(page) == "Title\u00b6\n\nSome bold text.\n\n  x = 1\n  y = 2\n\n- one\n- two"
     pod = ("=head1 NAME\n\nperlfoo - B<bold> and C<< $a <=> $b >>, see L<perlop/Ops>"
            " or L<the site|https://x.org>.\n\n    verbatim C<kept>\n\n=over\n\n=item * E<lt>tagE<gt>\n\n"
            "=back\n\n=begin html\n\n<p>no</p>\n\n=end html\n\n=cut\n")
-    assert corpus.pod_to_text(pod) == ("NAME\n\nperlfoo - bold and $a <=> $b, see Ops in perlop or "
+    assert pod_to_text(pod) == ("NAME\n\nperlfoo - bold and $a <=> $b, see Ops in perlop or "
                                        "the site.\n\n    verbatim C<kept>\n\n* <tag>")
 
 
@@ -305,7 +307,7 @@ def test_janeaustenr_reader_without_r(tmp_path):
     (root / "data").mkdir(parents=True)
     (root / "data" / "Rdata.rdx").write_bytes(gzip.compress(_r_serialise(index)))
     (root / "data" / "Rdata.rdb").write_bytes(rdb)
-    objects = corpus.read_r_lazyload(root / "data" / "Rdata.rdx")
+    objects = read_r_lazyload(root / "data" / "Rdata.rdx")
     assert objects == books
     found = corpus.find_janeaustenr(type("Args", (), {"janeaustenr": str(root)})())
     docs = list(found.documents())
