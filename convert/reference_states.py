@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from coda_jax.decoder import CausalLM
 from coda_jax.state import BankState
 
-from .adapters import safe_torch_load
+from .torch_files import safe_torch_load
 from .reference import state_from_reference
 
 REFERENCE_STATE_CLASS = "coda_gqa_l.state.CoDAGQALandmarkStatePerf2"
