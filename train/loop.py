@@ -63,15 +63,16 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig) -> bool:
 
 
 def _load_data(cfg: TrainConfig):
+    vocab = _vocab_size(cfg)  # reads the initial model's metadata: once
     tokenizer = data.load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
     if tokenizer is not None:
-        data.check_vocab(tokenizer, _vocab_size(cfg))
+        data.check_vocab(tokenizer, vocab)
     if not cfg.data.train:
         raise ValueError("data.train is not set: give a shard directory, .npy or text file")
     tokens = data.read_tokens(cfg.data.train, tokenizer=tokenizer)
-    if int(tokens.max()) >= _vocab_size(cfg):
+    if int(tokens.max()) >= vocab:
         raise ValueError(f"{cfg.data.train} holds token id {int(tokens.max())}, outside the "
-                         f"model's vocabulary of {_vocab_size(cfg)}")
+                         f"model's vocabulary of {vocab}")
     return data.PackedBatches(tokens, seq_len=cfg.data.seq_len,
                               batch_size=cfg.optim.batch_size, seed=cfg.seed)
 
