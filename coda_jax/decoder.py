@@ -22,6 +22,7 @@ from flax import nnx
 from . import bank_writes, runner
 from .bounded import CoDAGQALandmark
 from .model_config import AttentionKind, AttentionSpec, DecoderConfig
+from .primitives import einsum_f32
 from .state import BankState
 from .unbounded import BaselineGQA, CoDAGQA
 
@@ -173,14 +174,16 @@ class CausalLM(nnx.Module):
         """Token embeddings (B, L, D); ids outside ``[0, vocab)`` become NaN rows, so
         they can neither wrap around to a real token nor pass unnoticed: the
         state of their batch row is flagged (``BankState.nonfinite``)."""
-        h = self.embed_tokens(tokens)
+        # The table in its own dtype: nnx.Embed would promote it to its param_dtype
+        # (float32), so bf16 weights would still run every layer in float32.
+        h = jnp.take(self.embed_tokens.embedding[...], tokens, axis=0)
         known = (tokens >= 0) & (tokens < self.cfg.vocab_size)
         return jnp.where(known[..., None], h, jnp.asarray(jnp.nan, h.dtype))
 
     def logits(self, h: jax.Array) -> jax.Array:
         h = self.norm(h)
         if self.lm_head is None:
-            return self.embed_tokens.attend(h).astype(jnp.float32)
+            return einsum_f32("...d,vd->...v", h, self.embed_tokens.embedding[...])
         return self.lm_head(h).astype(jnp.float32)
 
     def require_bounded(self) -> None:

@@ -111,6 +111,32 @@ def test_phase2_gradients_reach_the_write_gate_and_summary_eta(tmp_path):
     assert float(jnp.abs(grads["layers"]["self_attn"]["write_proj"]["kernel"][...]).max()) == 0
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_bf16_compute_reaches_every_layer_in_bf16(tmp_path, monkeypatch, tied):
+    """float32 master weights cast to bf16 must run the layers in bf16 (an embedding
+    promoted back to float32 once sent every attention call to float32 kernels)."""
+    import coda_jax.projections as projections
+
+    seen = []
+    real = projections.differential_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype, kwargs["q_noise"].dtype))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(projections, "differential_attention", spy)
+    cfg = _config(tmp_path, stage="phase1", attention=dict(kind="coda"),
+                  optim=dict(compute_dtype="bfloat16"))
+    model, _ = steps.build_model(cfg)
+    graphdef, params = nnx.split(model)
+    model = nnx.merge(graphdef, jax.tree.map(lambda a: a.astype(jnp.bfloat16), params))
+    if tied:
+        model.lm_head = None
+    logits, _ = model(jnp.zeros((1, 8), jnp.int32))
+    assert seen and all(d == jnp.bfloat16 for row in seen for d in row), seen
+    assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
+
+
 def test_the_attention_mask_trains_only_attention(tmp_path):
     cfg = _config(tmp_path, stage="phase1", attention=dict(kind="coda"),
                   optim=dict(trainable="attention", steps=2, grad_accum=1))
