@@ -100,7 +100,7 @@ def make_optimizer(cfg: TrainConfig, params: Any) -> optax.GradientTransformatio
                            weight_decay=o.weight_decay)
 
     labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: param_label(tuple(_key_name(k) for k in path), o.trainable), params)
+        lambda path, _: _group_at(path, o.trainable), params)
     tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), optax.multi_transform(
         {"weights": adamw(o.lr), "gates": adamw(o.lr_gates), "frozen": optax.set_to_zero()},
         labels))
@@ -115,6 +115,11 @@ def learning_rates(cfg: TrainConfig, update: int) -> dict[str, float]:
 
 def _key_name(key: Any) -> str:
     return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+
+
+def _group_at(key_path: tuple, trainable: str) -> str:
+    """``param_label`` of the leaf at a ``jax.tree_util`` key path."""
+    return param_label(tuple(_key_name(k) for k in key_path), trainable)
 
 
 def random_active_sizes(state, bank, key: jax.Array):
@@ -158,9 +163,18 @@ def _cast_loss(cfg: TrainConfig, graphdef: Any, params: Any, tokens: jax.Array,
     """The loss with the float32 master weights cast to ``compute_dtype`` (their
     gradients flow back through the cast in float32)."""
     compute = jnp.dtype(cfg.optim.compute_dtype)
-    cast = jax.tree.map(
-        lambda a: a.astype(compute) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
-    return loss_fn(cfg, nnx.merge(graphdef, cast), tokens, key)
+
+    def cast(path, a):
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            return a
+        # Frozen weights are constants of the loss: no weight-gradient matmuls are
+        # traced for them, and their zero gradients leave the clipping norm alone.
+        if _group_at(path, cfg.optim.trainable) == "frozen":
+            a = jax.lax.stop_gradient(a)
+        return a.astype(compute)
+
+    return loss_fn(cfg, nnx.merge(graphdef, jax.tree_util.tree_map_with_path(cast, params)),
+                   tokens, key)
 
 
 def make_train_step(cfg: TrainConfig, graphdef: Any, tx: optax.GradientTransformation
@@ -189,5 +203,5 @@ def trainable_count(cfg: TrainConfig, params: Any) -> int:
     """Parameters the optimizer updates."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     return int(sum(np.prod(leaf.shape) for path, leaf in flat
-                   if param_label(tuple(_key_name(k) for k in path), cfg.optim.trainable)
+                   if _group_at(path, cfg.optim.trainable)
                    != "frozen"))

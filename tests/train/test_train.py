@@ -111,6 +111,28 @@ def test_phase2_gradients_reach_the_write_gate_and_summary_eta(tmp_path):
     assert float(jnp.abs(grads["layers"]["self_attn"]["write_proj"]["kernel"][...]).max()) == 0
 
 
+def test_frozen_weights_get_no_weight_gradient_matmuls(tmp_path):
+    """Training the attention only must not compute (and clip by) gradients of the
+    frozen weights: fewer matmuls than training everything, and zero gradients."""
+    tokens = jax.random.randint(jax.random.key(1), (2, 33), 0, VOCAB)
+
+    def grads_and_dots(trainable):
+        cfg = _config(tmp_path, stage="phase1", attention=dict(kind="coda"),
+                      optim=dict(trainable=trainable))
+        model, _ = steps.build_model(cfg)
+        graphdef, params = nnx.split(model)
+        loss = lambda p: steps.make_eval_loss(cfg, graphdef)(p, tokens)  # noqa: E731
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+        return jax.grad(loss)(params), jaxpr.count("dot_general")
+
+    attention_grads, attention_dots = grads_and_dots("attention")
+    _, all_dots = grads_and_dots("all")
+    assert attention_dots < all_dots
+    for name in ("embed_tokens", "lm_head", "norm"):
+        assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(attention_grads[name]))
+    assert float(jnp.abs(attention_grads["layers"]["mlp"]["up_proj"]["kernel"][...]).max()) == 0
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_bf16_compute_reaches_every_layer_in_bf16(tmp_path, monkeypatch, tied):
     """float32 master weights cast to bf16 must run the layers in bf16 (an embedding
