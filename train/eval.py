@@ -1,15 +1,20 @@
-"""Held-out perplexity of a saved model, unbounded and bounded, at several context lengths.
+"""Held-out perplexity and passkey retrieval of a saved model, unbounded and bounded.
 
     python -m train.eval MODEL_DIR --data HELDOUT [--tokenizer tokenizer.json]
                          [--contexts 512,1024,2048] [--block-size 128]
-                         [--max-sequences 64] [--out results.json]
+                         [--max-sequences 64] [--passkey-lengths 512,2048]
+                         [--passkey-depths 0.1,0.5,0.9] [--passkey-samples 16]
+                         [--out results.json] [--plot ppl.png]
 
 The held-out text is cut into non-overlapping sequences of each context
 length; every token after the first is scored. *Unbounded* runs the full KV
 cache (the model's unbounded twin for a bounded model: same weights, kind
 ``coda``); *bounded* prefills the bounded state block by block
-(``coda_bounded`` models only). Bank metrics (fill at the end of each
-sequence) come with the bounded numbers.
+(``coda_bounded`` models only). Bank metrics come with the bounded numbers:
+slot fill at the end of each sequence and, per sequence, the banks' counters
+summed over layers (evictions, tokens gated out, exact hits and inserts,
+summary updates and inserts). Passkey retrieval (``train.retrieval``) needs a
+tokenizer; ``--plot`` draws PPL against context length.
 """
 
 from __future__ import annotations
@@ -26,25 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from coda_jax import CausalLM, load_model
 
 from . import data
-from .steps import copy_matching_params
-
-
-def unbounded_twin(model: CausalLM) -> CausalLM:
-    """The same weights with unbounded attention (kind ``coda``) for a bounded model;
-    the model itself otherwise."""
-    if model.attention != "coda_bounded":
-        return model
-    dtype = jax.tree.leaves(nnx.state(model, nnx.Param))[0].dtype
-    twin = CausalLM(model.cfg, attention=dataclasses.replace(model.spec, kind="coda", bank=None),
-                    reference_compat=model.reference_compat, param_dtype=dtype,
-                    rngs=nnx.Rngs(0))
-    copy_matching_params(model, twin)
-    return twin
+from . import retrieval
+from .steps import unbounded_twin, with_bank
 
 
 def perplexity(model: CausalLM, tokens: np.ndarray, *, context: int, bounded: bool,
@@ -60,14 +52,17 @@ def perplexity(model: CausalLM, tokens: np.ndarray, *, context: int, bounded: bo
     seqs = np.asarray(tokens[:n * context], np.int32).reshape(n, context)
     if bounded and model.attention != "coda_bounded":
         raise ValueError(f"bounded evaluation needs a coda_bounded model, not {model.attention!r}")
-    runner = model if bounded else unbounded_twin(model)
-    total, count, fills = 0.0, 0, []
+    runner = with_bank(model, collect_metrics=True) if bounded else unbounded_twin(model)
+    total, count, fills, counters = 0.0, 0, [], {}
     for start in range(0, n, batch_size):
         batch = jnp.asarray(seqs[start:start + batch_size])
         if bounded:
             state = runner.init_state(batch.shape[0], mem_init="zeros")
             logits, state = runner.prefill(batch, state, block_size=block_size)
             fills.append(np.asarray(state.allowed).mean())
+            for field in dataclasses.fields(state.metrics):  # (layers, batch) counters
+                per_row = np.asarray(getattr(state.metrics, field.name)).sum(axis=0)
+                counters.setdefault(field.name, []).extend(per_row.tolist())
         else:
             logits, _ = runner(batch)
         nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch[:, 1:])
@@ -78,6 +73,7 @@ def perplexity(model: CausalLM, tokens: np.ndarray, *, context: int, bounded: bo
            "nll": mean, "ppl": math.exp(mean)}
     if bounded:
         out["slot_fill"] = float(np.mean(fills))
+        out["bank_per_sequence"] = {k: float(np.mean(v)) for k, v in counters.items()}
     return out
 
 
@@ -93,15 +89,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="bounded prefill block size (default: %(default)s)")
     parser.add_argument("--max-sequences", type=int, default=64,
                         help="sequences per context at most (default: %(default)s)")
+    parser.add_argument("--passkey-lengths", default="",
+                        help="passkey context lengths, comma-separated (default: none)")
+    parser.add_argument("--passkey-depths", default="0.1,0.5,0.9",
+                        help="passkey needle depths in [0, 1] (default: %(default)s)")
+    parser.add_argument("--passkey-samples", type=int, default=16,
+                        help="passkey samples per length and depth (default: %(default)s)")
     parser.add_argument("--out", help="write the results as JSON here (default: stdout only)")
+    parser.add_argument("--plot", help="draw PPL against context length here (.png)")
     args = parser.parse_args(argv)
     try:
         model = load_model(args.model)
         tokens = data.read_tokens(args.data, tokenizer=args.tokenizer)
         contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
         modes = [False, True] if model.attention == "coda_bounded" else [False]
+        passkey_lengths = [int(n) for n in args.passkey_lengths.split(",") if n.strip()]
+        if passkey_lengths and not args.tokenizer:
+            raise ValueError("passkey retrieval needs --tokenizer (to write its needle)")
         results = [perplexity(model, tokens, context=c, bounded=b, block_size=args.block_size,
                               max_sequences=args.max_sequences) for c in contexts for b in modes]
+        passkey = retrieval.passkey_table(
+            model, data.load_tokenizer(args.tokenizer), tokens, lengths=passkey_lengths,
+            depths=[float(d) for d in args.passkey_depths.split(",") if d.strip()],
+            count=args.passkey_samples, block_size=args.block_size,
+            modes=modes) if passkey_lengths else []
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -109,10 +120,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 3
     report = {"model": str(Path(args.model).absolute()), "results": results,
-              "jax": jax.__version__, "device": str(jax.devices()[0])}
+              "passkey": passkey, "jax": jax.__version__, "device": str(jax.devices()[0])}
     text = json.dumps(report, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    if args.plot:
+        from .plots import plot_perplexity
+
+        plot_perplexity({Path(args.model).name: results}, args.plot)
     print(text)
     return 0
 

@@ -199,7 +199,9 @@ def run(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True,
                            extra_meta={"trained_by": RUN_FORMAT, "stage": cfg.stage,
                                        "updates": update})
     summary["model"] = str(model_dir)
-    if trained.attention != "gqa":  # the reference's format: loads there with strict=True
+    # The reference's adapter format (it loads there with strict=True) holds the
+    # differential layers' weights; a differential=False arm has no lambda or theta.
+    if trained.attention != "gqa" and trained.spec.differential:
         summary["adapters"] = str(save_adapters(trained, run_dir / "coda_adapters.pt",
                                                 overwrite=True))
     return summary

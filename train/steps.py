@@ -205,3 +205,33 @@ def trainable_count(cfg: TrainConfig, params: Any) -> int:
     return int(sum(np.prod(leaf.shape) for path, leaf in flat
                    if _group_at(path, cfg.optim.trainable)
                    != "frozen"))
+
+
+def rebuilt(model: CausalLM, spec: AttentionSpec) -> CausalLM:
+    """``model``'s weights in a model whose attention is built from ``spec``
+    (weights the new attention lacks are dropped; new ones are initialised)."""
+    dtype = jax.tree.leaves(nnx.state(model, nnx.Param))[0].dtype
+    twin = CausalLM(model.cfg, attention=spec, reference_compat=model.reference_compat,
+                    param_dtype=dtype, rngs=nnx.Rngs(0))
+    copy_matching_params(model, twin)
+    return twin
+
+
+def unbounded_twin(model: CausalLM) -> CausalLM:
+    """The same weights with unbounded attention (kind ``coda``) for a bounded model;
+    the model itself otherwise."""
+    if model.attention != "coda_bounded":
+        return model
+    return rebuilt(model, dataclasses.replace(model.spec, kind="coda", bank=None))
+
+
+def with_bank(model: CausalLM, **changes: Any) -> CausalLM:
+    """A bounded model's weights under another bank configuration (for example
+    ``collect_metrics=True``, or fewer landmarks)."""
+    model.require_bounded()
+    for which in ("exact", "summary"):  # a new size resets the range derived from the old
+        if f"num_landmarks_{which}" in changes:
+            changes.setdefault(f"min_landmarks_{which}", None)
+            changes.setdefault(f"max_landmarks_{which}", None)
+    bank = dataclasses.replace(model.spec.bank, **changes)
+    return rebuilt(model, dataclasses.replace(model.spec, bank=bank))
