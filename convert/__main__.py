@@ -4,6 +4,8 @@
                                        [--adapters coda_adapters.pt] [--window 256 ...]
     python -m convert adapters IN.pt OUT
     python -m convert export MODEL_CKPT OUT.pt      (or OUT.safetensors, or --format)
+    python -m convert pack MODEL_CKPT OUT_DIR [--dtype bfloat16] [--max-shard-mib 16]
+    python -m convert unpack OUT_DIR MODEL_CKPT     (a pack -> an Orbax model checkpoint)
 
 Every command checks its output before reading any weight: OUT may not be,
 contain or lie inside an input, and an existing OUT is replaced only with
@@ -213,6 +215,38 @@ def cmd_export(args: argparse.Namespace) -> None:
                                "format": FORMAT_DESCRIPTIONS[fmt]})
 
 
+def cmd_pack(args: argparse.Namespace) -> None:
+    from coda_jax.model_io import load_model
+
+    from .model_export import export_model, is_model_export
+
+    if args.max_shard_mib <= 0:
+        raise UsageError(f"--max-shard-mib must be positive, got {args.max_shard_mib}")
+    _require(args.model, "saved model")
+    out = _check_output(args.out, [args.model], overwrite=args.overwrite,
+                        is_ours=is_model_export, what="model export")
+    model = load_model(args.model)
+    path = export_model(model, out, dtype=DTYPES[args.dtype],
+                        max_shard_bytes=int(args.max_shard_mib * 2**20),
+                        overwrite=args.overwrite)
+    files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors")
+    _summary(f"wrote {path}", {"files": len(files), "dtype": args.dtype,
+                               "bytes": sum(p.stat().st_size for p in files)})
+
+
+def cmd_unpack(args: argparse.Namespace) -> None:
+    from coda_jax.model_io import save_model
+
+    from .model_export import load_export
+
+    _require(args.export, "model export")
+    out = _check_output(args.out, [args.export], overwrite=args.overwrite,
+                        is_ours=_checkpoint_of("coda_jax.model"), what="saved model")
+    model = load_export(args.export)
+    path = save_model(out, model, overwrite=args.overwrite)
+    _summary(f"wrote {path}", {"layers": model.cfg.num_layers, "attention": model.attention})
+
+
 # ---------------------------------------------------------------- parser, main
 class Parser(argparse.ArgumentParser):
     """argparse with usage errors exiting 1 (argparse's own code, 2, means "not found" here)."""
@@ -227,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m convert", description=__doc__.split(
         "\nexit codes:")[0], **common)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                help="hf, adapters or export")
+                                help="hf, adapters, export, pack or unpack")
     hf = sub.add_parser("hf", help="a HuggingFace model directory -> an Orbax model checkpoint",
                         description="A HuggingFace model directory (config.json and "
                                     "safetensors) -> an Orbax model checkpoint,\noptionally "
@@ -290,6 +324,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="replace OUT if it is an adapter file of that format written by "
                          "coda_jax (anything else is refused)")
     ex.set_defaults(run=cmd_export)
+    pk = sub.add_parser("pack", help="an Orbax model checkpoint -> compact safetensors shards",
+                        description="An Orbax model checkpoint -> its weights as safetensors "
+                                    "shards of at most --max-shard-mib each\n(bf16 by "
+                                    "default) with export.json: what a time-limited machine "
+                                    "sends home.", **common)
+    pk.add_argument("model", metavar="MODEL_CKPT", help="the model checkpoint (required)")
+    pk.add_argument("out", metavar="OUT_DIR", help="the export directory to write (required)")
+    pk.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                    help="dtype of the exported weights")
+    pk.add_argument("--max-shard-mib", type=float, default=16.0,
+                    help="largest shard file, MiB (a tensor larger than that is split)")
+    pk.add_argument("--overwrite", action="store_true",
+                    help="replace OUT_DIR if it is a model export written by coda_jax")
+    pk.set_defaults(run=cmd_pack)
+    up = sub.add_parser("unpack", help="compact safetensors shards -> an Orbax model checkpoint",
+                        description="A model export written by 'pack' (checksums verified) -> "
+                                    "an Orbax model checkpoint.", **common)
+    up.add_argument("export", metavar="EXPORT_DIR", help="the export directory (required)")
+    up.add_argument("out", metavar="MODEL_CKPT", help="the checkpoint to write (required)")
+    up.add_argument("--overwrite", action="store_true",
+                    help="replace MODEL_CKPT if it is a model checkpoint written by coda_jax")
+    up.set_defaults(run=cmd_unpack)
     return parser
 
 

@@ -49,7 +49,8 @@ def _pieces(name: str, array: np.ndarray, max_bytes: int) -> list[tuple[str, np.
             for i, start in enumerate(range(0, array.shape[0], step))]
 
 
-def _is_export(path: Path) -> bool:
+def is_model_export(path: Path) -> bool:
+    """Whether ``path`` is a directory written by :func:`export_model`."""
     try:
         return json.loads((path / INDEX).read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
@@ -92,7 +93,7 @@ def export_model(model: CausalLM, out_dir: str | os.PathLike, *, dtype=jnp.bfloa
                                         "weight_map": weight_map, "sha256": digests}
         (staging / INDEX).write_text(json.dumps(meta, indent=1))
 
-    return safe_paths.write_atomically(out_dir, write, overwrite=overwrite, is_ours=_is_export,
+    return safe_paths.write_atomically(out_dir, write, overwrite=overwrite, is_ours=is_model_export,
                                        what="model export")
 
 
@@ -102,7 +103,7 @@ def load_export(path: str | os.PathLike, *, dtype: Any = None) -> CausalLM:
     path = Path(path)
     if not (path / INDEX).is_file():
         raise FileNotFoundError(f"no model export at {path} (no {INDEX})")
-    if not _is_export(path):
+    if not is_model_export(path):
         raise ValueError(f"{path / INDEX} is not a coda_jax model export")
     meta = json.loads((path / INDEX).read_text())
     for file, digest in meta["sha256"].items():

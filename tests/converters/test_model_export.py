@@ -51,3 +51,26 @@ def test_damaged_or_foreign_exports_are_refused(tmp_path):
     assert (tmp_path / "mine" / "a.txt").read_text() == "keep"
     export_model(model, out, overwrite=True)  # our own export: replaced
     load_export(out)
+
+
+def test_pack_and_unpack_commands_round_trip_and_refuse_what_is_not_theirs(tmp_path, capsys):
+    from coda_jax import load_model, save_model
+    from convert.__main__ import main
+
+    model = CausalLM(CFG, attention="coda", rngs=nnx.Rngs(1))
+    ckpt = save_model(tmp_path / "ckpt", model)
+    assert main(["pack", str(ckpt), str(tmp_path / "pack"), "--max-shard-mib", "0.01"]) == 0
+    assert len(list((tmp_path / "pack").glob("*.safetensors"))) > 2
+    assert main(["unpack", str(tmp_path / "pack"), str(tmp_path / "back")]) == 0
+    back = load_model(tmp_path / "back")
+    tokens = jnp.array([[3, 1, 4, 1, 5, 9]])
+    assert float(jnp.abs(back(tokens)[0] - model(tokens)[0]).max()) < 0.1  # bf16 weights
+    # A user's folder is never replaced, even with --overwrite; a missing input is code 2.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert main(["pack", str(ckpt), str(mine), "--overwrite"]) == 3
+    assert (mine / "notes.txt").read_text() == "keep"
+    assert main(["unpack", str(tmp_path / "absent"), str(tmp_path / "x")]) == 2
+    assert main(["pack", str(ckpt), str(tmp_path / "p2"), "--max-shard-mib", "0"]) == 1
+    assert "--max-shard-mib" in capsys.readouterr().err
