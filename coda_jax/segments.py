@@ -37,13 +37,17 @@ def check_lengths(lengths, batch: int, length: int) -> jax.Array | np.ndarray:
     return host.astype(POSITION_DTYPE)
 
 
-def default_chunks_per_call(block_size: int) -> int:
-    """Blocks per compiled call when the caller does not say: 4096 tokens' worth,
-    at least 4 and at most 16. Each call costs host work (and, where the
-    block loop stays rolled, a while loop's start); on an H100, 16 blocks of
-    256 per call prefill 1.35-1.7x faster than 4 (benchmarks/results/NOTES.md).
-    The cap bounds the padding a short prompt pays."""
-    return min(16, max(4, 4096 // max(block_size, 1)))
+def default_chunks_per_call(block_size: int, batch_size: int = 1) -> int:
+    """Blocks per compiled call when the caller does not say: 4096 tokens' worth
+    per row (at least 4 blocks, at most 16), shared out over the batch's rows
+    (at least one block). Each call costs host work (and, where the block loop
+    stays rolled, a while loop's start); on an H100, 16 blocks of 256 per call
+    prefill 1.35-1.7x faster than 4 (benchmarks/results/NOTES.md). The cap bounds
+    the padding a short prompt pays; sharing the budget over the rows bounds a
+    call's memory (the attention scores grow with rows x blocks: 128 rows of a
+    4096-token call on the Mistral-7B shape asked for 104 GiB)."""
+    per_row = min(16, max(4, 4096 // max(block_size, 1)))
+    return max(1, per_row // max(batch_size, 1))
 
 
 def split_segments(x: jax.Array, lengths: jax.Array | np.ndarray, *, block_size: int,
@@ -55,7 +59,7 @@ def split_segments(x: jax.Array, lengths: jax.Array | np.ndarray, *, block_size:
     slice is a kernel launch paid on each call.
     """
     if chunks_per_call is None:
-        chunks_per_call = default_chunks_per_call(block_size)
+        chunks_per_call = default_chunks_per_call(block_size, x.shape[0])
     for value in (block_size, chunks_per_call):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise ValueError("block_size and chunks_per_call must be positive integers, got "

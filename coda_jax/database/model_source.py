@@ -1,0 +1,161 @@
+"""Opening the model a database runs on: a coda_jax model checkpoint, or a
+HuggingFace directory plus the reference's CoDA adapters (through ``convert``).
+
+Only bounded models (``attention="coda_bounded"``) have a fixed-size state to
+save, so anything else is refused before its weights are read. A HF directory
+needs its adapter file (``coda_adapters.pt`` beside it, or given): the
+reference silently runs untrained adapters when the file is missing; here that
+takes ``untrained=True`` and a loud warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import weights_fingerprint
+from ..decoder import CausalLM
+from ..model_io import load_model, read_model_metadata
+from .errors import NotFoundError, RefusedError
+from .settings import QuerySettings
+
+TOKENIZER_FILE = "tokenizer.json"
+ADAPTER_FILE = "coda_adapters.pt"
+# End-of-text tokens of common tokenizers: the default stop tokens when the model says none.
+END_OF_TEXT = ("<|endoftext|>", "<|im_end|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenModel:
+    """A bounded model ready to read documents: weights, tokenizer, fingerprints, settings."""
+
+    model: CausalLM
+    tokenizer: Any  # tokenizers.Tokenizer
+    name: str
+    model_sha256: str
+    tokenizer_sha256: str
+    settings: QuerySettings
+
+    def describe(self) -> dict[str, Any]:
+        """What a saved document records about the model that read it."""
+        bank = self.model.spec.bank
+        return {"name": self.name, "weights_sha256": self.model_sha256,
+                "tokenizer_sha256": self.tokenizer_sha256,
+                "layers": self.model.cfg.num_layers,
+                "bank": dataclasses.asdict(bank) if bank is not None else None,
+                "block_size": self.settings.block_size}
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` (any HF one)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as err:
+        raise RefusedError("the neural database needs the 'tokenizers' package: "
+                           "pip install tokenizers") from err
+    path = Path(path)
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if not path.is_file():
+        raise NotFoundError(f"no tokenizer at {path} (a {TOKENIZER_FILE}); put it in the "
+                            "model directory or pass its path")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # noqa: BLE001 (tokenizers raises plain Exceptions)
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise RefusedError(f"{path} is not a readable {TOKENIZER_FILE}: {first[:200]}") from None
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the tokenizer's full JSON description (vocabulary, merges, rules)."""
+    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+
+
+def end_of_text_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The ids of the tokenizer's known end-of-text tokens."""
+    found = (tokenizer.token_to_id(t) for t in END_OF_TEXT)
+    return tuple(sorted({i for i in found if i is not None}))
+
+
+def _hf_stop_tokens(model_dir: Path) -> tuple[int, ...]:
+    """``eos_token_id`` of a HF directory's generation or model config, if any."""
+    for name in ("generation_config.json", "config.json"):
+        try:
+            value = json.loads((model_dir / name).read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, int):
+            return (value,)
+        if isinstance(value, list) and all(isinstance(v, int) for v in value):
+            return tuple(value)
+    return ()
+
+
+def _refuse_unbounded(attention: str, where: str) -> None:
+    if attention != "coda_bounded":
+        raise RefusedError(
+            f"{where} has attention={attention!r}: the neural database needs a bounded model "
+            "(attention='coda_bounded'), whose state has a fixed size; convert one with "
+            "'python -m convert hf MODEL_DIR OUT --attention coda_bounded --adapters "
+            "coda_adapters.pt'")
+
+
+def open_model(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
+               adapters: str | os.PathLike | None = None, untrained: bool = False
+               ) -> OpenModel:
+    """Open a bounded model for the database.
+
+    ``path`` is a coda_jax model checkpoint (its tokenizer a ``tokenizer.json``
+    inside it, or ``tokenizer``) or a HF model directory (``config.json``,
+    safetensors, ``tokenizer.json``) with ``adapters`` (default
+    ``path/coda_adapters.pt``; missing: refused unless ``untrained``).
+    """
+    if path is None:
+        raise NotFoundError("no bundled default model exists yet: give a model checkpoint "
+                            "directory or a HuggingFace directory with its adapters")
+    root = Path(path).absolute()
+    if not root.exists():
+        raise NotFoundError(f"no model at {root}")
+    if (root / "meta").is_dir():
+        meta = read_model_metadata(root)
+        _refuse_unbounded(meta.get("attention"), f"the model at {root}")
+        if adapters is not None:
+            raise RefusedError(f"{root} is a coda_jax checkpoint (its CoDA weights are inside "
+                               "it); adapters apply only to a HuggingFace directory")
+        model = load_model(root)
+        tok = load_tokenizer(tokenizer if tokenizer is not None else root)
+        defaults: tuple[int, ...] = end_of_text_ids(tok)
+    elif (root / "config.json").is_file():
+        adapters = Path(adapters) if adapters is not None else root / ADAPTER_FILE
+        if not adapters.exists():
+            if not untrained:
+                raise NotFoundError(
+                    f"no adapter file at {adapters}: a HuggingFace model needs its trained CoDA "
+                    "adapters (give them with --adapters); --untrained runs freshly initialised "
+                    "ones, whose answers are noise")
+            warnings.warn(f"UNTRAINED: no adapter file at {adapters}; the CoDA attention runs "
+                          "with freshly initialised weights and its answers are noise",
+                          stacklevel=2)
+            adapters = None
+        from convert import load_hf_model  # the HF reader lives with the converters
+
+        model = load_hf_model(root, attention="coda_bounded", adapters=adapters,
+                              progress=False)
+        tok = load_tokenizer(tokenizer if tokenizer is not None else root)
+        meta, defaults = {}, _hf_stop_tokens(root) or end_of_text_ids(tok)
+    else:
+        raise RefusedError(f"{root} is neither a coda_jax model checkpoint (meta/, tree/) nor "
+                           "a HuggingFace model directory (config.json)")
+    if tok.get_vocab_size() > model.cfg.vocab_size:
+        raise RefusedError(f"the tokenizer has {tok.get_vocab_size()} ids, more than the "
+                           f"model's vocabulary of {model.cfg.vocab_size}: they do not belong "
+                           "together")
+    settings = QuerySettings.from_metadata(meta, default_stops=defaults)
+    return OpenModel(model=model, tokenizer=tok, name=str(root),
+                     model_sha256=weights_fingerprint([model]),
+                     tokenizer_sha256=tokenizer_fingerprint(tok), settings=settings)

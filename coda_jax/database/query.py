@@ -1,0 +1,144 @@
+"""Asking a document state questions: one answer streamed, or many in one batch.
+
+A query reads the prompt (the model's template around the question) into a
+copy of the document state and decodes from there; JAX arrays are immutable,
+so the loaded state is never changed and every query starts from it.
+:meth:`Answerer.stream` decodes one compiled step per token and yields the
+text as it grows; :meth:`Answerer.many` answers every (state, question) row in
+one compiled decode (:func:`coda_jax.generate`), each row at its own position.
+Greedy answers agree between the two, row for row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..generation import generate, sample_logits
+from ..runner import bind_weights
+from ..state import BankState, concat_rows
+from .model_source import OpenModel
+from .settings import Sampling, read_block
+
+MAX_CHUNKS_PER_CALL = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """One answer: its text, its token ids (without the stop token), whether a stop
+    token ended it (rather than ``max_new_tokens``)."""
+
+    text: str
+    tokens: list[int]
+    stopped: bool
+
+
+def _next_token(model, state, logits, key, temperature, top_p, *, greedy: bool, top_k: int):
+    """Sample one token per row from ``logits`` and step every layer on it."""
+    if greedy:
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+        token = sample_logits(logits, key, temperature=temperature, top_k=top_k,
+                              top_p=top_p).astype(jnp.int32)
+    new_logits, state = model.decode_step(token[:, None], state, training=False)
+    return token, new_logits[:, 0], state
+
+
+class Answerer:
+    """Answers questions from document states of one opened model."""
+
+    def __init__(self, opened: OpenModel):
+        self.opened = opened
+        self._steps: dict[tuple[bool, int], object] = {}
+
+    # ------------------------------------------------------------ prompt
+    def prompt_ids(self, question: str) -> np.ndarray:
+        """The prompt's token ids (no special tokens: it continues the document)."""
+        text = self.opened.settings.prompt_for(question)
+        return np.asarray(self.opened.tokenizer.encode(text, add_special_tokens=False).ids,
+                          np.int32)
+
+    def read_prompts(self, state: BankState, prompts: Sequence[np.ndarray]
+                     ) -> tuple[jax.Array, BankState]:
+        """Read each row's prompt after its state -> (last-token logits (B, V), state)."""
+        longest = max(len(p) for p in prompts)
+        padded = np.zeros((len(prompts), longest), np.int32)
+        for row, ids in enumerate(prompts):
+            padded[row, :len(ids)] = ids
+        block = read_block(self.opened.settings.block_size, longest)
+        chunks = min(MAX_CHUNKS_PER_CALL, -(-longest // block))
+        logits, state = self.opened.model.prefill(
+            padded, state, block_size=block, lengths=np.array([len(p) for p in prompts]),
+            last_only=True, chunks_per_call=chunks)
+        return logits[:, 0], state
+
+    def _text(self, ids: list[int]) -> str:
+        return self.opened.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ------------------------------------------------------------ answers
+    def stream(self, state: BankState, question: str, sampling: Sampling) -> Iterator[str]:
+        """The answer to ``question`` from ``state`` (batch of one), as text pieces
+        while it is decoded; the finished :class:`Answer` is the generator's return
+        value."""
+        model = self.opened.model
+        sampling = sampling.checked(model.cfg.vocab_size)
+        stops = set(self.opened.settings.stop_tokens)
+        logits, st = self.read_prompts(state, [self.prompt_ids(question)])
+        step = self._step(sampling.temperature == 0, sampling.top_k)
+        key = jax.random.key(sampling.seed)
+        temperature = jnp.float32(max(sampling.temperature, 1e-6))
+        top_p = jnp.float32(sampling.top_p)
+        ids: list[int] = []
+        shown = ""
+        stopped = False
+        for _ in range(sampling.max_new_tokens):
+            key, sub = jax.random.split(key)
+            token, logits, st = step(st, logits, sub, temperature, top_p)
+            token = int(token[0])
+            if token in stops:
+                stopped = True
+                break
+            ids.append(token)
+            text = self._text(ids)
+            if not text.endswith("\ufffd") and len(text) > len(shown):  # whole characters
+                yield text[len(shown):]
+                shown = text
+        text = self._text(ids)
+        if len(text) > len(shown):
+            yield text[len(shown):]
+        return Answer(text=text, tokens=ids, stopped=stopped)
+
+    def _step(self, greedy: bool, top_k: int):
+        if (greedy, top_k) not in self._steps:
+            self._steps[greedy, top_k] = bind_weights(
+                self.opened.model, functools.partial(_next_token, greedy=greedy, top_k=top_k))
+        return self._steps[greedy, top_k]
+
+    def many(self, states: Sequence[BankState], questions: Sequence[str], sampling: Sampling
+             ) -> list[Answer]:
+        """Row i answers ``questions[i]`` from ``states[i]`` (each a batch of one),
+        all rows in one compiled decode."""
+        model = self.opened.model
+        sampling = sampling.checked(model.cfg.vocab_size)
+        if len(states) != len(questions) or not states:
+            raise ValueError(f"one state per question: got {len(states)} state(s) and "
+                             f"{len(questions)} question(s)")
+        prompts = [self.prompt_ids(q) for q in questions]
+        logits, state = self.read_prompts(concat_rows(*states), prompts)
+        stops = self.opened.settings.stop_tokens
+        tokens, counts, _ = generate(
+            model, state, logits, max_new_tokens=sampling.max_new_tokens,
+            key=jax.random.key(sampling.seed), temperature=sampling.temperature,
+            top_k=sampling.top_k, top_p=sampling.top_p, stop_tokens=stops)
+        answers = []
+        for row, count in zip(np.asarray(tokens), np.asarray(counts)):
+            ids = row[:count].tolist()
+            stopped = bool(ids) and ids[-1] in stops
+            ids = ids[:-1] if stopped else ids
+            answers.append(Answer(text=self._text(ids), tokens=ids, stopped=stopped))
+        return answers

@@ -1,0 +1,129 @@
+"""How a model is asked questions: prompt template, sampling defaults, stop tokens, blocks.
+
+A model checkpoint may carry its own recommendations in its metadata under
+the key ``"database"`` (written with ``save_model(..., extra_meta={"database":
+{...}})``); every field is optional and falls back to the reference's values:
+
+    {"prompt": "\\n\\nQuestion: {question}\\nAnswer:",   # appended to the document state
+     "temperature": 0.7, "top_k": 50, "top_p": 0.9, "max_new_tokens": 256,
+     "stop_tokens": [2],          # token ids that end an answer (default: the tokenizer's
+                                  # end-of-text token, when it has a known one)
+     "block_size": 1024}          # prefill block of documents (the reference's adapters')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import RefusedError
+
+METADATA_KEY = "database"
+REFERENCE_PROMPT = "\n\nQuestion: {question}\nAnswer:"
+MIN_PROMPT_BLOCK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Sampling of one answer: ``temperature=0`` is greedy; ``top_k=0`` and
+    ``top_p=1`` switch those filters off."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_k: int = 50
+    top_p: float = 0.9
+    seed: int = 0
+
+    def checked(self, vocab_size: int) -> "Sampling":
+        """This, after checking every value (``RefusedError`` naming the bad one)."""
+        _integer("max_new_tokens", self.max_new_tokens, 1)
+        _integer("top_k", self.top_k, 0, vocab_size)
+        _integer("seed", self.seed, 0)
+        temperature = _number("temperature", self.temperature)
+        if temperature < 0:
+            raise RefusedError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        top_p = _number("top_p", self.top_p)
+        if not 0.0 < top_p <= 1.0:
+            raise RefusedError(f"top_p must be in (0, 1], got {top_p}")
+        return self
+
+    def with_overrides(self, **values: Any) -> "Sampling":
+        """A copy with the given fields replaced (``None`` keeps the current value)."""
+        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
+
+
+@dataclasses.dataclass(frozen=True)
+class QuerySettings:
+    """A model's prompt template (with a ``{question}`` field), default sampling,
+    stop tokens and document prefill block."""
+
+    prompt: str = REFERENCE_PROMPT
+    sampling: Sampling = Sampling()
+    stop_tokens: tuple[int, ...] = ()
+    block_size: int = 1024
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any], *, default_stops: tuple[int, ...] = ()
+                      ) -> "QuerySettings":
+        """The settings a model's metadata recommends (its ``"database"`` entry), else
+        the reference's; ``RefusedError`` for an entry that is not well formed."""
+        entry = meta.get(METADATA_KEY) or {}
+        if not isinstance(entry, Mapping):
+            raise RefusedError(f"the model's {METADATA_KEY!r} metadata must be a JSON object, "
+                               f"got {type(entry).__name__}")
+        known = {"prompt", "temperature", "top_k", "top_p", "max_new_tokens", "stop_tokens",
+                 "block_size"}
+        unknown = sorted(set(entry) - known)
+        if unknown:
+            raise RefusedError(f"the model's {METADATA_KEY!r} metadata has unknown fields "
+                               f"{unknown}; known: {sorted(known)}")
+        prompt = entry.get("prompt", REFERENCE_PROMPT)
+        if not isinstance(prompt, str) or "{question}" not in prompt:
+            raise RefusedError("the model's recommended prompt must be a string with a "
+                               f"{{question}} field, got {prompt!r}")
+        sampling = Sampling().with_overrides(
+            **{k: entry.get(k) for k in ("temperature", "top_k", "top_p", "max_new_tokens")})
+        stops = entry.get("stop_tokens", list(default_stops))
+        if not isinstance(stops, (list, tuple)):
+            raise RefusedError(f"stop_tokens must be a list of token ids, got {stops!r}")
+        stops = tuple(_integer("a stop token", t, 0) for t in stops)
+        block = _integer("block_size", entry.get("block_size", 1024), 1)
+        return cls(prompt=prompt, sampling=sampling, stop_tokens=stops, block_size=block)
+
+    def prompt_for(self, question: str) -> str:
+        """The text read after the document state for ``question``."""
+        if not isinstance(question, str) or not question.strip():
+            raise RefusedError("the question is empty")
+        return self.prompt.replace("{question}", question)
+
+
+def read_block(block_size: int, longest: int) -> int:
+    """The prefill block for inputs of at most ``longest`` tokens: the document
+    block, or, when every input fits in one block, the smallest power of two
+    (at least 16) that holds the longest. An input inside one block reads the
+    same in any block that holds it, so this changes no result; it only sizes
+    the compiled call to the real tokens (short questions do not pay for a
+    1024-token block, nor 128 rows for 128 of them)."""
+    if longest >= block_size:
+        return block_size
+    return min(block_size, max(MIN_PROMPT_BLOCK, 1 << max(0, math.ceil(math.log2(longest)))))
+
+
+def _integer(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise RefusedError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        span = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise RefusedError(f"{name} must be {span}, got {value}")
+    return int(value)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise RefusedError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(float(value)):
+        raise RefusedError(f"{name} must be finite, got {value}")
+    return float(value)
