@@ -232,7 +232,10 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``coda-db`` with ``argv``; return the exit code."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help (0) or a usage error (1)
+        return int(done.code or 0)
     warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}",
                                                               file=sys.stderr)
     try:
