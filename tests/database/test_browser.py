@@ -1,0 +1,69 @@
+"""End to end in headless Chromium: ingest, save, reload the page, load, ask.
+
+Runs Debian's ``chromium`` through playwright (``.ci/run`` installs both); skipped
+only where chromium or playwright is missing. Screenshots of the three steps go
+to ``$CODA_DB_SCREENSHOTS`` when set (``docs/`` holds the committed ones).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from coda_jax.database.web import make_server
+
+from conftest import TEXT
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no chromium installed")
+
+
+def test_ingest_save_reload_load_and_ask_in_a_browser(db, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    shots = os.environ.get("CODA_DB_SCREENSHOTS")
+    server = make_server(db, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/"
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                        args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(url)
+            page.fill("#doc-text", TEXT[:600])
+            page.click("#ingest-btn")
+            page.wait_for_selector("#ingest-status:has-text('tokens')", timeout=60_000)
+            if shots:
+                page.locator("#step-ingest").screenshot(path=f"{shots}/coda-db-1-ingest.png")
+            page.fill("#save-label", "lighthouse log")
+            page.click("#save-btn")
+            page.wait_for_selector("#save-status:has-text('saved lighthouse log')")
+            assert [e.label for e in db.list()] == ["lighthouse log"]
+            db.document = None  # the server forgets the document: only the library has it
+            page.reload()
+            page.wait_for_selector("#entries option[value='lighthouse log']", state="attached")
+            page.select_option("#entries", "lighthouse log")
+            page.click("#load-btn")
+            page.wait_for_selector("#load-status:has-text('loaded lighthouse log')")
+            if shots:
+                page.locator("#step-library").screenshot(path=f"{shots}/coda-db-2-library.png")
+            href = page.get_attribute("#download-link", "href")
+            assert href.endswith("label=lighthouse%20log")
+            page.fill("#question", "How many gulls were on the rocks?")
+            page.fill("#temperature", "0")
+            page.fill("#max-new-tokens", "6")
+            page.click("#ask-btn")
+            page.wait_for_selector("#ask-status:has-text('done')", timeout=60_000)
+            if shots:
+                page.locator("#step-ask").screenshot(path=f"{shots}/coda-db-3-ask.png")
+            shown = page.inner_text("#answer")
+            browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    want = db.query("How many gulls were on the rocks?", temperature=0.0, max_new_tokens=6)
+    assert want.text.strip() and shown.strip() == want.text.strip()
