@@ -136,8 +136,12 @@ def _read(opened: OpenModel, pieces: Iterator[str], name: str, size: int,
             pending = np.concatenate([pending, ids])
             whole = len(pending) // segment * segment
             if whole:
-                _, state = model.prefill(pending[None, :whole], state, block_size=block,
-                                         last_only=True, chunks_per_call=CHUNKS_PER_SEGMENT)
+                _, new_state = model.prefill(pending[None, :whole], state, block_size=block,
+                                             last_only=True,
+                                             chunks_per_call=CHUNKS_PER_SEGMENT)
+                # One segment in flight at most: the host may not queue the document up.
+                jax.block_until_ready(state)
+                state = new_state
                 tokens += whole
                 pending = pending[whole:]
             bar.update(len(piece.encode()))

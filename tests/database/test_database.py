@@ -243,3 +243,28 @@ def test_a_prompt_that_fits_one_block_is_read_in_the_smallest_block():
     assert [read_block(1024, n) for n in (1, 16, 17, 300, 1024, 5000)] == [
         16, 16, 32, 512, 1024, 1024]
     assert read_block(8, 3) == 8
+
+
+def test_a_large_file_is_read_in_bounded_host_memory(db, tmp_path):
+    """The host's peak Python allocation does not grow with the file's size."""
+    import tracemalloc
+
+    from coda_jax.database.documents import read_document
+
+    def peak_for(megabytes: int) -> tuple[int, int]:
+        big = tmp_path / f"big{megabytes}.txt"
+        with open(big, "w") as f:
+            while f.tell() < megabytes << 19:
+                f.write(TEXT)
+        tracemalloc.start()
+        try:
+            doc = read_document(db.opened, path=big, piece_chars=1 << 15)
+            return tracemalloc.get_traced_memory()[1], doc.tokens
+        finally:
+            tracemalloc.stop()
+
+    db.ingest(TEXT * 4)  # compiles
+    small, small_tokens = peak_for(1)
+    large, large_tokens = peak_for(3)
+    assert large_tokens > 2.5 * small_tokens
+    assert large < small + (256 << 10), f"peak {small:,} bytes for 0.5 MB, {large:,} for 1.5 MB"
