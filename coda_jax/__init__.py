@@ -15,6 +15,7 @@ from .model_io import load_model, read_model_metadata, save_model
 from .state import (BankMetrics, BankState, batch_axis, concat_rows, select_rows, stack_states,
                     where_rows)
 from .unbounded import BaselineGQA, CoDAGQA
+from .database import NeuralDatabase
 
 __all__ = [
     "AttentionConfig",
@@ -27,6 +28,7 @@ __all__ = [
     "CoDAGQA",
     "CoDAGQALandmark",
     "DecoderConfig",
+    "NeuralDatabase",
     "batch_axis",
     "check_finite",
     "concat_rows",
