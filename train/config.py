@@ -58,6 +58,12 @@ class DataSection:
     heldout: str = ""
     tokenizer: str = ""
     seq_len: int = 2048
+    # The loss counts only the spans that start after this text (tokenised with
+    # ``tokenizer``) and run to the next token holding ``loss_stop``, that token
+    # included (e.g. "\nAnswer:" and "\n": the answers of a question-answer task);
+    # empty: every token counts.
+    loss_start: str = ""
+    loss_stop: str = "\n"
 
 
 @dataclasses.dataclass(frozen=True)

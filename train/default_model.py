@@ -15,8 +15,6 @@
 5. ``OUT_DIR/export``: the model as bf16 safetensors shards (what a GPU
    machine sends home), with ``card.json`` (architecture, bank, data, steps,
    recommended prompt and sampling, the quick check) and ``tokenizer.json``.
-   ``python -m train.default_model bundle OUT_DIR/export DEST`` makes the
-   package's model directory of it.
 """
 
 from __future__ import annotations
@@ -148,8 +146,10 @@ def build(args) -> int:
     block = stages["phase2"]["phase2"]["block_size"] if not args.tiny else 32
     window_only = with_bank(model, num_landmarks_exact=0, num_landmarks_summary=0)
     checks = []
-    for label, runner, bounded in (("bounded", model, True), ("unbounded", model, False),
-                                   ("window_only", window_only, True)):
+    caches = {"bounded": (model, True), "unbounded": (model, False),
+              "window_only": (window_only, True)}
+    for label in args.checks.split(","):
+        runner, bounded = caches[label]
         rows = retention.retention_accuracy(runner, tok, docs, bounded=bounded,
                                             block_size=block)
         checks += [dict(r, cache=label) for r in rows]
@@ -181,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--corpus", required=True, help="a corpus of python -m train.corpus")
     parser.add_argument("--out", required=True, help="the run's directory")
     parser.add_argument("--base", help="the base model (checkpoint or pack export)")
+    parser.add_argument("--checks", default="bounded,unbounded,window_only",
+                        help="caches of the quick retention check (default: %(default)s)")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized (tests)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -31,7 +31,8 @@ from convert import save_adapters
 
 from . import data, sharding
 from .config import TrainConfig, config_differences
-from .steps import build_model, learning_rates, make_optimizer, make_train_step, trainable_count
+from .steps import (build_model, learning_rates, loss_span, make_optimizer, make_train_step,
+                    trainable_count)
 
 RUN_FORMAT = "coda_jax.train_run/1"
 
@@ -74,7 +75,7 @@ def _load_data(cfg: TrainConfig):
         raise ValueError(f"{cfg.data.train} holds token id {int(tokens.max())}, outside the "
                          f"model's vocabulary of {vocab}")
     return data.PackedBatches(tokens, seq_len=cfg.data.seq_len,
-                              batch_size=cfg.optim.batch_size, seed=cfg.seed)
+                              batch_size=cfg.optim.batch_size, seed=cfg.seed), tokenizer
 
 
 def _vocab_size(cfg: TrainConfig) -> int:
@@ -111,14 +112,15 @@ def run(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True,
     """
     run_dir = Path(run_dir).absolute()
     resuming = _check_run_dir(run_dir, cfg)
-    batches = _load_data(cfg)   # before anything is built: bad data fails fast
+    batches, tokenizer = _load_data(cfg)   # before anything is built: bad data fails fast
+    span = loss_span(cfg, tokenizer)
     model, sources = build_model(cfg)
     graphdef, params = nnx.split(model)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     params = sharding.shard_params(mesh, params)
     tx = make_optimizer(cfg, params)
     opt_state = sharding.shard_params(mesh, tx.init(params))
-    step_fn = make_train_step(cfg, graphdef, tx)
+    step_fn = make_train_step(cfg, graphdef, tx, span)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resuming:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -138,10 +138,51 @@ def random_active_sizes(state, bank, key: jax.Array):
     return state.replace(**draws)
 
 
+class LossSpan(NamedTuple):
+    """Token ids that open a counted span (in order) and ids that close one."""
+
+    start: tuple[int, ...]
+    stop: tuple[int, ...]
+
+
+def loss_span(cfg: TrainConfig, tokenizer: Any) -> LossSpan | None:
+    """``cfg.data.loss_start``/``loss_stop`` as token ids (None: every token counts)."""
+    if not cfg.data.loss_start:
+        return None
+    if tokenizer is None:
+        raise ValueError("data.loss_start needs data.tokenizer (to find it in the tokens)")
+    start = tuple(tokenizer.encode(cfg.data.loss_start).ids)
+    stop = tuple(i for i in range(tokenizer.get_vocab_size())
+                 if cfg.data.loss_stop and cfg.data.loss_stop in tokenizer.decode([i]))
+    if not start or not stop:
+        raise ValueError(f"data.loss_start {cfg.data.loss_start!r} / loss_stop "
+                         f"{cfg.data.loss_stop!r} give no tokens with this tokenizer")
+    return LossSpan(start, stop)
+
+
+def span_weights(tokens: jax.Array, span: LossSpan) -> jax.Array:
+    """(B, L) float32: 1 where the target ``tokens[:, j + 1]`` lies in a counted span
+    (after the last ``span.start`` match ending at or before j, and no stop token
+    between that match and j)."""
+    length = tokens.shape[1] - 1
+    k = len(span.start)
+    ends = jnp.ones(tokens.shape, bool)
+    for i, token in enumerate(span.start):  # a match of the start ids ending at t
+        shifted = jnp.pad(tokens, ((0, 0), (k - 1 - i, 0)), constant_values=-1)
+        ends &= shifted[:, :tokens.shape[1]] == token
+    positions = jnp.arange(tokens.shape[1])
+    is_stop = jnp.isin(tokens, jnp.asarray(span.stop))
+    last_start = jax.lax.cummax(jnp.where(ends, positions, -1), axis=1)
+    last_stop = jax.lax.cummax(jnp.where(is_stop & ~ends, positions, -1), axis=1)
+    inside = (last_start >= 0) & (last_start >= last_stop)
+    return inside[:, :length].astype(jnp.float32)
+
+
 def loss_fn(cfg: TrainConfig, model: CausalLM, tokens: jax.Array,
-            key: jax.Array | None = None) -> jax.Array:
-    """Mean next-token cross-entropy of ``tokens`` (B, L + 1); ``key`` draws the
-    active bank sizes in phase 2 (none: the banks' initial sizes)."""
+            key: jax.Array | None = None, span: LossSpan | None = None) -> jax.Array:
+    """Mean next-token cross-entropy of ``tokens`` (B, L + 1), over the counted
+    spans only when ``span`` is given; ``key`` draws the active bank sizes in
+    phase 2 (none: the banks' initial sizes)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     if cfg.stage == "phase2":
         state = model.init_state(inputs.shape[0], jnp.dtype(cfg.optim.compute_dtype),
@@ -154,12 +195,15 @@ def loss_fn(cfg: TrainConfig, model: CausalLM, tokens: jax.Array,
                                           unroll=1, remat=cfg.phase2.remat)
     else:
         logits, _ = model(inputs)
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), targets).mean()
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    if span is None:
+        return nll.mean()
+    weights = span_weights(tokens, span)
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def _cast_loss(cfg: TrainConfig, graphdef: Any, params: Any, tokens: jax.Array,
-               key: jax.Array | None = None) -> jax.Array:
+               key: jax.Array | None = None, span: LossSpan | None = None) -> jax.Array:
     """The loss with the float32 master weights cast to ``compute_dtype`` (their
     gradients flow back through the cast in float32)."""
     compute = jnp.dtype(cfg.optim.compute_dtype)
@@ -174,15 +218,15 @@ def _cast_loss(cfg: TrainConfig, graphdef: Any, params: Any, tokens: jax.Array,
         return a.astype(compute)
 
     return loss_fn(cfg, nnx.merge(graphdef, jax.tree_util.tree_map_with_path(cast, params)),
-                   tokens, key)
+                   tokens, key, span)
 
 
-def make_train_step(cfg: TrainConfig, graphdef: Any, tx: optax.GradientTransformation
-                    ) -> Callable:
+def make_train_step(cfg: TrainConfig, graphdef: Any, tx: optax.GradientTransformation,
+                    span: LossSpan | None = None) -> Callable:
     """``step(params, opt_state, tokens, key) -> (params, opt_state, loss, grad_norm)``,
     compiled; one microbatch (an optimizer update every ``grad_accum`` calls); ``key``
     draws phase 2's active bank sizes."""
-    loss_of = functools.partial(_cast_loss, cfg, graphdef)
+    loss_of = functools.partial(_cast_loss, cfg, graphdef, span=span)
 
     @jax.jit
     def step(params, opt_state, tokens, key):

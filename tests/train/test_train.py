@@ -222,8 +222,8 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     real = steps.make_train_step
     calls = {"n": 0}
 
-    def poisoned(cfg, graphdef, tx):
-        step = real(cfg, graphdef, tx)
+    def poisoned(cfg, graphdef, tx, span=None):
+        step = real(cfg, graphdef, tx, span)
 
         def wrapped(params, opt_state, tokens, key):
             calls["n"] += 1
@@ -377,3 +377,24 @@ def test_phase2_draws_active_bank_sizes_when_expansion_is_configured(tmp_path):
         tmp_path, stage="phase2", attention=dict(kind="coda_bounded", options=BANKS)))[0]
         .spec.bank, jax.random.key(3))
     np.testing.assert_array_equal(np.asarray(fixed.active_exact), np.asarray(state.active_exact))
+
+
+def test_the_loss_can_count_answer_spans_only(tmp_path):
+    """With data.loss_start the loss covers only what follows the marker up to and
+    including the next stop token."""
+    span = steps.LossSpan(start=(7, 8), stop=(9,))
+    tokens = jnp.array([[1, 7, 8, 4, 5, 9, 3, 7, 8, 6, 9, 2]])
+    weights = steps.span_weights(tokens, span)
+    # targets are tokens[1:]: 4 5 9 (after the first 7 8) and 6 9 (after the second)
+    np.testing.assert_array_equal(np.asarray(weights[0]),
+                                  [0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 0])
+    cfg = _config(tmp_path, stage="pretrain")
+    model, _ = steps.build_model(cfg)
+    graphdef, params = nnx.split(model)
+    batch = jax.random.randint(jax.random.key(2), (2, 33), 10, VOCAB)  # no 7, 8 or 9
+    batch = batch.at[:, 10:12].set(jnp.array([7, 8])).at[:, 15].set(9)
+    only = steps.loss_fn(cfg, nnx.merge(graphdef, params), batch, span=span)
+    logits, _ = nnx.merge(graphdef, params)(batch[:, :-1])
+    import optax
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
+    np.testing.assert_allclose(float(only), float(nll[:, 11:15].mean()), rtol=1e-5)
