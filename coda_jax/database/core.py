@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, BinaryIO, Iterator, Mapping, Sequence
 
 from .. import orbax_io
 from ..checkpoint import load_state, read_state_metadata
@@ -42,7 +42,8 @@ class NeuralDatabase:
 
     ``model`` is a coda_jax model checkpoint directory (with a ``tokenizer.json``,
     or ``tokenizer``) or a HuggingFace directory with its CoDA ``adapters``
-    (``untrained=True`` runs without them, loudly); ``library`` a directory
+    (``untrained=True`` runs without them, loudly) and their ``bank_options``
+    (window, landmarks: adapter files do not record them); ``library`` a directory
     (default: ``$CODA_DB_LIBRARY``, else the per-user data directory). The
     document last ingested or loaded is the one queries read by default.
     """
@@ -50,9 +51,11 @@ class NeuralDatabase:
     def __init__(self, model: str | os.PathLike | OpenModel, *,
                  library: str | os.PathLike | None = None,
                  tokenizer: str | os.PathLike | None = None,
-                 adapters: str | os.PathLike | None = None, untrained: bool = False):
+                 adapters: str | os.PathLike | None = None, untrained: bool = False,
+                 bank_options: Mapping[str, Any] | None = None):
         self.opened = model if isinstance(model, OpenModel) else open_model(
-            model, tokenizer=tokenizer, adapters=adapters, untrained=untrained)
+            model, tokenizer=tokenizer, adapters=adapters, untrained=untrained,
+            bank_options=bank_options)
         self.library = Library(library)
         self.answerer = Answerer(self.opened)
         self.document: DocumentState | None = None

@@ -31,7 +31,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .. import safe_paths
+from .. import orbax_io, safe_paths
 from ..checkpoint import load_state, read_state_metadata, save_state
 from .documents import DocumentState
 from .errors import NotFoundError, RefusedError
@@ -218,6 +218,9 @@ class Library:
                          problem=f"no readable {ENTRY_FILE}")
         try:
             read_state_metadata(path / STATE_DIR)
+            # Every array file against its checksum: a truncated or flipped state is
+            # reported here, not when a question is asked (it reads each state once).
+            orbax_io.verify(path / STATE_DIR, "document state", parts=("tree",))
         except (OSError, ValueError) as err:
             return Entry(label=path.name, path=path, status="damaged", meta=meta,
                          problem=str(err))

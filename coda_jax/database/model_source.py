@@ -16,10 +16,11 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from ..checkpoint import weights_fingerprint
 from ..decoder import CausalLM
+from ..model_config import BOUNDED_DEFAULTS
 from ..model_io import load_model, read_model_metadata
 from .errors import NotFoundError, RefusedError
 from .settings import QuerySettings
@@ -106,14 +107,16 @@ def _refuse_unbounded(attention: str, where: str) -> None:
 
 
 def open_model(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
-               adapters: str | os.PathLike | None = None, untrained: bool = False
-               ) -> OpenModel:
+               adapters: str | os.PathLike | None = None, untrained: bool = False,
+               bank_options: Mapping[str, Any] | None = None) -> OpenModel:
     """Open a bounded model for the database.
 
     ``path`` is a coda_jax model checkpoint (its tokenizer a ``tokenizer.json``
     inside it, or ``tokenizer``) or a HF model directory (``config.json``,
     safetensors, ``tokenizer.json``) with ``adapters`` (default
-    ``path/coda_adapters.pt``; missing: refused unless ``untrained``).
+    ``path/coda_adapters.pt``; missing: refused unless ``untrained``) and
+    ``bank_options`` (window, num_landmarks_exact, ...: adapter files do not
+    record them; left out, the defaults are assumed with a warning).
     """
     if path is None:
         raise NotFoundError("no bundled default model exists yet: give a model checkpoint "
@@ -144,7 +147,13 @@ def open_model(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None =
             adapters = None
         from convert import load_hf_model  # the HF reader lives with the converters
 
+        if bank_options is None:
+            warnings.warn(f"{root}: adapter files do not record the bank configuration; "
+                          f"assuming {dict(BOUNDED_DEFAULTS)} (pass bank_options, or convert "
+                          "with 'python -m convert hf ... --window ...', to choose)",
+                          stacklevel=2)
         model = load_hf_model(root, attention="coda_bounded", adapters=adapters,
+                              attention_options=dict(bank_options or BOUNDED_DEFAULTS),
                               progress=False)
         tok = load_tokenizer(tokenizer if tokenizer is not None else root)
         meta, defaults = {}, _hf_stop_tokens(root) or end_of_text_ids(tok)

@@ -268,3 +268,30 @@ def test_a_large_file_is_read_in_bounded_host_memory(db, tmp_path):
     large, large_tokens = peak_for(3)
     assert large_tokens > 2.5 * small_tokens
     assert large < small + (256 << 10), f"peak {small:,} bytes for 0.5 MB, {large:,} for 1.5 MB"
+
+
+def test_a_truncated_or_corrupted_state_is_reported_and_refused(db):
+    doc = db.ingest(TEXT[:400])
+    for label in ("truncated", "flipped", "intact"):
+        db.save(label, doc)
+    root = db.library.root
+
+    def biggest(label):
+        files = [p for p in (root / label / "state").rglob("*") if p.is_file()]
+        return max(files, key=lambda p: p.stat().st_size)
+
+    victim = biggest("truncated")
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    victim = biggest("flipped")
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    before = snapshot(root)
+    for label in ("truncated", "flipped"):
+        with pytest.raises(RefusedError, match="damaged|checksum|sha256|truncated"):
+            db.load(label)
+    statuses = {e.label: e.status for e in db.list()}
+    assert statuses["intact"] == "ok" and statuses["truncated"] != "ok" \
+        and statuses["flipped"] != "ok", statuses
+    db.load("intact")  # the others never stopped the library from working
+    assert snapshot(root) == before  # nothing was changed by looking
