@@ -48,7 +48,7 @@ TINY = dict(
                num_heads=2, num_kv_heads=1, head_dim=16),
     seq_len=128, block_size=32, banks=dict(window=32, num_landmarks_exact=8,
                                            num_landmarks_summary=8),
-    steps=dict(pretrain=20, phase1=6, phase2=6), contexts=(64, 128),
+    steps=dict(pretrain=10, phase1=3, phase2=3), contexts=(128,),
     passkey=dict(lengths=(128,), depths=(0.5,), count=2))
 
 
