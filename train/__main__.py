@@ -38,21 +38,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (default: shown)")
     args = parser.parse_args(argv)
+    from .cli import run_reporting_errors
     from .config import load_config
     from .loop import NonFiniteLoss, run
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        summary = run(cfg, args.out, progress=not args.no_progress,
-                      stop_after=args.stop_after)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, NonFiniteLoss) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
-    print(json.dumps(summary, indent=1))
-    return 0
+    def train() -> int:
+        summary = run(load_config(args.config, args.overrides), args.out,
+                      progress=not args.no_progress, stop_after=args.stop_after)
+        print(json.dumps(summary, indent=1))
+        return 0
+
+    return run_reporting_errors(train, refused=(ValueError, NonFiniteLoss))
 
 
 if __name__ == "__main__":

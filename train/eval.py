@@ -36,6 +36,7 @@ from coda_jax import CausalLM, load_model
 
 from . import data
 from . import retrieval
+from .cli import run_reporting_errors
 from .steps import unbounded_twin, with_bank
 
 
@@ -98,27 +99,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="write the results as JSON here (default: stdout only)")
     parser.add_argument("--plot", help="draw PPL against context length here (.png)")
     args = parser.parse_args(argv)
-    try:
-        model = load_model(args.model)
-        tokens = data.read_tokens(args.data, tokenizer=args.tokenizer)
-        contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
-        modes = [False, True] if model.attention == "coda_bounded" else [False]
-        passkey_lengths = [int(n) for n in args.passkey_lengths.split(",") if n.strip()]
-        if passkey_lengths and not args.tokenizer:
-            raise ValueError("passkey retrieval needs --tokenizer (to write its needle)")
-        results = [perplexity(model, tokens, context=c, bounded=b, block_size=args.block_size,
-                              max_sequences=args.max_sequences) for c in contexts for b in modes]
-        passkey = retrieval.passkey_table(
-            model, data.load_tokenizer(args.tokenizer), tokens, lengths=passkey_lengths,
-            depths=[float(d) for d in args.passkey_depths.split(",") if d.strip()],
-            count=args.passkey_samples, block_size=args.block_size,
-            modes=modes) if passkey_lengths else []
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
+    return run_reporting_errors(lambda: _evaluate(args))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    tokens = data.read_tokens(args.data, tokenizer=args.tokenizer)
+    contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
+    modes = [False, True] if model.attention == "coda_bounded" else [False]
+    passkey_lengths = [int(n) for n in args.passkey_lengths.split(",") if n.strip()]
+    if passkey_lengths and not args.tokenizer:
+        raise ValueError("passkey retrieval needs --tokenizer (to write its needle)")
+    results = [perplexity(model, tokens, context=c, bounded=b, block_size=args.block_size,
+                          max_sequences=args.max_sequences) for c in contexts for b in modes]
+    passkey = retrieval.passkey_table(
+        model, data.load_tokenizer(args.tokenizer), tokens, lengths=passkey_lengths,
+        depths=[float(d) for d in args.passkey_depths.split(",") if d.strip()],
+        count=args.passkey_samples, block_size=args.block_size,
+        modes=modes) if passkey_lengths else []
     report = {"model": str(Path(args.model).absolute()), "results": results,
               "passkey": passkey, "jax": jax.__version__, "device": str(jax.devices()[0])}
     text = json.dumps(report, indent=1)

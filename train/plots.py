@@ -31,6 +31,19 @@ def _save(fig, out: str | os.PathLike) -> Path:
     return out
 
 
+def _finish(plt, fig, ax, out: str | os.PathLike, *, xlabel: str, ylabel: str,
+            title: str) -> Path:
+    """Labels, grid and legend, then the figure written to ``out`` and closed."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out = _save(fig, out)
+    plt.close(fig)
+    return out
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The logged steps of a run (``RUN_DIR/metrics.jsonl``), in order."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -51,14 +64,8 @@ def plot_losses(runs: Mapping[str, Sequence[Mapping[str, Any]]], out: str | os.P
         held = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
         if held:
             ax.plot(*zip(*held), "o", color=line.get_color(), ms=4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    out = _save(fig, out)
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, ax, out, xlabel="step", ylabel="cross-entropy (nats/token)",
+                   title=title)
 
 
 def plot_perplexity(results: Mapping[str, Sequence[Mapping[str, Any]]],
@@ -74,14 +81,8 @@ def plot_perplexity(results: Mapping[str, Sequence[Mapping[str, Any]]],
                 ax.plot(*zip(*points), style, ms=4,
                         label=f"{label} ({'bounded' if bounded else 'unbounded'})")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("perplexity")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    out = _save(fig, out)
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, ax, out, xlabel="context length (tokens)", ylabel="perplexity",
+                   title=title)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,6 +37,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from . import data
+from .cli import run_reporting_errors
 
 POOLS = Path(__file__).parent / "data_files" / "retention_pools.json"
 PROMPT = "\n\nQuestion: {question}\nAnswer:"
@@ -232,38 +233,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     ev.add_argument("--count", type=int, default=4)
     ev.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
+    return run_reporting_errors(lambda: _build(args))
+
+
+def _build(args: argparse.Namespace) -> int:
     corpus = Path(args.corpus)
-    try:
-        tok = data.load_tokenizer(corpus / "tokenizer.json")
-        if args.command == "train":
-            filler = data.read_tokens(corpus / "train")
-            rows = list(training_sequences(tok, filler, seq_len=args.seq_len,
-                                           count=args.sequences, max_facts=args.max_facts,
-                                           seed=args.seed))
-            data.write_shards(np.concatenate(rows), args.out, meta={
-                "split": "retention-train", "seq_len": args.seq_len, "seed": args.seed,
-                "max_facts": args.max_facts,
-                "tokenizer_fingerprint": data.tokenizer_fingerprint(tok)})
-            print(f"wrote {args.out}: {len(rows)} sequences of {args.seq_len + 1} tokens")
-        else:
-            filler = data.read_tokens(corpus / "heldout")
-            docs = eval_documents(tok, filler, lengths=_ints(args.lengths),
-                                  facts_per_doc=_ints(args.facts),
-                                  depths=[float(d) for d in args.depths.split(",")],
-                                  count=args.count, seed=args.seed)
-            out = Path(args.out)
-            tmp = out.with_name(f".{out.name}.tmp")
-            with open(tmp, "w") as f:
-                for doc in docs:
-                    f.write(json.dumps(doc) + "\n")
-            tmp.replace(out)
-            print(f"wrote {out}")
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
+    tok = data.load_tokenizer(corpus / "tokenizer.json")
+    if args.command == "train":
+        filler = data.read_tokens(corpus / "train")
+        rows = list(training_sequences(tok, filler, seq_len=args.seq_len,
+                                       count=args.sequences, max_facts=args.max_facts,
+                                       seed=args.seed))
+        data.write_shards(np.concatenate(rows), args.out, meta={
+            "split": "retention-train", "seq_len": args.seq_len, "seed": args.seed,
+            "max_facts": args.max_facts,
+            "tokenizer_fingerprint": data.tokenizer_fingerprint(tok)})
+        print(f"wrote {args.out}: {len(rows)} sequences of {args.seq_len + 1} tokens")
+        return 0
+    filler = data.read_tokens(corpus / "heldout")
+    docs = eval_documents(tok, filler, lengths=_ints(args.lengths),
+                          facts_per_doc=_ints(args.facts),
+                          depths=[float(d) for d in args.depths.split(",")],
+                          count=args.count, seed=args.seed)
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w") as f:
+        for doc in docs:
+            f.write(json.dumps(doc) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}")
     return 0
 
 

@@ -1,0 +1,23 @@
+"""What the training command lines share: errors as one line on stderr, and exit
+codes scripts can rely on (0 done, 2 a path not found, 3 refused or invalid)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+EXIT_OK, EXIT_NOT_FOUND, EXIT_REFUSED = 0, 2, 3
+
+
+def run_reporting_errors(action: Callable[[], int | None],
+                         refused: tuple[type[BaseException], ...] = (ValueError,)) -> int:
+    """``action()``'s exit code (None: 0); a missing path is code 2 and a refusal
+    (``refused``) code 3, each reported as ``error: ...`` on stderr."""
+    try:
+        return action() or EXIT_OK
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except refused as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_REFUSED
