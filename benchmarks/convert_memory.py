@@ -28,6 +28,9 @@ CHILD = r"""
 import resource, sys, json
 import jax, jax.numpy as jnp
 from convert.hf import load_hf_model
+# The CPU client (its thread pools and allocator) starts before the baseline: its
+# size depends on the machine and its load, not on the conversion.
+jax.block_until_ready(jnp.ones((8,), jnp.bfloat16) + 1)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 model = load_hf_model(sys.argv[1], dtype=jnp.bfloat16, progress=False)
 jax.block_until_ready(jax.tree.leaves(model))
