@@ -154,7 +154,9 @@ def load_hf_weights(model: CausalLM, model_dir: str | os.PathLike, *,
                 check_finite(tensor, f"{model_dir}: weight {key!r}")
                 (host[i] if stacked else host)[...] = tensor.T if transposed else tensor
                 del tensor
-            variable.set_value(jax.device_put(host))
+            # Wait for the copy: an asynchronous transfer keeps its host buffer alive,
+            # and on a loaded machine several whole stacked tensors were in flight.
+            variable.set_value(jax.block_until_ready(jax.device_put(host)))
             del host
 
 
