@@ -14,12 +14,12 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import runner
 from .checkpoint import nonfinite_rows
 from .decoder import CausalLM
 from .state import BankState, where_rows
+from .validation import check_integer, check_number
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float | jax.Array,
@@ -40,24 +40,6 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float | jax
 
 
 PAD_ID = -1  # what stopped rows emit by default: never a token id
-
-
-def _integer(name: str, value, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        span = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {span}, got {value}")
-    return int(value)
-
-
-def _number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if not np.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
 
 
 def generate(model: CausalLM, state: BankState, logits: jax.Array, *, max_new_tokens: int,
@@ -84,19 +66,19 @@ def generate(model: CausalLM, state: BankState, logits: jax.Array, *, max_new_to
     if logits.ndim == 3:
         logits = logits[:, -1]
     model.check_state(state, logits.shape[0])
-    max_new_tokens = _integer("max_new_tokens", max_new_tokens, 1)
-    temperature = _number("temperature", temperature)
+    max_new_tokens = check_integer("max_new_tokens", max_new_tokens, 1)
+    temperature = check_number("temperature", temperature)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     greedy = temperature == 0
     if not greedy and key is None:
         raise ValueError("sampling (temperature > 0) needs a PRNG key: key=jax.random.key(seed)")
-    top_k = _integer("top_k", top_k, 0, vocab)
-    top_p = _number("top_p", top_p)
+    top_k = check_integer("top_k", top_k, 0, vocab)
+    top_p = check_number("top_p", top_p)
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    stops = tuple(_integer("a stop token", t, 0, vocab - 1) for t in stop_tokens)
-    pad_id = _integer("pad_id", pad_id, -(2 ** 31))
+    stops = tuple(check_integer("a stop token", t, 0, vocab - 1) for t in stop_tokens)
+    pad_id = check_integer("pad_id", pad_id, -(2 ** 31))
     key = jax.random.key(0) if key is None else key
     poisoned = nonfinite_rows(state)  # a few bools: the loop would wait for the state anyway
     if poisoned:

@@ -17,8 +17,8 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-import numpy as np
 
+from ..validation import check_integer, check_number
 from .errors import RefusedError
 
 METADATA_KEY = "database"
@@ -39,13 +39,13 @@ class Sampling:
 
     def checked(self, vocab_size: int) -> "Sampling":
         """This, after checking every value (``RefusedError`` naming the bad one)."""
-        _integer("max_new_tokens", self.max_new_tokens, 1)
-        _integer("top_k", self.top_k, 0, vocab_size)
-        _integer("seed", self.seed, 0)
-        temperature = _number("temperature", self.temperature)
+        check_integer("max_new_tokens", self.max_new_tokens, 1, error=RefusedError)
+        check_integer("top_k", self.top_k, 0, vocab_size, error=RefusedError)
+        check_integer("seed", self.seed, 0, error=RefusedError)
+        temperature = check_number("temperature", self.temperature, error=RefusedError)
         if temperature < 0:
             raise RefusedError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-        top_p = _number("top_p", self.top_p)
+        top_p = check_number("top_p", self.top_p, error=RefusedError)
         if not 0.0 < top_p <= 1.0:
             raise RefusedError(f"top_p must be in (0, 1], got {top_p}")
         return self
@@ -89,8 +89,8 @@ class QuerySettings:
         stops = entry.get("stop_tokens", list(default_stops))
         if not isinstance(stops, (list, tuple)):
             raise RefusedError(f"stop_tokens must be a list of token ids, got {stops!r}")
-        stops = tuple(_integer("a stop token", t, 0) for t in stops)
-        block = _integer("block_size", entry.get("block_size", 1024), 1)
+        stops = tuple(check_integer("a stop token", t, 0, error=RefusedError) for t in stops)
+        block = check_integer("block_size", entry.get("block_size", 1024), 1, error=RefusedError)
         return cls(prompt=prompt, sampling=sampling, stop_tokens=stops, block_size=block)
 
     def prompt_for(self, question: str) -> str:
@@ -110,20 +110,3 @@ def read_block(block_size: int, longest: int) -> int:
     if longest >= block_size:
         return block_size
     return min(block_size, max(MIN_PROMPT_BLOCK, 1 << max(0, math.ceil(math.log2(longest)))))
-
-
-def _integer(name: str, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise RefusedError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        span = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise RefusedError(f"{name} must be {span}, got {value}")
-    return int(value)
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise RefusedError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(float(value)):
-        raise RefusedError(f"{name} must be finite, got {value}")
-    return float(value)
