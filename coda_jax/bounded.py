@@ -136,10 +136,15 @@ class CoDAGQALandmark(AttentionCore):
                     f"batch={batch})")
 
     # --------------------------------------------------------------- compute
+    def write_gate_logit(self, x: jax.Array) -> jax.Array:
+        """The write gate before its sigmoid, per token of x (B, L, D) -> (B, L),
+        float32: what a supervised gate loss trains (``train/steps.py``)."""
+        return self.write_proj(x)[..., 0].astype(jnp.float32)
+
     def _write_gate(self, x: jax.Array) -> jax.Array:
         if not self.bank_cfg.gated:
             return jnp.ones(x.shape[:-1], jnp.float32)
-        return jax.nn.sigmoid(self.write_proj(x)[..., 0].astype(jnp.float32))
+        return jax.nn.sigmoid(self.write_gate_logit(x))
 
     def _gates(self, x: jax.Array) -> tuple[jax.Array | None, jax.Array]:
         """(lambda (B, L, H) or None, write gate (B, L)), float32. With both

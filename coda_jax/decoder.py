@@ -97,6 +97,10 @@ class DecoderLayer(nnx.Module):
             training=training, unroll=unroll)
         return self.mlp_residual(h + out), state
 
+    def write_gate_logit(self, h: jax.Array) -> jax.Array:
+        """The bounded attention's write-gate logits (B, L) for the layer input h."""
+        return self.self_attn.write_gate_logit(self.input_layernorm(h))
+
     def decode_step(self, h, state, *, training):
         out, state = self.self_attn.decode_step(self.input_layernorm(h), state,
                                                 training=training)
@@ -230,25 +234,30 @@ class CausalLM(nnx.Module):
 
     def prefill_segment(self, tokens: jax.Array, lengths: jax.Array, state: BankState, *,
                         block_size: int, training: bool, unroll: int | bool,
-                        last_only: bool = False, remat: bool = False
-                        ) -> tuple[jax.Array, BankState]:
+                        last_only: bool = False, remat: bool = False,
+                        write_logits: bool = False):
         """One segment of whole blocks of ``tokens`` (B, L), the first ``lengths``
         valid, through every layer: -> (logits (B, L, V), or (B, 1, V) at each
-        row's last valid token with ``last_only``; the state). Pure: what
-        training differentiates through (``remat`` recomputes each layer in the
-        backward pass)."""
+        row's last valid token with ``last_only``; the state), and with
+        ``write_logits`` third every layer's write-gate logits (layers, B, L).
+        Pure: what training differentiates through (``remat`` recomputes each
+        layer in the backward pass)."""
         h = self.embed(tokens)
 
         def body(h, inputs):
             layer, st = inputs
-            return layer.prefill_segment(h, lengths, st, block_size=block_size,
-                                         training=training, unroll=unroll)
+            gate = layer.write_gate_logit(h) if write_logits else None
+            h, st = layer.prefill_segment(h, lengths, st, block_size=block_size,
+                                          training=training, unroll=unroll)
+            return h, (st, gate)
 
-        h, state = jax.lax.scan(jax.checkpoint(body) if remat else body, h,
-                                (self.layers, state))
+        h, (state, gates) = jax.lax.scan(jax.checkpoint(body) if remat else body, h,
+                                         (self.layers, state))
         if last_only:
             last = jnp.clip(lengths - 1, 0, h.shape[1] - 1)
             h = jnp.take_along_axis(h, last[:, None, None], axis=1)
+        if write_logits:
+            return self.logits(h), state, gates
         return self.logits(h), state
 
     def decode_step(self, token: jax.Array, state: BankState, *, training: bool = False

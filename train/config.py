@@ -64,6 +64,9 @@ class DataSection:
     # empty: every token counts.
     loss_start: str = ""
     loss_stop: str = "\n"
+    # Phase 2: per-token write-gate targets aligned with ``train`` (0/1 token shards,
+    # e.g. train.retention's marks), trained with weight phase2.write_gate_loss.
+    write_targets: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +93,9 @@ class Phase2Section:
     block_size: int = 128
     detach_evicted: bool = False    # False: gradients flow through evictions
     remat: bool = True              # recompute each layer in the backward pass
+    # Weight of the write-gate loss (balanced binary cross-entropy of every
+    # layer's write-gate logits against data.write_targets); 0: none.
+    write_gate_loss: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +141,13 @@ class TrainConfig:
             if self.data.seq_len % self.phase2.block_size:
                 raise ValueError(f"data.seq_len ({self.data.seq_len}) must be a multiple of "
                                  f"phase2.block_size ({self.phase2.block_size})")
+        weight = self.phase2.write_gate_loss
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                or not 0 <= weight < float("inf"):
+            raise ValueError(f"phase2.write_gate_loss must be a number >= 0, got {weight!r}")
+        if bool(weight) != bool(self.data.write_targets) or (weight and self.stage != "phase2"):
+            raise ValueError("phase2.write_gate_loss > 0 and data.write_targets go together, "
+                             "in stage phase2 only (the write gates are the bounded layers')")
         for name, value in (("optim.steps", self.optim.steps),
                             ("optim.batch_size", self.optim.batch_size),
                             ("optim.grad_accum", self.optim.grad_accum),

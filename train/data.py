@@ -410,8 +410,13 @@ class PackedBatches:
     epoch boundary.
     """
 
-    def __init__(self, tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int):
+    def __init__(self, tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
+                 targets: np.ndarray | None = None):
         tokens = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)
+        if targets is not None and np.shape(targets) != tokens.shape:
+            raise ValueError(f"the per-token targets ({np.shape(targets)}) do not align with "
+                             f"the tokens ({tokens.shape})")
+        self.targets = targets
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(f"tokens must be a 1-D integer array, got {tokens.dtype} "
                              f"of shape {tokens.shape}")
@@ -456,16 +461,27 @@ class PackedBatches:
                 or position < 0:
             raise ValueError(f"position must be a non-negative integer, got {position!r}")
         position = int(position)
-        width = self.seq_len + 1
-        out = np.empty((self.batch_size, width), np.int32)
-        for row in range(self.batch_size):
-            k = position + row
-            start = int(self.permutation(k // self._n)[k % self._n]) * width
-            sequence = self.tokens[start:start + width]
+        out = np.empty((self.batch_size, self.seq_len + 1), np.int32)
+        for row, start in enumerate(self._starts(position)):
+            sequence = self.tokens[start:start + out.shape[1]]
             if sequence.size and int(sequence.max()) > np.iinfo(np.int32).max:
                 raise ValueError(f"token id {int(sequence.max())} does not fit int32")
             out[row] = sequence
         return out, position + self.batch_size
+
+    def target_batch(self, position: int) -> np.ndarray:
+        """The per-token targets (float32 ``(batch_size, seq_len + 1)``) of the
+        sequences :meth:`batch` gives at ``position``."""
+        if self.targets is None:
+            raise ValueError("these batches have no per-token targets")
+        width = self.seq_len + 1
+        return np.stack([np.asarray(self.targets[s:s + width], np.float32)
+                         for s in self._starts(int(position))])
+
+    def _starts(self, position: int) -> list[int]:
+        width = self.seq_len + 1
+        return [int(self.permutation(k // self._n)[k % self._n]) * width
+                for k in range(position, position + self.batch_size)]
 
     def __iter__(self) -> Iterator[np.ndarray]:
         """Batches from position 0 on, without end."""

@@ -1,15 +1,18 @@
 """The bundled default model's recipe, every step in one command (one GPU, minutes).
 
     python -m train.default_model --corpus CORPUS --out OUT_DIR [--base MODEL_OR_EXPORT]
-                                  [--tiny] [--no-progress]
+                                  [--recipe YAML] [--workers N] [--tiny] [--no-progress]
+
+The recipe is ``configs/default_model.yaml``:
 
 1. the base: ``--base`` (a model checkpoint or a ``convert pack`` export, e.g.
-   the 2x2 study's), else pretrained here from ``configs/study.yaml``;
-2. the retention data (``train.retention``): 2,048-token sequences for phase
-   1, 4,096-token ones for phase 2, from the corpus's training split and the
-   training names and places;
-3. phase 1 (``configs/default_phase1.yaml``) and phase 2
-   (``configs/default_phase2.yaml``), every weight trained;
+   the 2x2 study's), else pretrained here from the recipe's ``base`` config;
+2. the retention data of every stage (``train.retention``), generated in
+   ``--workers`` processes from the corpus's training split and the training
+   names and places, with the content marks where a stage trains the write
+   gates (``write_targets: true``);
+3. the stages in order, each starting from the model of the one before (its
+   training config is the stage's ``config``);
 4. a quick retention check on held-out documents (teacher-forced exact match,
    bounded, unbounded and window only), ``OUT_DIR/retention_quick.json``;
 5. ``OUT_DIR/export``: the model as bf16 safetensors shards (what a GPU
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import shutil
 import sys
 import time
@@ -32,8 +37,9 @@ import numpy as np
 import yaml
 
 CONFIGS = Path(__file__).parent / "configs"
-QUICK = dict(lengths=(1024, 4096), facts=(1, 4, 16), depths=(0.1, 0.5, 0.9), count=2)
-TINY_QUICK = dict(lengths=(256,), facts=(1, 2), depths=(0.5,), count=1)
+RECIPE = CONFIGS / "default_model.yaml"
+TINY_QUICK = dict(lengths=[256], facts=[1, 2], depths=[0.5], count=1)
+TINY_MAX_FACTS = 2
 
 
 def stop_token_ids(tok) -> list[int]:
@@ -49,15 +55,8 @@ def database_settings(tok) -> dict[str, Any]:
             "max_new_tokens": 24, "stop_tokens": stop_token_ids(tok), "block_size": 128}
 
 
-def _config(name: str, **fields: Any) -> dict[str, Any]:
-    cfg = yaml.safe_load((CONFIGS / name).read_text())
-    for key, value in fields.items():
-        section, _, field = key.partition(".")
-        if field:
-            cfg[section] = dict(cfg.get(section) or {}) | {field: value}
-        else:
-            cfg[key] = value
-    return cfg
+def _config(name: str) -> dict[str, Any]:
+    return yaml.safe_load((CONFIGS / name).read_text())
 
 
 def _tiny(cfg: dict[str, Any], seq_len: int) -> dict[str, Any]:
@@ -72,19 +71,44 @@ def _tiny(cfg: dict[str, Any], seq_len: int) -> dict[str, Any]:
     return cfg
 
 
-def _base_model_dir(args, corpus: Path, out: Path, log) -> Path:
+def load_recipe(path: str | Path = RECIPE) -> dict[str, Any]:
+    """The recipe YAML, checked: a base config, named stages (each a training
+    config of ``configs/``, ``max_facts`` >= 1, optional ``write_targets``) and
+    the quick check's cells."""
+    recipe = yaml.safe_load(Path(path).read_text())
+    stages = recipe.get("stages") if isinstance(recipe, dict) else None
+    if not isinstance(stages, list) or not stages:
+        raise ValueError(f"{path}: the recipe needs a non-empty list of stages")
+    names = [s.get("name") for s in stages if isinstance(s, dict)]
+    if len(names) != len(stages) or len(set(names)) != len(names) or not all(names):
+        raise ValueError(f"{path}: every stage needs a unique name")
+    for stage in stages:
+        facts = stage.get("max_facts")
+        if isinstance(facts, bool) or not isinstance(facts, int) or facts < 1:
+            raise ValueError(f"{path}: stage {stage['name']}: max_facts must be an integer "
+                             f">= 1, got {facts!r}")
+        if not (CONFIGS / str(stage.get("config"))).is_file():
+            raise ValueError(f"{path}: stage {stage['name']}: no config "
+                             f"{CONFIGS / str(stage.get('config'))}")
+    quick = recipe.get("quick_check") or {}
+    if set(quick) != {"lengths", "facts", "depths", "count"}:
+        raise ValueError(f"{path}: quick_check needs lengths, facts, depths and count")
+    return recipe
+
+
+def _base_model_dir(args, recipe: dict[str, Any], corpus: Path, out: Path, log) -> Path:
     from coda_jax import save_model
     from convert.model_export import is_model_export, load_export
 
-    from .loop import run
     from .config import TrainConfig
+    from .loop import run
 
     if args.base:
         base = Path(args.base)
         if is_model_export(base):
             return save_model(out / "base_model", load_export(base), overwrite=True)
         return base
-    cfg = yaml.safe_load((CONFIGS / "study.yaml").read_text())
+    cfg = yaml.safe_load((CONFIGS / recipe["base"]).read_text())
     cfg["data"] = cfg["data"] | dict(train=str(corpus / "train"), heldout="",
                                      tokenizer=str(corpus / "tokenizer.json"))
     if args.tiny:
@@ -94,6 +118,45 @@ def _base_model_dir(args, corpus: Path, out: Path, log) -> Path:
     run(TrainConfig.from_dict(cfg), out / "runs" / "base", progress=not args.no_progress)
     log("base pretrained")
     return out / "runs" / "base" / "model"
+
+
+def _sequences(job: tuple[str, int, int, int, int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One worker's share of a stage's retention sequences (a process of its own)."""
+    from . import data, retention
+
+    corpus, seq_len, count, max_facts, seed = job
+    tok = data.load_tokenizer(Path(corpus) / "tokenizer.json")
+    filler = data.read_tokens(Path(corpus) / "train")
+    return list(retention.training_sequences(tok, filler, seq_len=seq_len, count=count,
+                                             max_facts=max_facts, seed=seed))
+
+
+def stage_data(corpus: Path, out: Path, *, seq_len: int, count: int, max_facts: int,
+               seed: int, workers: int) -> tuple[Path, Path]:
+    """A stage's ``count`` retention sequences of ``seq_len + 1`` tokens as token
+    shards and content-mark shards (``train.retention.write_training_shards``);
+    worker ``i`` draws its share with seed ``(seed, i)``, so a run with the same
+    workers is reproducible."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from . import data, retention
+
+    shares = [count // workers + (i < count % workers) for i in range(workers)]
+    jobs = [(str(corpus), seq_len, n, max_facts, seed * 1000 + i)
+            for i, n in enumerate(shares) if n]
+    if len(jobs) == 1:
+        parts = [_sequences(jobs[0])]
+    else:
+        # Spawned, not forked: a fork of a process running JAX may deadlock.
+        with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")
+                                 ) as pool:
+            parts = list(pool.map(_sequences, jobs))
+    tok = data.load_tokenizer(corpus / "tokenizer.json")
+    return retention.write_training_shards(
+        [row for part in parts for row in part], out, meta={
+            "split": f"retention-{out.name}", "seq_len": seq_len, "sequences": count,
+            "max_facts": max_facts, "seed": seed, "workers": len(jobs),
+            "tokenizer_fingerprint": data.tokenizer_fingerprint(tok)})
 
 
 def build(args) -> int:
@@ -106,44 +169,57 @@ def build(args) -> int:
     from .plots import read_metrics
     from .steps import with_bank
 
+    recipe = load_recipe(args.recipe)
     corpus, out = Path(args.corpus).absolute(), Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     log = lambda msg: print(f"[default-model] {msg} ({time.perf_counter() - start:.0f} s)",  # noqa: E731
                             flush=True)
     tok = data.load_tokenizer(corpus / "tokenizer.json")
-    base = _base_model_dir(args, corpus, out, log)
-    filler = data.read_tokens(corpus / "train")
-    stages = {"phase1": _config("default_phase1.yaml", init=str(base)),
-              "phase2": _config("default_phase2.yaml",
-                                init=str(out / "runs" / "phase1" / "model"))}
-    report: dict[str, Any] = {"device": str(jax.devices()[0].device_kind),
-                              "jax": jax.__version__, "base": str(base), "stages": {}}
-    for name, cfg in stages.items():
+    configs: dict[str, dict[str, Any]] = {}
+    for stage in recipe["stages"]:
+        name = stage["name"]
+        cfg = _config(stage["config"])
+        max_facts = TINY_MAX_FACTS if args.tiny else stage["max_facts"]
         if args.tiny:
-            cfg = _tiny(cfg, 128 if name == "phase1" else 256)
-        seq_len, seqs = cfg["data"]["seq_len"], cfg["optim"]["steps"] * cfg["optim"]["batch_size"]
+            cfg = _tiny(cfg, 256)
+        seq_len = cfg["data"]["seq_len"]
+        count = cfg["optim"]["steps"] * cfg["optim"]["batch_size"] * cfg["optim"]["grad_accum"]
         shards = out / "data" / name
-        if not shards.exists():
-            rows = retention.training_sequences(tok, filler, seq_len=seq_len, count=seqs,
-                                                max_facts=2 if args.tiny else 8, seed=cfg["seed"])
-            data.write_shards(np.concatenate(list(rows)), shards, meta={
-                "split": f"retention-{name}", "seq_len": seq_len, "sequences": seqs,
-                "tokenizer_fingerprint": data.tokenizer_fingerprint(tok)})
-            log(f"{name}: {seqs} retention sequences of {seq_len + 1} tokens")
-        cfg["data"] = cfg["data"] | dict(train=str(shards), tokenizer=str(corpus / "tokenizer.json"))
+        marks = Path(f"{shards}{retention.MARKS_SUFFIX}")
+        if not (shards.exists() and marks.exists()):
+            for partial in (shards, marks):  # ours, left by an interrupted run
+                shutil.rmtree(partial, ignore_errors=True)
+            stage_data(corpus, shards, seq_len=seq_len, count=count, max_facts=max_facts,
+                       seed=cfg["seed"], workers=args.workers)
+            log(f"{name}: {count} retention sequences of {seq_len + 1} tokens, "
+                f"up to {max_facts} facts")
+        cfg["data"] = cfg["data"] | dict(train=str(shards),
+                                         tokenizer=str(corpus / "tokenizer.json"))
+        if stage.get("write_targets"):
+            cfg["data"]["write_targets"] = str(marks)
+        configs[name] = cfg
+
+    base = _base_model_dir(args, recipe, corpus, out, log)
+    report: dict[str, Any] = {"device": str(jax.devices()[0].device_kind),
+                              "jax": jax.__version__, "base": str(base),
+                              "recipe": recipe, "stages": {}}
+    init = base
+    for name, cfg in configs.items():
+        cfg["init"] = str(init)
         summary = run(TrainConfig.from_dict(cfg), out / "runs" / name,
                       progress=not args.no_progress)
         report["stages"][name] = {"config": cfg, "summary": summary,
                                   "metrics": read_metrics(out / "runs" / name)}
         log(f"{name}: loss {summary['loss']:.4f} after {summary['step']} updates")
+        init = out / "runs" / name / "model"
 
-    model = load_model(out / "runs" / "phase2" / "model")
-    quick = TINY_QUICK if args.tiny else QUICK
+    model = load_model(init)
+    final = configs[recipe["stages"][-1]["name"]]
+    quick = TINY_QUICK if args.tiny else recipe["quick_check"]
     docs = list(retention.eval_documents(tok, data.read_tokens(corpus / "heldout"),
                                          lengths=quick["lengths"], facts_per_doc=quick["facts"],
                                          depths=quick["depths"], count=quick["count"], seed=7))
-    block = stages["phase2"]["phase2"]["block_size"] if not args.tiny else 32
     window_only = with_bank(model, num_landmarks_exact=0, num_landmarks_summary=0)
     checks = []
     caches = {"bounded": (model, True), "unbounded": (model, False),
@@ -151,7 +227,7 @@ def build(args) -> int:
     for label in args.checks.split(","):
         runner, bounded = caches[label]
         rows = retention.retention_accuracy(runner, tok, docs, bounded=bounded,
-                                            block_size=block)
+                                            block_size=final["phase2"]["block_size"])
         checks += [dict(r, cache=label) for r in rows]
         total = sum(r["total"] for r in rows)
         log(f"retention {label}: {sum(r['correct'] for r in rows)}/{total}")
@@ -162,10 +238,10 @@ def build(args) -> int:
     shutil.copy(corpus / "tokenizer.json", export / "tokenizer.json")
     card = {"name": "coda-jax default model", "architecture": json.loads(
         (export / "export.json").read_text())["config"],
-        "attention": stages["phase2"]["attention"],
+        "attention": final["attention"],
         "database": database_settings(tok),
-        "training": {"base": str(base), "stages": {n: s["config"] for n, s in
-                                                    report["stages"].items()},
+        "training": {"base": str(base), "recipe": recipe,
+                     "stages": {n: s["config"] for n, s in report["stages"].items()},
                      "task": {"facts": {k: {"sentence": v[0], "question": v[1]}
                                         for k, v in retention.FACTS.items()},
                               "prompt": retention.PROMPT}},
@@ -181,17 +257,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--corpus", required=True, help="a corpus of python -m train.corpus")
     parser.add_argument("--out", required=True, help="the run's directory")
     parser.add_argument("--base", help="the base model (checkpoint or pack export)")
+    parser.add_argument("--recipe", default=str(RECIPE),
+                        help="the recipe YAML (default: configs/default_model.yaml)")
+    parser.add_argument("--workers", type=int, default=max(1, min(16, os.cpu_count() or 1)),
+                        help="processes generating the retention data (default: %(default)s)")
     parser.add_argument("--checks", default="bounded,unbounded,window_only",
                         help="caches of the quick retention check (default: %(default)s)")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized (tests)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
     for needed in ("train", "heldout", "tokenizer.json"):
         if not (Path(args.corpus) / needed).exists():
             print(f"error: {Path(args.corpus) / needed} does not exist (build the corpus with "
                   "python -m train.corpus)", file=sys.stderr)
             return 2
-    return build(args)
+    from .cli import run_reporting_errors
+
+    return run_reporting_errors(lambda: build(args))
 
 
 if __name__ == "__main__":

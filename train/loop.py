@@ -74,8 +74,14 @@ def _load_data(cfg: TrainConfig):
     if int(tokens.max()) >= vocab:
         raise ValueError(f"{cfg.data.train} holds token id {int(tokens.max())}, outside the "
                          f"model's vocabulary of {vocab}")
+    targets = data.read_tokens(cfg.data.write_targets) if cfg.data.write_targets else None
+    if targets is not None and (targets.shape != tokens.shape or int(targets.max()) > 1):
+        raise ValueError(f"data.write_targets {cfg.data.write_targets} must hold one 0 or 1 "
+                         f"per token of data.train ({tokens.size} tokens), got "
+                         f"{targets.size} values up to {int(targets.max())}")
     return data.PackedBatches(tokens, seq_len=cfg.data.seq_len,
-                              batch_size=cfg.optim.batch_size, seed=cfg.seed), tokenizer
+                              batch_size=cfg.optim.batch_size, seed=cfg.seed,
+                              targets=targets), tokenizer
 
 
 def _vocab_size(cfg: TrainConfig) -> int:
@@ -159,9 +165,12 @@ def run(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True,
             for _ in range(cfg.optim.grad_accum):
                 # The sequences' position seeds the draws: a resumed run draws the same.
                 key = jax.random.fold_in(jax.random.key(cfg.seed), position)
+                targets = (None if batches.targets is None else
+                           sharding.shard_batch(mesh, batches.target_batch(position)))
                 batch, position = batches.batch(position)
                 batch = sharding.shard_batch(mesh, batch)
-                new_params, new_opt, micro_loss, norm = step_fn(params, opt_state, batch, key)
+                new_params, new_opt, micro_loss, norm = step_fn(params, opt_state, batch, key,
+                                                                targets)
                 micro_loss = float(micro_loss)
                 if not math.isfinite(micro_loss):
                     bar.close()

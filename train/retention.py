@@ -20,7 +20,9 @@ with training.
 
 ``train`` writes token shards of sequences of exactly ``seq_len + 1`` tokens
 (one document and its questions each, so packing never splits one), for
-``python -m train``; ``eval`` writes documents as text with their questions
+``python -m train``, and beside them (``OUT_DIR_marks``) the content marks of
+each token: 1 on a fact's name, value and full stop, the write-gate targets
+of phase 2 (``data.write_targets``); ``eval`` writes documents as text with their questions
 and answers (one JSON object per line), for the retention study.
 """
 
@@ -101,11 +103,27 @@ def draw_facts(rng: np.random.Generator, pools: dict[str, list[str]], count: int
     return facts
 
 
+def sentence_tokens(tok: Tokenizer, fact: Fact) -> tuple[np.ndarray, np.ndarray]:
+    """The fact's sentence as ids, and its content marks: 1 at the tokens that
+    touch the name, the value or the closing full stop (what the bank must keep
+    for the question to be answerable), 0 at the template's words."""
+    text = fact.sentence
+    at_name = text.index(fact.name)
+    at_value = text.index(fact.value, at_name + len(fact.name))
+    spans = ((at_name, at_name + len(fact.name)), (at_value, at_value + len(fact.value)),
+             (len(text) - 1, len(text)))
+    enc = tok.encode(text)
+    marks = [any(a < hi and lo < b for lo, hi in spans) for a, b in enc.offsets]
+    return np.asarray(enc.ids, np.int64), np.asarray(marks, np.uint8)
+
+
 def document_tokens(tok: Tokenizer, filler: np.ndarray, facts: Sequence[Fact], length: int,
-                    rng: np.random.Generator) -> np.ndarray:
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A document of exactly ``length`` tokens: a random window of ``filler`` with
-    each fact's sentence inserted at its depth."""
-    sentences = [np.asarray(tok.encode(f.sentence).ids, np.int64) for f in facts]
+    each fact's sentence inserted at its depth; and its content marks
+    (:func:`sentence_tokens`; 0 over the filler)."""
+    encoded = [sentence_tokens(tok, f) for f in facts]
+    sentences = [ids for ids, _ in encoded]
     n_filler = length - sum(len(s) for s in sentences)
     if n_filler < 0:
         raise ValueError(f"{len(facts)} facts do not fit in a {length}-token document")
@@ -114,13 +132,15 @@ def document_tokens(tok: Tokenizer, filler: np.ndarray, facts: Sequence[Fact], l
     start = int(rng.integers(0, len(filler) - n_filler))
     text = np.asarray(filler[start:start + n_filler], np.int64)
     order = sorted(range(len(facts)), key=lambda i: facts[i].depth)
-    pieces, at = [], 0
+    pieces, marks, at = [], [], 0
     for i in order:
         cut = int(round(facts[i].depth * n_filler))
         pieces += [text[at:cut], sentences[i]]
+        marks += [np.zeros(cut - at, np.uint8), encoded[i][1]]
         at = cut
     pieces.append(text[at:])
-    return np.concatenate(pieces)
+    marks.append(np.zeros(len(text) - at, np.uint8))
+    return np.concatenate(pieces), np.concatenate(marks)
 
 
 def qa_tokens(tok: Tokenizer, fact: Fact) -> np.ndarray:
@@ -130,16 +150,20 @@ def qa_tokens(tok: Tokenizer, fact: Fact) -> np.ndarray:
 
 
 def training_sequences(tok: Tokenizer, filler: np.ndarray, *, seq_len: int, count: int,
-                       max_facts: int, seed: int) -> Iterator[np.ndarray]:
-    """``count`` sequences of ``seq_len + 1`` tokens: a document and its questions."""
+                       max_facts: int, seed: int
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``count`` sequences of ``seq_len + 1`` tokens, a document and its questions,
+    each with its content marks (the write-gate targets of phase 2; 0 over the
+    questions)."""
     rng = np.random.default_rng(seed)
     pools = load_pools("train")
     for _ in range(count):
         facts = draw_facts(rng, pools, int(rng.integers(1, max_facts + 1)))
         questions = [qa_tokens(tok, f) for f in sorted(facts, key=lambda _: rng.random())]
         tail = np.concatenate(questions)
-        yield np.concatenate([document_tokens(tok, filler, facts, seq_len + 1 - len(tail), rng),
-                              tail])
+        ids, marks = document_tokens(tok, filler, facts, seq_len + 1 - len(tail), rng)
+        yield (np.concatenate([ids, tail]),
+               np.concatenate([marks, np.zeros(len(tail), np.uint8)]))
 
 
 def eval_documents(tok: Tokenizer, filler: np.ndarray, *, lengths: Sequence[int],
@@ -156,7 +180,7 @@ def eval_documents(tok: Tokenizer, filler: np.ndarray, *, lengths: Sequence[int]
                     spread = [min(max(depth + 0.04 * (j - (n - 1) / 2) / max(n, 1), 0.0), 1.0)
                               for j in range(n)]
                     facts = draw_facts(rng, pools, n, spread)
-                    ids = document_tokens(tok, filler, facts, length, rng)
+                    ids, _ = document_tokens(tok, filler, facts, length, rng)
                     yield {"length": length, "facts": n, "depth": depth, "index": i,
                            "text": tok.decode(ids.tolist()),
                            "questions": [{"question": f.question, "answer": f.value,
@@ -209,6 +233,20 @@ def retention_accuracy(model, tok: Tokenizer, docs: Sequence[dict[str, Any]], *,
     return rows
 
 
+MARKS_SUFFIX = "_marks"
+
+
+def write_training_shards(rows: Sequence[tuple[np.ndarray, np.ndarray]], out: Path, *,
+                          meta: dict[str, Any]) -> tuple[Path, Path]:
+    """The sequences' tokens as shards in ``out`` and their content marks, aligned
+    token for token, in ``out`` + ``_marks`` (``data.write_targets`` of phase 2)."""
+    marks = Path(f"{out}{MARKS_SUFFIX}")
+    data.write_shards(np.concatenate([ids for ids, _ in rows]), out, meta=meta)
+    data.write_shards(np.concatenate([m for _, m in rows]).astype(np.int64), marks,
+                      meta=meta | {"content": "write-gate targets of " + out.name})
+    return out, marks
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -244,11 +282,12 @@ def _build(args: argparse.Namespace) -> int:
         rows = list(training_sequences(tok, filler, seq_len=args.seq_len,
                                        count=args.sequences, max_facts=args.max_facts,
                                        seed=args.seed))
-        data.write_shards(np.concatenate(rows), args.out, meta={
+        write_training_shards(rows, Path(args.out), meta={
             "split": "retention-train", "seq_len": args.seq_len, "seed": args.seed,
             "max_facts": args.max_facts,
             "tokenizer_fingerprint": data.tokenizer_fingerprint(tok)})
-        print(f"wrote {args.out}: {len(rows)} sequences of {args.seq_len + 1} tokens")
+        print(f"wrote {args.out} and {args.out}{MARKS_SUFFIX}: {len(rows)} sequences of "
+              f"{args.seq_len + 1} tokens")
         return 0
     filler = data.read_tokens(corpus / "heldout")
     docs = eval_documents(tok, filler, lengths=_ints(args.lengths),

@@ -178,32 +178,51 @@ def span_weights(tokens: jax.Array, span: LossSpan) -> jax.Array:
     return inside[:, :length].astype(jnp.float32)
 
 
+def write_gate_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Balanced binary cross-entropy of write-gate ``logits`` (layers, B, L) against
+    0/1 ``targets`` (B, L): the mean over the marked tokens plus the mean over the
+    others, so a few marked tokens in a long document weigh as much as the rest."""
+    bce = optax.sigmoid_binary_cross_entropy(logits, jnp.broadcast_to(targets, logits.shape))
+    pos = jnp.broadcast_to(targets, logits.shape)
+    neg = 1.0 - pos
+    return (jnp.sum(bce * pos) / jnp.maximum(jnp.sum(pos), 1.0)
+            + jnp.sum(bce * neg) / jnp.maximum(jnp.sum(neg), 1.0))
+
+
 def loss_fn(cfg: TrainConfig, model: CausalLM, tokens: jax.Array,
-            key: jax.Array | None = None, span: LossSpan | None = None) -> jax.Array:
+            key: jax.Array | None = None, span: LossSpan | None = None,
+            write_targets: jax.Array | None = None) -> jax.Array:
     """Mean next-token cross-entropy of ``tokens`` (B, L + 1), over the counted
     spans only when ``span`` is given; ``key`` draws the active bank sizes in
-    phase 2 (none: the banks' initial sizes)."""
+    phase 2 (none: the banks' initial sizes); ``write_targets`` (B, L + 1), in
+    phase 2, adds ``phase2.write_gate_loss`` x :func:`write_gate_loss`."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    gate_term = jnp.float32(0.0)
     if cfg.stage == "phase2":
         state = model.init_state(inputs.shape[0], jnp.dtype(cfg.optim.compute_dtype),
                                  mem_init="zeros")
         if key is not None:
             state = random_active_sizes(state, model.spec.bank, key)
         lengths = jnp.full((inputs.shape[0],), inputs.shape[1], jnp.int32)
-        logits, _ = model.prefill_segment(inputs, lengths, state,
-                                          block_size=cfg.phase2.block_size, training=True,
-                                          unroll=1, remat=cfg.phase2.remat)
+        out = model.prefill_segment(inputs, lengths, state, block_size=cfg.phase2.block_size,
+                                    training=True, unroll=1, remat=cfg.phase2.remat,
+                                    write_logits=write_targets is not None)
+        logits = out[0]
+        if write_targets is not None:
+            gate_term = cfg.phase2.write_gate_loss * write_gate_loss(
+                out[2], write_targets[:, :-1].astype(jnp.float32))
     else:
         logits, _ = model(inputs)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     if span is None:
-        return nll.mean()
+        return nll.mean() + gate_term
     weights = span_weights(tokens, span)
-    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0) + gate_term
 
 
 def _cast_loss(cfg: TrainConfig, graphdef: Any, params: Any, tokens: jax.Array,
-               key: jax.Array | None = None, span: LossSpan | None = None) -> jax.Array:
+               key: jax.Array | None = None, span: LossSpan | None = None,
+               write_targets: jax.Array | None = None) -> jax.Array:
     """The loss with the float32 master weights cast to ``compute_dtype`` (their
     gradients flow back through the cast in float32)."""
     compute = jnp.dtype(cfg.optim.compute_dtype)
@@ -218,19 +237,21 @@ def _cast_loss(cfg: TrainConfig, graphdef: Any, params: Any, tokens: jax.Array,
         return a.astype(compute)
 
     return loss_fn(cfg, nnx.merge(graphdef, jax.tree_util.tree_map_with_path(cast, params)),
-                   tokens, key, span)
+                   tokens, key, span, write_targets)
 
 
 def make_train_step(cfg: TrainConfig, graphdef: Any, tx: optax.GradientTransformation,
                     span: LossSpan | None = None) -> Callable:
-    """``step(params, opt_state, tokens, key) -> (params, opt_state, loss, grad_norm)``,
-    compiled; one microbatch (an optimizer update every ``grad_accum`` calls); ``key``
-    draws phase 2's active bank sizes."""
+    """``step(params, opt_state, tokens, key, write_targets=None) -> (params,
+    opt_state, loss, grad_norm)``, compiled; one microbatch (an optimizer update
+    every ``grad_accum`` calls); ``key`` draws phase 2's active bank sizes;
+    ``write_targets`` are the phase 2 write-gate targets (:func:`loss_fn`)."""
     loss_of = functools.partial(_cast_loss, cfg, graphdef, span=span)
 
     @jax.jit
-    def step(params, opt_state, tokens, key):
-        loss, grads = jax.value_and_grad(loss_of)(params, tokens, key)
+    def step(params, opt_state, tokens, key, write_targets=None):
+        loss, grads = jax.value_and_grad(loss_of)(params, tokens, key,
+                                                  write_targets=write_targets)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 

@@ -7,29 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from train import corpus, data, retrieval, study
-
-WORDS = ("the river ran past old stone walls while seven quiet birds watched a grey "
-         "morning open over fields of barley and long roads to the sea").split()
-
-
-def _text_corpus(tmp_path: Path) -> Path:
-    texts = tmp_path / "texts"
-    texts.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(30):
-        words = rng.choice(WORDS, 400)
-        (texts / f"doc{i:02d}.txt").write_text(" ".join(words) + f". Number {i * 37}.\n")
-    out = tmp_path / "corpus"
-    assert corpus.main([str(out), "--sources", "text-dir", "--text-dir", str(texts),
-                        "--vocab-size", "300", "--heldout-fraction", "0.3", "--quiet"]) == 0
-    return out
+from text_corpus import text_corpus
+from train import data, retrieval, study
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    return _text_corpus(tmp_path_factory.mktemp("study"))
+    return text_corpus(tmp_path_factory.mktemp("study"))
 
 
 def test_passkey_samples_bury_the_key_and_mark_its_answer(built):
