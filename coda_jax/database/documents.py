@@ -3,9 +3,12 @@
 The text is read in pieces (``PIECE_CHARS`` characters, cut before a
 space so the tokenizer sees whole words), each piece tokenised on its
 own, and the tokens prefilled in segments of whole blocks; only the tokens of
-an unfinished segment are carried over. Host memory is a few pieces and
-device memory one segment, whatever the document's size. The result is
-exactly the prefill of the whole token sequence in the same block size.
+an unfinished segment are carried over, and the last one is padded to a whole
+segment, so documents of any length share one compiled call (a document
+shorter than one block is read in the smallest block that holds it). Host
+memory is a few pieces and device memory one segment, whatever the document's
+size. The result is exactly the prefill of the whole token sequence in the
+same block size.
 A ``KeyboardInterrupt`` simply propagates: nothing is written while reading.
 """
 
@@ -150,11 +153,16 @@ def _read(opened: OpenModel, pieces: Iterator[str], name: str, size: int,
         if tokens + len(pending) == 0:
             raise RefusedError(f"the document {name} is empty (no text to read)")
         if len(pending):
-            # Alone, the document fits one block: read it in the smallest block that holds it.
-            size_block = read_block(block, len(pending)) if tokens == 0 else block
+            if tokens == 0 and len(pending) < block:
+                # Alone, the document fits one block: read it in the smallest block that
+                # holds it.
+                size_block, chunks = read_block(block, len(pending)), 1
+            else:
+                # The rest in one padded segment: the same compiled call as every whole
+                # segment (padding changes nothing), not one more per remainder length.
+                size_block, chunks = block, CHUNKS_PER_SEGMENT
             _, state = model.prefill(pending[None], state, block_size=size_block,
-                                     last_only=True,
-                                     chunks_per_call=-(-len(pending) // size_block))
+                                     last_only=True, chunks_per_call=chunks)
             tokens += len(pending)
     jax.block_until_ready(state)
     meta = {"format": DOCUMENT_FORMAT, "source": name, "tokens": tokens, "chars": chars,
@@ -167,8 +175,14 @@ def empty_state(opened: OpenModel, batch_size: int = 1) -> BankState:
     """The state before any token, in the weights' dtype; its random memory
     initialisation uses the fixed key 0, so a document reads the same each time."""
     model = opened.model
-    return model.init_state(batch_size, model.embed_tokens.embedding[...].dtype,
-                            key=jax.random.key(INIT_SEED))
+    weights = model.embed_tokens.embedding[...]
+    state = model.init_state(batch_size, weights.dtype, key=jax.random.key(INIT_SEED))
+    devices = weights.devices()
+    if len(devices) == 1:
+        # Placed where the weights are, as every later state is: a state the compiler
+        # sees as unplaced would compile the first segment's call a second time.
+        state = jax.device_put(state, next(iter(devices)))
+    return state
 
 
 def _tokenised(opened: OpenModel, pieces: Iterator[str]) -> Iterator[tuple[str, np.ndarray]]:
