@@ -245,6 +245,23 @@ def test_a_prompt_that_fits_one_block_is_read_in_the_smallest_block():
     assert read_block(8, 3) == 8
 
 
+def test_documents_of_any_length_share_one_compiled_prefill(db, caplog):
+    """Past the first document, no ingest compiles again, whatever its length (the
+    last segment is padded to a whole one; the empty state sits on the weights'
+    device like every later one)."""
+    db.ingest(TEXT[:500])
+    previous = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level("WARNING"):
+            tokens = [db.ingest((TEXT * 2)[:n]).tokens for n in (90, 333, 1234, 2900)]
+    finally:
+        jax.config.update("jax_log_compiles", previous)
+    compiled = [r.getMessage()[:60] for r in caplog.records
+                if "Compiling jit(_prefill_traced)" in r.getMessage()]
+    assert len(set(t % 64 for t in tokens)) > 1 and compiled == []
+
+
 @pytest.mark.parametrize("sizes", [
     (1, 3),
     # The issue's 50 MB file: about 20 M tokens, minutes on a 2-core CPU, so it runs
