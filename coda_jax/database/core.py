@@ -43,12 +43,13 @@ class NeuralDatabase:
     ``model`` is a coda_jax model checkpoint directory (with a ``tokenizer.json``,
     or ``tokenizer``) or a HuggingFace directory with its CoDA ``adapters``
     (``untrained=True`` runs without them, loudly) and their ``bank_options``
-    (window, landmarks: adapter files do not record them); ``library`` a directory
+    (window, landmarks: adapter files do not record them), or None for the
+    bundled default model (:mod:`.bundled`); ``library`` a directory
     (default: ``$CODA_DB_LIBRARY``, else the per-user data directory). The
     document last ingested or loaded is the one queries read by default.
     """
 
-    def __init__(self, model: str | os.PathLike | OpenModel, *,
+    def __init__(self, model: str | os.PathLike | OpenModel | None = None, *,
                  library: str | os.PathLike | None = None,
                  tokenizer: str | os.PathLike | None = None,
                  adapters: str | os.PathLike | None = None, untrained: bool = False,

@@ -22,6 +22,7 @@ from ..checkpoint import weights_fingerprint
 from ..decoder import CausalLM
 from ..model_config import BOUNDED_DEFAULTS
 from ..model_io import load_model, read_model_metadata
+from .bundled import bundled_model_path
 from .errors import NotFoundError, RefusedError
 from .settings import QuerySettings
 
@@ -106,21 +107,25 @@ def _refuse_unbounded(attention: str, where: str) -> None:
             "coda_adapters.pt'")
 
 
-def open_model(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
+def open_model(path: str | os.PathLike | None, *, tokenizer: str | os.PathLike | None = None,
                adapters: str | os.PathLike | None = None, untrained: bool = False,
                bank_options: Mapping[str, Any] | None = None) -> OpenModel:
     """Open a bounded model for the database.
 
     ``path`` is a coda_jax model checkpoint (its tokenizer a ``tokenizer.json``
-    inside it, or ``tokenizer``) or a HF model directory (``config.json``,
+    inside it, or ``tokenizer``; None: the bundled default model,
+    :func:`.bundled.bundled_model_path`) or a HF model directory (``config.json``,
     safetensors, ``tokenizer.json``) with ``adapters`` (default
     ``path/coda_adapters.pt``; missing: refused unless ``untrained``) and
     ``bank_options`` (window, num_landmarks_exact, ...: adapter files do not
     record them; left out, the defaults are assumed with a warning).
     """
     if path is None:
-        raise NotFoundError("no bundled default model exists yet: give a model checkpoint "
-                            "directory or a HuggingFace directory with its adapters")
+        path = bundled_model_path()
+        if path is None:
+            raise NotFoundError("this installation has no bundled default model: give a "
+                                "model checkpoint directory or a HuggingFace directory with "
+                                "its adapters")
     root = Path(path).absolute()
     if not root.exists():
         raise NotFoundError(f"no model at {root}")

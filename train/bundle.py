@@ -1,0 +1,134 @@
+"""The default model's export made into the package's bundled model.
+
+    python -m train.bundle EXPORT_DIR [--out coda_jax/database/default_model]
+
+``EXPORT_DIR`` is what ``python -m train.default_model`` writes as
+``OUT/export``: the weights as bf16 safetensors shards (``export.json``), the
+model card (``card.json``) and the corpus's ``tokenizer.json``. The bundle is
+the model as a coda_jax checkpoint in bf16 (what ``coda-db`` opens; the card's
+recommended query settings go into its metadata, ``"database"``), the
+tokenizer, and the card plus ``bundle`` (the format marker), ``weights_sha256``
+(the fingerprint of the weights as saved, read back from the bundle:
+``coda_jax.checkpoint.weights_fingerprint``, what the database records with
+every state) and ``tokenizer_sha256``.
+
+Refused, with nothing written or replaced: an ``EXPORT_DIR`` that is not such
+an export, a bundle over ``MAX_BUNDLE_BYTES`` (the issue's 50 MB for the model,
+tokenizer and card together), an ``--out`` that exists and is not a previous
+bundle. The bundle is built beside ``--out`` and swapped in whole.
+Exit codes: 0 done, 2 not found, 3 refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .cli import run_reporting_errors
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "coda_jax" / "database" / "default_model"
+MAX_BUNDLE_BYTES = 50_000_000
+EXPORT_FILES = ("export.json", "card.json", "tokenizer.json")
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def _read_export(export: Path) -> tuple[Any, dict[str, Any]]:
+    """The export's model (bf16, checksums verified) and card; refused when it is not
+    an export of ``train.default_model``."""
+    from convert.model_export import is_model_export, load_export
+
+    if not export.is_dir():
+        raise FileNotFoundError(f"no export directory at {export}")
+    missing = [f for f in EXPORT_FILES if not (export / f).is_file()]
+    if missing or not is_model_export(export):
+        raise ValueError(f"{export} is not an export of python -m train.default_model "
+                         f"(export.json, card.json, tokenizer.json; missing {missing or 'none'}"
+                         f"{'' if missing else ', export.json is not a model export'})")
+    try:
+        card = json.loads((export / "card.json").read_text())
+    except ValueError as err:
+        raise ValueError(f"{export / 'card.json'} is not readable JSON: {err}") from None
+    if not isinstance(card, dict) or not isinstance(card.get("database", {}), dict):
+        raise ValueError(f"{export / 'card.json'} is not a model card (a JSON object with "
+                         "the recommended 'database' settings)")
+    model = load_export(export)
+    if model.attention != "coda_bounded":
+        raise ValueError(f"the model at {export} has attention={model.attention!r}: the "
+                         "bundled model must be bounded (coda_bounded)")
+    return model, card
+
+
+def bundle(export_dir: str | Path, out: str | Path = DEFAULT_OUT, *,
+           max_bytes: int | None = None, log=print) -> Path:
+    """Write the bundle of ``export_dir`` at ``out`` (see the module's description);
+    returns ``out``."""
+    from coda_jax import load_model, safe_paths, save_model
+    from coda_jax.checkpoint import weights_fingerprint
+    from coda_jax.database.bundled import BUNDLE_FORMAT, CARD_FILE, is_bundle
+    from coda_jax.database.model_source import load_tokenizer, tokenizer_fingerprint
+    from coda_jax.database.settings import QuerySettings
+
+    limit = MAX_BUNDLE_BYTES if max_bytes is None else max_bytes
+    export, out = Path(export_dir).absolute(), Path(out).absolute()
+    safe_paths.refuse_overlap(out, [export])
+    # Refuse a foreign --out before any work (write_atomically checks again).
+    safe_paths.check_replaceable(out, overwrite=True, is_ours=is_bundle,
+                                 what="default-model bundle")
+    model, card = _read_export(export)
+    tok = load_tokenizer(export / "tokenizer.json")
+    if tok.get_vocab_size() > model.cfg.vocab_size:
+        raise ValueError(f"the export's tokenizer has {tok.get_vocab_size()} ids, more than "
+                         f"the model's vocabulary of {model.cfg.vocab_size}")
+    settings = card.get("database", {})
+    QuerySettings.from_metadata({"database": settings})  # refuse bad settings now
+
+    def write(staging: Path) -> None:
+        save_model(staging, model, extra_meta={"database": settings})
+        shutil.copy(export / "tokenizer.json", staging / "tokenizer.json")
+        saved = load_model(staging)
+        fingerprint = weights_fingerprint([saved])
+        if fingerprint != weights_fingerprint([model]):
+            raise ValueError("the saved bundle's weights differ from the export's")
+        stamped = dict(card) | {
+            "bundle": {"format": BUNDLE_FORMAT, "export": str(export),
+                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       "dtype": str(saved.embed_tokens.embedding[...].dtype)},
+            "weights_sha256": fingerprint,
+            "tokenizer_sha256": tokenizer_fingerprint(load_tokenizer(staging))}
+        (staging / CARD_FILE).write_text(json.dumps(stamped, indent=1))
+        total = _tree_bytes(staging)
+        if total > limit:
+            raise ValueError(f"the bundle would be {total:,} bytes, over the limit of "
+                             f"{limit:,} (model, tokenizer and card); nothing was written")
+        log(f"bundle: {total / 1e6:.1f} MB, weights {fingerprint[:12]}")
+
+    return safe_paths.write_atomically(out, write, overwrite=True, is_ours=is_bundle,
+                                       what="default-model bundle")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.bundle", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("export", help="OUT/export of python -m train.default_model")
+    parser.add_argument("--out", default=str(DEFAULT_OUT),
+                        help="the bundle's directory (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        out = bundle(args.export, args.out)
+        print(f"wrote {out}")
+        return 0
+
+    return run_reporting_errors(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
