@@ -1,0 +1,155 @@
+"""The retention study's figures from its results JSON: accuracy heat maps and tables.
+
+    python benchmarks/plot_retention.py results.json heatmap.png   # the figure
+    python benchmarks/plot_retention.py results.json --table       # markdown tables
+
+The figure has one panel per (cache, facts per document): exact-match
+accuracy over document length (x) and fact depth (y), grey where the cache
+did not run. The tables (for the README) give accuracy per cache, facts and
+length, and the state size per document. The table needs no matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+CACHE_NAMES = {"bounded": "bounded (banks + window)", "window_only": "window only",
+               "unbounded": "unbounded (full KV)"}
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """The results JSON of ``retention_study.py``."""
+    results = json.loads(Path(path).read_text())
+    if not str(results.get("format", "")).startswith("retention_study/"):
+        raise ValueError(f"{path} is not a retention study results file")
+    return results
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _length(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Accuracy per (facts, cache) x length (correct/total), then state bytes."""
+    cfg = results["config"]
+    lengths = cfg["lengths"]
+    acc = {(s["cache"], s["length"], s["facts"]): s for s in results["summaries"]}
+    lines = ["| facts | cache | " + " | ".join(_length(n) for n in lengths) + " |",
+             "|---|---|" + "---|" * len(lengths)]
+    for facts in [*cfg["facts"], None]:
+        for cache in cfg["caches"]:
+            cells = []
+            for n in lengths:
+                s = acc.get((cache, n, facts))
+                cells.append("n/a" if s is None else
+                             f"{100 * s['accuracy']:.0f}% ({s['correct']}/{s['total']})")
+            label = "all" if facts is None else str(facts)
+            lines.append(f"| {label} | {CACHE_NAMES.get(cache, cache)} | " + " | ".join(cells)
+                         + " |")
+    state = results.get("state_bytes", {})
+    lines += ["", "| state per document | " + " | ".join(_length(n) for n in lengths) + " |",
+              "|---|" + "---|" * len(lengths)]
+    for cache in ("bounded", "window_only"):
+        if cache in state:
+            size = state[cache]["model_cache_bytes"]
+            lines.append(f"| {CACHE_NAMES[cache]} | " + " | ".join(_size(size) for _ in lengths)
+                         + " |")
+    if "unbounded_kv_cache_bytes" in state:
+        kv = state["unbounded_kv_cache_bytes"]
+        lines.append(f"| {CACHE_NAMES['unbounded']} | "
+                     + " | ".join(_size(kv[str(n)]) for n in lengths) + " |")
+    return "\n".join(lines)
+
+
+def heatmap(results: dict[str, Any], out: str | Path) -> Path:
+    """Draw the accuracy heat maps (one panel per cache and facts count) to a PNG.
+    ``ImportError`` when matplotlib is missing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cfg = results["config"]
+    lengths, depths, facts, caches = cfg["lengths"], cfg["depths"], cfg["facts"], cfg["caches"]
+    cells = {(r["cache"], r["length"], r["facts"], r["depth"]): r for r in results["rows"]}
+    fig, axes = plt.subplots(len(caches), len(facts), squeeze=False, layout="constrained",
+                             figsize=(2.5 + 1.1 * len(lengths) * len(facts),
+                                      1.0 + (0.8 + 0.4 * len(depths)) * len(caches)))
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
+    image = None
+    for i, cache in enumerate(caches):
+        for j, n in enumerate(facts):
+            ax = axes[i][j]
+            grid = np.full((len(depths), len(lengths)), np.nan)
+            for y, depth in enumerate(depths):
+                for x, length in enumerate(lengths):
+                    r = cells.get((cache, length, n, depth))
+                    if r is not None:
+                        grid[y, x] = 100 * r["accuracy"]
+                        ax.text(x, y, f"{grid[y, x]:.0f}", ha="center", va="center",
+                                fontsize=8, color="white" if grid[y, x] < 60 else "black")
+                    else:
+                        ax.text(x, y, "n/a", ha="center", va="center", fontsize=7,
+                                color="#777777")
+            image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=100,
+                              aspect="auto", origin="upper")
+            ax.set_xticks(range(len(lengths)), [_length(n) for n in lengths], fontsize=8)
+            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
+            ax.set_title(f"{CACHE_NAMES.get(cache, cache)}, {n} fact{'s' * (n != 1)}",
+                         fontsize=9)
+            if i == len(caches) - 1:
+                ax.set_xlabel("document length (tokens)", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("fact depth", fontsize=8)
+    model = Path(results["model"]["path"]).name
+    count = cfg["count"] if cfg.get("count_max", cfg["count"]) == cfg["count"] else \
+        f"{cfg['count']}-{cfg['count_max']}"  # a merged study's cells may differ
+    fig.suptitle(f"Exact-match retention: {model} on {results['device']['kind']} "
+                 f"({count} documents per cell)", fontsize=10)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy (%)")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Draw the figure and/or print the tables; 2 for a bad file, 3 without matplotlib."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results")
+    parser.add_argument("png", nargs="?", help="the heat map figure to write")
+    parser.add_argument("--table", action="store_true", help="print the markdown tables")
+    args = parser.parse_args(argv)
+    if not args.png and not args.table:
+        parser.error("give a PNG to write, --table, or both")
+    try:
+        results = load(args.results)
+    except (OSError, ValueError) as err:
+        print(f"plot_retention.py: error: {err}", file=sys.stderr)
+        return 2
+    if args.table:
+        print(markdown_table(results))
+    if args.png:
+        try:
+            print(f"wrote {heatmap(results, args.png)}")
+        except ImportError as err:
+            print(f"plot_retention.py: no plot, matplotlib is missing ({err})", file=sys.stderr)
+            return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Merge results files of the retention study run in parts (one device call each).
+
+    python benchmarks/retention_merge.py PART.json [PART.json ...] --out results.json
+
+A study too long for one call runs as several, split by ``--lengths`` (the
+64K documents cost most), ``--facts`` or ``--caches``, or as more documents
+per cell under other ``--seed`` values; the merge adds the counts of each
+(cache, length, facts, depth) cell, recomputes the summaries and goals, and
+keeps every part's configuration, timings and workers under ``parts``. The
+parts must come from the same model (weights fingerprint), device kind and
+study format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import plot_retention
+import retention_scoring as scoring
+from retention_study import CACHES, FORMAT, write_json
+
+
+class MergeError(Exception):
+    """Parts that cannot be merged."""
+
+
+def _check_same(parts: Sequence[dict[str, Any]], what: str, get) -> Any:
+    values = [get(p) for p in parts]
+    if any(v != values[0] for v in values[1:]):
+        raise MergeError(f"the parts differ in {what}: {values}")
+    return values[0]
+
+
+def merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One results dict from the ``parts`` (``MergeError`` when they disagree)."""
+    if not parts:
+        raise MergeError("nothing to merge")
+    _check_same(parts, "format", lambda p: p["format"])
+    _check_same(parts, "model weights", lambda p: p["model"]["weights_sha256"])
+    _check_same(parts, "device", lambda p: p["device"]["kind"])
+    _check_same(parts, "corpus tokenizer", lambda p: p["corpus"]["tokenizer_sha256"])
+    cells: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+    same: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+    for part in parts:
+        for r in part["rows"]:
+            cell = cells[r["cache"], r["length"], r["facts"], r["depth"]]
+            cell[0] += r["correct"]
+            cell[1] += r["total"]
+        for a in part["agreement_with_unbounded"]:
+            same[a["cache"], a["length"]][0] += a["same"]
+            same[a["cache"], a["length"]][1] += a["total"]
+    rows = [{"cache": cache, "length": length, "facts": facts, "depth": depth,
+             "correct": c, "total": t, "accuracy": c / t}
+            for (cache, length, facts, depth), (c, t) in sorted(
+                cells.items(), key=lambda kv: (CACHES.index(kv[0][0]), *kv[0][1:]))]
+    configs = [p["config"] for p in parts]
+    lengths = sorted({n for c in configs for n in c["lengths"]})
+    per_cell = [r["total"] // r["facts"] for r in rows]
+    config = {"lengths": lengths,
+              "depths": sorted({d for c in configs for d in c["depths"]}),
+              "facts": sorted({f for c in configs for f in c["facts"]}),
+              "caches": [c for c in CACHES if any(c in cfg["caches"] for cfg in configs)],
+              "count": min(per_cell, default=0), "count_max": max(per_cell, default=0),
+              "seeds": sorted({c["seed"] for c in configs}),
+              "documents": sum(c["documents"] for c in configs),
+              "questions_per_cache": sum(c["questions_per_cache"] for c in configs),
+              "parts": configs}
+    summary = scoring.summaries(rows, CACHES)
+    state: dict[str, Any] = {}
+    kv: dict[str, int] = {}
+    for part in parts:
+        for cache, value in part["state_bytes"].items():
+            if cache == "unbounded_kv_cache_bytes":
+                kv |= value
+            elif cache in state and state[cache]["model_cache_bytes"] != \
+                    value["model_cache_bytes"]:
+                raise MergeError(f"the parts' {cache} states differ in size")
+            else:
+                state.setdefault(cache, value)
+    if kv:
+        state["unbounded_kv_cache_bytes"] = dict(sorted(kv.items(), key=lambda kv: int(kv[0])))
+    ran = {length for p in parts for length in p.get("unbounded", {}).get("lengths", {})}
+    unbounded = {
+        "lengths": {k: v for p in parts for k, v in p.get("unbounded", {}).get("lengths",
+                                                                               {}).items()},
+        "skipped": [dict(k) for k in dict.fromkeys(
+            tuple(sorted(s.items())) for p in parts
+            for s in p.get("unbounded", {}).get("skipped", []) if str(s["length"]) not in ran)],
+        "cached_path_checks": [p["unbounded"]["cached_path_check"] for p in parts
+                               if "cached_path_check" in p.get("unbounded", {})]}
+    first = parts[0]
+    return {"format": FORMAT, "device": first["device"], "versions": first["versions"],
+            "model": first["model"], "corpus": first["corpus"], "config": config,
+            "rows": rows, "summaries": summary, "goals": scoring.goals(summary, lengths),
+            "agreement_with_unbounded": [
+                {"cache": cache, "length": length, "same": s, "total": t, "fraction": s / t}
+                for (cache, length), (s, t) in sorted(same.items(), key=lambda kv: (
+                    CACHES.index(kv[0][0]), kv[0][1]))],
+            "state_bytes": state, "unbounded": unbounded,
+            "parts": [{"config": p["config"], "versions": p["versions"],
+                       "timings": p["timings"], "workers": p.get("workers", {}),
+                       "unbounded": p.get("unbounded", {}),
+                       "failures": p.get("failures", {})} for p in parts],
+            "failures": {k: v for p in parts for k, v in p.get("failures", {}).items()},
+            "timings": {"total_s": sum(p["timings"]["total_s"] for p in parts)},
+            "samples": [s for p in parts for s in p.get("samples", [])]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Merge the parts into ``--out`` and print the tables; 2 for unreadable or
+    disagreeing parts."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("parts", nargs="+", help="results files of retention_study.py")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    try:
+        merged = merge([plot_retention.load(p) for p in args.parts])
+    except (OSError, ValueError, KeyError, MergeError) as err:
+        print(f"retention_merge.py: error: {err}", file=sys.stderr)
+        return 2
+    write_json(Path(args.out), merged)
+    print(f"wrote {args.out} ({len(args.parts)} parts)")
+    print(plot_retention.markdown_table(merged))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,527 @@
+"""The retention study (issue #19, point 4): exact-match accuracy of a bounded
+model's saved document states against document length and fact depth.
+
+    python benchmarks/retention_study.py --model MODEL_DIR --corpus CORPUS_DIR
+        [--lengths 1024,4096,16384,65536] [--depths 0.05,0.25,0.5,0.75,0.95]
+        [--facts 1,4,16] [--count 4] [--seed 1]
+        [--caches bounded,window_only,unbounded] [--unbounded-max-length 65536]
+        --out results.json [--plot heatmap.png]
+
+Documents are held-out ones of ``train.retention.eval_documents``: facts about
+people (held-out names and places) buried at a depth band of held-out corpus
+filler, with their questions and answers. Three caches answer them:
+
+* ``bounded``: the product path. Every document is ingested by
+  ``NeuralDatabase`` and its state saved into a temporary library; a fresh
+  process (``retention_product.py worker``, one per cache) opens the library,
+  loads the states and asks every question with ``query_many``, greedy, in
+  the model's prompt with its stop tokens and answer length.
+* ``window_only``: the same weights attending over the recent window alone
+  (``retention_product.window_only_twin``: banks of one slot that nothing is
+  ever written to, which a library can save and which attend as
+  ``train.steps.with_bank(model, num_landmarks_exact=0,
+  num_landmarks_summary=0)``), saved as a model of its own with the same
+  settings and tokenizer, through the identical path.
+* ``unbounded``: the same weights with full attention and a full K/V cache
+  (``train.steps.unbounded_twin``), greedy with the same prompt, stop tokens
+  and answer length, in a process of its own (``retention_unbounded.py
+  worker``: the database takes bounded models only), at lengths up to
+  ``--unbounded-max-length`` (a length that runs out of device memory is
+  recorded as not fitting, and longer ones are skipped). It first checks its
+  cached path against the model's own forward on the device.
+
+An answer is correct when it equals the expected value after stripping
+whitespace. The results JSON holds the device and versions, the model and
+its weights fingerprint, the configuration, one row per (cache, length,
+facts, depth) cell with its counts, per-length summaries, the goals of the
+issue (>= 95% with one fact at every length; bounded within 5 points of
+unbounded), how often each bounded cache gave the unbounded one's very
+answer, the state size of each cache, timings per phase and sample answers.
+The workers overlap with this process's ingest (and each other) unless
+``--serial``. A study too long for one run runs in parts (``--lengths``,
+``--facts``, ``--seed``) merged by ``retention_merge.py``.
+``plot_retention.py`` draws the heat maps and prints the tables from it.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The study and its query workers share one GPU: none may take most of its memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
+
+import retention_scoring as scoring  # noqa: E402
+
+CACHES = ("bounded", "window_only", "unbounded")
+PRODUCT_CACHES = ("bounded", "window_only")
+DEFAULT_LENGTHS = "1024,4096,16384,65536"
+DEFAULT_DEPTHS = "0.05,0.25,0.5,0.75,0.95"
+FORMAT = "retention_study/1"
+
+
+class StudyError(Exception):
+    """A problem with the study's inputs, reported without a traceback."""
+
+
+# ------------------------------------------------------------------ arguments
+def _int_list(name: str, text: str, minimum: int = 1) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise StudyError(f"--{name} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < minimum for v in values):
+        raise StudyError(f"--{name} needs integers >= {minimum}, got {text!r}")
+    if len(set(values)) != len(values):
+        raise StudyError(f"--{name} repeats a value: {text!r}")
+    return sorted(values)
+
+
+def _depth_list(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise StudyError(f"--depths must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise StudyError(f"--depths must lie in [0, 1], got {text!r}")
+    if len(set(values)) != len(values):
+        raise StudyError(f"--depths repeats a value: {text!r}")
+    return sorted(values)
+
+
+def _cache_list(text: str) -> list[str]:
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = sorted(set(values) - set(CACHES))
+    if not values or unknown:
+        raise StudyError(f"--caches takes some of {', '.join(CACHES)}; got {text!r}")
+    return [c for c in CACHES if c in values]
+
+
+def default_model() -> str | None:
+    """The bundled model's directory, where the package provides one."""
+    try:
+        from coda_jax.database.bundled import bundled_model_path
+    except ImportError:
+        return None
+    path = bundled_model_path()
+    return None if path is None else str(path)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, checked (``StudyError`` names a bad value)."""
+    parser = argparse.ArgumentParser(
+        prog="retention_study.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a coda_jax bounded model checkpoint directory "
+                        "(tokenizer.json inside; default: the bundled model, if any)")
+    parser.add_argument("--corpus", required=True,
+                        help="a corpus of python -m train.corpus (heldout/, tokenizer.json)")
+    parser.add_argument("--out", required=True, help="the results JSON")
+    parser.add_argument("--lengths", default=DEFAULT_LENGTHS,
+                        help=f"document lengths in tokens (default {DEFAULT_LENGTHS})")
+    parser.add_argument("--depths", default=DEFAULT_DEPTHS,
+                        help="fact depths, 0 = the start, 1 = the end (default "
+                        f"{DEFAULT_DEPTHS}: from the middle of the first 10%% to that "
+                        "of the last 10%%)")
+    parser.add_argument("--facts", default="1,4,16", help="facts per document (default 1,4,16)")
+    parser.add_argument("--count", type=int, default=4,
+                        help="documents per (length, facts, depth) cell (default 4)")
+    parser.add_argument("--seed", type=int, default=1, help="documents' seed")
+    parser.add_argument("--caches", default=",".join(CACHES),
+                        help=f"some of {','.join(CACHES)} (default: all)")
+    parser.add_argument("--unbounded-max-length", type=int, default=65536,
+                        help="the unbounded cache runs at lengths up to this")
+    parser.add_argument("--query-batch", type=int, default=256,
+                        help="questions per query_many call")
+    parser.add_argument("--unbounded-batch-tokens", type=int, default=1 << 21,
+                        help="document tokens of K/V per unbounded generation call")
+    parser.add_argument("--samples", type=int, default=3,
+                        help="sample answers kept per (cache, length)")
+    parser.add_argument("--plot", help="also draw the heat maps into this PNG")
+    parser.add_argument("--work", help="keep the libraries, models and answers in this new "
+                        "or empty directory (default: a temporary one, removed)")
+    parser.add_argument("--serial", action="store_true",
+                        help="run each worker alone (cleaner timings, longer run)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    args.lengths = _int_list("lengths", args.lengths)
+    args.facts = _int_list("facts", args.facts)
+    args.depths = _depth_list(args.depths)
+    args.caches = _cache_list(args.caches)
+    for name in ("count", "query_batch", "unbounded_batch_tokens"):
+        if getattr(args, name) < 1:
+            raise StudyError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("seed", "samples", "unbounded_max_length"):
+        if getattr(args, name) < 0:
+            raise StudyError(f"--{name.replace('_', '-')} must be >= 0")
+    args.model = args.model or default_model()
+    if args.model is None:
+        raise StudyError("give --model (a bounded model checkpoint directory): no bundled "
+                         "model is installed")
+    model = Path(args.model)
+    if not (model / "meta").is_dir() or not (model / "tokenizer.json").is_file():
+        raise StudyError(f"--model {model} is not a coda_jax model checkpoint with a "
+                         "tokenizer.json inside")
+    work = Path(args.work) if args.work else None
+    if work is not None and work.exists() and (not work.is_dir() or any(work.iterdir())):
+        raise StudyError(f"--work {work} is not an empty directory")
+    corpus = Path(args.corpus)
+    if not (corpus / "heldout").exists() or not (corpus / "tokenizer.json").is_file():
+        raise StudyError(f"--corpus {corpus} is not a train.corpus corpus (heldout/ and "
+                         "tokenizer.json)")
+    return args
+
+
+# ------------------------------------------------------------------ documents
+def make_documents(corpus: Path, *, lengths: Sequence[int], facts: Sequence[int],
+                   depths: Sequence[float], count: int, seed: int
+                   ) -> tuple[list[dict[str, Any]], str]:
+    """The held-out documents of every cell (``train.retention.eval_documents``)
+    and the corpus tokenizer's fingerprint."""
+    from train import data, retention
+
+    tok = data.load_tokenizer(corpus / "tokenizer.json")
+    filler = data.read_tokens(corpus / "heldout")
+    try:
+        docs = list(retention.eval_documents(tok, filler, lengths=lengths, facts_per_doc=facts,
+                                             depths=depths, count=count, seed=seed))
+    except ValueError as err:
+        raise StudyError(f"cannot build the documents: {err}") from None
+    return docs, data.tokenizer_fingerprint(tok)
+
+
+def question_rows(docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per question: its document, cell, question and expected answer."""
+    return [{"doc": i, "length": d["length"], "facts": d["facts"], "depth": d["depth"],
+             "question": q["question"], "expected": q["answer"]}
+            for i, d in enumerate(docs) for q in d["questions"]]
+
+
+# ------------------------------------------------------------------ the caches
+def product_state_bytes(report: Any) -> dict[str, Any]:
+    """A product cache's state size per document: in memory (the sidecar's), on
+    disk, and the model's ``cache_bytes`` (they must agree)."""
+    memory = sorted(set(report.bytes_in_memory))
+    return {"per_document_in_memory": memory[0] if len(memory) == 1 else memory,
+            "model_cache_bytes": report.model_cache_bytes,
+            "in_memory_equals_cache_bytes": memory == [report.model_cache_bytes],
+            "on_disk_mean": sum(report.bytes_on_disk) / max(len(report.bytes_on_disk), 1),
+            "on_disk_max": max(report.bytes_on_disk, default=0),
+            "independent_of_length": len(memory) == 1}
+
+
+# ------------------------------------------------------------------ the study
+def environment() -> dict[str, Any]:
+    """Device kind and library versions."""
+    import flax
+    import jax
+    import numpy as np
+
+    device = jax.devices()[0]
+    return {"device": {"platform": device.platform, "kind": device.device_kind,
+                       "count": jax.device_count()},
+            "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                         "flax": flax.__version__, "numpy": np.__version__}}
+
+
+def model_description(opened: Any) -> dict[str, Any]:
+    """The model's path, fingerprints, architecture, bank and query settings."""
+    import dataclasses
+
+    desc = opened.describe()
+    settings = opened.settings
+    return {"path": desc["name"], "weights_sha256": desc["weights_sha256"],
+            "tokenizer_sha256": desc["tokenizer_sha256"],
+            "config": dataclasses.asdict(opened.model.cfg), "bank": desc["bank"],
+            "dtype": str(opened.model.embed_tokens.embedding[...].dtype),
+            "settings": {"prompt": settings.prompt, "block_size": settings.block_size,
+                         "max_new_tokens": settings.sampling.max_new_tokens,
+                         "stop_tokens": len(settings.stop_tokens),
+                         "recommended_temperature": settings.sampling.temperature,
+                         "temperature_used": 0.0}}
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+
+
+def product_arm(cache: str, args: argparse.Namespace, opened: Any, texts: Sequence[str],
+                rows: Sequence[dict[str, Any]], work: Path) -> tuple[dict, dict, Any]:
+    """Ingest and save every document for a product cache, then launch its query
+    worker -> (report, timings, (process, answers file, launch time))."""
+    import retention_product as product
+
+    from coda_jax.database.model_source import open_model
+
+    start = time.perf_counter()
+    if cache == "bounded":
+        model, model_dir = opened, Path(args.model)
+    else:
+        model_dir = product.window_only_model(args.model, work / "window_only_model",
+                                              opened.model)
+        model = open_model(model_dir)
+    built = time.perf_counter() - start
+    library = work / f"library_{cache}"
+    ingested = product.ingest_library(model, library, texts, progress=not args.no_progress,
+                                      desc=f"ingest {cache}")
+    tokens = sum(ingested.tokens)
+    timings = {"model_build_s": built, "open_s": ingested.open_s,
+               "ingest_s": ingested.ingest_s, "save_s": ingested.save_s,
+               "ingest_tokens_per_s": tokens / max(ingested.ingest_s, 1e-9)}
+    report = {"state_bytes": product_state_bytes(ingested), "doc_tokens": ingested.tokens,
+              "bank": model.describe()["bank"]}
+    if cache == "window_only":
+        bare = product.window_only_twin(opened.model, saveable=False)
+        dtype = opened.model.embed_tokens.embedding[...].dtype
+        report["state_bytes"]["without_banks_cache_bytes"] = product.model_state_bytes(
+            bare, dtype)
+    print(f"{cache}: ingested and saved {len(texts)} documents ({tokens} tokens; ingest "
+          f"{ingested.ingest_s:.1f} s, save {ingested.save_s:.1f} s)", flush=True)
+    spec = product.write_spec(work / f"spec_{cache}.json", model=model_dir, library=library,
+                              rows=[(product.document_label(r["doc"]), r["question"])
+                                    for r in rows],
+                              batch_size=args.query_batch, progress=not args.no_progress)
+    out = work / f"answers_{cache}.json"
+    return report, timings, (product.start_worker(spec, out), out, time.perf_counter())
+
+
+def finish_arm(cache: str, worker: Any, report: dict, timings: dict) -> list[str]:
+    """Wait for a product cache's worker; its answers (report and timings completed)."""
+    import retention_product as product
+
+    process, out, launched = worker
+    result = product.finish_worker(process, out, cache)
+    timings["collected_after_s"] = time.perf_counter() - launched
+    timings["worker"] = result["timings"]
+    report["worker"] = {k: result[k] for k in ("batch_size", "states_loaded", "sampling",
+                                               "device")}
+    report["worker"]["stop_tokens"] = len(result["stop_tokens"])
+    print(f"{cache}: answered {len(result['answers'])} questions in a fresh process "
+          f"({_phases(result['timings'])})", flush=True)
+    return [a["text"] for a in result["answers"]]
+
+
+def unbounded_arm(args: argparse.Namespace, docs: Sequence[dict[str, Any]],
+                  rows: Sequence[dict[str, Any]], work: Path) -> Any:
+    """Write the documents and launch the unbounded cache's worker (a process of its
+    own: it compiles and tokenises while the product caches ingest) -> (process,
+    answers file, launch time)."""
+    import retention_product as product
+    import retention_unbounded as unbounded
+
+    documents = work / "documents.json"
+    documents.write_text(json.dumps([{"text": d["text"], "questions": d["questions"]}
+                                     for d in docs]))
+    spec = unbounded.write_spec(work / "spec_unbounded.json", model=args.model,
+                                documents=documents, rows=rows, lengths=args.lengths,
+                                max_length=args.unbounded_max_length,
+                                batch_tokens=args.unbounded_batch_tokens,
+                                progress=not args.no_progress)
+    out = work / "answers_unbounded.json"
+    return product.start_worker(spec, out, script=unbounded.__file__), out, time.perf_counter()
+
+
+def finish_unbounded(worker: Any) -> tuple[list[str | None], dict[str, Any], dict[int, int],
+                                           dict[str, Any]]:
+    """Wait for the unbounded worker -> (answers, report, each document's tokens,
+    timings)."""
+    import retention_product as product
+
+    process, out, launched = worker
+    result = product.finish_worker(process, out, "unbounded")
+    timings = result["timings"] | {"collected_after_s": time.perf_counter() - launched}
+    report = result["report"]
+    ran = sorted(int(k) for k in report["lengths"])
+    check = report["cached_path_check"]
+    print(f"unbounded: answered at lengths {ran} in a process of its own "
+          f"({_phases(result['timings'])}); cached path "
+          f"against the forward: max |logit difference| {check['max_abs_difference']:.3g} of "
+          f"{check['max_abs_logit']:.3g}, same greedy token "
+          f"{100 * check['same_argmax_fraction']:.0f}%", flush=True)
+    tokens = {int(k): v for k, v in result["doc_tokens"].items()}
+    return result["answers"], report, tokens, timings
+
+
+def run_study(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Every phase of the study; -> the results (see the module docstring)."""
+    import retention_product as product
+
+    from coda_jax.database.model_source import open_model
+
+    started = time.perf_counter()
+    timings: dict[str, Any] = {}
+    docs, corpus_tok = make_documents(Path(args.corpus), lengths=args.lengths, facts=args.facts,
+                                      depths=args.depths, count=args.count, seed=args.seed)
+    rows = question_rows(docs)
+    timings["documents_s"] = time.perf_counter() - started
+    print(f"{len(docs)} documents, {len(rows)} questions ({timings['documents_s']:.1f} s)",
+          flush=True)
+
+    answers: dict[str, list[str | None]] = {}
+    reports: dict[str, Any] = {}
+    workers: dict[str, Any] = {}
+    unbounded_tokens: dict[int, int] = {}
+    failures: dict[str, str] = {}
+
+    def finish(cache: str) -> None:
+        """Collect a worker; one that failed is recorded and its cache left out."""
+        nonlocal unbounded_tokens
+        worker = workers.pop(cache)
+        try:
+            if cache == "unbounded":
+                answers[cache], reports[cache], unbounded_tokens, timings[cache] = \
+                    finish_unbounded(worker)
+            else:
+                answers[cache] = finish_arm(cache, worker, reports[cache], timings[cache])
+        except RuntimeError as err:
+            print(f"{cache}: FAILED: {err}", file=sys.stderr, flush=True)
+            failures[cache] = str(err)
+            reports.pop(cache, None)
+
+    try:
+        if "unbounded" in args.caches:
+            workers["unbounded"] = unbounded_arm(args, docs, rows, work)
+            if args.serial:
+                finish("unbounded")
+        start = time.perf_counter()
+        opened = open_model(args.model)
+        timings["open_model_s"] = time.perf_counter() - start
+        for cache in (c for c in args.caches if c in PRODUCT_CACHES):
+            reports[cache], timings[cache], workers[cache] = product_arm(
+                cache, args, opened, [d["text"] for d in docs], rows, work)
+            if args.serial:
+                finish(cache)
+        for cache in list(workers):
+            finish(cache)
+    finally:
+        for process, _, _ in workers.values():
+            product.stop_worker(process)
+    timings["total_s"] = time.perf_counter() - started
+    if not answers:
+        raise StudyError("every cache failed: " + "; ".join(failures.values()))
+    results = assemble(args, opened, corpus_tok, docs, rows, answers, reports,
+                       unbounded_tokens, timings)
+    return results | {"failures": failures}
+
+
+def assemble(args: argparse.Namespace, opened: Any, corpus_tok: str,
+             docs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]],
+             answers: dict[str, list[str | None]], reports: dict[str, Any],
+             unbounded_tokens: dict[int, int], timings: dict[str, Any]) -> dict[str, Any]:
+    """The results JSON of a finished study."""
+    cells: list[dict[str, Any]] = []
+    kept: list[dict[str, Any]] = []
+    caches = [c for c in args.caches if c in answers]  # those whose worker did not fail
+    for cache in caches:
+        picked = [i for i, a in enumerate(answers[cache]) if a is not None]
+        cells += scoring.cell_rows(cache, [rows[i] for i in picked],
+                                   [answers[cache][i] for i in picked])
+        kept += scoring.samples(cache, rows, answers[cache], args.samples)
+    summary = scoring.summaries(cells, CACHES)
+    product_tokens = next((reports[c]["doc_tokens"] for c in PRODUCT_CACHES if c in reports),
+                          None)
+    if "unbounded" in reports and product_tokens is not None:
+        reports["unbounded"]["documents_tokenised_differently_from_the_database"] = sum(
+            tokens != product_tokens[doc] for doc, tokens in unbounded_tokens.items())
+    state = {cache: reports[cache]["state_bytes"] for cache in PRODUCT_CACHES if cache in reports}
+    if "unbounded" in reports:
+        state["unbounded_kv_cache_bytes"] = reports["unbounded"]["kv_cache_bytes"]
+    return {"format": FORMAT, **environment(), "model": model_description(opened),
+            "corpus": {"path": str(Path(args.corpus).absolute()),
+                       "tokenizer_sha256": corpus_tok,
+                       "same_tokenizer_as_model": corpus_tok == opened.tokenizer_sha256},
+            "config": {"lengths": args.lengths, "depths": args.depths, "facts": args.facts,
+                       "count": args.count, "seed": args.seed, "caches": caches,
+                       "requested_caches": args.caches,
+                       "unbounded_max_length": args.unbounded_max_length,
+                       "query_batch": args.query_batch,
+                       "unbounded_batch_tokens": args.unbounded_batch_tokens,
+                       "overlapped_workers": not args.serial,
+                       "documents": len(docs), "questions_per_cache": len(rows),
+                       "banks": {c: reports[c]["bank"] for c in PRODUCT_CACHES
+                                 if c in reports}},
+            "rows": cells, "summaries": summary,
+            "goals": scoring.goals(summary, args.lengths),
+            "agreement_with_unbounded": scoring.agreement(rows, answers, PRODUCT_CACHES),
+            "state_bytes": state,
+            "unbounded": {k: v for k, v in reports.get("unbounded", {}).items()
+                          if k != "kv_cache_bytes"},
+            "workers": {c: reports[c]["worker"] for c in PRODUCT_CACHES if c in reports},
+            "timings": timings, "samples": kept}
+
+
+def _phases(worker: dict[str, float]) -> str:
+    return ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in worker.items()
+                     if k.endswith("_s") and not k.endswith("per_s"))
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    """The accuracy table and the goals, on stdout."""
+    import plot_retention
+
+    print(plot_retention.markdown_table(results))
+    g = results["goals"]
+    print(f"goal >= {100 * g['one_fact_goal']:.0f}% with one fact at every length (bounded): "
+          f"{'met' if g['one_fact_met'] else 'not met'}; goal bounded within "
+          f"{g['gap_goal_points']:.0f} points of unbounded: "
+          f"{'met' if g['gap_met'] else 'not met'}")
+    t = results["timings"]
+    print("timings: " + ", ".join(
+        f"{k} {v:.1f} s" if isinstance(v, float) else
+        f"{k} [{_phases(v)}{'; worker ' + _phases(v['worker']) if 'worker' in v else ''}]"
+        for k, v in t.items()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the study and write its JSON (exit 0); 2 for bad arguments, 1 for a failure
+    (the JSON is still written when some cache's worker failed: it holds the others)."""
+    try:
+        args = parse_args(argv)
+    except StudyError as err:
+        print(f"retention_study.py: error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    try:
+        if args.work:
+            work = Path(args.work)
+            work.mkdir(parents=True, exist_ok=True)
+            results = run_study(args, work)
+        else:
+            with tempfile.TemporaryDirectory(prefix="retention_study_") as tmp:
+                results = run_study(args, Path(tmp))
+    except (StudyError, RuntimeError) as err:
+        print(f"retention_study.py: error: {err}", file=sys.stderr)
+        return 1
+    write_json(out, results)
+    print(f"wrote {out}")
+    print_summary(results)
+    if args.plot:
+        import plot_retention
+
+        try:
+            plot_retention.heatmap(results, Path(args.plot))
+            print(f"wrote {args.plot}")
+        except ImportError as err:
+            print(f"no plot (draw it with plot_retention.py elsewhere): {err}",
+                  file=sys.stderr)
+    if results["failures"]:
+        print(f"retention_study.py: error: the {', '.join(results['failures'])} cache(s) "
+              "failed; the results hold the others", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

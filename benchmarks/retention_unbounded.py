@@ -1,0 +1,413 @@
+"""Greedy answers of an unbounded model (full KV cache) to questions about documents.
+
+The neural database only takes bounded models, so the retention study's
+unbounded arm runs here, on ``train.steps.unbounded_twin(model)``, in a
+process of its own (``worker``, beside the product path's ingest): each
+document is read once by the model's own forward (``CausalLM.__call__``,
+which returns every layer's K/V), right-padded to a length shared by all the
+documents of one length (causal attention: a real token never sees the
+padding), and each question is then answered greedily from that cache.
+
+A row of a batch is one question: its suffix (the prompt in the model's
+template, then the tokens generated so far) is read over its document's cache
+at the document's true positions, the cache's padding masked out by a key
+mask; the whole greedy loop is one compiled ``lax.scan`` per (rows, padded
+document length), like ``coda_jax.generate``. The suffix forward mirrors
+``DecoderLayer.__call__`` / ``CoDAGQA.__call__`` through the layers' public
+pieces (``project_q``, ``project_kv``, ``attend``, ``mlp_residual``);
+:func:`check_against_forward` compares it with the model's own forward; the
+arm runs that check on its device first (:func:`cached_path_check`).
+
+    python benchmarks/retention_unbounded.py worker SPEC.json ANSWERS.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+IMPORTED_AT = time.perf_counter()  # a worker's imports are timed from here
+if __name__ == "__main__":  # a worker shares the GPU with the study's other processes
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from coda_jax import CausalLM  # noqa: E402
+
+PAD_ID = -1  # what a stopped row emits: never a token id
+WORKER_FORMAT = "retention_study.unbounded_worker/1"
+CHECK_TOKENS = 500  # the cached path's check: a document's first tokens (not a multiple of 256)
+DOC_PAD_MULTIPLE = 256  # documents of one length are padded to a multiple of this
+SUFFIX_MULTIPLE = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """One question about one document: ``doc`` indexes the documents given."""
+
+    doc: int
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class UnboundedAnswer:
+    """A greedy answer: its text, its tokens (without the stop token), whether a
+    stop token ended it, and how many tokens its document had."""
+
+    text: str
+    tokens: list[int]
+    stopped: bool
+    doc_tokens: int
+
+
+def kv_cache_bytes(model: CausalLM, tokens: int) -> int:
+    """Bytes of the full K/V cache of ``tokens`` tokens (one document):
+    layers x 2 (K and V) x tokens x KV heads x head_dim x the weights' bytes."""
+    cfg = model.cfg
+    itemsize = jnp.dtype(model.embed_tokens.embedding[...].dtype).itemsize
+    return int(cfg.num_layers * 2 * tokens * cfg.num_kv_heads * cfg.head_dim * itemsize)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _suffix_hidden(model: CausalLM, tokens: jax.Array, positions: jax.Array,
+                   cache: tuple[jax.Array, jax.Array], key_mask: jax.Array) -> jax.Array:
+    """Hidden states (B, S, D) of suffix ``tokens`` (B, S) at ``positions`` after a
+    past ``cache`` ((layers, B, T, Hkv, Dh) K and V) whose visible keys are
+    ``key_mask`` (B, T + S); the suffix is causal among itself."""
+    h = model.embed(tokens)
+
+    def body(h, inputs):
+        layer, past_k, past_v = inputs
+        x = layer.input_layernorm(h)
+        attn = layer.self_attn
+        q = attn.project_q(x, positions)
+        k, v = attn.project_kv(x, positions)
+        k = jnp.concatenate([past_k.astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([past_v.astype(v.dtype), v], axis=1)
+        out = attn.attend(x, q, k, v, causal=True, key_mask=key_mask)
+        return layer.mlp_residual(h + out), None
+
+    h, _ = jax.lax.scan(body, h, (model.layers, cache[0], cache[1]))
+    return h
+
+
+@jax.jit
+def _document_cache(model: CausalLM, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Every layer's K/V of ``tokens`` (B, T) (the logits are never computed)."""
+    return model(tokens)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", "stop_tokens"))
+def _greedy(model: CausalLM, cache, doc_lengths, suffix, prompt_lengths, *,
+            max_new_tokens: int, stop_tokens: tuple[int, ...]):
+    """Greedy tokens (B, max_new_tokens) and counts (B,) (up to and including the
+    stop token) of each row's prompt after its document's cache."""
+    rows, width = suffix.shape
+    padded = cache[0].shape[2]
+    positions = doc_lengths[:, None] + jnp.arange(width, dtype=doc_lengths.dtype)[None]
+    key_mask = jnp.concatenate([jnp.arange(padded)[None] < doc_lengths[:, None],
+                                jnp.ones((rows, width), bool)], axis=1)
+    stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
+    row_ids = jnp.arange(rows)
+
+    def body(carry, _):
+        seq, lengths, done = carry
+        h = _suffix_hidden(model, seq, positions, cache, key_mask)
+        last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)
+        token = jnp.argmax(model.logits(last)[:, 0], axis=-1).astype(jnp.int32)
+        emitted = jnp.where(done, PAD_ID, token)
+        at = jnp.minimum(lengths, width - 1)
+        seq = seq.at[row_ids, at].set(jnp.where(done, seq[row_ids, at], token))
+        live = ~done
+        lengths = jnp.where(done, lengths, lengths + 1)
+        done = done | jnp.isin(token, stops)
+        return (seq, lengths, done), (emitted, live)
+
+    init = (suffix, prompt_lengths, jnp.zeros((rows,), bool))
+    _, (tokens, live) = jax.lax.scan(body, init, None, length=max_new_tokens)
+    return tokens.T, jnp.sum(live, axis=0, dtype=jnp.int32)
+
+
+def suffix_logits(model: CausalLM, document: Sequence[int], suffix: Sequence[int]
+                  ) -> np.ndarray:
+    """Logits (S, V) of ``suffix`` read after ``document`` through the cached path
+    (the document padded as the study pads it): what :func:`answer_questions`
+    computes at each greedy step."""
+    padded = _round_up(len(document), DOC_PAD_MULTIPLE)
+    ids = np.zeros((1, padded), np.int32)
+    ids[0, :len(document)] = document
+    cache = _document_cache(model, jnp.asarray(ids))
+    width = len(suffix)
+    positions = jnp.asarray(len(document) + np.arange(width)[None], jnp.int32)
+    key_mask = jnp.asarray(np.concatenate([np.arange(padded) < len(document),
+                                           np.ones(width, bool)])[None])
+    return np.asarray(_suffix_logits(model, jnp.asarray([list(suffix)], jnp.int32),
+                                     positions, cache, key_mask)[0])
+
+
+@jax.jit
+def _suffix_logits(model: CausalLM, tokens, positions, cache, key_mask) -> jax.Array:
+    return model.logits(_suffix_hidden(model, tokens, positions, cache, key_mask))
+
+
+@jax.jit
+def _forward_logits(model: CausalLM, tokens: jax.Array) -> jax.Array:
+    return model(tokens)[0]
+
+
+def compare_with_forward(model: CausalLM, document: Sequence[int], suffix: Sequence[int]
+                         ) -> dict[str, float]:
+    """:func:`suffix_logits` against the model's own forward over document + suffix
+    at the suffix's positions: the largest absolute difference, the largest
+    absolute logit of the forward (the scale), and whether both pick the same
+    greedy token at every position."""
+    full = _forward_logits(model, jnp.asarray([list(document) + list(suffix)], jnp.int32))
+    want = np.asarray(full[0, len(document):], np.float32)
+    got = np.asarray(suffix_logits(model, document, suffix), np.float32)
+    return {"max_abs_difference": float(np.max(np.abs(got - want))),
+            "max_abs_logit": float(np.max(np.abs(want))),
+            "same_argmax_fraction": float(np.mean(got.argmax(-1) == want.argmax(-1)))}
+
+
+def check_against_forward(model: CausalLM, document: Sequence[int], suffix: Sequence[int]
+                          ) -> float:
+    """Largest absolute difference between :func:`suffix_logits` and the model's own
+    forward over document + suffix at the suffix's positions."""
+    return compare_with_forward(model, document, suffix)["max_abs_difference"]
+
+
+def rows_per_batch(padded_length: int, batch_tokens: int, most: int = 64) -> int:
+    """Question rows per compiled call: the K/V of ``batch_tokens`` document tokens
+    at most (each row carries its document's cache), between 1 and ``most``."""
+    return max(1, min(most, batch_tokens // max(padded_length, 1)))
+
+
+def answer_questions(model: CausalLM, tokenizer: Any, documents: Sequence[str],
+                     questions: Sequence[Question], *, prompt: str, stop_tokens: Sequence[int],
+                     max_new_tokens: int, batch_tokens: int = 1 << 21,
+                     progress: bool = True, desc: str = "unbounded"
+                     ) -> tuple[list[UnboundedAnswer], dict[str, float]]:
+    """Greedy answers of the unbounded ``model`` to ``questions`` (in their order)
+    about ``documents`` (texts tokenised as the database tokenises them: special
+    tokens before the document, none around the prompt), and the seconds spent
+    reading documents (``prefill_s``) and generating (``generate_s``).
+
+    ``prompt`` is the model's template with a ``{question}`` field. Documents
+    are read in order and their caches kept only while their questions wait;
+    call once per document length (one compilation per padded length).
+    """
+    if not documents:
+        return [], {"prefill_s": 0.0, "generate_s": 0.0}
+    doc_ids = [np.asarray(tokenizer.encode(text).ids, np.int32) for text in documents]
+    padded = _round_up(max(len(ids) for ids in doc_ids), DOC_PAD_MULTIPLE)
+    prompts = [np.asarray(tokenizer.encode(prompt.replace("{question}", q.text),
+                                           add_special_tokens=False).ids, np.int32)
+               for q in questions]
+    width = _round_up(max(len(p) for p in prompts) + max_new_tokens, SUFFIX_MULTIPLE)
+    rows = rows_per_batch(padded, batch_tokens)
+    stops = tuple(int(t) for t in stop_tokens)
+    by_doc: dict[int, list[int]] = {}
+    for i, q in enumerate(questions):
+        by_doc.setdefault(q.doc, []).append(i)
+    answers: list[UnboundedAnswer | None] = [None] * len(questions)
+    caches: dict[int, tuple[jax.Array, jax.Array]] = {}
+    waiting: list[int] = []
+    timings = {"prefill_s": 0.0, "generate_s": 0.0}
+
+    def read(doc: int) -> None:
+        ids = np.zeros((1, padded), np.int32)
+        ids[0, :len(doc_ids[doc])] = doc_ids[doc]
+        start = time.perf_counter()
+        caches[doc] = jax.block_until_ready(_document_cache(model, jnp.asarray(ids)))
+        timings["prefill_s"] += time.perf_counter() - start
+
+    def run(batch: list[int]) -> None:
+        chosen = batch + [batch[-1]] * (rows - len(batch))  # a fixed batch: one compile
+        docs = [questions[i].doc for i in chosen]
+        suffix = np.zeros((rows, width), np.int32)
+        for row, i in enumerate(chosen):
+            suffix[row, :len(prompts[i])] = prompts[i]
+        cache = tuple(jnp.concatenate([caches[d][part] for d in docs], axis=1)
+                      for part in (0, 1))
+        start = time.perf_counter()
+        tokens, counts = _greedy(
+            model, cache, jnp.asarray([len(doc_ids[d]) for d in docs], jnp.int32),
+            jnp.asarray(suffix), jnp.asarray([len(prompts[i]) for i in chosen], jnp.int32),
+            max_new_tokens=max_new_tokens, stop_tokens=stops)
+        tokens, counts = np.asarray(tokens), np.asarray(counts)
+        timings["generate_s"] += time.perf_counter() - start
+        for row, i in enumerate(batch):
+            ids = tokens[row, :counts[row]].tolist()
+            stopped = bool(ids) and ids[-1] in stops
+            ids = ids[:-1] if stopped else ids
+            answers[i] = UnboundedAnswer(
+                text=tokenizer.decode(ids, skip_special_tokens=True), tokens=ids,
+                stopped=stopped, doc_tokens=len(doc_ids[questions[i].doc]))
+
+    def release() -> None:
+        pending = {questions[i].doc for i in waiting}
+        for doc in [d for d in caches if d not in pending]:
+            del caches[doc]
+
+    for doc in tqdm(sorted(by_doc), desc=desc, disable=not progress, leave=False):
+        read(doc)
+        waiting += by_doc[doc]
+        while len(waiting) >= rows:
+            run(waiting[:rows])
+            waiting = waiting[rows:]
+            release()
+    if waiting:
+        run(waiting)
+    return [a for a in answers if a is not None], timings
+
+
+# ------------------------------------------------------------------ the study's arm
+def is_out_of_memory(err: Exception) -> bool:
+    """Whether an XLA error says the device ran out of memory."""
+    text = str(err)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def cached_path_check(twin: CausalLM, opened: Any, doc: dict[str, Any],
+                      tokens: int = CHECK_TOKENS) -> dict[str, Any]:
+    """The cached path against the model's own forward, on this device and in
+    the model's dtype: the first ``tokens`` tokens of ``doc``, then its first
+    question in the prompt with the answer, padded to the suffix width the
+    greedy loop uses."""
+    ids = opened.tokenizer.encode(doc["text"]).ids[:tokens]
+    q = doc["questions"][0]
+    suffix = opened.tokenizer.encode(
+        opened.settings.prompt.replace("{question}", q["question"]) + " " + q["answer"],
+        add_special_tokens=False).ids
+    suffix += [0] * (-len(suffix) % SUFFIX_MULTIPLE)
+    start = time.perf_counter()
+    found = compare_with_forward(twin, ids, suffix)
+    return {"document_tokens": len(ids), "suffix_tokens": len(suffix), **found,
+            "seconds": time.perf_counter() - start}
+
+
+def run_arm(opened: Any, docs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], *,
+            lengths: Sequence[int], max_length: int, batch_tokens: int, progress: bool
+            ) -> tuple[list[str | None], dict[str, Any], dict[int, int]]:
+    """The study's unbounded cache: the greedy answers of ``opened``'s unbounded
+    twin to the ``rows`` (``doc``, ``length``, ``question``; None where a length
+    was skipped: above ``max_length``, or at and after one that ran out of device
+    memory or failed); the report (the cached path's check, per length its timings, the
+    skipped lengths, the K/V cache's bytes per length); each document's tokens."""
+    import retention_product as product
+
+    from train.steps import unbounded_twin
+
+    twin = product.same_weights_twin(opened.model, unbounded_twin)
+    settings = opened.settings
+    answers: list[str | None] = [None] * len(rows)
+    report: dict[str, Any] = {"lengths": {}, "skipped": [],
+                              "cached_path_check": cached_path_check(twin, opened, docs[0])}
+    doc_tokens: dict[int, int] = {}
+    too_long = False
+    for length in lengths:
+        if length > max_length or too_long:
+            why = (f"longer than --unbounded-max-length {max_length}" if length > max_length
+                   else "a shorter length did not run (out of memory or failed)")
+            report["skipped"].append({"length": length, "reason": why})
+            continue
+        picked = [i for i, r in enumerate(rows) if r["length"] == length]
+        doc_ids = sorted({rows[i]["doc"] for i in picked})
+        local = {d: j for j, d in enumerate(doc_ids)}
+        questions = [Question(doc=local[rows[i]["doc"]], text=rows[i]["question"])
+                     for i in picked]
+        start = time.perf_counter()
+        try:
+            got, timings = answer_questions(
+                twin, opened.tokenizer, [docs[d]["text"] for d in doc_ids], questions,
+                prompt=settings.prompt, stop_tokens=settings.stop_tokens,
+                max_new_tokens=settings.sampling.max_new_tokens, batch_tokens=batch_tokens,
+                progress=progress, desc=f"unbounded {length}")
+        except Exception as err:  # noqa: BLE001 (XLA's errors have no common class)
+            # Recorded, and the longer lengths skipped: the shorter ones' answers stand.
+            what = "out of device memory" if is_out_of_memory(err) else \
+                f"failed ({type(err).__name__})"
+            first = (str(err).splitlines() or [""])[0][:300]
+            print(f"unbounded {length}: {what}: {first}", file=sys.stderr, flush=True)
+            report["skipped"].append({"length": length, "reason": f"{what}: {first}"})
+            too_long = True
+            continue
+        for i, answer in zip(picked, got, strict=True):
+            answers[i] = answer.text
+        doc_tokens |= {rows[i]["doc"]: a.doc_tokens for i, a in zip(picked, got)}
+        report["lengths"][str(length)] = timings | {
+            "total_s": time.perf_counter() - start, "questions": len(picked),
+            "documents": len(doc_ids),
+            "mean_doc_tokens": sum(doc_tokens[d] for d in doc_ids) / len(doc_ids)}
+    report["kv_cache_bytes"] = {str(length): kv_cache_bytes(twin, length)
+                                for length in lengths}
+    return answers, report, doc_tokens
+
+
+def write_spec(path: Path, *, model: str | os.PathLike, documents: str | os.PathLike,
+               rows: Sequence[dict[str, Any]], lengths: Sequence[int], max_length: int,
+               batch_tokens: int, progress: bool) -> Path:
+    """The worker's instructions: ``documents`` is a JSON list of the study's
+    documents (``text``, ``questions``), ``rows`` its question rows."""
+    spec = {"format": WORKER_FORMAT, "model": str(model), "documents": str(documents),
+            "rows": [{k: r[k] for k in ("doc", "length", "question")} for r in rows],
+            "lengths": list(lengths), "max_length": int(max_length),
+            "batch_tokens": int(batch_tokens), "progress": bool(progress)}
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def run_worker(spec_path: str | os.PathLike, answers_path: str | os.PathLike) -> int:
+    """Open the model, run :func:`run_arm` on the spec's documents and rows, write
+    the answers, the report, each document's tokens and the timings."""
+    from coda_jax.database.model_source import open_model
+
+    started = time.perf_counter()
+    timings = {"imports_s": started - IMPORTED_AT}
+    spec = json.loads(Path(spec_path).read_text())
+    if spec.get("format") != WORKER_FORMAT:
+        raise ValueError(f"{spec_path} is not an unbounded worker spec")
+    docs = json.loads(Path(spec["documents"]).read_text())
+    opened = open_model(spec["model"])
+    timings["open_s"] = time.perf_counter() - started
+    answers, report, tokens = run_arm(opened, docs, spec["rows"], lengths=spec["lengths"],
+                                      max_length=spec["max_length"],
+                                      batch_tokens=spec["batch_tokens"],
+                                      progress=spec["progress"])
+    per_length = report["lengths"].values()
+    timings |= {"prefill_s": sum(t["prefill_s"] for t in per_length),
+                "generate_s": sum(t["generate_s"] for t in per_length),
+                "total_s": time.perf_counter() - IMPORTED_AT}
+    out = {"format": WORKER_FORMAT, "answers": answers, "report": report,
+           "doc_tokens": {str(k): v for k, v in tokens.items()}, "timings": timings,
+           "device": jax.devices()[0].device_kind}
+    tmp = Path(f"{answers_path}.tmp")
+    tmp.write_text(json.dumps(out))
+    tmp.replace(answers_path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``worker SPEC ANSWERS``: the study's unbounded arm in a process of its own."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 3 or argv[0] != "worker":
+        print("usage: python benchmarks/retention_unbounded.py worker SPEC.json ANSWERS.json",
+              file=sys.stderr)
+        return 2
+    return run_worker(argv[1], argv[2])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""benchmarks/retention_study.py end to end on a tiny random model (CPU): the JSON's
+structure, its counts, the unbounded cache's skipped lengths, the figure and
+tables, the merge of parts, and that a document the window holds whole gets the
+same answers from the saved bounded and window-only states (loaded in a fresh
+process) as from the full KV cache."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import plot_retention  # noqa: E402
+import retention_fixture  # noqa: E402
+import retention_merge  # noqa: E402
+import retention_product  # noqa: E402
+import retention_scoring  # noqa: E402
+import retention_study  # noqa: E402
+
+# Short answers, a block that cuts the documents into segments (of 128 tokens, the
+# last one unfinished), and a window that holds the 150-token documents with their
+# questions and answers (and not the 400-token ones).
+SETTINGS = {"prompt": "\n\nQuestion: {question}\nAnswer:", "temperature": 0.0,
+            "max_new_tokens": 6, "stop_tokens": [], "block_size": 32}
+BANK = dict(window=256, num_landmarks_exact=8, num_landmarks_summary=8)
+LENGTHS, FACTS, DEPTHS = (150, 400), (1, 2), (0.1, 0.9)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("retention")
+    corpus = retention_fixture.word_corpus(root / "corpus", tokens=20_000, vocab_size=300)
+    model = retention_fixture.random_model(root / "model", corpus,
+                                           shape=retention_fixture.TINY_SHAPE, bank=BANK,
+                                           settings=SETTINGS)
+    return model, corpus
+
+
+@pytest.fixture(scope="module")
+def results(inputs, tmp_path_factory) -> dict:
+    model, corpus = inputs
+    out = tmp_path_factory.mktemp("out") / "results.json"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # the query workers are fresh processes
+        code = retention_study.main([
+            "--model", str(model), "--corpus", str(corpus), "--out", str(out),
+            "--lengths", ",".join(map(str, LENGTHS)), "--facts", ",".join(map(str, FACTS)),
+            "--depths", ",".join(map(str, DEPTHS)), "--count", "1",
+            "--unbounded-max-length", "200", "--query-batch", "64", "--no-progress"])
+    assert code == 0, printed.getvalue()[-4000:]
+    assert "| facts | cache |" in printed.getvalue()  # the table is printed
+    return json.loads(out.read_text())
+
+
+def test_every_question_is_counted_once_per_cache(results):
+    cfg = results["config"]
+    assert cfg["caches"] == ["bounded", "window_only", "unbounded"]
+    per_length = len(FACTS) * len(DEPTHS) * 1
+    questions = sum(FACTS) * len(DEPTHS) * len(LENGTHS)
+    assert cfg["documents"] == per_length * len(LENGTHS) and cfg["questions_per_cache"] == questions
+    for cache, lengths in (("bounded", LENGTHS), ("window_only", LENGTHS), ("unbounded", (150,))):
+        rows = [r for r in results["rows"] if r["cache"] == cache]
+        assert sorted({(r["length"], r["facts"], r["depth"]) for r in rows}) == sorted(
+            (n, f, d) for n in lengths for f in FACTS for d in DEPTHS)
+        assert all(r["total"] == r["facts"] and 0 <= r["correct"] <= r["total"] for r in rows)
+        assert sum(r["total"] for r in rows) == sum(FACTS) * len(DEPTHS) * len(lengths)
+        totals = {s["length"]: s["total"] for s in results["summaries"]
+                  if s["cache"] == cache and s["facts"] is None}
+        assert totals == {n: sum(FACTS) * len(DEPTHS) for n in lengths}
+    assert results["unbounded"]["skipped"] == [
+        {"length": 400, "reason": "longer than --unbounded-max-length 200"}]
+    assert results["unbounded"]["documents_tokenised_differently_from_the_database"] == 0
+    check = results["unbounded"]["cached_path_check"]  # the cached path is the forward's
+    assert check["max_abs_difference"] < 1e-4 and check["same_argmax_fraction"] == 1.0
+    assert results["workers"]["bounded"]["batch_size"] == cfg["questions_per_cache"]  # one batch
+    assert results["workers"]["bounded"]["states_loaded"] == cfg["documents"]
+    assert {s["cache"] for s in results["samples"]} == set(cfg["caches"])
+    assert results["device"]["platform"] == "cpu" and results["versions"]["jax"]
+    assert len(results["model"]["weights_sha256"]) == 64
+    assert results["corpus"]["same_tokenizer_as_model"]
+    assert set(results["goals"]) >= {"one_fact_met", "gap_met", "one_fact_bounded"}
+    for phase in ("ingest_s", "save_s", "collected_after_s"):
+        assert results["timings"]["bounded"][phase] > 0
+    assert results["timings"]["bounded"]["worker"]["query_s"] > 0
+    assert results["timings"]["unbounded"]["generate_s"] > 0
+
+
+def test_state_sizes_agree_and_the_window_holds_a_short_document_whole(results):
+    state = results["state_bytes"]
+    for cache in ("bounded", "window_only"):
+        assert state[cache]["in_memory_equals_cache_bytes"]
+        assert state[cache]["independent_of_length"]
+        assert state[cache]["on_disk_mean"] > 0
+    assert state["window_only"]["model_cache_bytes"] < state["bounded"]["model_cache_bytes"]
+    shape = retention_fixture.TINY_SHAPE
+    for n in LENGTHS:  # layers x (K, V) x tokens x KV heads x head_dim x float32
+        assert state["unbounded_kv_cache_bytes"][str(n)] == (
+            shape["num_layers"] * 2 * n * shape["num_kv_heads"] * shape["head_dim"] * 4)
+    # At 150 tokens every cache holds the whole document: the saved states,
+    # loaded in a fresh process, answer exactly as the full KV cache does.
+    same = {(a["cache"], a["length"]): a["fraction"] for a in results["agreement_with_unbounded"]}
+    assert same == {("bounded", 150): 1.0, ("window_only", 150): 1.0}
+
+
+def test_the_figure_and_tables_come_from_the_json(results, tmp_path, capsys):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    assert plot_retention.main([str(path), "--table"]) == 0
+    table = capsys.readouterr().out
+    assert "| 1 | unbounded (full KV) |" in table and "n/a" in table
+    assert "| state per document |" in table
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "heatmap.png"
+    assert plot_retention.main([str(path), str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scoring_counts_exact_matches_and_the_goals():
+    rows = [{"length": n, "facts": f, "depth": 0.5, "question": "q", "expected": "Paris"}
+            for n in (1024, 4096) for f in (1, 1, 4)]
+    bounded = ["Paris", " Paris\n", "paris", "Paris", "Paris", "Paris"]  # case counts
+    unbounded = ["Paris", "Paris", "Paris", "Paris", "Paris", None]  # 4096 x 4 not run
+    cells = (retention_scoring.cell_rows("bounded", rows, bounded)
+             + retention_scoring.cell_rows("unbounded", rows[:5], unbounded[:5]))
+    assert [(c["cache"], c["length"], c["facts"], c["correct"], c["total"]) for c in cells] == [
+        ("bounded", 1024, 1, 2, 2), ("bounded", 1024, 4, 0, 1), ("bounded", 4096, 1, 2, 2),
+        ("bounded", 4096, 4, 1, 1), ("unbounded", 1024, 1, 2, 2), ("unbounded", 1024, 4, 1, 1),
+        ("unbounded", 4096, 1, 2, 2)]
+    summary = retention_scoring.summaries(cells, retention_study.CACHES)
+    goals = retention_scoring.goals(summary, [1024, 4096])
+    assert goals["one_fact_bounded"] == {"1024": 1.0, "4096": 1.0} and goals["one_fact_met"]
+    gaps = goals["unbounded_minus_bounded_points"]
+    assert gaps["1024"] == pytest.approx(100 / 3) and gaps["4096"] == 0.0
+    assert not goals["gap_met"]
+    same = retention_scoring.agreement(rows, {"bounded": bounded, "unbounded": unbounded},
+                                       ["bounded"])
+    assert [(a["length"], a["same"], a["total"]) for a in same] == [(1024, 1, 3), (4096, 2, 2)]
+
+
+def test_merged_parts_add_their_counts_and_must_share_a_model(results, tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(results))
+    b.write_text(json.dumps(results | {"config": results["config"] | {"seed": 2}}))
+    out = tmp_path / "merged.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert retention_merge.main([str(a), str(b), "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert [(r["cache"], r["length"], r["facts"], r["depth"], r["total"])
+            for r in merged["rows"]] == [(r["cache"], r["length"], r["facts"], r["depth"],
+                                          2 * r["total"]) for r in results["rows"]]
+    cfg = merged["config"]
+    assert cfg["count"] == 2 and cfg["seeds"] == [1, 2] and cfg["lengths"] == list(LENGTHS)
+    assert cfg["caches"] == results["config"]["caches"] and len(merged["parts"]) == 2
+    assert merged["summaries"] == [s | {"correct": 2 * s["correct"], "total": 2 * s["total"]}
+                                   for s in results["summaries"]]
+    assert merged["unbounded"]["skipped"] == results["unbounded"]["skipped"]
+    assert "| state per document |" in plot_retention.markdown_table(merged)
+    other = results | {"model": results["model"] | {"weights_sha256": "0" * 64}}
+    with pytest.raises(retention_merge.MergeError, match="model weights"):
+        retention_merge.merge([results, other])
+
+
+def test_the_window_only_twins_attend_as_the_model_without_banks(inputs):
+    import jax
+    from flax import nnx
+
+    from coda_jax import load_model
+    from train.steps import unbounded_twin, with_bank
+
+    model = load_model(inputs[0])
+    # The twins built from their shapes carry the weights with_bank's rebuild does.
+    for fast, slow in ((retention_product.window_only_twin(model, saveable=False),
+                        with_bank(model, **retention_product.NO_BANKS)),
+                       (retention_product.same_weights_twin(model, unbounded_twin),
+                        unbounded_twin(model))):
+        assert fast.spec == slow.spec
+        for x, y in zip(jax.tree.leaves(nnx.state(fast, nnx.Param)),
+                        jax.tree.leaves(nnx.state(slow, nnx.Param)), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # Past the window, the saveable one (never-written one-slot banks) attends as
+    # the one without banks.
+    ids = np.random.default_rng(0).integers(0, 300, (1, 320)).astype(np.int32)
+    logits = []
+    for saveable in (True, False):  # 320 tokens: 64 of them evicted from the window
+        twin = retention_product.window_only_twin(model, saveable=saveable)
+        state = twin.init_state(1, np.float32, key=jax.random.key(0))
+        logits.append(np.asarray(twin.prefill(ids, state, block_size=64, chunks_per_call=5)[0]))
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--lengths", "0,128", "--lengths needs integers >= 1"),
+    ("--depths", "0.5,1.5", "--depths must lie in"),
+    ("--caches", "bounded,full", "--caches takes some of"),
+    ("--count", "0", "--count must be >= 1"),
+])
+def test_bad_arguments_are_refused_by_name(inputs, option, value, message, tmp_path, capsys):
+    model, corpus = inputs
+    code = retention_study.main(["--model", str(model), "--corpus", str(corpus), "--out",
+                                 str(tmp_path / "r.json"), option, value])
+    assert code == 2 and message in capsys.readouterr().err
+    assert retention_study.main(["--model", str(tmp_path), "--corpus", str(corpus), "--out",
+                                 str(tmp_path / "r.json")]) == 2
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "old").write_text("")
+    assert retention_study.main(["--model", str(model), "--corpus", str(corpus), "--out",
+                                 str(tmp_path / "r.json"), "--work", str(tmp_path / "work")]) == 2
+    assert "is not an empty directory" in capsys.readouterr().err
