@@ -7,13 +7,18 @@
     coda-db info L [--json]
     coda-db delete L
     coda-db serve [--host 127.0.0.1] [--port 8765]
-    coda-db demo
+    coda-db demo [--model M] [--library DIR] [--keep] [--documents FILE]
 
 The library is ``--library DIR``, else ``$CODA_DB_LIBRARY``, else
 ``$XDG_DATA_HOME/coda-db`` (``~/.local/share/coda-db``). The model is
 ``--model`` (a coda_jax model checkpoint with a tokenizer.json, or a HF
 directory with --adapters), else ``$CODA_DB_MODEL``, else, for ``query``, the
-model recorded with the entry.
+model recorded with the entry, else the bundled default model (when this
+installation has one: :mod:`.bundled`).
+
+``demo`` reads the three bundled demo documents once, saves their states in a
+temporary library (or ``--library``), loads them in a new process and asks
+the bundled questions (:mod:`.demo`).
 """
 
 from __future__ import annotations
@@ -29,21 +34,20 @@ from typing import Any, Sequence
 from .errors import NotFoundError, RefusedError
 
 EXIT_OK, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_WRONG_ANSWERS = 4
 EXIT_CODES = """\
 exit codes:
-  0    done
-  1    usage: unknown or missing arguments, no model given
-  2    not found: the label, file or model does not exist
+  0    done ('demo': every answer correct)
+  1    usage: unknown or missing arguments, no model given (and none bundled)
+  2    not found: the label, file or model does not exist (for 'demo': no --model
+       and no bundled model)
   3    refused: a bad input (empty, binary or non-UTF-8 document, a label with path
        separators or control characters, bad sampling values), a label that is taken
        (without --replace), a damaged entry, a state made by another model or tokenizer,
-       a model that is not bounded, missing adapters (without --untrained); also 'demo',
-       until a bundled model exists
+       a model that is not bounded, missing adapters (without --untrained)
+  4    'demo' only: it ran, and some answers were wrong
   130  interrupted (Ctrl-C): nothing was saved"""
 __doc__ += "\n" + EXIT_CODES + "\n"
-DEMO_MISSING = ("no bundled default model exists yet (it comes with its own release); "
-                "run 'coda-db ingest FILE --label L --model MODEL_DIR' with a bounded model "
-                "checkpoint instead")
 
 
 class UsageError(Exception):
@@ -61,7 +65,7 @@ class Parser(argparse.ArgumentParser):
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model checkpoint directory, or HF directory "
-                        "(default: $CODA_DB_MODEL)")
+                        "(default: $CODA_DB_MODEL, else the bundled default model)")
     parser.add_argument("--tokenizer", help="tokenizer.json (default: the model's own)")
     parser.add_argument("--adapters", help="CoDA adapter file for a HF directory "
                         "(default: MODEL/coda_adapters.pt)")
@@ -101,16 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8765)
     _model_options(serve)
-    commands.add_parser("demo", parents=[common], help="the demo on the bundled model")
+    demo = commands.add_parser("demo", help="read three documents, save their states, "
+                               "answer from them in a new process")
+    demo.add_argument("--library", help="save the demo's states in this library (default: "
+                      "a temporary one)")
+    demo.add_argument("--keep", action="store_true",
+                      help="keep the saved states (and the temporary library)")
+    demo.add_argument("--documents", help="demo documents JSON (default: the bundled ones)")
+    _model_options(demo)
     return parser
 
 
 def _model_path(args: argparse.Namespace, recorded: str | None = None) -> str:
-    model = args.model or os.environ.get("CODA_DB_MODEL") or recorded
+    from .bundled import bundled_model_path
+
+    model = args.model or os.environ.get("CODA_DB_MODEL") or recorded or bundled_model_path()
     if not model:
-        raise UsageError("no model: pass --model MODEL_DIR or set $CODA_DB_MODEL (no bundled "
-                         "default model exists yet)")
-    return model
+        raise UsageError("no model: pass --model MODEL_DIR or set $CODA_DB_MODEL (this "
+                         "installation has no bundled default model)")
+    return str(model)
 
 
 def _database(args: argparse.Namespace, recorded: str | None = None):
@@ -217,8 +230,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(_database(args), host=args.host, port=args.port)
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    raise RefusedError(DEMO_MISSING)
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    right = run_demo(model=args.model, library=args.library, keep=args.keep,
+                     documents=args.documents, tokenizer=args.tokenizer,
+                     adapters=args.adapters, untrained=args.untrained,
+                     out=lambda line: print(line, flush=True))
+    return EXIT_OK if right else EXIT_WRONG_ANSWERS
 
 
 COMMANDS = {"ingest": cmd_ingest, "list": cmd_list, "query": cmd_query, "info": cmd_info,
@@ -239,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}",
                                                               file=sys.stderr)
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except UsageError as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
@@ -252,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: nothing was saved", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return EXIT_OK
+    return code or EXIT_OK
 
 
 def entry_point() -> None:

@@ -41,7 +41,12 @@ def test_ingest_list_query_info_delete(capsys, model_dir, tmp_path, monkeypatch)
     assert json.loads(_run(capsys, "list", "--json")[1]) == []
 
 
-def test_exit_codes_and_messages(capsys, model_dir, tmp_path):
+def test_exit_codes_and_messages(capsys, model_dir, tmp_path, monkeypatch):
+    from coda_jax.database import bundled
+
+    # 'no model' cases: an installation without a bundled default model
+    monkeypatch.setattr(bundled, "BUNDLE_DIR", tmp_path / "no_default_model")
+    monkeypatch.delenv("CODA_DB_MODEL", raising=False)
     lib = tmp_path / "lib"
     doc = tmp_path / "log.txt"
     doc.write_text(TEXT[:300])
@@ -65,7 +70,7 @@ def test_exit_codes_and_messages(capsys, model_dir, tmp_path):
         (("ingest", empty, "--label", "b", "--model", model_dir, *common), 3, "empty"),
         (("ingest", doc, "--label", "b", "--model", gqa, *common), 3, "bounded"),
         (("query", "a", "q", "--top-p", "2", *common), 3, "top_p"),
-        (("demo", *common), 3, "no bundled default model"),
+        (("demo", *common), 2, "no bundled default model"),
     ]
     for argv, code, message in cases:
         got, _, err = _run(capsys, *argv)
