@@ -225,9 +225,9 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     def poisoned(cfg, graphdef, tx, span=None):
         step = real(cfg, graphdef, tx, span)
 
-        def wrapped(params, opt_state, tokens, key):
+        def wrapped(params, opt_state, tokens, key, write_targets=None):
             calls["n"] += 1
-            out = step(params, opt_state, tokens, key)
+            out = step(params, opt_state, tokens, key, write_targets)
             return out if calls["n"] < 11 else (out[0], out[1], jnp.float32(jnp.nan), out[3])
         return wrapped
 
