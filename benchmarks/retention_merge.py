@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import plot_retention
 import retention_scoring as scoring
-from retention_study import CACHES, FORMAT, write_json
+from retention_study import CACHES, FORMAT
 
 
 class MergeError(Exception):
@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, KeyError, MergeError) as err:
         print(f"retention_merge.py: error: {err}", file=sys.stderr)
         return 2
-    write_json(Path(args.out), merged)
+    scoring.write_json(Path(args.out), merged)
     print(f"wrote {args.out} ({len(args.parts)} parts)")
     print(plot_retention.markdown_table(merged))
     return 0

@@ -31,7 +31,8 @@ from typing import Any, Sequence
 if __name__ == "__main__":  # a worker shares the GPU with the study's own process
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from tqdm import tqdm
+import retention_scoring as scoring  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 WORKER_FORMAT = "retention_study.worker/1"
 TOKENIZER_FILE = "tokenizer.json"
@@ -253,20 +254,13 @@ def run_worker(spec_path: str | os.PathLike, answers_path: str | os.PathLike) ->
            "prompt": db.opened.settings.prompt,
            "stop_tokens": list(db.opened.settings.stop_tokens),
            "device": jax.devices()[0].device_kind}
-    tmp = Path(f"{answers_path}.tmp")
-    tmp.write_text(json.dumps(out))
-    tmp.replace(answers_path)
+    scoring.write_json(Path(answers_path), out, indent=None)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``worker SPEC ANSWERS``: the fresh-process half of the product path."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 3 or argv[0] != "worker":
-        print("usage: python benchmarks/retention_product.py worker SPEC.json ANSWERS.json",
-              file=sys.stderr)
-        return 2
-    return run_worker(argv[1], argv[2])
+    return scoring.worker_main(argv, run_worker, "retention_product.py")
 
 
 if __name__ == "__main__":

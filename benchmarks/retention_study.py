@@ -249,14 +249,6 @@ def model_description(opened: Any) -> dict[str, Any]:
                          "temperature_used": 0.0}}
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically (a temporary file renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
-
-
 def product_arm(cache: str, args: argparse.Namespace, opened: Any, texts: Sequence[str],
                 rows: Sequence[dict[str, Any]], work: Path) -> tuple[dict, dict, Any]:
     """Ingest and save every document for a product cache, then launch its query
@@ -504,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StudyError, RuntimeError) as err:
         print(f"retention_study.py: error: {err}", file=sys.stderr)
         return 1
-    write_json(out, results)
+    scoring.write_json(out, results)
     print(f"wrote {out}")
     print_summary(results)
     if args.plot:

@@ -39,6 +39,7 @@ if __name__ == "__main__":  # a worker shares the GPU with the study's other pro
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import retention_scoring as scoring  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from coda_jax import CausalLM  # noqa: E402
@@ -393,20 +394,13 @@ def run_worker(spec_path: str | os.PathLike, answers_path: str | os.PathLike) ->
     out = {"format": WORKER_FORMAT, "answers": answers, "report": report,
            "doc_tokens": {str(k): v for k, v in tokens.items()}, "timings": timings,
            "device": jax.devices()[0].device_kind}
-    tmp = Path(f"{answers_path}.tmp")
-    tmp.write_text(json.dumps(out))
-    tmp.replace(answers_path)
+    scoring.write_json(Path(answers_path), out, indent=None)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``worker SPEC ANSWERS``: the study's unbounded arm in a process of its own."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 3 or argv[0] != "worker":
-        print("usage: python benchmarks/retention_unbounded.py worker SPEC.json ANSWERS.json",
-              file=sys.stderr)
-        return 2
-    return run_worker(argv[1], argv[2])
+    return scoring.worker_main(argv, run_worker, "retention_unbounded.py")
 
 
 if __name__ == "__main__":
