@@ -48,6 +48,20 @@ def _assert_equal_states(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _assert_states_match_recomputed(loaded, recomputed):
+    """A stored state against the same prefill run by this build: everything but
+    the float buffers exactly; the buffers to float32 rounding (XLA may round a
+    projection differently from the build that wrote the file)."""
+    assert jax.tree.structure(loaded) == jax.tree.structure(recomputed)
+    for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(recomputed)):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        if np.issubdtype(x.dtype, np.floating):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(x, y)
+
+
 def _no_staging(root: Path) -> None:
     leftovers = [p.name for p in root.iterdir() if ".saving-" in p.name or ".replaced-" in p.name]
     assert not leftovers, leftovers
@@ -229,7 +243,7 @@ def test_a_format1_state_still_loads(recwarn):
                             lengths=[11, 7])
     with pytest.warns(UserWarning, match="without checksums"):
         got = load_state(DATA / "state_format1", layer)
-    _assert_equal_states(got, want)
+    _assert_states_match_recomputed(got, want)
 
 
 # ------------------------------------------------------------------ poisoned states
