@@ -7,7 +7,8 @@
 #
 # Back in $OUT: default_model_<gpu>.json (the stages' configs, summaries and metrics, and the
 # quick retention check) and export/ (the bf16 shards, export.json, card.json, tokenizer.json:
-# what python -m train.bundle takes). The log's tail is printed.
+# what python -m train.bundle takes). The log's tail is printed. FROM_STAGE=NAME BASE=MODEL
+# resume the recipe at stage NAME from MODEL (e.g. the bundled coda_jax/database/default_model).
 source benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
 if [[ $# -ne 1 || ! -f "$1" ]]; then
@@ -15,9 +16,11 @@ if [[ $# -ne 1 || ! -f "$1" ]]; then
 fi
 corpus=/tmp/default_model_corpus run=/tmp/default_model_run
 mkdir -p "$corpus" && tar -xJf "$1" -C "$corpus" || exit 1
+resume=()
+[[ -n "${FROM_STAGE:-}" ]] && resume=(--from-stage "$FROM_STAGE" --base "${BASE:?BASE: the model to resume from}")
 start=$(date +%s)
 timeout "${TRAIN_TIMEOUT:-570}" python3 -m train.default_model --corpus "$corpus" --out "$run" \
-    --no-progress --checks "${CHECKS:-bounded,unbounded}" > /tmp/default_model.log 2>&1
+    --no-progress --checks "${CHECKS:-bounded,unbounded}" "${resume[@]}" > /tmp/default_model.log 2>&1
 code=$?
 echo "recipe: exit $code after $(( $(date +%s) - start )) s"
 grep -v "^W\|Warning\|^I0000\|^  warnings" /tmp/default_model.log | tail -60

@@ -1,7 +1,8 @@
 """The bundled default model's recipe, every step in one command (one GPU, minutes).
 
     python -m train.default_model --corpus CORPUS --out OUT_DIR [--base MODEL_OR_EXPORT]
-                                  [--recipe YAML] [--workers N] [--tiny] [--no-progress]
+                                  [--from-stage NAME] [--recipe YAML] [--workers N]
+                                  [--tiny] [--no-progress]
 
 The recipe is ``configs/default_model.yaml``:
 
@@ -12,7 +13,9 @@ The recipe is ``configs/default_model.yaml``:
    names and places, with the content marks where a stage trains the write
    gates (``write_targets: true``);
 3. the stages in order, each starting from the model of the one before (its
-   training config is the stage's ``config``);
+   training config is the stage's ``config``); ``--from-stage NAME`` resumes
+   the recipe there, from ``--base`` as the model of the stages before it
+   (for example a bundled model: ``coda_jax/database/default_model``);
 4. a quick retention check on held-out documents (teacher-forced exact match,
    bounded, unbounded and window only), ``OUT_DIR/retention_quick.json``;
 5. ``OUT_DIR/export``: the model as bf16 safetensors shards (what a GPU
@@ -96,6 +99,17 @@ def load_recipe(path: str | Path = RECIPE) -> dict[str, Any]:
     return recipe
 
 
+def stages_to_run(recipe: dict[str, Any], from_stage: str | None) -> list[dict[str, Any]]:
+    """The recipe's stages from ``from_stage`` on (all of them when None)."""
+    stages = recipe["stages"]
+    if from_stage is None:
+        return list(stages)
+    names = [s["name"] for s in stages]
+    if from_stage not in names:
+        raise ValueError(f"--from-stage {from_stage!r}: the recipe's stages are {names}")
+    return stages[names.index(from_stage):]
+
+
 def _base_model_dir(args, recipe: dict[str, Any], corpus: Path, out: Path, log) -> Path:
     from coda_jax import save_model
     from convert.model_export import is_model_export, load_export
@@ -177,7 +191,7 @@ def build(args) -> int:
                             flush=True)
     tok = data.load_tokenizer(corpus / "tokenizer.json")
     configs: dict[str, dict[str, Any]] = {}
-    for stage in recipe["stages"]:
+    for stage in stages_to_run(recipe, args.from_stage):
         name = stage["name"]
         cfg = _config(stage["config"])
         max_facts = TINY_MAX_FACTS if args.tiny else stage["max_facts"]
@@ -203,7 +217,7 @@ def build(args) -> int:
     base = _base_model_dir(args, recipe, corpus, out, log)
     report: dict[str, Any] = {"device": str(jax.devices()[0].device_kind),
                               "jax": jax.__version__, "base": str(base),
-                              "recipe": recipe, "stages": {}}
+                              "from_stage": args.from_stage, "recipe": recipe, "stages": {}}
     init = base
     for name, cfg in configs.items():
         cfg["init"] = str(init)
@@ -240,7 +254,7 @@ def build(args) -> int:
         (export / "export.json").read_text())["config"],
         "attention": final["attention"],
         "database": database_settings(tok),
-        "training": {"base": str(base), "recipe": recipe,
+        "training": {"base": str(base), "from_stage": args.from_stage, "recipe": recipe,
                      "stages": {n: s["config"] for n, s in report["stages"].items()},
                      "task": {"facts": {k: {"sentence": v[0], "question": v[1]}
                                         for k, v in retention.FACTS.items()},
@@ -257,6 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--corpus", required=True, help="a corpus of python -m train.corpus")
     parser.add_argument("--out", required=True, help="the run's directory")
     parser.add_argument("--base", help="the base model (checkpoint or pack export)")
+    parser.add_argument("--from-stage", metavar="NAME",
+                        help="resume the recipe at this stage, from --base as the model of "
+                             "the stages before it")
     parser.add_argument("--recipe", default=str(RECIPE),
                         help="the recipe YAML (default: configs/default_model.yaml)")
     parser.add_argument("--workers", type=int, default=max(1, min(16, os.cpu_count() or 1)),
@@ -268,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
+    if args.from_stage and not args.base:
+        parser.error("--from-stage needs --base: the model the stages before it made")
     for needed in ("train", "heldout", "tokenizer.json"):
         if not (Path(args.corpus) / needed).exists():
             print(f"error: {Path(args.corpus) / needed} does not exist (build the corpus with "

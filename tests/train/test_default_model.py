@@ -183,7 +183,7 @@ def test_the_recipe_runs_end_to_end(built, tmp_path, capsys):
     # Two of the recipe's stages (an unbounded one, then the bounded one training the
     # write gates) keep it quick; every stage is the same code.
     recipe = default_model.load_recipe()
-    recipe["stages"] = recipe["stages"][1:]
+    recipe["stages"] = [recipe["stages"][1], recipe["stages"][-1]]
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "run"
@@ -208,3 +208,19 @@ def test_the_recipe_runs_end_to_end(built, tmp_path, capsys):
     assert card["attention"]["kind"] == "coda_bounded"
     assert (out / "export" / "tokenizer.json").is_file()
     assert default_model.main(["--corpus", str(tmp_path / "none"), "--out", str(out)]) == 2
+
+    # Resumed at the last stage from the model of the stage before: only it runs.
+    resumed = tmp_path / "resumed"
+    base = out / "runs" / names[0] / "model"
+    args[args.index("--out") + 1] = str(resumed)
+    assert default_model.main(args + ["--checks", "bounded", "--from-stage", names[-1],
+                                      "--base", str(base)]) == 0
+    report = json.loads((resumed / "retention_quick.json").read_text())
+    assert list(report["stages"]) == names[-1:] and report["from_stage"] == names[-1]
+    assert report["stages"][names[-1]]["config"]["init"] == str(base)
+    assert json.loads((resumed / "export" / "card.json").read_text())["training"][
+        "from_stage"] == names[-1]
+    with pytest.raises(SystemExit):  # --from-stage without the model it starts from
+        default_model.main(args + ["--from-stage", names[-1]])
+    with pytest.raises(ValueError, match="stages are"):
+        default_model.stages_to_run(recipe, "nope")
