@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from . import safe_paths
@@ -148,15 +149,35 @@ def read_meta(path: str | os.PathLike, fmt: str, what: str, *,
     return meta
 
 
+def _on_default_device(abstract: Any) -> Any:
+    """``abstract`` with every unplaced array leaf placed on the default device.
+
+    Orbax otherwise restores each array onto the device it was saved from, and
+    refuses ("Topology mismatch") when that device is absent: a model saved on
+    a CPU could not be read on a GPU machine, nor a GPU's state on a laptop.
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def place(leaf: Any) -> Any:
+        if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+        return leaf
+
+    return jax.tree.map(place, abstract)
+
+
 def read_tree(path: str | os.PathLike, abstract: Any | None, what: str = "checkpoint") -> Any:
     """Restore the tree of a checkpoint into the structure/shapes of ``abstract``
-    (None: as saved, for plain nested dicts), after verifying its checksums."""
+    (None: as saved, for plain nested dicts) on this machine's default device,
+    whatever device wrote it, after verifying its checksums."""
     path = Path(path).absolute()
     verify(path, what, parts=("tree",))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    restore = (ocp.args.StandardRestore(fallback_sharding=device) if abstract is None
+               else ocp.args.StandardRestore(_on_default_device(abstract)))
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-            return checkpointer.restore(path, ocp.args.Composite(
-                tree=ocp.args.StandardRestore(abstract))).tree
+            return checkpointer.restore(path, ocp.args.Composite(tree=restore)).tree
     except (ValueError, KeyError, OSError, RuntimeError) as err:
         # Reached only without checksums (older saves) or with a structure mismatch.
         first = str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -8,6 +8,7 @@ Checksums written at save catch altered or truncated files at load.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -279,3 +280,33 @@ def test_out_of_vocabulary_ids_on_the_device_poison_their_row(tmp_path):
     with pytest.raises(ValueError, match="NaN or Inf"):
         save_state(tmp_path / "s", state, model)
     assert not os.path.exists(tmp_path / "s")
+
+
+# ------------------------------------------------------------------ other machines
+def _as_if_saved_on_a_gpu(path: Path) -> None:
+    """Rewrite a checkpoint's device record as a GPU machine writes it (checksums
+    updated): what a model trained on a GPU, or a state saved there, carries."""
+    record = path / "tree" / "_sharding"
+    record.write_text(record.read_text().replace("cpu:0", "cuda:0"))
+    sums = json.loads((path / orbax_io.CHECKSUMS).read_text())
+    sums["sha256"]["tree/_sharding"] = hashlib.sha256(record.read_bytes()).hexdigest()
+    (path / orbax_io.CHECKSUMS).write_text(json.dumps(sums))
+
+
+def test_models_and_states_saved_on_another_device_load_here(tmp_path):
+    cfg = DecoderConfig("llama", 11, 16, 8, 1, 2, 2, 8)
+    model = CausalLM(cfg, attention="coda_bounded", rngs=nnx.Rngs(0),
+                     attention_options=dict(window=4, num_landmarks_exact=2,
+                                            num_landmarks_summary=2))
+    save_model(tmp_path / "m", model)
+    layer = _layer()
+    state = _state(layer)
+    save_state(tmp_path / "s", state, layer)
+    for path in (tmp_path / "m", tmp_path / "s"):
+        _as_if_saved_on_a_gpu(path)
+        assert "cuda:0" in (path / "tree" / "_sharding").read_text()
+    loaded = load_model(tmp_path / "m")
+    np.testing.assert_array_equal(np.asarray(loaded.norm.weight[...]),
+                                  np.asarray(model.norm.weight[...]))
+    assert loaded.norm.weight[...].devices() == {jax.devices()[0]}
+    _assert_equal_states(load_state(tmp_path / "s", layer), state)
