@@ -76,8 +76,9 @@ def _tiny(cfg: dict[str, Any], seq_len: int) -> dict[str, Any]:
 
 def load_recipe(path: str | Path = RECIPE) -> dict[str, Any]:
     """The recipe YAML, checked: a base config, named stages (each a training
-    config of ``configs/``, ``max_facts`` >= 1, optional ``write_targets``) and
-    the quick check's cells."""
+    config of ``configs/``, ``max_facts`` >= 1, optional ``write_targets``; or
+    ``average``: earlier stages whose models it averages, the last of them
+    giving the bank configuration) and the quick check's cells."""
     recipe = yaml.safe_load(Path(path).read_text())
     stages = recipe.get("stages") if isinstance(recipe, dict) else None
     if not isinstance(stages, list) or not stages:
@@ -85,7 +86,18 @@ def load_recipe(path: str | Path = RECIPE) -> dict[str, Any]:
     names = [s.get("name") for s in stages if isinstance(s, dict)]
     if len(names) != len(stages) or len(set(names)) != len(names) or not all(names):
         raise ValueError(f"{path}: every stage needs a unique name")
-    for stage in stages:
+    for i, stage in enumerate(stages):
+        if "average" in stage:  # a stage that averages the models of earlier ones
+            parts = stage["average"]
+            if not isinstance(parts, list) or len(parts) < 2 or len(set(parts)) != len(parts) \
+                    or not set(parts) <= set(names[:i]) or "config" in stage:
+                raise ValueError(f"{path}: stage {stage['name']}: average must list two or "
+                                 f"more earlier stages (of {names[:i]}) and no config, got "
+                                 f"{parts!r}")
+            if "config" not in stages[names.index(parts[-1])]:
+                raise ValueError(f"{path}: stage {stage['name']}: the last stage averaged "
+                                 "gives the bank configuration and must be a trained one")
+            continue
         facts = stage.get("max_facts")
         if isinstance(facts, bool) or not isinstance(facts, int) or facts < 1:
             raise ValueError(f"{path}: stage {stage['name']}: max_facts must be an integer "
@@ -110,18 +122,30 @@ def stages_to_run(recipe: dict[str, Any], from_stage: str | None) -> list[dict[s
     return stages[names.index(from_stage):]
 
 
-def _base_model_dir(args, recipe: dict[str, Any], corpus: Path, out: Path, log) -> Path:
+def _as_model_dir(path: Path, converted: Path) -> Path:
+    """A model checkpoint directory: ``path``, or a ``convert pack`` export at
+    ``path`` saved as one at ``converted``."""
     from coda_jax import save_model
     from convert.model_export import is_model_export, load_export
 
+    if is_model_export(path):
+        return save_model(converted, load_export(path), overwrite=True)
+    return path
+
+
+def bank_stage(recipe: dict[str, Any]) -> str:
+    """The trained stage whose config gives the final model's bank: the last
+    stage, or the last one it averages."""
+    last = recipe["stages"][-1]
+    return last["average"][-1] if "average" in last else last["name"]
+
+
+def _base_model_dir(args, recipe: dict[str, Any], corpus: Path, out: Path, log) -> Path:
     from .config import TrainConfig
     from .loop import run
 
     if args.base:
-        base = Path(args.base)
-        if is_model_export(base):
-            return save_model(out / "base_model", load_export(base), overwrite=True)
-        return base
+        return _as_model_dir(Path(args.base), out / "base_model")
     cfg = yaml.safe_load((CONFIGS / recipe["base"]).read_text())
     cfg["data"] = cfg["data"] | dict(train=str(corpus / "train"), heldout="",
                                      tokenizer=str(corpus / "tokenizer.json"))
@@ -174,10 +198,11 @@ def stage_data(corpus: Path, out: Path, *, seq_len: int, count: int, max_facts: 
 
 
 def build(args) -> int:
-    from coda_jax import load_model
+    from coda_jax import load_model, save_model
     from convert.model_export import export_model
 
     from . import data, retention
+    from .average import average_models
     from .config import TrainConfig
     from .loop import run
     from .plots import read_metrics
@@ -190,13 +215,15 @@ def build(args) -> int:
     log = lambda msg: print(f"[default-model] {msg} ({time.perf_counter() - start:.0f} s)",  # noqa: E731
                             flush=True)
     tok = data.load_tokenizer(corpus / "tokenizer.json")
-    configs: dict[str, dict[str, Any]] = {}
-    for stage in stages_to_run(recipe, args.from_stage):
-        name = stage["name"]
-        cfg = _config(stage["config"])
+    configs = {s["name"]: _config(s["config"]) for s in recipe["stages"] if "config" in s}
+    if args.tiny:
+        configs = {name: _tiny(cfg, 256) for name, cfg in configs.items()}
+    running = stages_to_run(recipe, args.from_stage)
+    for stage in running:
+        if "average" in stage:
+            continue
+        name, cfg = stage["name"], configs[stage["name"]]
         max_facts = TINY_MAX_FACTS if args.tiny else stage["max_facts"]
-        if args.tiny:
-            cfg = _tiny(cfg, 256)
         seq_len = cfg["data"]["seq_len"]
         count = cfg["optim"]["steps"] * cfg["optim"]["batch_size"] * cfg["optim"]["grad_accum"]
         shards = out / "data" / name
@@ -212,24 +239,46 @@ def build(args) -> int:
                                          tokenizer=str(corpus / "tokenizer.json"))
         if stage.get("write_targets"):
             cfg["data"]["write_targets"] = str(marks)
-        configs[name] = cfg
 
     base = _base_model_dir(args, recipe, corpus, out, log)
+    # The models of stages before --from-stage: the one just before is --base.
+    models = {name: _as_model_dir(Path(path), out / "stage_models" / name)
+              for name, path in args.stage_models}
+    names = [s["name"] for s in recipe["stages"]]
+    first = names.index(running[0]["name"])
+    if first:
+        models.setdefault(names[first - 1], base)
     report: dict[str, Any] = {"device": str(jax.devices()[0].device_kind),
                               "jax": jax.__version__, "base": str(base),
-                              "from_stage": args.from_stage, "recipe": recipe, "stages": {}}
+                              "from_stage": args.from_stage,
+                              "stage_models": {n: str(p) for n, p in models.items()},
+                              "recipe": recipe, "stages": {}}
     init = base
-    for name, cfg in configs.items():
-        cfg["init"] = str(init)
-        summary = run(TrainConfig.from_dict(cfg), out / "runs" / name,
-                      progress=not args.no_progress)
-        report["stages"][name] = {"config": cfg, "summary": summary,
-                                  "metrics": read_metrics(out / "runs" / name)}
-        log(f"{name}: loss {summary['loss']:.4f} after {summary['step']} updates")
-        init = out / "runs" / name / "model"
+    for stage in running:
+        name = stage["name"]
+        if "average" in stage:
+            missing = [n for n in stage["average"] if n not in models]
+            if missing:
+                raise ValueError(f"stage {name} averages {missing}, of which this run has "
+                                 "no model: give them with --stage-model NAME=DIR")
+            parts = [load_model(models[n]) for n in stage["average"]]
+            init = save_model(out / "runs" / name / "model",
+                              average_models(parts, spec=parts[-1].spec), overwrite=True)
+            report["stages"][name] = {"average": {n: str(models[n]) for n in stage["average"]}}
+            log(f"{name}: the mean of {', '.join(stage['average'])}")
+        else:
+            cfg = configs[name]
+            cfg["init"] = str(init)
+            summary = run(TrainConfig.from_dict(cfg), out / "runs" / name,
+                          progress=not args.no_progress)
+            report["stages"][name] = {"config": cfg, "summary": summary,
+                                      "metrics": read_metrics(out / "runs" / name)}
+            log(f"{name}: loss {summary['loss']:.4f} after {summary['step']} updates")
+            init = out / "runs" / name / "model"
+        models[name] = init
 
     model = load_model(init)
-    final = configs[recipe["stages"][-1]["name"]]
+    final = configs[bank_stage(recipe)]
     quick = TINY_QUICK if args.tiny else recipe["quick_check"]
     docs = list(retention.eval_documents(tok, data.read_tokens(corpus / "heldout"),
                                          lengths=quick["lengths"], facts_per_doc=quick["facts"],
@@ -255,7 +304,9 @@ def build(args) -> int:
         "attention": final["attention"],
         "database": database_settings(tok),
         "training": {"base": str(base), "from_stage": args.from_stage, "recipe": recipe,
-                     "stages": {n: s["config"] for n, s in report["stages"].items()},
+                     "stages": {n: s.get("config", s.get("average"))
+                                for n, s in report["stages"].items()},
+                     "stage_models": report["stage_models"],
                      "task": {"facts": {k: {"sentence": v[0], "question": v[1]}
                                         for k, v in retention.FACTS.items()},
                               "prompt": retention.PROMPT}},
@@ -265,7 +316,15 @@ def build(args) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _stage_model(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not (sep and name and path):
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    return name, path
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, checked (``SystemExit`` with a message when wrong)."""
     parser = argparse.ArgumentParser(prog="python -m train.default_model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", required=True, help="a corpus of python -m train.corpus")
@@ -274,6 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--from-stage", metavar="NAME",
                         help="resume the recipe at this stage, from --base as the model of "
                              "the stages before it")
+    parser.add_argument("--stage-model", dest="stage_models", action="append", default=[],
+                        type=_stage_model, metavar="NAME=DIR",
+                        help="with --from-stage: the model an earlier stage made (for a "
+                             "stage that averages it); repeatable")
     parser.add_argument("--recipe", default=str(RECIPE),
                         help="the recipe YAML (default: configs/default_model.yaml)")
     parser.add_argument("--workers", type=int, default=max(1, min(16, os.cpu_count() or 1)),
@@ -287,6 +350,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     if args.from_stage and not args.base:
         parser.error("--from-stage needs --base: the model the stages before it made")
+    if args.stage_models and not args.from_stage:
+        parser.error("--stage-model is for a run resumed with --from-stage")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     for needed in ("train", "heldout", "tokenizer.json"):
         if not (Path(args.corpus) / needed).exists():
             print(f"error: {Path(args.corpus) / needed} does not exist (build the corpus with "

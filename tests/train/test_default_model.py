@@ -16,7 +16,8 @@ import yaml
 from flax import nnx
 from text_corpus import text_corpus
 
-from coda_jax import CausalLM, DecoderConfig
+from coda_jax import CausalLM, DecoderConfig, load_model
+from convert.model_export import load_export
 from train import data, default_model, retention
 from train.config import TrainConfig
 from train.steps import write_gate_loss
@@ -162,7 +163,10 @@ def test_the_recipe_is_checked(tmp_path):
            ({"stages": recipe["stages"] + recipe["stages"][:1]}, "unique name"),
            ({"stages": [dict(recipe["stages"][0], max_facts=0)]}, "max_facts"),
            ({"stages": [dict(recipe["stages"][0], config="nope.yaml")]}, "no config"),
-           ({"quick_check": {"lengths": [1024]}}, "quick_check")]
+           ({"quick_check": {"lengths": [1024]}}, "quick_check"),
+           ({"stages": recipe["stages"][:1] + [{"name": "mean", "average": ["phase1_short"]}]},
+            "two or more earlier"),
+           ({"stages": [{"name": "mean", "average": ["a", "b"]}]}, "two or more earlier")]
     for change, message in bad:
         path = tmp_path / "recipe.yaml"
         path.write_text(yaml.safe_dump(recipe | change))
@@ -180,10 +184,10 @@ def test_stage_data_splits_the_work_between_processes(built, tmp_path):
 
 
 def test_the_recipe_runs_end_to_end(built, tmp_path, capsys):
-    # Two of the recipe's stages (an unbounded one, then the bounded one training the
-    # write gates) keep it quick; every stage is the same code.
+    # The recipe's last three stages (two bounded ones training the write gates, then
+    # their average) keep it quick; the earlier stages run the same code.
     recipe = default_model.load_recipe()
-    recipe["stages"] = [recipe["stages"][1], recipe["stages"][-1]]
+    recipe["stages"] = recipe["stages"][-3:]
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "run"
@@ -191,8 +195,8 @@ def test_the_recipe_runs_end_to_end(built, tmp_path, capsys):
             "--workers", "1", "--recipe", str(path)]
     assert default_model.main(args + ["--checks", "bounded,window_only"]) == 0
     report = json.loads((out / "retention_quick.json").read_text())
-    names = [s["name"] for s in recipe["stages"]]
-    assert list(report["stages"]) == names
+    names = ["phase2", "phase2_long"]
+    assert list(report["stages"]) == names + ["average"]
     for name in names:
         assert report["stages"][name]["summary"]["step"] == 4
     # Each stage starts from the one before; the last one trains the write gates.
@@ -203,23 +207,36 @@ def test_the_recipe_runs_end_to_end(built, tmp_path, capsys):
     assert marks.name == names[-1] + retention.MARKS_SUFFIX
     assert data.read_tokens(marks).shape == data.read_tokens(Path(last["data"]["train"])).shape
     assert {r["cache"] for r in report["retention_quick"]} == {"bounded", "window_only"}
+    # The exported model is the mean of the two, with the last one's bank.
+    parts = [load_model(out / "runs" / n / "model") for n in names]
+    final = load_export(out / "export")
+    np.testing.assert_allclose(
+        np.asarray(final.embed_tokens.embedding[...], np.float32),
+        np.mean([np.asarray(p.embed_tokens.embedding[...]) for p in parts], axis=0),
+        atol=1e-2)  # the export is bf16
+    assert final.spec == parts[-1].spec
     card = json.loads((out / "export" / "card.json").read_text())
     assert card["database"]["prompt"] == retention.PROMPT
-    assert card["attention"]["kind"] == "coda_bounded"
+    assert card["attention"] == last["attention"]
+    assert card["training"]["stages"]["average"] == {n: str(out / "runs" / n / "model")
+                                                     for n in names}
     assert (out / "export" / "tokenizer.json").is_file()
     assert default_model.main(["--corpus", str(tmp_path / "none"), "--out", str(out)]) == 2
 
-    # Resumed at the last stage from the model of the stage before: only it runs.
+    # Resumed at the average from the models the stages before made: only it runs.
     resumed = tmp_path / "resumed"
-    base = out / "runs" / names[0] / "model"
     args[args.index("--out") + 1] = str(resumed)
-    assert default_model.main(args + ["--checks", "bounded", "--from-stage", names[-1],
-                                      "--base", str(base)]) == 0
+    assert default_model.main(args + [
+        "--checks", "bounded", "--from-stage", "average", "--base", str(out / "export"),
+        "--stage-model", f"phase2={out / 'runs' / 'phase2' / 'model'}"]) == 0
     report = json.loads((resumed / "retention_quick.json").read_text())
-    assert list(report["stages"]) == names[-1:] and report["from_stage"] == names[-1]
-    assert report["stages"][names[-1]]["config"]["init"] == str(base)
+    assert list(report["stages"]) == ["average"] and report["from_stage"] == "average"
+    assert set(report["stages"]["average"]["average"]) == set(names)
     assert json.loads((resumed / "export" / "card.json").read_text())["training"][
-        "from_stage"] == names[-1]
+        "from_stage"] == "average"
+    with pytest.raises(ValueError, match="no model"):  # phase2's model not given
+        default_model.build(default_model.parse_args(args + [
+            "--from-stage", "average", "--base", str(out / "export")]))
     with pytest.raises(SystemExit):  # --from-stage without the model it starts from
         default_model.main(args + ["--from-stage", names[-1]])
     with pytest.raises(ValueError, match="stages are"):
