@@ -1,6 +1,7 @@
 """Merge results files of the retention study run in parts (one device call each).
 
     python benchmarks/retention_merge.py PART.json [PART.json ...] --out results.json
+        [--mixed-devices]
 
 A study too long for one call runs as several, split by ``--lengths`` (the
 64K documents cost most), ``--facts`` or ``--caches``, or as more documents
@@ -8,7 +9,9 @@ per cell under other ``--seed`` values; the merge adds the counts of each
 (cache, length, facts, depth) cell, recomputes the summaries and goals, and
 keeps every part's configuration, timings and workers under ``parts``. The
 parts must come from the same model (weights fingerprint), device kind and
-study format.
+study format; ``--mixed-devices`` lets the device kinds differ (for example
+the short lengths on a CPU, the long ones on a GPU): the counts do not depend
+on the device, and each part keeps its own device and timings.
 """
 
 from __future__ import annotations
@@ -35,13 +38,16 @@ def _check_same(parts: Sequence[dict[str, Any]], what: str, get) -> Any:
     return values[0]
 
 
-def merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One results dict from the ``parts`` (``MergeError`` when they disagree)."""
+def merge(parts: Sequence[dict[str, Any]], *, mixed_devices: bool = False) -> dict[str, Any]:
+    """One results dict from the ``parts`` (``MergeError`` when they disagree;
+    their device kinds may differ with ``mixed_devices``)."""
     if not parts:
         raise MergeError("nothing to merge")
     _check_same(parts, "format", lambda p: p["format"])
     _check_same(parts, "model weights", lambda p: p["model"]["weights_sha256"])
-    _check_same(parts, "device", lambda p: p["device"]["kind"])
+    kinds = list(dict.fromkeys(p["device"]["kind"] for p in parts))
+    if not mixed_devices:
+        _check_same(parts, "device", lambda p: p["device"]["kind"])
     _check_same(parts, "corpus tokenizer", lambda p: p["corpus"]["tokenizer_sha256"])
     cells: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     same: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
@@ -93,7 +99,9 @@ def merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "cached_path_checks": [p["unbounded"]["cached_path_check"] for p in parts
                                if "cached_path_check" in p.get("unbounded", {})]}
     first = parts[0]
-    return {"format": FORMAT, "device": first["device"], "versions": first["versions"],
+    device = first["device"] if len(kinds) == 1 else {"kind": " + ".join(kinds),
+                                                      "parts": [p["device"] for p in parts]}
+    return {"format": FORMAT, "device": device, "versions": first["versions"],
             "model": first["model"], "corpus": first["corpus"], "config": config,
             "rows": rows, "summaries": summary, "goals": scoring.goals(summary, lengths),
             "agreement_with_unbounded": [
@@ -101,7 +109,7 @@ def merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 for (cache, length), (s, t) in sorted(same.items(), key=lambda kv: (
                     CACHES.index(kv[0][0]), kv[0][1]))],
             "state_bytes": state, "unbounded": unbounded,
-            "parts": [{"config": p["config"], "versions": p["versions"],
+            "parts": [{"config": p["config"], "device": p["device"], "versions": p["versions"],
                        "timings": p["timings"], "workers": p.get("workers", {}),
                        "unbounded": p.get("unbounded", {}),
                        "failures": p.get("failures", {})} for p in parts],
@@ -116,9 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("parts", nargs="+", help="results files of retention_study.py")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--mixed-devices", action="store_true",
+                        help="merge parts run on different device kinds")
     args = parser.parse_args(argv)
     try:
-        merged = merge([plot_retention.load(p) for p in args.parts])
+        merged = merge([plot_retention.load(p) for p in args.parts],
+                       mixed_devices=args.mixed_devices)
     except (OSError, ValueError, KeyError, MergeError) as err:
         print(f"retention_merge.py: error: {err}", file=sys.stderr)
         return 2

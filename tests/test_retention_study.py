@@ -166,6 +166,14 @@ def test_merged_parts_add_their_counts_and_must_share_a_model(results, tmp_path)
     other = results | {"model": results["model"] | {"weights_sha256": "0" * 64}}
     with pytest.raises(retention_merge.MergeError, match="model weights"):
         retention_merge.merge([results, other])
+    # Parts of other device kinds merge only when asked, each keeping its device.
+    gpu = results | {"device": results["device"] | {"kind": "NVIDIA H200"}}
+    with pytest.raises(retention_merge.MergeError, match="device"):
+        retention_merge.merge([results, gpu])
+    mixed = retention_merge.merge([results, gpu], mixed_devices=True)
+    assert mixed["device"]["kind"] == f"{results['device']['kind']} + NVIDIA H200"
+    assert [p["device"]["kind"] for p in mixed["parts"]] == [results["device"]["kind"],
+                                                             "NVIDIA H200"]
 
 
 def test_the_window_only_twins_attend_as_the_model_without_banks(inputs):

@@ -1,0 +1,154 @@
+"""The retention study's inputs: its command line (checked) and its documents.
+
+``retention_study.py`` runs the study; this module says what it runs on.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Sequence
+
+DESCRIPTION = ("The retention study (issue #19, point 4): exact-match accuracy of a bounded "
+               "model's saved document states against document length and fact depth.")
+CACHES = ("bounded", "window_only", "unbounded")
+PRODUCT_CACHES = ("bounded", "window_only")
+DEFAULT_LENGTHS = "1024,4096,16384,65536"
+DEFAULT_DEPTHS = "0.05,0.25,0.5,0.75,0.95"
+
+
+class StudyError(Exception):
+    """A problem with the study's inputs, reported without a traceback."""
+
+
+# ------------------------------------------------------------------ arguments
+def _int_list(name: str, text: str, minimum: int = 1) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise StudyError(f"--{name} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < minimum for v in values):
+        raise StudyError(f"--{name} needs integers >= {minimum}, got {text!r}")
+    if len(set(values)) != len(values):
+        raise StudyError(f"--{name} repeats a value: {text!r}")
+    return sorted(values)
+
+
+def _depth_list(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise StudyError(f"--depths must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise StudyError(f"--depths must lie in [0, 1], got {text!r}")
+    if len(set(values)) != len(values):
+        raise StudyError(f"--depths repeats a value: {text!r}")
+    return sorted(values)
+
+
+def _cache_list(text: str) -> list[str]:
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = sorted(set(values) - set(CACHES))
+    if not values or unknown:
+        raise StudyError(f"--caches takes some of {', '.join(CACHES)}; got {text!r}")
+    return [c for c in CACHES if c in values]
+
+
+def default_model() -> str | None:
+    """The bundled model's directory, where the package provides one."""
+    try:
+        from coda_jax.database.bundled import bundled_model_path
+    except ImportError:
+        return None
+    path = bundled_model_path()
+    return None if path is None else str(path)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, checked (``StudyError`` names a bad value)."""
+    parser = argparse.ArgumentParser(
+        prog="retention_study.py", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a coda_jax bounded model checkpoint directory "
+                        "(tokenizer.json inside; default: the bundled model, if any)")
+    parser.add_argument("--corpus", required=True,
+                        help="a corpus of python -m train.corpus (heldout/, tokenizer.json)")
+    parser.add_argument("--out", required=True, help="the results JSON")
+    parser.add_argument("--lengths", default=DEFAULT_LENGTHS,
+                        help=f"document lengths in tokens (default {DEFAULT_LENGTHS})")
+    parser.add_argument("--depths", default=DEFAULT_DEPTHS,
+                        help="fact depths, 0 = the start, 1 = the end (default "
+                        f"{DEFAULT_DEPTHS}: from the middle of the first 10%% to that "
+                        "of the last 10%%)")
+    parser.add_argument("--facts", default="1,4,16", help="facts per document (default 1,4,16)")
+    parser.add_argument("--count", type=int, default=4,
+                        help="documents per (length, facts, depth) cell (default 4)")
+    parser.add_argument("--seed", type=int, default=1, help="documents' seed")
+    parser.add_argument("--caches", default=",".join(CACHES),
+                        help=f"some of {','.join(CACHES)} (default: all)")
+    parser.add_argument("--unbounded-max-length", type=int, default=65536,
+                        help="the unbounded cache runs at lengths up to this")
+    parser.add_argument("--query-batch", type=int, default=256,
+                        help="questions per query_many call")
+    parser.add_argument("--unbounded-batch-tokens", type=int, default=1 << 21,
+                        help="document tokens of K/V per unbounded generation call")
+    parser.add_argument("--samples", type=int, default=3,
+                        help="sample answers kept per (cache, length)")
+    parser.add_argument("--plot", help="also draw the heat maps into this PNG")
+    parser.add_argument("--work", help="keep the libraries, models and answers in this new "
+                        "or empty directory (default: a temporary one, removed)")
+    parser.add_argument("--serial", action="store_true",
+                        help="run each worker alone (cleaner timings, longer run)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    args.lengths = _int_list("lengths", args.lengths)
+    args.facts = _int_list("facts", args.facts)
+    args.depths = _depth_list(args.depths)
+    args.caches = _cache_list(args.caches)
+    for name in ("count", "query_batch", "unbounded_batch_tokens"):
+        if getattr(args, name) < 1:
+            raise StudyError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("seed", "samples", "unbounded_max_length"):
+        if getattr(args, name) < 0:
+            raise StudyError(f"--{name.replace('_', '-')} must be >= 0")
+    args.model = args.model or default_model()
+    if args.model is None:
+        raise StudyError("give --model (a bounded model checkpoint directory): no bundled "
+                         "model is installed")
+    model = Path(args.model)
+    if not (model / "meta").is_dir() or not (model / "tokenizer.json").is_file():
+        raise StudyError(f"--model {model} is not a coda_jax model checkpoint with a "
+                         "tokenizer.json inside")
+    work = Path(args.work) if args.work else None
+    if work is not None and work.exists() and (not work.is_dir() or any(work.iterdir())):
+        raise StudyError(f"--work {work} is not an empty directory")
+    corpus = Path(args.corpus)
+    if not (corpus / "heldout").exists() or not (corpus / "tokenizer.json").is_file():
+        raise StudyError(f"--corpus {corpus} is not a train.corpus corpus (heldout/ and "
+                         "tokenizer.json)")
+    return args
+
+
+# ------------------------------------------------------------------ documents
+def make_documents(corpus: Path, *, lengths: Sequence[int], facts: Sequence[int],
+                   depths: Sequence[float], count: int, seed: int
+                   ) -> tuple[list[dict[str, Any]], str]:
+    """The held-out documents of every cell (``train.retention.eval_documents``)
+    and the corpus tokenizer's fingerprint."""
+    from train import data, retention
+
+    tok = data.load_tokenizer(corpus / "tokenizer.json")
+    filler = data.read_tokens(corpus / "heldout")
+    try:
+        docs = list(retention.eval_documents(tok, filler, lengths=lengths, facts_per_doc=facts,
+                                             depths=depths, count=count, seed=seed))
+    except ValueError as err:
+        raise StudyError(f"cannot build the documents: {err}") from None
+    return docs, data.tokenizer_fingerprint(tok)
+
+
+def question_rows(docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per question: its document, cell, question and expected answer."""
+    return [{"doc": i, "length": d["length"], "facts": d["facts"], "depth": d["depth"],
+             "question": q["question"], "expected": q["answer"]}
+            for i, d in enumerate(docs) for q in d["questions"]]
