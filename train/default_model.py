@@ -43,6 +43,7 @@ CONFIGS = Path(__file__).parent / "configs"
 RECIPE = CONFIGS / "default_model.yaml"
 TINY_QUICK = dict(lengths=[256], facts=[1, 2], depths=[0.5], count=1)
 TINY_MAX_FACTS = 2
+QUICK_CACHES = ("bounded", "unbounded", "window_only")
 
 
 def stop_token_ids(tok) -> list[int]:
@@ -287,7 +288,7 @@ def build(args) -> int:
     checks = []
     caches = {"bounded": (model, True), "unbounded": (model, False),
               "window_only": (window_only, True)}
-    for label in args.checks.split(","):
+    for label in args.checks:
         runner, bounded = caches[label]
         rows = retention.retention_accuracy(runner, tok, docs, bounded=bounded,
                                             block_size=final["phase2"]["block_size"])
@@ -342,7 +343,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=max(1, min(16, os.cpu_count() or 1)),
                         help="processes generating the retention data (default: %(default)s)")
     parser.add_argument("--checks", default="bounded,unbounded,window_only",
-                        help="caches of the quick retention check (default: %(default)s)")
+                        help="caches of the quick retention check (default: %(default)s; "
+                             "none: no check, e.g. on a CPU, where it takes about 40 min)")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized (tests)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -350,6 +352,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     if args.from_stage and not args.base:
         parser.error("--from-stage needs --base: the model the stages before it made")
+    args.checks = [c for c in args.checks.split(",") if c and c != "none"]
+    unknown = sorted(set(args.checks) - set(QUICK_CACHES))
+    if unknown:
+        parser.error(f"--checks: unknown {unknown}; choose from {list(QUICK_CACHES)} or none")
     if args.stage_models and not args.from_stage:
         parser.error("--stage-model is for a run resumed with --from-stage")
     return args

@@ -227,10 +227,11 @@ def test_the_recipe_runs_end_to_end(built, tmp_path, capsys):
     resumed = tmp_path / "resumed"
     args[args.index("--out") + 1] = str(resumed)
     assert default_model.main(args + [
-        "--checks", "bounded", "--from-stage", "average", "--base", str(out / "export"),
+        "--checks", "none", "--from-stage", "average", "--base", str(out / "export"),
         "--stage-model", f"phase2={out / 'runs' / 'phase2' / 'model'}"]) == 0
     report = json.loads((resumed / "retention_quick.json").read_text())
     assert list(report["stages"]) == ["average"] and report["from_stage"] == "average"
+    assert report["retention_quick"] == []
     assert set(report["stages"]["average"]["average"]) == set(names)
     assert json.loads((resumed / "export" / "card.json").read_text())["training"][
         "from_stage"] == "average"
@@ -239,5 +240,7 @@ def test_the_recipe_runs_end_to_end(built, tmp_path, capsys):
             "--from-stage", "average", "--base", str(out / "export")]))
     with pytest.raises(SystemExit):  # --from-stage without the model it starts from
         default_model.main(args + ["--from-stage", names[-1]])
+    with pytest.raises(SystemExit):
+        default_model.main(args + ["--checks", "bounded,nope"])
     with pytest.raises(ValueError, match="stages are"):
         default_model.stages_to_run(recipe, "nope")
