@@ -221,7 +221,8 @@ def check_vocab(tok_or_vocab_size: Tokenizer | int, model_vocab_size: int) -> No
         vocab = tok_or_vocab_size.get_vocab(with_added_tokens=True)
         needed = max(vocab.values()) + 1 if vocab else 0
         what = f"the tokenizer's ids go up to {needed - 1} ({needed} ids)"
-    elif isinstance(tok_or_vocab_size, (int, np.integer)) and not isinstance(tok_or_vocab_size, bool):
+    elif isinstance(tok_or_vocab_size, (int, np.integer)) \
+            and not isinstance(tok_or_vocab_size, bool):
         needed = int(tok_or_vocab_size)
         if needed < 1:
             raise ValueError(f"a vocabulary size must be positive, got {needed}")
@@ -232,7 +233,8 @@ def check_vocab(tok_or_vocab_size: Tokenizer | int, model_vocab_size: int) -> No
     if needed > model_vocab_size:
         raise ValueError(f"{what} but the model's vocabulary has {int(model_vocab_size)}: "
                          "ids past it have no embedding; train the tokenizer with a vocab_size "
-                         f"<= {int(model_vocab_size)} or build the model with vocab_size >= {needed}")
+                         f"<= {int(model_vocab_size)} or build the model with vocab_size "
+                         f">= {needed}")
 
 
 # ------------------------------------------------------------------- shards

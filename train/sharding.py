@@ -50,7 +50,8 @@ def param_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
 
 
 def shard_params(mesh: Mesh, tree: Any) -> Any:
-    """Place every array leaf of ``tree`` (parameters, optimizer state) by :func:`param_sharding`."""
+    """Place every array leaf of ``tree`` (parameters, optimizer state) by
+    :func:`param_sharding`."""
     def place(leaf):
         if not hasattr(leaf, "shape"):
             return leaf
