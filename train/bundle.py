@@ -1,6 +1,7 @@
 """The default model's export made into the package's bundled model.
 
     python -m train.bundle EXPORT_DIR [--out coda_jax/database/default_model]
+                           [--retention RESULTS.json]
 
 ``EXPORT_DIR`` is what ``python -m train.default_model`` writes as
 ``OUT/export``: the weights as bf16 safetensors shards (``export.json``), the
@@ -10,7 +11,11 @@ recommended query settings go into its metadata, ``"database"``), the
 tokenizer, and the card plus ``bundle`` (the format marker), ``weights_sha256``
 (the fingerprint of the weights as saved, read back from the bundle:
 ``coda_jax.checkpoint.weights_fingerprint``, what the database records with
-every state) and ``tokenizer_sha256``.
+every state) and ``tokenizer_sha256``. ``--retention`` adds the measured
+retention to the card (``"retention"``: the file, device, cells, per-length
+summaries, the issue's goals and state sizes) from a results file of
+``benchmarks/retention_study.py`` run on these very weights (its fingerprint
+must be the bundle's).
 
 Refused, with nothing written or replaced: an ``EXPORT_DIR`` that is not such
 an export, a bundle over ``MAX_BUNDLE_BYTES`` (the issue's 50 MB for the model,
@@ -66,10 +71,32 @@ def _read_export(export: Path) -> tuple[Any, dict[str, Any]]:
     return model, card
 
 
+def retention_card(results_path: str | Path) -> dict[str, Any]:
+    """What a model card quotes of a retention study's results file."""
+    path = Path(results_path)
+    try:
+        results = json.loads(path.read_text())
+        config = results["config"]
+        return {"results": path.name, "device": results["device"]["kind"],
+                "weights_sha256": results["model"]["weights_sha256"],
+                "cells": {k: config[k] for k in ("lengths", "depths", "facts", "caches")}
+                | {"documents_per_cell": [config.get("count"),
+                                          config.get("count_max", config.get("count"))]},
+                "summaries": results["summaries"], "goals": results["goals"],
+                "state_bytes": results["state_bytes"]}
+    except OSError as err:
+        raise FileNotFoundError(f"cannot read the retention results {path}: {err}") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a results file of benchmarks/retention_study.py "
+                         f"({type(err).__name__}: {err})") from None
+
+
 def bundle(export_dir: str | Path, out: str | Path = DEFAULT_OUT, *,
-           max_bytes: int | None = None, log=print) -> Path:
-    """Write the bundle of ``export_dir`` at ``out`` (see the module's description);
-    returns ``out``."""
+           retention: str | Path | None = None, max_bytes: int | None = None,
+           log=print) -> Path:
+    """Write the bundle of ``export_dir`` at ``out`` (see the module's description),
+    with ``retention`` (a retention study's results file of the same weights) in its
+    card; returns ``out``."""
     from coda_jax import load_model, safe_paths, save_model
     from coda_jax.checkpoint import weights_fingerprint
     from coda_jax.database.bundled import BUNDLE_FORMAT, CARD_FILE, is_bundle
@@ -89,6 +116,7 @@ def bundle(export_dir: str | Path, out: str | Path = DEFAULT_OUT, *,
                          f"the model's vocabulary of {model.cfg.vocab_size}")
     settings = card.get("database", {})
     QuerySettings.from_metadata({"database": settings})  # refuse bad settings now
+    measured = retention_card(retention) if retention is not None else None
 
     def write(staging: Path) -> None:
         save_model(staging, model, extra_meta={"database": settings})
@@ -97,12 +125,18 @@ def bundle(export_dir: str | Path, out: str | Path = DEFAULT_OUT, *,
         fingerprint = weights_fingerprint([saved])
         if fingerprint != weights_fingerprint([model]):
             raise ValueError("the saved bundle's weights differ from the export's")
+        if measured is not None and measured["weights_sha256"] != fingerprint:
+            raise ValueError(f"the retention results {retention} were measured on other "
+                             f"weights ({measured['weights_sha256'][:12]}, this bundle's "
+                             f"are {fingerprint[:12]}); nothing was written")
         stamped = dict(card) | {
             "bundle": {"format": BUNDLE_FORMAT, "export": str(export),
                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        "dtype": str(saved.embed_tokens.embedding[...].dtype)},
             "weights_sha256": fingerprint,
             "tokenizer_sha256": tokenizer_fingerprint(load_tokenizer(staging))}
+        if measured is not None:
+            stamped["retention"] = measured
         (staging / CARD_FILE).write_text(json.dumps(stamped, indent=1))
         total = _tree_bytes(staging)
         if total > limit:
@@ -120,10 +154,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("export", help="OUT/export of python -m train.default_model")
     parser.add_argument("--out", default=str(DEFAULT_OUT),
                         help="the bundle's directory (default: %(default)s)")
+    parser.add_argument("--retention", metavar="RESULTS.json",
+                        help="a retention study's results on these weights, quoted in the card")
     args = parser.parse_args(argv)
 
     def run() -> int:
-        out = bundle(args.export, args.out)
+        out = bundle(args.export, args.out, retention=args.retention)
         print(f"wrote {out}")
         return 0
 

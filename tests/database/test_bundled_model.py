@@ -98,6 +98,42 @@ def test_a_bundle_opens_as_the_export_with_its_fingerprints_and_settings(export_
     assert bundled.read_card(again)["weights_sha256"] == card["weights_sha256"]
 
 
+def _results(path: Path, weights: str) -> Path:
+    """A retention study's results file in its shape (two cells), for weights ``weights``."""
+    path.write_text(json.dumps({
+        "device": {"kind": "cpu"}, "model": {"weights_sha256": weights},
+        "config": {"lengths": [1024], "depths": [0.5], "facts": [1], "caches": ["bounded"],
+                   "count": 2},
+        "summaries": [{"cache": "bounded", "length": 1024, "facts": 1, "correct": 1,
+                       "total": 2, "accuracy": 0.5}],
+        "goals": {"one_fact_met": False}, "state_bytes": {"bounded": {"model_cache_bytes": 9}}}))
+    return path
+
+
+def test_a_bundle_quotes_the_retention_measured_on_its_weights(export_dir, tiny_bundle,
+                                                               tmp_path):
+    weights = bundled.read_card(tiny_bundle)["weights_sha256"]
+    results = _results(tmp_path / "retention.json", weights)
+    card = bundled.read_card(bundle.bundle(export_dir, tiny_bundle, retention=results,
+                                           log=lambda _: None))
+    assert card["retention"]["results"] == "retention.json"
+    assert card["retention"]["summaries"][0]["accuracy"] == 0.5
+    assert card["retention"]["cells"]["documents_per_cell"] == [2, 2]
+    # results of other weights, or not results at all, are refused and change nothing
+    before = snapshot(tiny_bundle)
+    other = _results(tmp_path / "other.json", "0" * 64)
+    with pytest.raises(ValueError, match="other weights"):
+        bundle.bundle(export_dir, tiny_bundle, retention=other, log=lambda _: None)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a results file"):
+        bundle.bundle(export_dir, tiny_bundle, retention=tmp_path / "bad.json",
+                      log=lambda _: None)
+    with pytest.raises(FileNotFoundError, match="cannot read"):
+        bundle.bundle(export_dir, tiny_bundle, retention=tmp_path / "none.json",
+                      log=lambda _: None)
+    assert snapshot(tiny_bundle) == before
+
+
 def jax_leaves(model):
     import jax
 
@@ -325,6 +361,9 @@ def test_the_bundled_model_loads_and_its_fingerprints_match_its_card(real_bundle
     assert opened.tokenizer_sha256 == card["tokenizer_sha256"]
     # the demo's documents were made with the bundled model's tokenizer
     assert bundled.read_demo_documents()["tokenizer_sha256"] == card["tokenizer_sha256"]
+    # the card quotes the retention measured on these weights
+    assert card["retention"]["weights_sha256"] == card["weights_sha256"]
+    assert {"summaries", "goals", "state_bytes", "cells"} <= set(card["retention"])
 
 
 def test_the_bundled_model_answers_after_a_save_and_a_reload_in_a_fresh_process(real_bundle,
