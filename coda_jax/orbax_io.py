@@ -149,18 +149,16 @@ def read_meta(path: str | os.PathLike, fmt: str, what: str, *,
     return meta
 
 
-def _on_default_device(abstract: Any) -> Any:
-    """``abstract`` with every unplaced array leaf placed on the default device.
+def _placed(abstract: Any, sharding: jax.sharding.Sharding) -> Any:
+    """``abstract`` with every unplaced array leaf placed by ``sharding``.
 
     Orbax otherwise restores each array onto the device it was saved from, and
     refuses ("Topology mismatch") when that device is absent: a model saved on
     a CPU could not be read on a GPU machine, nor a GPU's state on a laptop.
     """
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
     def place(leaf: Any) -> Any:
         if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
-            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
         return leaf
 
     return jax.tree.map(place, abstract)
@@ -174,7 +172,7 @@ def read_tree(path: str | os.PathLike, abstract: Any | None, what: str = "checkp
     verify(path, what, parts=("tree",))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     restore = (ocp.args.StandardRestore(fallback_sharding=device) if abstract is None
-               else ocp.args.StandardRestore(_on_default_device(abstract)))
+               else ocp.args.StandardRestore(_placed(abstract, device)))
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
             return checkpointer.restore(path, ocp.args.Composite(tree=restore)).tree

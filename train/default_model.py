@@ -1,7 +1,8 @@
 """The bundled default model's recipe, every step in one command (one GPU, minutes).
 
     python -m train.default_model --corpus CORPUS --out OUT_DIR [--base MODEL_OR_EXPORT]
-                                  [--from-stage NAME] [--recipe YAML] [--workers N]
+                                  [--from-stage NAME [--stage-model NAME=DIR ...]]
+                                  [--recipe YAML] [--workers N] [--checks CACHES|none]
                                   [--tiny] [--no-progress]
 
 The recipe is ``configs/default_model.yaml``:
@@ -281,16 +282,15 @@ def build(args) -> int:
     model = load_model(init)
     final = configs[bank_stage(recipe)]
     quick = TINY_QUICK if args.tiny else recipe["quick_check"]
-    docs = list(retention.eval_documents(tok, data.read_tokens(corpus / "heldout"),
-                                         lengths=quick["lengths"], facts_per_doc=quick["facts"],
-                                         depths=quick["depths"], count=quick["count"], seed=7))
-    window_only = with_bank(model, num_landmarks_exact=0, num_landmarks_summary=0)
+    docs = list(retention.eval_documents(
+        tok, data.read_tokens(corpus / "heldout"), lengths=quick["lengths"],
+        facts_per_doc=quick["facts"], depths=quick["depths"], count=quick["count"],
+        seed=7)) if args.checks else []
     checks = []
-    caches = {"bounded": (model, True), "unbounded": (model, False),
-              "window_only": (window_only, True)}
     for label in args.checks:
-        runner, bounded = caches[label]
-        rows = retention.retention_accuracy(runner, tok, docs, bounded=bounded,
+        runner = (with_bank(model, num_landmarks_exact=0, num_landmarks_summary=0)
+                  if label == "window_only" else model)
+        rows = retention.retention_accuracy(runner, tok, docs, bounded=label != "unbounded",
                                             block_size=final["phase2"]["block_size"])
         checks += [dict(r, cache=label) for r in rows]
         total = sum(r["total"] for r in rows)
