@@ -1,4 +1,4 @@
-"""Llama-family decoders (Llama, Mistral, Qwen3) with a choice of attention.
+"""Llama-family decoders (Llama, Mistral, Qwen2, Qwen3) with a choice of attention.
 
 ``attention="gqa"`` is the HuggingFace architecture (for parity with
 ``transformers``), ``"coda"`` unbounded differential attention, and
@@ -6,6 +6,11 @@
 stored stacked (every parameter has a leading layer axis) and run under one
 ``lax.scan``, so a 32-layer model compiles one layer's program; the bounded
 state of the whole model is one ``BankState`` whose leaves lead with the layer axis.
+
+Every kind generates through one API: ``init_state``, ``prefill``, ``step``
+(and ``generation.generate``). A bounded model's state is its ``BankState``; an
+unbounded model's is a preallocated ``KVCache`` of ``max_length`` positions
+(``kv_cache.py``).
 """
 
 from __future__ import annotations
@@ -19,13 +24,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import bank_writes, runner
+from . import bank_writes, kv_cache, runner
 from .bounded import CoDAGQALandmark
+from .kv_cache import KVCache
 from .model_config import AttentionKind, AttentionSpec, DecoderConfig
 from .primitives import einsum_f32
+from .segments import default_chunks_per_call
 from .state import BankState
+from .validation import check_integer
 from .unbounded import BaselineGQA, CoDAGQA
 
+State = BankState | KVCache
 
 
 class RMSNorm(nnx.Module):
@@ -61,7 +70,7 @@ def attention_module(cfg: DecoderConfig, spec: AttentionSpec, *, qk_norm: bool, 
                   num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                   rope_base=cfg.rope_theta, rope_scaling=dict(cfg.rope_scaling or {}) or None,
                   qk_norm=qk_norm, qk_norm_eps=cfg.rms_norm_eps, qkv_bias=cfg.attention_bias,
-                  o_bias=cfg.attention_bias, param_dtype=param_dtype, rngs=rngs)
+                  o_bias=cfg.o_proj_bias, param_dtype=param_dtype, rngs=rngs)
     if spec.kind == "gqa":
         return BaselineGQA(rope_interleaved=False, sliding_window=cfg.sliding_window, **common)
     layer = CoDAGQA if spec.kind == "coda" else CoDAGQALandmark
@@ -190,6 +199,11 @@ class CausalLM(nnx.Module):
             return einsum_f32("...d,vd->...v", h, self.embed_tokens.embedding[...])
         return self.lm_head(h).astype(jnp.float32)
 
+    @property
+    def bounded(self) -> bool:
+        """Whether the attention is bounded (a ``BankState``), else unbounded (a ``KVCache``)."""
+        return self.attention == "coda_bounded"
+
     def require_bounded(self) -> None:
         """``ValueError`` unless this model has bounded attention (a state to run on)."""
         if self.attention != "coda_bounded":
@@ -215,33 +229,63 @@ class CausalLM(nnx.Module):
                                 (self.layers, cache))
         return self.logits(h), cache
 
-    # -------------------------------------------------------- bounded
+    # ------------------------------------------------- states of any kind
     def init_state(self, batch_size: int, dtype=jnp.float32, *, key: jax.Array | None = None,
-                   mem_init: str | None = None) -> BankState:
-        """The state of every layer, stacked on a leading layer axis."""
-        self.require_bounded()
+                   mem_init: str | None = None, max_length: int | None = None) -> State:
+        """A fresh state for ``batch_size`` rows, every layer's stacked on a leading
+        layer axis: a ``BankState`` for a bounded model, a ``KVCache`` of
+        ``max_length`` positions per row (prompt plus generated tokens; required)
+        for an unbounded one. ``key`` and ``mem_init`` seed and fill a bounded
+        model's banks; an unbounded cache starts empty (``key`` is unused)."""
         bank_writes.check_state_request(batch_size, dtype)
+        if not self.bounded:
+            return self._init_cache(int(batch_size), dtype, max_length, mem_init)
+        if max_length is not None:
+            raise ValueError(f"max_length={max_length!r} is for the unbounded kinds' K/V "
+                             "cache; a bounded model's state has a fixed size (its window "
+                             "and landmarks) whatever the length: leave max_length out")
         attn = self.layers.self_attn  # configuration only: the same for every layer
         keys = (jax.random.split(key, self.cfg.num_layers) if key is not None
                 else [None] * self.cfg.num_layers)
         states = [attn.init_state(batch_size, dtype, key=k, mem_init=mem_init) for k in keys]
         return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
+    def _init_cache(self, batch_size: int, dtype, max_length: int | None,
+                    mem_init: str | None) -> KVCache:
+        if max_length is None:
+            raise ValueError(f"init_state of attention={self.attention!r} needs max_length: "
+                             "its state is a K/V cache of that many positions per row "
+                             "(prompt plus generated tokens)")
+        max_length = check_integer("max_length", max_length, 1)
+        if mem_init is not None:
+            raise ValueError(f"mem_init is a bounded model's option; attention="
+                             f"{self.attention!r} keeps a K/V cache, which starts empty")
+        return KVCache.zeros(num_layers=self.cfg.num_layers, batch_size=batch_size,
+                             max_length=max_length, num_kv_heads=self.cfg.num_kv_heads,
+                             head_dim=self.cfg.head_dim, dtype=dtype)
+
     # ------------------------------------------- pure functions (runner.py)
     @property
     def output_dim(self) -> int:
         return self.cfg.vocab_size
 
-    def prefill_segment(self, tokens: jax.Array, lengths: jax.Array, state: BankState, *,
+    def prefill_segment(self, tokens: jax.Array, lengths: jax.Array, state: State, *,
                         block_size: int, training: bool, unroll: int | bool,
                         last_only: bool = False, remat: bool = False,
                         write_logits: bool = False):
         """One segment of whole blocks of ``tokens`` (B, L), the first ``lengths``
         valid, through every layer: -> (logits (B, L, V), or (B, 1, V) at each
         row's last valid token with ``last_only``; the state), and with
-        ``write_logits`` third every layer's write-gate logits (layers, B, L).
-        Pure: what training differentiates through (``remat`` recomputes each
-        layer in the backward pass)."""
+        ``write_logits`` (bounded only) third every layer's write-gate logits
+        (layers, B, L). Pure: what training differentiates through (``remat``
+        recomputes each layer in the backward pass). An unbounded model writes
+        the segment into its ``KVCache`` after each row's filled prefix."""
+        if not self.bounded:
+            if write_logits:
+                raise ValueError(f"write_logits needs a bounded model (write gates); "
+                                 f"attention={self.attention!r} has none")
+            return kv_cache.prefill_segment(self, tokens, lengths, state,
+                                            last_only=last_only, remat=remat)
         h = self.embed(tokens)
 
         def body(h, inputs):
@@ -260,10 +304,12 @@ class CausalLM(nnx.Module):
             return self.logits(h), state, gates
         return self.logits(h), state
 
-    def decode_step(self, token: jax.Array, state: BankState, *, training: bool = False
-                    ) -> tuple[jax.Array, BankState]:
+    def decode_step(self, token: jax.Array, state: State, *, training: bool = False
+                    ) -> tuple[jax.Array, State]:
         """One token per row (B, 1) through every layer -> (logits (B, 1, V), state).
         Pure: what generation scans over."""
+        if not self.bounded:
+            return kv_cache.decode_step(self, token, state)
         h = self.embed(token)
 
         def body(h, inputs):
@@ -273,9 +319,14 @@ class CausalLM(nnx.Module):
         h, state = jax.lax.scan(body, h, (self.layers, state))
         return self.logits(h), state
 
-    def check_state(self, state: BankState, batch_size: int) -> None:
-        """``ValueError`` unless ``state`` is this model's stacked state for ``batch_size``."""
-        self.require_bounded()
+    def check_state(self, state: State, batch_size: int) -> None:
+        """``ValueError`` unless ``state`` is this model's stacked state for ``batch_size``
+        (its ``BankState``, or for an unbounded model its ``KVCache``)."""
+        if not self.bounded:
+            kv_cache.check_cache(state, num_layers=self.cfg.num_layers, batch_size=batch_size,
+                                 num_kv_heads=self.cfg.num_kv_heads, head_dim=self.cfg.head_dim,
+                                 kind=self.attention)
+            return
         if not isinstance(state, BankState):
             raise ValueError(f"expected this model's BankState, got {type(state).__name__}")
         if state.num_layers is None:
@@ -292,6 +343,13 @@ class CausalLM(nnx.Module):
             raise ValueError(f"state does not match this model ({self.cfg.num_layers} layers, "
                              f"batch {batch_size}): got k_buf {state.k_buf.shape}, expected "
                              f"{expected.k_buf.shape}")
+
+    def check_room(self, state: State, needed, *, what: str) -> None:
+        """``ValueError`` unless every row of ``state`` has room for ``needed`` (B,)
+        more tokens: a ``KVCache``'s capacity (its lengths are read back to the
+        host); a bounded state always has room."""
+        if not self.bounded:
+            kv_cache.check_room(state, needed, what=what)
 
     def check_input(self, tokens, *, what: str = "tokens") -> jax.Array:
         """Shape and dtype always; the id range too for host inputs (lists, numpy),
@@ -314,25 +372,40 @@ class CausalLM(nnx.Module):
                                  f"position {col} ({int(bad.sum())} such ids)")
         return jnp.asarray(array)
 
-    def prefill(self, tokens: jax.Array, state: BankState, *, block_size: int = 1024,
+    def prefill(self, tokens: jax.Array, state: State, *, block_size: int = 1024,
                 lengths=None, last_only: bool = False, training: bool = False,
                 chunks_per_call: int | None = None, unroll: int | bool | None = None
-                ) -> tuple[jax.Array, BankState]:
-        """Read ``tokens`` (B, L) into the bounded state: -> (logits, new state).
+                ) -> tuple[jax.Array, State]:
+        """Read ``tokens`` (B, L) into the state: -> (logits, new state).
 
         Logits are (B, L, V), or (B, 1, V) for each row's last valid token with
         ``last_only`` (what a document ingest or a question needs). ``lengths``
         marks shorter rows of a padded batch. One compilation per block size; each
         call runs ``chunks_per_call`` blocks (default:
         ``segments.default_chunks_per_call``).
+
+        An unbounded model writes each row's tokens into its ``KVCache`` after
+        the row's filled prefix (a prompt that does not fit is refused); a
+        call's queries attend over the whole cache at once, so with
+        ``implementation="xla"`` its float32 scores take ``4 * block_size *
+        chunks_per_call * max_length * heads`` bytes per row (twice that for
+        ``"coda"``): a smaller ``chunks_per_call`` caps them. By default a call
+        covers at most ``max_length`` tokens, rounded up to whole blocks.
         """
+        if (not self.bounded and chunks_per_call is None and isinstance(state, KVCache)
+                and isinstance(block_size, int) and block_size > 0 and np.ndim(tokens) == 2):
+            default = default_chunks_per_call(block_size, int(np.shape(tokens)[0]))
+            chunks_per_call = min(default, -(-state.max_length // block_size))
         return runner.prefill(self, tokens, state, block_size=block_size, lengths=lengths,
                               training=training, chunks_per_call=chunks_per_call,
                               unroll=unroll, last_only=last_only)
 
-    def step(self, token: jax.Array, state: BankState, *, training: bool = False
-             ) -> tuple[jax.Array, BankState]:
+    def step(self, token: jax.Array, state: State, *, training: bool = False
+             ) -> tuple[jax.Array, State]:
         """One token per row (B, 1) -> (logits (B, 1, V), new state).
+
+        For an unbounded model each row's token goes to position ``lengths[row]``
+        of its ``KVCache`` (a full cache is refused: this reads the lengths back).
 
         In a Python loop over tokens, :meth:`step_fn` has less per-call overhead
         (``generation.generate`` runs the whole loop compiled instead).
@@ -340,7 +413,7 @@ class CausalLM(nnx.Module):
         return runner.step(self, token, state, training=training)
 
     def step_fn(self, *, training: bool = False
-                ) -> Callable[[jax.Array, BankState], tuple[jax.Array, BankState]]:
+                ) -> Callable[[jax.Array, State], tuple[jax.Array, State]]:
         """``step`` bound to the current weights: ``fn(token, state) -> (logits, state)``,
         without walking the model on each call; it keeps the weights it was made with."""
         return runner.step_fn(self, training=training)

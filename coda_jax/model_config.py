@@ -1,4 +1,4 @@
-"""Decoder-model configuration, read from a HuggingFace config (Llama, Mistral, Qwen3)."""
+"""Decoder-model configuration, read from a HuggingFace config (Llama, Mistral, Qwen2, Qwen3)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from .config import BankConfig, HeadNormMode
 
 from .primitives import check_rope_scaling
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen3")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # transformers' defaults when a config.json leaves these out (Mistral, Qwen3).
 HF_DEFAULT_SLIDING_WINDOW = 4096
 HF_DEFAULT_MAX_WINDOW_LAYERS = 28
@@ -32,12 +32,17 @@ class DecoderConfig:
     rope_theta: float = 10_000.0
     rope_scaling: tuple[tuple[str, Any], ...] | None = None
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v biases (and o's, except in Qwen2: see o_proj_bias)
     qk_norm: bool = False  # Qwen3's per-head q_norm/k_norm
     # Keys a query sees, counting itself (Mistral's sliding window), in every layer;
     # None = all. Applied by attention="gqa" only. Metadata saved before this field
     # existed loads as None.
     sliding_window: int | None = None
+
+    @property
+    def o_proj_bias(self) -> bool:
+        """Whether the output projection has a bias: Qwen2 biases q, k and v only."""
+        return self.attention_bias and self.family != "qwen2"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DecoderConfig":
@@ -75,7 +80,9 @@ class DecoderConfig:
             head_dim=int(d.get("head_dim") or int(d["hidden_size"]) // heads),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=theta,
             rope_scaling=scaling, tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", False)), qk_norm=family == "qwen3",
+            # Qwen2's q/k/v always have biases (its config has no attention_bias key).
+            attention_bias=family == "qwen2" or bool(d.get("attention_bias", False)),
+            qk_norm=family == "qwen3",
             sliding_window=window)
 
 
@@ -105,7 +112,7 @@ def _sliding_window(d: Mapping[str, Any], family: str) -> int | None:
     """
     if family == "mistral":
         window = d.get("sliding_window", HF_DEFAULT_SLIDING_WINDOW)
-    elif family == "qwen3" and d.get("use_sliding_window", False):
+    elif family in ("qwen2", "qwen3") and d.get("use_sliding_window", False):
         window = d.get("sliding_window", HF_DEFAULT_SLIDING_WINDOW)
         layers = int(d["num_hidden_layers"])
         first = d.get("max_window_layers", HF_DEFAULT_MAX_WINDOW_LAYERS)
@@ -117,7 +124,7 @@ def _sliding_window(d: Mapping[str, Any], family: str) -> int | None:
         if kinds != {"sliding_attention"}:
             sliding = [i for i, t in enumerate(types[:layers]) if t == "sliding_attention"]
             raise ValueError(
-                f"this qwen3 config has a sliding window ({window}) in layers {sliding} only "
+                f"this {family} config has a sliding window ({window}) in layers {sliding} only "
                 f"(max_window_layers={first}, layer_types); a per-layer window is not "
                 "supported, only one for every layer or none")
     else:

@@ -38,17 +38,20 @@ def describe_model(model: CausalLM) -> dict[str, Any]:
 
 
 def save_model(path: str | os.PathLike, model: CausalLM, *, overwrite: bool = False,
-               extra_meta: dict[str, Any] | None = None) -> Path:
+               extra_meta: dict[str, Any] | None = None,
+               extra_files: dict[str, bytes] | None = None) -> Path:
     """Write ``model`` (config, attention choice, weights) to the directory ``path``.
 
     An existing path is replaced (atomically) only with ``overwrite=True`` and
     only if it holds a saved model; anything else there is refused.
     ``extra_meta`` adds JSON entries to the metadata (never replacing
-    :func:`describe_model`'s).
+    :func:`describe_model`'s). ``extra_files`` (file name -> bytes, e.g. the
+    model's ``tokenizer.json``) are saved inside the directory, in the same
+    atomic write, and checksummed.
     """
     _, state = nnx.split(model)
     return orbax_io.write(path, state, dict(extra_meta or {}) | describe_model(model),
-                          overwrite=overwrite, what="model")
+                          overwrite=overwrite, what="model", extra_files=extra_files)
 
 
 def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -61,8 +61,11 @@ def _format_of(path: Path) -> str | None:
 
 
 def write(path: str | os.PathLike, tree: Any, meta: dict[str, Any], *, overwrite: bool,
-          what: str = "checkpoint") -> Path:
+          what: str = "checkpoint", extra_files: dict[str, bytes] | None = None) -> Path:
     """Save ``tree`` and ``meta`` (whose ``format`` names the kind) to the directory ``path``.
+
+    ``extra_files`` (plain file names -> contents, e.g. a ``tokenizer.json``) are
+    written beside ``tree/`` and ``meta/`` in the same atomic swap, and checksummed.
 
     An existing ``path`` is replaced only with ``overwrite`` and only if it is
     a coda_jax checkpoint of the same kind; otherwise ``FileExistsError`` or
@@ -75,10 +78,18 @@ def write(path: str | os.PathLike, tree: Any, meta: dict[str, Any], *, overwrite
         found = _format_of(existing) if existing.is_dir() else None
         return found is not None and found.split("/")[0] == kind
 
+    extra_files = dict(extra_files or {})
+    for name in extra_files:
+        if not name or "/" in name or "\\" in name or name in ("tree", "meta", CHECKSUMS) \
+                or name.startswith("."):
+            raise ValueError(f"{name!r} cannot be an extra file of a checkpoint")
+
     def save(staging: Path) -> None:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
             checkpointer.save(staging, ocp.args.Composite(
                 tree=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
+        for name, content in extra_files.items():
+            (staging / name).write_bytes(content)
         sums = {name: _digest(staging / name) for name in _files(staging)}
         (staging / CHECKSUMS).write_text(json.dumps({"sha256": sums}, indent=1))
 

@@ -15,7 +15,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -107,17 +107,26 @@ def _params(model: nnx.Module) -> Iterator[tuple[tuple[str, ...], nnx.Variable]]
             yield tuple(str(p) for p in path), node
 
 
-def load_hf_weights(model: CausalLM, model_dir: str | os.PathLike, *,
-                    progress: bool = True) -> None:
-    """Copy a HF checkpoint into ``model``, which may be abstract (``nnx.eval_shape``):
-    each parameter is then allocated only when its weights arrive.
+class TensorSource(Protocol):
+    """Tensors under HuggingFace names: what :func:`load_weights` reads from."""
+
+    def keys(self) -> list[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def read(self, name: str) -> np.ndarray: ...
+
+
+def load_weights(model: CausalLM, source: TensorSource, where: str, *,
+                 ignored: tuple[str, ...] = IGNORED_SUFFIXES, progress: bool = True) -> None:
+    """Copy ``source``'s tensors (HF names and layouts) into ``model``, which may
+    be abstract (``nnx.eval_shape``): each parameter is then allocated only
+    when its weights arrive. ``where`` names the source in errors.
 
     Raises ``ValueError`` naming the key on missing weights, unexpected weights
     or shape mismatches; those checks run before any parameter is written. A
     NaN or Inf value is found as its tensor is read (the model is then left
     partly loaded: discard it).
     """
-    reader = open_checkpoint(model_dir)
+    available = set(source.keys())
     layers = model.cfg.num_layers
     plan = []  # (variable, [(key, transposed)], stacked)
     wanted = set()
@@ -128,21 +137,17 @@ def load_hf_weights(model: CausalLM, model_dir: str | os.PathLike, *,
             continue
         expected = variable.get_value().shape[1:] if stacked else variable.get_value().shape
         for key, transposed in keys:
-            if key not in reader.location:
-                raise ValueError(f"{model_dir}: weight {key!r} is missing")
-            shape = reader.shape(key)[::-1] if transposed else reader.shape(key)
+            if key not in available:
+                raise ValueError(f"{where}: weight {key!r} is missing")
+            shape = source.shape(key)[::-1] if transposed else source.shape(key)
             if tuple(shape) != tuple(expected):
-                raise ValueError(f"{model_dir}: weight {key!r} has shape {reader.shape(key)}, "
+                raise ValueError(f"{where}: weight {key!r} has shape {source.shape(key)}, "
                                  f"the config implies {tuple(expected)}")
             wanted.add(key)
         plan.append((variable, keys, stacked))
-    ignored = IGNORED_SUFFIXES
-    if model.reference_compat:  # the reference's Qwen3 attention drops these
-        ignored += ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
-    unexpected = sorted(k for k in reader.keys()
-                        if k not in wanted and not k.endswith(ignored))
+    unexpected = sorted(k for k in available if k not in wanted and not k.endswith(ignored))
     if unexpected:
-        raise ValueError(f"{model_dir}: weights the config does not account for: "
+        raise ValueError(f"{where}: weights the config does not account for: "
                          f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
 
     with tqdm(plan, desc="weights", disable=not progress) as bar:
@@ -150,14 +155,24 @@ def load_hf_weights(model: CausalLM, model_dir: str | os.PathLike, *,
             target = variable.get_value()  # a ShapeDtypeStruct when the model is abstract
             host = np.empty(target.shape, np.dtype(target.dtype))
             for i, (key, transposed) in enumerate(keys):
-                tensor = reader.read(key)
-                check_finite(tensor, f"{model_dir}: weight {key!r}")
+                tensor = source.read(key)
+                check_finite(tensor, f"{where}: weight {key!r}")
                 (host[i] if stacked else host)[...] = tensor.T if transposed else tensor
                 del tensor
             # Wait for the copy: an asynchronous transfer keeps its host buffer alive,
             # and on a loaded machine several whole stacked tensors were in flight.
             variable.set_value(jax.block_until_ready(jax.device_put(host)))
             del host
+
+
+def load_hf_weights(model: CausalLM, model_dir: str | os.PathLike, *,
+                    progress: bool = True) -> None:
+    """Copy a HF checkpoint into ``model`` (see :func:`load_weights`)."""
+    ignored = IGNORED_SUFFIXES
+    if model.reference_compat:  # the reference's Qwen3 attention drops these
+        ignored += ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+    load_weights(model, open_checkpoint(model_dir), str(model_dir), ignored=ignored,
+                 progress=progress)
 
 
 def init_missing_params(model: CausalLM, seed: int) -> None:
@@ -186,6 +201,25 @@ def init_missing_params(model: CausalLM, seed: int) -> None:
 
 
 
+def read_adapters_for(cfg: DecoderConfig, adapters: str | os.PathLike | None, attention: str,
+                      where: str | os.PathLike, reference_compat: bool | None
+                      ) -> tuple[dict[str, Any] | None, bool]:
+    """The adapter file's weights, checked against the model's config (before
+    any model weight is read), and the resolved ``reference_compat``."""
+    if adapters is None:
+        return None, bool(reference_compat)
+    if attention == "gqa":
+        raise ValueError("adapters need attention='coda' or 'coda_bounded'")
+    weights = read_adapter_file(adapters)  # checked for its own consistency
+    dims = weights_dims(weights)
+    wanted = AdapterDims(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size)
+    if dims != wanted or len(weights) != cfg.num_layers:
+        raise ValueError(f"{adapters} does not fit {where}: the adapter has "
+                         f"{len(weights)} layers ({dims}), the config "
+                         f"{cfg.num_layers} layers ({wanted})")
+    return weights, bool(resolve_reference_compat(cfg.family, adapters, reference_compat))
+
+
 def load_hf_model(model_dir: str | os.PathLike, *, attention: str = "gqa",
                   attention_options: dict[str, Any] | None = None,
                   adapters: str | os.PathLike | None = None,
@@ -200,18 +234,8 @@ def load_hf_model(model_dir: str | os.PathLike, *, attention: str = "gqa",
     too) before any HF weight is.
     """
     cfg = read_config(model_dir)
-    weights = None
-    if adapters is not None:
-        if attention == "gqa":
-            raise ValueError("adapters need attention='coda' or 'coda_bounded'")
-        weights = read_adapter_file(adapters)  # checked for its own consistency
-        dims = weights_dims(weights)
-        wanted = AdapterDims(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size)
-        if dims != wanted or len(weights) != cfg.num_layers:
-            raise ValueError(f"{adapters} does not fit {model_dir}: the adapter has "
-                             f"{len(weights)} layers ({dims}), the config "
-                             f"{cfg.num_layers} layers ({wanted})")
-        reference_compat = resolve_reference_compat(cfg.family, adapters, reference_compat)
+    weights, reference_compat = read_adapters_for(cfg, adapters, attention, model_dir,
+                                                  reference_compat)
     # Built abstractly: parameters are allocated as their weights are read.
     model = nnx.eval_shape(lambda: CausalLM(
         cfg, attention=attention, attention_options=attention_options,
