@@ -1,7 +1,9 @@
-"""Command line: HF checkpoints and reference adapters -> Orbax checkpoints, and back.
+"""Command line: HF checkpoints, GGUF files and reference adapters -> Orbax checkpoints, and back.
 
     python -m convert hf MODEL_DIR OUT [--dtype bfloat16] [--attention coda_bounded]
                                        [--adapters coda_adapters.pt] [--window 256 ...]
+    python -m convert gguf FILE.gguf OUT   (the same flags as hf; the tokenizer and chat
+                                            template are saved with the model)
     python -m convert adapters IN.pt OUT
     python -m convert export MODEL_CKPT OUT.pt      (or OUT.safetensors, or --format)
     python -m convert pack MODEL_CKPT OUT_DIR [--dtype bfloat16] [--max-shard-mib 16]
@@ -27,6 +29,7 @@ from typing import Any, Callable, Sequence
 import jax.numpy as jnp
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+TOKENIZER_FILE = "tokenizer.json"
 BANK_FLAGS = {"window": "--window", "num_landmarks_exact": "--num-landmarks-exact",
               "num_landmarks_summary": "--num-landmarks-summary"}
 
@@ -107,11 +110,11 @@ def _check_output(out: str, inputs: Sequence[str], *, overwrite: bool,
 
 
 # ---------------------------------------------------------------- commands
-def cmd_hf(args: argparse.Namespace) -> None:
+def _attention_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The attention options the flags give, and the bank sizes assumed (with a
+    warning) where --attention coda_bounded leaves them out; UsageError for
+    flags that do not fit --attention."""
     from coda_jax.model_config import BOUNDED_DEFAULTS
-    from coda_jax.model_io import describe_model, save_model
-
-    from .hf import load_hf_model
 
     given = {k: getattr(args, k) for k in BANK_FLAGS if getattr(args, k) is not None}
     flags = "/".join(BANK_FLAGS.values())
@@ -123,14 +126,7 @@ def cmd_hf(args: argparse.Namespace) -> None:
     if args.adapters is not None and args.attention == "gqa":
         raise UsageError("--adapters needs --attention coda or --attention coda_bounded "
                          "(--attention gqa has no CoDA weights to load)")
-    _require(args.model_dir, "HuggingFace model directory")
-    if args.adapters is not None:
-        _require(args.adapters, "adapter file")
-    inputs = [args.model_dir] + ([args.adapters] if args.adapters is not None else [])
-    out = _check_output(args.out, inputs, overwrite=args.overwrite,
-                        is_ours=_checkpoint_of("coda_jax.model"), what="saved model")
-    extra: dict[str, Any] = {}
-    options = dict(given)
+    assumed: dict[str, Any] = {}
     if args.attention == "coda_bounded":
         assumed = {k: v for k, v in BOUNDED_DEFAULTS.items() if k not in given}
         if assumed:
@@ -140,20 +136,66 @@ def cmd_hf(args: argparse.Namespace) -> None:
                   "the adapter was trained with other values, the converted model computes "
                   "something else. Pass the flags to be explicit; the checkpoint's metadata "
                   "records these values as assumed (assumed_bank_options).", file=sys.stderr)
-        options |= assumed  # recorded explicitly: later default changes cannot alter it
-        extra["assumed_bank_options"] = assumed
-    model = load_hf_model(args.model_dir, attention=args.attention, attention_options=options,
-                          adapters=args.adapters, reference_compat=args.reference_compat,
-                          dtype=DTYPES[args.dtype])
-    path = save_model(out, model, overwrite=args.overwrite, extra_meta=extra)
+    # Assumed values are recorded explicitly: later default changes cannot alter them.
+    return dict(given) | assumed, assumed
+
+
+def _report(path: Path, model: Any, extra: dict[str, Any], **more: Any) -> None:
+    from coda_jax.model_io import describe_model
+
     meta = describe_model(model)
     items = {"family": model.cfg.family, "attention": model.attention,
              "layers": model.cfg.num_layers, "parameters": meta["parameters"],
-             "dtype": meta["dtype"], "bytes": meta["bytes"]}
+             "dtype": meta["dtype"], "bytes": meta["bytes"]} | more
     if extra.get("assumed_bank_options"):
         items["assumed"] = ", ".join(f"{k}={v}" for k, v in
                                      extra["assumed_bank_options"].items())
     _summary(f"wrote {path}", items)
+
+
+def cmd_hf(args: argparse.Namespace) -> None:
+    from coda_jax.model_io import save_model
+
+    from .hf import load_hf_model
+
+    options, assumed = _attention_options(args)
+    _require(args.model_dir, "HuggingFace model directory")
+    if args.adapters is not None:
+        _require(args.adapters, "adapter file")
+    inputs = [args.model_dir] + ([args.adapters] if args.adapters is not None else [])
+    out = _check_output(args.out, inputs, overwrite=args.overwrite,
+                        is_ours=_checkpoint_of("coda_jax.model"), what="saved model")
+    extra: dict[str, Any] = {"assumed_bank_options": assumed} if assumed else {}
+    model = load_hf_model(args.model_dir, attention=args.attention, attention_options=options,
+                          adapters=args.adapters, reference_compat=args.reference_compat,
+                          dtype=DTYPES[args.dtype])
+    path = save_model(out, model, overwrite=args.overwrite, extra_meta=extra)
+    _report(path, model, extra)
+
+
+def cmd_gguf(args: argparse.Namespace) -> None:
+    from coda_jax.model_io import save_model
+
+    from .gguf import GGUFFile, load_gguf_model
+    from .gguf_checkpoint import checkpoint_metadata, tokenizer_file
+
+    options, assumed = _attention_options(args)
+    _require(args.file, "GGUF file")
+    if args.adapters is not None:
+        _require(args.adapters, "adapter file")
+    inputs = [args.file] + ([args.adapters] if args.adapters is not None else [])
+    out = _check_output(args.out, inputs, overwrite=args.overwrite,
+                        is_ours=_checkpoint_of("coda_jax.model"), what="saved model")
+    source = GGUFFile(args.file)  # every check that needs no weight, first
+    files = {TOKENIZER_FILE: tokenizer_file(source)}
+    extra = checkpoint_metadata(source) | ({"assumed_bank_options": assumed} if assumed else {})
+    model = load_gguf_model(source.path, attention=args.attention, attention_options=options,
+                            adapters=args.adapters, reference_compat=args.reference_compat,
+                            dtype=DTYPES[args.dtype])
+    path = save_model(out, model, overwrite=args.overwrite, extra_meta=extra, extra_files=files)
+    _report(path, model, extra, source=extra["source"]["name"] or Path(args.file).name,
+            tokenizer=TOKENIZER_FILE, chat_template="recorded" if extra.get("chat_template")
+            else "none in the file")
 
 
 def cmd_adapters(args: argparse.Namespace) -> None:
@@ -256,12 +298,41 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message}\n")
 
 
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of the commands that build a model (hf, gguf)."""
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                        help="dtype of the saved weights")
+    parser.add_argument("--attention", choices=["gqa", "coda", "coda_bounded"], default="gqa",
+                        help="attention of the converted model: the HF one, CoDA unbounded, or "
+                             "CoDA-GQA-L bounded")
+    parser.add_argument("--adapters", metavar="FILE",
+                        help="the reference's coda_adapters.pt (or .safetensors, or an adapter "
+                             "checkpoint) to load CoDA's weights from (default: none: CoDA's own "
+                             "parameters keep their initial values)")
+    parser.add_argument("--window", type=int,
+                        help="--attention coda_bounded: recent-window size (default: 256, with a "
+                             "warning: adapter files do not record it)")
+    parser.add_argument("--num-landmarks-exact", type=int,
+                        help="--attention coda_bounded: exact-bank slots (default: 64, with a "
+                             "warning)")
+    parser.add_argument("--num-landmarks-summary", type=int,
+                        help="--attention coda_bounded: summary-bank slots (default: 64, with a "
+                             "warning)")
+    parser.add_argument("--reference-compat", action=argparse.BooleanOptionalAction,
+                        default=None,
+                        help="Qwen3: reproduce the reference (no q_norm/k_norm) (default: decided "
+                             "from the adapter file: on for a reference .pt, with a warning)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT if it is a model checkpoint written by coda_jax "
+                             "(anything else is refused)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = dict(formatter_class=HelpFormatter, epilog=EXIT_CODES)
     parser = Parser(prog="python -m convert", description=__doc__.split(
         "\nexit codes:")[0], **common)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                help="hf, adapters, export, pack or unpack")
+                                help="hf, gguf, adapters, export, pack or unpack")
     hf = sub.add_parser("hf", help="a HuggingFace model directory -> an Orbax model checkpoint",
                         description="A HuggingFace model directory (config.json and "
                                     "safetensors) -> an Orbax model checkpoint,\noptionally "
@@ -271,31 +342,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "a sharded index (required)")
     hf.add_argument("out", metavar="OUT", help="the model checkpoint directory to write "
                                                "(required)")
-    hf.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
-                    help="dtype of the saved weights")
-    hf.add_argument("--attention", choices=["gqa", "coda", "coda_bounded"], default="gqa",
-                    help="attention of the converted model: the HF one, CoDA unbounded, or "
-                         "CoDA-GQA-L bounded")
-    hf.add_argument("--adapters", metavar="FILE",
-                    help="the reference's coda_adapters.pt (or .safetensors, or an adapter "
-                         "checkpoint) to load CoDA's weights from (default: none: CoDA's own "
-                         "parameters keep their initial values)")
-    hf.add_argument("--window", type=int,
-                    help="--attention coda_bounded: recent-window size (default: 256, with a "
-                         "warning: adapter files do not record it)")
-    hf.add_argument("--num-landmarks-exact", type=int,
-                    help="--attention coda_bounded: exact-bank slots (default: 64, with a "
-                         "warning)")
-    hf.add_argument("--num-landmarks-summary", type=int,
-                    help="--attention coda_bounded: summary-bank slots (default: 64, with a "
-                         "warning)")
-    hf.add_argument("--reference-compat", action=argparse.BooleanOptionalAction, default=None,
-                    help="Qwen3: reproduce the reference (no q_norm/k_norm) (default: decided "
-                         "from the adapter file: on for a reference .pt, with a warning)")
-    hf.add_argument("--overwrite", action="store_true",
-                    help="replace OUT if it is a model checkpoint written by coda_jax "
-                         "(anything else is refused)")
+    _model_flags(hf)
     hf.set_defaults(run=cmd_hf)
+    gg = sub.add_parser("gguf", help="a GGUF file (llama.cpp's format) -> an Orbax model "
+                                     "checkpoint with its tokenizer",
+                        description="A GGUF file (llama.cpp's format: llama, qwen2 or qwen3 "
+                                    "architecture, any tensor type the gguf\npackage "
+                                    "dequantises) -> an Orbax model checkpoint holding its "
+                                    "tokenizer.json and\nchat template, optionally with CoDA "
+                                    "attention and the reference's adapter weights.", **common)
+    gg.add_argument("file", metavar="FILE", help="the .gguf file (required)")
+    gg.add_argument("out", metavar="OUT", help="the model checkpoint directory to write "
+                                               "(required)")
+    _model_flags(gg)
+    gg.set_defaults(run=cmd_gguf)
     ad = sub.add_parser("adapters", help="a reference adapter file -> an Orbax checkpoint",
                         description="A reference adapter file (coda_adapters.pt or "
                                     ".safetensors) -> an Orbax adapter checkpoint,\nafter "

@@ -2,7 +2,7 @@
 
     python -m train.eval MODEL_DIR --data HELDOUT [--tokenizer tokenizer.json]
                          [--contexts 512,1024,2048] [--block-size 128]
-                         [--max-sequences 64] [--passkey-lengths 512,2048]
+                         [--max-sequences 64] [--batch-size 4] [--passkey-lengths 512,2048]
                          [--passkey-depths 0.1,0.5,0.9] [--passkey-samples 16]
                          [--out results.json] [--plot ppl.png]
 
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from coda_jax import CausalLM, load_model
 
@@ -55,7 +56,8 @@ def perplexity(model: CausalLM, tokens: np.ndarray, *, context: int, bounded: bo
         raise ValueError(f"bounded evaluation needs a coda_bounded model, not {model.attention!r}")
     runner = with_bank(model, collect_metrics=True) if bounded else unbounded_twin(model)
     total, count, fills, counters = 0.0, 0, [], {}
-    for start in range(0, n, batch_size):
+    what = f"{'bounded' if bounded else 'unbounded'} PPL at {context}"
+    for start in tqdm(range(0, n, batch_size), desc=what, unit="batch", leave=False):
         batch = jnp.asarray(seqs[start:start + batch_size])
         if bounded:
             state = runner.init_state(batch.shape[0], mem_init="zeros")
@@ -90,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="bounded prefill block size (default: %(default)s)")
     parser.add_argument("--max-sequences", type=int, default=64,
                         help="sequences per context at most (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="sequences scored at once (default: %(default)s; long contexts "
+                             "on a CPU: 1)")
     parser.add_argument("--passkey-lengths", default="",
                         help="passkey context lengths, comma-separated (default: none)")
     parser.add_argument("--passkey-depths", default="0.1,0.5,0.9",
@@ -111,7 +116,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if passkey_lengths and not args.tokenizer:
         raise ValueError("passkey retrieval needs --tokenizer (to write its needle)")
     results = [perplexity(model, tokens, context=c, bounded=b, block_size=args.block_size,
-                          max_sequences=args.max_sequences) for c in contexts for b in modes]
+                          batch_size=args.batch_size, max_sequences=args.max_sequences)
+               for c in contexts for b in modes]
     passkey = retrieval.passkey_table(
         model, data.load_tokenizer(args.tokenizer), tokens, lengths=passkey_lengths,
         depths=[float(d) for d in args.passkey_depths.split(",") if d.strip()],

@@ -58,6 +58,20 @@ def tensor_bytes(values: np.ndarray, type_name: str, rng: np.random.Generator,
     return blocks.reshape(rows, -1), qtype
 
 
+def default_vocabulary(size: int) -> tuple[list[str], list[str]]:
+    """A byte-level BPE vocabulary of ``size`` tokens and its merges: three control
+    tokens, letters, digits and the space (``Ġ``), then two-letter merges."""
+    singles = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789") + ["Ġ"]
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + singles
+    merges = []
+    pairs = ((a, b) for a in "Ġetaoinsrhldcumfp" for b in "etaoinsrhldcumfpgwybvk")
+    while len(tokens) < size:
+        a, b = next(pairs)
+        tokens.append(a + b)
+        merges.append(f"{a} {b}")
+    return tokens, merges
+
+
 def permute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's converter's reordering of Q/K rows (what the reader undoes)."""
     rows = weight.shape[0]
@@ -83,9 +97,7 @@ def write_model(path: Path, *, arch: str = "llama", types: Sequence[str] = ("F32
     hidden, inter, heads, kv = d["hidden"], d["intermediate"], d["heads"], d["kv_heads"]
     head_dim = d.get("head_dim", hidden // heads)
     vocab = d["vocab"]
-    tokens = list(tokens) if tokens is not None else (
-        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-        + [f"t{i}" for i in range(vocab - 3)])
+    tokens, merges = (list(tokens), []) if tokens is not None else default_vocabulary(vocab)
     meta = {
         f"{arch}.block_count": ("uint32", d["layers"]),
         f"{arch}.context_length": ("uint32", 2048),
@@ -104,7 +116,7 @@ def write_model(path: Path, *, arch: str = "llama", types: Sequence[str] = ("F32
         "tokenizer.ggml.pre": ("string", "gpt2"),
         "tokenizer.ggml.tokens": ("strings", tokens),
         "tokenizer.ggml.token_type": ("ints", [3, 3, 3] + [1] * (len(tokens) - 3)),
-        "tokenizer.ggml.merges": ("strings", []),
+        "tokenizer.ggml.merges": ("strings", merges),
         "tokenizer.ggml.bos_token_id": ("uint32", 1),
         "tokenizer.ggml.eos_token_id": ("uint32", 2),
     }
