@@ -1,11 +1,14 @@
-"""Peak host memory of converting a sharded HF checkpoint, against one copy of the model.
+"""Peak host memory of converting a checkpoint, against one copy of the model.
 
 Writes a synthetic Llama checkpoint (bf16, sharded safetensors, random values)
-of about ``--params`` parameters, converts it to bf16 JAX parameters in a fresh
-process (CPU), and reports that process's peak resident memory, also net of the
-same process's footprint after importing everything but before converting.
+of about ``--params`` parameters, or takes a GGUF file (``--gguf``), converts it
+to bf16 JAX parameters in a fresh process (CPU), and reports that process's
+peak resident memory, also net of the same process's footprint after
+importing everything but before converting. One copy is the converted
+model's bf16 parameters.
 
     python benchmarks/convert_memory.py --params 1e9 --out results.json
+    python benchmarks/convert_memory.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf
 
 tests/test_convert_memory.py runs this script (smaller, with --shard-bytes) and
 reads its --out file.
@@ -27,15 +30,17 @@ import numpy as np
 CHILD = r"""
 import resource, sys, json
 import jax, jax.numpy as jnp
-from convert.hf import load_hf_model
+from convert import load_gguf_model, load_hf_model
 # The CPU client (its thread pools and allocator) starts before the baseline: its
 # size depends on the machine and its load, not on the conversion.
 jax.block_until_ready(jnp.ones((8,), jnp.bfloat16) + 1)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-model = load_hf_model(sys.argv[1], dtype=jnp.bfloat16, progress=False)
-jax.block_until_ready(jax.tree.leaves(model))
+load = load_gguf_model if sys.argv[1].endswith(".gguf") else load_hf_model
+model = load(sys.argv[1], dtype=jnp.bfloat16, progress=False)
+leaves = jax.block_until_ready(jax.tree.leaves(model))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"baseline_rss": base, "peak_rss": peak}))
+print(json.dumps({"baseline_rss": base, "peak_rss": peak,
+                  "model_bytes": sum(x.nbytes for x in leaves)}))
 """
 
 
@@ -105,16 +110,30 @@ def write_sharded(directory: Path, config: dict, shapes: dict, shard_bytes: int
     return total, len(shards)
 
 
+def _convert_in_child(path: Path) -> dict:
+    """Peak and baseline RSS of a fresh process converting ``path``."""
+    repo = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True,
+                         text=True, check=True,
+                         env={"PYTHONPATH": repo, "JAX_PLATFORMS": "cpu",
+                              "PATH": "/usr/bin:/bin"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_gguf(path: Path) -> dict:
+    rss = _convert_in_child(path)
+    one_copy = rss["model_bytes"]
+    return {"gguf": path.name, "file_bytes": path.stat().st_size, "one_copy_bytes": one_copy,
+            **rss, "peak_over_one_copy": rss["peak_rss"] / one_copy,
+            "peak_net_of_baseline_over_one_copy":
+                (rss["peak_rss"] - rss["baseline_rss"]) / one_copy}
+
+
 def measure(params: float, shard_bytes: int = 500 << 20) -> dict:
     config, shapes = llama_shapes(params)
     with tempfile.TemporaryDirectory() as tmp:
         total, n_shards = write_sharded(Path(tmp) / "ckpt", config, shapes, shard_bytes)
-        repo = str(Path(__file__).resolve().parents[1])
-        out = subprocess.run([sys.executable, "-c", CHILD, str(Path(tmp) / "ckpt")],
-                             capture_output=True, text=True, check=True,
-                             env={"PYTHONPATH": repo, "JAX_PLATFORMS": "cpu",
-                                  "PATH": "/usr/bin:/bin"})
-    rss = json.loads(out.stdout.strip().splitlines()[-1])
+        rss = _convert_in_child(Path(tmp) / "ckpt")
     return {"parameters": sum(math.prod(s) for s in shapes.values()),
             "layers": config["num_hidden_layers"], "one_copy_bytes": total,
             "shards": n_shards, **rss,
@@ -127,9 +146,10 @@ def main() -> None:
     p.add_argument("--params", type=float, default=1e9)
     p.add_argument("--shard-bytes", type=int, default=500 << 20,
                    help="the checkpoint's shard size limit")
+    p.add_argument("--gguf", type=Path, help="measure this GGUF file's conversion instead")
     p.add_argument("--out")
     a = p.parse_args()
-    result = measure(a.params, a.shard_bytes)
+    result = measure_gguf(a.gguf) if a.gguf else measure(a.params, a.shard_bytes)
     print(json.dumps(result, indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1))

