@@ -199,8 +199,13 @@ def build_corpus(out_dir: str | os.PathLike, *, sources: Sequence[str] | None = 
                  overwrite: bool = False, text_dir: str | None = None,
                  shakespeare: str | None = None, npm_root: str | None = None,
                  janeaustenr: str | None = None, shard_tokens: int = 1 << 24,
-                 progress: bool = True) -> dict:
-    """Build the corpus at ``out_dir`` (see the module's docstring); returns the manifest."""
+                 tokenizer: str | os.PathLike | None = None, progress: bool = True) -> dict:
+    """Build the corpus at ``out_dir`` (see the module's docstring); returns the manifest.
+
+    ``tokenizer``: a ``tokenizer.json`` (a pretrained model's, e.g. one that
+    ``python -m convert gguf`` wrote) to encode with instead of training one;
+    the split by document is the same either way.
+    """
     names = list(SOURCES) if sources is None else list(sources)
     unknown = [n for n in names if n not in SOURCES]
     if unknown:
@@ -210,7 +215,8 @@ def build_corpus(out_dir: str | os.PathLike, *, sources: Sequence[str] | None = 
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"the seed must be a non-negative integer, got {seed!r}")
     out = check_out_dir(out_dir, overwrite=overwrite)
-    inputs = [p for p in (text_dir, shakespeare, npm_root, janeaustenr) if p]
+    inputs = [p for p in (text_dir, shakespeare, npm_root, janeaustenr, tokenizer) if p]
+    given = data.load_tokenizer(tokenizer) if tokenizer is not None else None
     safe_paths.refuse_overlap(out, inputs)
 
     args = argparse.Namespace(text_dir=text_dir, shakespeare=shakespeare, npm_root=npm_root,
@@ -275,13 +281,17 @@ def build_corpus(out_dir: str | os.PathLike, *, sources: Sequence[str] | None = 
 
     def write(staged: Path) -> None:
         staged.mkdir()
-        train_texts = [d.text for n in split for d in split[n][0]]
-        if progress:
-            _log(f"training the tokenizer (vocab {vocab_size}) on {len(train_texts)} documents, "
-                 f"{sum(map(len, train_texts)):,} characters")
-        tok = data.train_tokenizer(train_texts, vocab_size, staged / data.TOKENIZER_FILE,
-                                   show_progress=progress)
-        del train_texts
+        if given is not None:
+            tok = given
+            tok.save(str(staged / data.TOKENIZER_FILE))
+        else:
+            train_texts = [d.text for n in split for d in split[n][0]]
+            if progress:
+                _log(f"training the tokenizer (vocab {vocab_size}) on {len(train_texts)} "
+                     f"documents, {sum(map(len, train_texts)):,} characters")
+            tok = data.train_tokenizer(train_texts, vocab_size, staged / data.TOKENIZER_FILE,
+                                       show_progress=progress)
+            del train_texts
         eos = data.default_eos_id(tok)
         streams: dict[str, list[np.ndarray]] = {"train": [], "heldout": []}
         for name, sides in split.items():
@@ -310,7 +320,8 @@ def build_corpus(out_dir: str | os.PathLike, *, sources: Sequence[str] | None = 
             "format": CORPUS_FORMAT, "version": CORPUS_VERSION, "created_by": "train.corpus",
             "seed": seed, "heldout_fraction": heldout_fraction,
             "vocab_size": tok.get_vocab_size(with_added_tokens=True),
-            "vocab_size_requested": vocab_size, "eos_id": eos,
+            "vocab_size_requested": None if given is not None else vocab_size, "eos_id": eos,
+            "tokenizer_given": str(Path(tokenizer).absolute()) if given is not None else None,
             "pad_id": tok.token_to_id(data.PAD_TOKEN),
             "tokenizer": data.TOKENIZER_FILE,
             "tokenizer_fingerprint": data.tokenizer_fingerprint(tok),
@@ -365,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("out_dir", metavar="OUT_DIR")
     parser.add_argument("--vocab-size", type=int, default=16384,
                         help="tokenizer vocabulary, special tokens included (default: 16384)")
+    parser.add_argument("--tokenizer", metavar="TOKENIZER_JSON",
+                        help="encode with this tokenizer.json (a pretrained model's, e.g. one "
+                             "'python -m convert gguf' wrote) instead of training one; "
+                             "--vocab-size is then ignored")
     parser.add_argument("--heldout-fraction", type=float, default=0.02,
                         help="share of documents held out (default: 0.02)")
     parser.add_argument("--seed", type=int, default=0, help="split and shuffle seed (default: 0)")
@@ -403,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      overwrite=args.overwrite, text_dir=args.text_dir,
                      shakespeare=args.shakespeare, npm_root=args.npm_root,
                      janeaustenr=args.janeaustenr, shard_tokens=args.shard_tokens,
-                     progress=not args.quiet)
+                     tokenizer=args.tokenizer, progress=not args.quiet)
     except _UsageError as err:
         code, text = EXIT_USAGE, str(err)
     except FileNotFoundError as err:

@@ -1,5 +1,5 @@
 """convert.gguf_tokenizer (a GGUF file's tokenizer as a tokenizer.json) and
-convert.chat_template, checked against transformers' own GGUF loader on tiny
+coda_jax.chat_template, checked against transformers' own GGUF loader on tiny
 files written here and on the real SmolLM2-135M-Instruct GGUF file, and on the
 points where llama.cpp -- which we follow -- and transformers part ways."""
 
@@ -16,7 +16,7 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
 
-from convert.chat_template import render_chat  # noqa: E402
+from coda_jax.chat_template import render_chat  # noqa: E402
 from convert.gguf_tokenizer import tokenizer_config_from_gguf, tokenizer_from_gguf  # noqa: E402
 
 CORPUS = [
