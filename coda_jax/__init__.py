@@ -1,8 +1,9 @@
 """CoDA-GQA-L in JAX: bounded-memory differential attention and its saveable state.
 
 Layers (``CoDAGQALandmark``, ``CoDAGQA``, ``BaselineGQA``), decoder models
-(``CausalLM`` with a ``DecoderConfig``), compiled generation, the bank state
-and its row helpers, and Orbax checkpoints of states and models.
+(``CausalLM`` with a ``DecoderConfig``), compiled generation from any kind
+(the bounded ``BankState`` or the unbounded kinds' ``KVCache``), the row
+helpers of both, and Orbax checkpoints of bounded states and models.
 """
 
 from .bounded import CoDAGQALandmark
@@ -10,10 +11,11 @@ from .checkpoint import check_finite, load_state, nonfinite_rows, read_state_met
 from .config import AttentionConfig, BankConfig, lf_band_dims
 from .decoder import CausalLM
 from .generation import generate, sample_logits
+from .kv_cache import KVCache
 from .model_config import AttentionSpec, DecoderConfig
 from .model_io import load_model, read_model_metadata, save_model
-from .state import (BankMetrics, BankState, batch_axis, concat_rows, select_rows, stack_states,
-                    where_rows)
+from .state import (BankMetrics, BankState, batch_axis, concat_rows, row_axes, select_rows,
+                    stack_states, where_rows)
 from .unbounded import BaselineGQA, CoDAGQA
 from .database import NeuralDatabase
 
@@ -28,6 +30,7 @@ __all__ = [
     "CoDAGQA",
     "CoDAGQALandmark",
     "DecoderConfig",
+    "KVCache",
     "NeuralDatabase",
     "batch_axis",
     "check_finite",
@@ -39,6 +42,7 @@ __all__ = [
     "nonfinite_rows",
     "read_model_metadata",
     "read_state_metadata",
+    "row_axes",
     "sample_logits",
     "save_model",
     "save_state",

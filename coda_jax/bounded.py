@@ -112,6 +112,9 @@ class CoDAGQALandmark(AttentionCore):
         shapes = bank_writes.state_shapes(self.layout, int(batch_size), jnp.dtype(dtype))
         return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes)))
 
+    def check_room(self, state: BankState, needed, *, what: str) -> None:
+        """A bounded state has room for any number of tokens (see ``runner.Runnable``)."""
+
     def check_state(self, state: BankState, batch_size: int | None = None) -> None:
         """Raise ``ValueError`` naming the first leaf whose shape does not fit this layer."""
         if not isinstance(state, BankState):

@@ -389,13 +389,16 @@ class CausalLM(nnx.Module):
         call's queries attend over the whole cache at once, so with
         ``implementation="xla"`` its float32 scores take ``4 * block_size *
         chunks_per_call * max_length * heads`` bytes per row (twice that for
-        ``"coda"``): a smaller ``chunks_per_call`` caps them. By default a call
-        covers at most ``max_length`` tokens, rounded up to whole blocks.
+        ``"coda"``): a smaller ``chunks_per_call`` caps them. Blocks are at most
+        ``max_length`` tokens, and by default a call covers at most ``max_length``
+        tokens, rounded up to whole blocks (nothing longer can fit).
         """
-        if (not self.bounded and chunks_per_call is None and isinstance(state, KVCache)
-                and isinstance(block_size, int) and block_size > 0 and np.ndim(tokens) == 2):
-            default = default_chunks_per_call(block_size, int(np.shape(tokens)[0]))
-            chunks_per_call = min(default, -(-state.max_length // block_size))
+        if (not self.bounded and isinstance(state, KVCache) and type(block_size) is int
+                and block_size > 0 and np.ndim(tokens) == 2):  # else the runner refuses
+            block_size = min(block_size, state.max_length)
+            if chunks_per_call is None:
+                default = default_chunks_per_call(block_size, int(np.shape(tokens)[0]))
+                chunks_per_call = min(default, -(-state.max_length // block_size))
         return runner.prefill(self, tokens, state, block_size=block_size, lengths=lengths,
                               training=training, chunks_per_call=chunks_per_call,
                               unroll=unroll, last_only=last_only)

@@ -1,7 +1,9 @@
-"""Token generation from a bounded model's state in one compiled loop.
+"""Token generation from a model's state in one compiled loop.
 
-The whole loop (sample, step every layer, stop check) is one ``lax.scan``
-under ``jax.jit``: no per-token dispatch from Python, no host reads until the
+Any kind of model generates: a bounded one from its ``BankState``, an
+unbounded one (``gqa``, ``coda``) from its preallocated ``KVCache``. The whole
+loop (sample, step every layer, stop check) is one ``lax.scan`` under
+``jax.jit``: no per-token dispatch from Python, no host reads until the
 tokens come back. Rows that hit a stop token keep their state from then on
 and emit ``pad_id``. Rows are independent: each row of a batch (at its own
 position) generates what it would generate alone (exactly so when greedy).
@@ -15,10 +17,11 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from . import runner
+from . import kv_cache, runner
 from .checkpoint import nonfinite_rows
-from .decoder import CausalLM
-from .state import BankState, where_rows
+from .decoder import CausalLM, State
+from .kv_cache import KVCache
+from .state import where_rows
 from .validation import check_integer, check_number
 
 
@@ -42,13 +45,15 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float | jax
 PAD_ID = -1  # what stopped rows emit by default: never a token id
 
 
-def generate(model: CausalLM, state: BankState, logits: jax.Array, *, max_new_tokens: int,
+def generate(model: CausalLM, state: State, logits: jax.Array, *, max_new_tokens: int,
              key: jax.Array | None = None, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, stop_tokens: tuple[int, ...] = (), pad_id: int = PAD_ID
-             ) -> tuple[jax.Array, jax.Array, BankState]:
+             ) -> tuple[jax.Array, jax.Array, State]:
     """Continue from ``logits`` (B, V) (the last prompt token's, e.g. from
     ``model.prefill(..., last_only=True)``) and ``state`` (the model's, every row
-    at its own position).
+    at its own position): a bounded model's ``BankState``, or an unbounded
+    model's ``KVCache``, which must have room for ``max_new_tokens`` more
+    tokens in every row (else ``ValueError``; this reads its lengths back).
 
     ``temperature=0`` is greedy, ``> 0`` samples (needs ``key``); ``top_k=0`` and
     ``top_p=1`` switch those filters off. A row stops after emitting one of
@@ -57,7 +62,6 @@ def generate(model: CausalLM, state: BankState, logits: jax.Array, *, max_new_to
     max_new_tokens), number of tokens per row up to and including its stop
     token, final state).
     """
-    model.require_bounded()
     vocab = model.cfg.vocab_size
     if not hasattr(logits, "ndim") or logits.ndim not in (2, 3) or logits.shape[-1] != vocab:
         shape = tuple(getattr(logits, "shape", ()))
@@ -80,10 +84,11 @@ def generate(model: CausalLM, state: BankState, logits: jax.Array, *, max_new_to
     stops = tuple(check_integer("a stop token", t, 0, vocab - 1) for t in stop_tokens)
     pad_id = check_integer("pad_id", pad_id, -(2 ** 31))
     key = jax.random.key(0) if key is None else key
+    model.check_room(state, max_new_tokens, what=f"max_new_tokens={max_new_tokens}")
     poisoned = nonfinite_rows(state)  # a few bools: the loop would wait for the state anyway
     if poisoned:
         warnings.warn(f"row(s) {poisoned} of the state hold NaN or Inf values (a non-finite "
-                      "input reached the banks): their tokens are meaningless", stacklevel=2)
+                      "input reached the state): their tokens are meaningless", stacklevel=2)
     return _generate_jit(model, state, logits, key, jnp.float32(max(temperature, 1e-6)),
                          jnp.float32(top_p), max_new_tokens=max_new_tokens, greedy=greedy,
                          top_k=top_k, stop_tokens=stops, pad_id=pad_id)
@@ -106,8 +111,13 @@ def _generate_jit(model, state, logits, key, temperature, top_p, *, max_new_toke
                                   top_p=top_p).astype(jnp.int32)
         emitted = jnp.where(done, pad_id, token)
         # Stopped rows step on their (valid) sampled token; the result is discarded.
-        new_logits, new_state = model.decode_step(token[:, None], state, training=False)
-        state = where_rows(done, state, new_state)
+        if isinstance(state, KVCache):  # their writes dropped: no copy of the cache
+            new_logits, new_state = model.decode_step(
+                token[:, None], kv_cache.hold_rows(state, done), training=False)
+            state = kv_cache.release_rows(done, state, new_state)
+        else:
+            new_logits, new_state = model.decode_step(token[:, None], state, training=False)
+            state = where_rows(done, state, new_state)
         live = ~done
         done = done | jnp.isin(token, stops)
         return (state, new_logits[:, 0], done), (emitted, live)

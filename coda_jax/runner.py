@@ -1,7 +1,8 @@
-"""Driving a bounded layer or a whole bounded model: segments, checks, compiled calls.
+"""Driving a bounded layer or a whole model: segments, checks, compiled calls.
 
-A *runnable* module (``CoDAGQALandmark`` or a bounded ``CausalLM``) exposes
-pure functions of its weights, inputs and state:
+A *runnable* module (``CoDAGQALandmark``, or a ``CausalLM`` of any kind: its
+state is a ``BankState``, or an unbounded model's ``KVCache``) exposes pure
+functions of its weights, inputs and state:
 
     prefill_segment(x, lengths, state, *, block_size, training, unroll, last_only)
         -> (outputs, state)      one segment of whole blocks (what training
@@ -10,12 +11,14 @@ pure functions of its weights, inputs and state:
                                  (what generation scans over)
 
 plus ``check_input(x, what)`` (returns x as an array), ``check_state(state,
-batch)`` and ``output_dim``. This module does everything else, once for both:
-it checks the inputs, cuts prompts into fixed-size segments (one compilation
-per block size for any length), and owns the compiled entry points and the
-functions bound to a module's current weights. Every setting that changes
-the compiled program (block size, training, unroll, last_only) is a static
-argument of the jit, so it is part of the compile key.
+batch)``, ``check_room(state, needed, what)`` (refuses a state that cannot take
+``needed`` more tokens per row: a bounded state always can) and ``output_dim``.
+This module does everything else, once for all: it checks the inputs, cuts
+prompts into fixed-size segments (one compilation per block size for any
+length), and owns the compiled entry points and the functions bound to a
+module's current weights. Every setting that changes the compiled program
+(block size, training, unroll, last_only) is a static argument of the jit, so
+it is part of the compile key.
 """
 
 from __future__ import annotations
@@ -29,8 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .kv_cache import KVCache
 from .segments import check_lengths, join_segments, split_segments
 from .state import BankState
+
+State = BankState | KVCache
 
 MAX_UNROLLED_BLOCKS = 16
 _COMPILES: collections.Counter[str] = collections.Counter()
@@ -42,12 +48,13 @@ class Runnable(Protocol):
     output_dim: int
 
     def check_input(self, x: Any, *, what: str = ...) -> jax.Array: ...
-    def check_state(self, state: BankState, batch_size: int) -> None: ...
-    def prefill_segment(self, x: jax.Array, lengths: jax.Array, state: BankState, *,
+    def check_state(self, state: State, batch_size: int) -> None: ...
+    def check_room(self, state: State, needed: Any, *, what: str) -> None: ...
+    def prefill_segment(self, x: jax.Array, lengths: jax.Array, state: State, *,
                         block_size: int, training: bool, unroll: int | bool,
-                        last_only: bool) -> tuple[jax.Array, BankState]: ...
-    def decode_step(self, x: jax.Array, state: BankState, *, training: bool
-                    ) -> tuple[jax.Array, BankState]: ...
+                        last_only: bool) -> tuple[jax.Array, State]: ...
+    def decode_step(self, x: jax.Array, state: State, *, training: bool
+                    ) -> tuple[jax.Array, State]: ...
 
 
 def default_unroll() -> int | bool:
@@ -125,9 +132,9 @@ def bind_weights(module: nnx.Module, fn: Callable[..., Any]) -> Callable[..., An
 
 
 # ---------------------------------------------------------------- driving
-def run_segments(module: Runnable, segment_fn: Callable, x: Any, state: BankState, *,
+def run_segments(module: Runnable, segment_fn: Callable, x: Any, state: State, *,
                  lengths=None, block_size: int, chunks_per_call: int | None,
-                 last_only: bool = False) -> tuple[jax.Array, BankState]:
+                 last_only: bool = False) -> tuple[jax.Array, State]:
     """Check the inputs, then ``segment_fn(x_segment, lengths_in_it, state)`` over
     the prompt's segments; join the outputs (or keep each row's last one)."""
     x = module.check_input(x)
@@ -138,6 +145,7 @@ def run_segments(module: Runnable, segment_fn: Callable, x: Any, state: BankStat
         rows = np.flatnonzero(lengths == 0).tolist()
         raise ValueError(f"last_only=True needs at least one token per row; row(s) {rows} "
                          f"have none (input shape {tuple(x.shape)})")
+    module.check_room(state, lengths, what="the prompt")
     if length == 0:  # nothing to read: the state is unchanged
         return jnp.zeros((batch, 0, module.output_dim), jnp.float32), state
     outputs, last = [], None
@@ -154,10 +162,10 @@ def run_segments(module: Runnable, segment_fn: Callable, x: Any, state: BankStat
     return join_segments(outputs, length), state
 
 
-def prefill(module: Runnable, x: Any, state: BankState, *, block_size: int, lengths=None,
+def prefill(module: Runnable, x: Any, state: State, *, block_size: int, lengths=None,
             training: bool = False, chunks_per_call: int | None = None,
             unroll: int | bool | None = None, last_only: bool = False
-            ) -> tuple[jax.Array, BankState]:
+            ) -> tuple[jax.Array, State]:
     """Read a prompt into ``state`` segment by segment (see :func:`run_segments`)."""
     run = functools.partial(_prefill_jit, module, block_size=block_size, training=training,
                             unroll=default_unroll() if unroll is None else unroll,
@@ -168,50 +176,52 @@ def prefill(module: Runnable, x: Any, state: BankState, *, block_size: int, leng
 
 def prefill_fn(module: Runnable, *, block_size: int, training: bool = False,
                chunks_per_call: int | None = None, unroll: int | bool | None = None,
-               last_only: bool = False) -> Callable[..., tuple[jax.Array, BankState]]:
+               last_only: bool = False) -> Callable[..., tuple[jax.Array, State]]:
     """:func:`prefill` bound to the module's current weights and these settings:
     ``fn(x, state, lengths=None) -> (outputs, state)``."""
     run = bind_weights(module, functools.partial(
         _prefill_traced, block_size=block_size, training=training,
         unroll=default_unroll() if unroll is None else unroll, last_only=last_only))
 
-    def bound(x: Any, state: BankState, lengths=None) -> tuple[jax.Array, BankState]:
+    def bound(x: Any, state: State, lengths=None) -> tuple[jax.Array, State]:
         return run_segments(module, run, x, state, lengths=lengths, block_size=block_size,
                             chunks_per_call=chunks_per_call, last_only=last_only)
 
     return bound
 
 
-def check_step(module: Runnable, x: Any, state: BankState) -> jax.Array:
+def check_step(module: Runnable, x: Any, state: State) -> jax.Array:
     """Inputs of one decode step: one token per row, a state of the same batch."""
     x = module.check_input(x)
     if x.shape[1] != 1:
         raise ValueError(f"step takes one token per row, shape (batch, 1, ...); got "
                          f"{tuple(x.shape)}")
     module.check_state(state, x.shape[0])
+    module.check_room(state, 1, what="one more token")
     return x
 
 
-def step(module: Runnable, x: Any, state: BankState, *, training: bool = False
-         ) -> tuple[jax.Array, BankState]:
+def step(module: Runnable, x: Any, state: State, *, training: bool = False
+         ) -> tuple[jax.Array, State]:
     """One compiled decode step of every row."""
     return _step_jit(module, check_step(module, x, state), state, training=training)
 
 
 def step_fn(module: Runnable, *, training: bool = False
-            ) -> Callable[[Any, BankState], tuple[jax.Array, BankState]]:
+            ) -> Callable[[Any, State], tuple[jax.Array, State]]:
     """:func:`step` bound to the module's current weights: ``fn(x, state)``."""
     run = bind_weights(module, lambda m, x, st: m.decode_step(x, st, training=training))
 
-    def bound(x: Any, state: BankState) -> tuple[jax.Array, BankState]:
+    def bound(x: Any, state: State) -> tuple[jax.Array, State]:
         return run(check_step(module, x, state), state)
 
     return bound
 
 
-def decode(module: Runnable, xs: Any, state: BankState, *, training: bool = False
-           ) -> tuple[jax.Array, BankState]:
+def decode(module: Runnable, xs: Any, state: State, *, training: bool = False
+           ) -> tuple[jax.Array, State]:
     """Feed a (B, T, ...) sequence through the decode rule in one compiled loop."""
     xs = module.check_input(xs)
     module.check_state(state, xs.shape[0])
+    module.check_room(state, xs.shape[1], what="the sequence")
     return _decode_jit(module, xs, state, training=training)

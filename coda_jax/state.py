@@ -16,7 +16,9 @@ Axes: one layer's state has leaves ``(B, ...)``; a model's state stacks its
 layers' states, ``(layers, B, ...)``. Every leaf has the same leading axes as
 ``pos``, so the batch axis is always ``pos.ndim - 1`` (:func:`batch_axis`), and
 the row helpers here (:func:`concat_rows`, :func:`select_rows`,
-:func:`where_rows`) work on both.
+:func:`where_rows`) work on both. They work on any state that names the batch
+axis of each of its leaves with a ``row_axes()`` method, such as the unbounded
+models' ``kv_cache.KVCache``.
 """
 
 from __future__ import annotations
@@ -90,11 +92,26 @@ def batch_axis(state: BankState) -> int:
     return state.pos.ndim - 1
 
 
-def concat_rows(*states: BankState) -> BankState:
+def row_axes(state):
+    """The batch axis of each leaf of ``state``, as a tree of ints of its structure:
+    :func:`batch_axis` for every leaf of a ``BankState``, else the state's own
+    ``row_axes()`` (a ``KVCache``: keys and values (layers, B, ...), lengths (B,))."""
+    if isinstance(state, BankState):
+        axis = batch_axis(state)
+        return jax.tree.map(lambda _: axis, state)
+    own = getattr(state, "row_axes", None)
+    if not callable(own):
+        raise TypeError(f"expected a BankState or a KVCache, got {type(state).__name__}")
+    return own()
+
+
+def concat_rows(*states):
     """Concatenate the rows of states of different documents (layer or model
-    states alike) into one batch, in the order given."""
+    states alike, or KV caches of one max_length) into one batch, in the order given."""
     if not states:
         raise ValueError("concat_rows needs at least one state")
+    if not all(isinstance(s, BankState) for s in states):
+        return _concat_other(states)
     axes = {batch_axis(s) for s in states}
     layers = {s.num_layers for s in states}
     if len(axes) != 1 or len(layers) != 1:
@@ -106,32 +123,51 @@ def concat_rows(*states: BankState) -> BankState:
     return jax.tree.map(lambda *leaves: jnp.concatenate(leaves, axis=axis), *states)
 
 
+def _concat_other(states):
+    """:func:`concat_rows` of states that are not ``BankState`` (KV caches)."""
+    kinds = {type(s).__name__ for s in states}
+    if len(kinds) != 1:
+        raise ValueError(f"concat_rows cannot mix kinds of state ({', '.join(sorted(kinds))})")
+    if len({jax.tree.structure(s) for s in states}) != 1:
+        raise ValueError("concat_rows needs states of one structure")
+    axes = row_axes(states[0])
+    for ax, *leaves in zip(jax.tree.leaves(axes), *map(jax.tree.leaves, states)):
+        others = {leaf.shape[:ax] + leaf.shape[ax + 1:] for leaf in leaves}
+        if len(others) != 1 or len({leaf.dtype for leaf in leaves}) != 1:
+            shapes = sorted({(tuple(leaf.shape), str(leaf.dtype)) for leaf in leaves})
+            raise ValueError("concat_rows needs states that differ only in their rows (one "
+                             f"depth, max_length and dtype); got leaves {shapes}")
+    return jax.tree.map(lambda ax, *leaves: jnp.concatenate(leaves, axis=ax), axes, *states)
+
+
 # The name of earlier releases (it concatenates rows; it does not stack).
 stack_states = concat_rows
 
 
-def select_rows(state: BankState, rows) -> BankState:
+def select_rows(state, rows):
     """The states of some batch rows: an index (kept as a batch of one), a
-    slice, or an index array; layer or model states alike."""
-    axis = batch_axis(state)
+    slice, or an index array; layer or model states (or KV caches) alike."""
+    axes = row_axes(state)
     if isinstance(rows, (int, np.integer)):
         batch = state.batch_size
         if not -batch <= rows < batch:
             raise IndexError(f"row {rows} is out of range for a batch of {batch}")
         rows = slice(rows % batch, rows % batch + 1)
-    index = (slice(None),) * axis + (rows,)
-    return jax.tree.map(lambda leaf: leaf[index], state)
+    return jax.tree.map(lambda axis, leaf: leaf[(slice(None),) * axis + (rows,)], axes, state)
 
 
 def where_rows(take_new: jax.Array, new, old, *, axis: int | None = None):
     """Per batch row, ``new`` where ``take_new`` (B,) else ``old``.
 
-    The batch axis is :func:`batch_axis` for states, else ``axis`` (default 0).
+    The batch axis is :func:`row_axes` for states (``BankState``, ``KVCache``),
+    else ``axis`` (default 0) for every leaf.
     """
-    if axis is None:
-        axis = batch_axis(new) if isinstance(new, BankState) else 0
+    if axis is not None or not (isinstance(new, BankState) or hasattr(new, "row_axes")):
+        axes = jax.tree.map(lambda _: 0 if axis is None else axis, new)
+    else:
+        axes = row_axes(new)
 
-    def pick(a, b):
+    def pick(axis, a, b):
         cond = take_new.reshape((1,) * axis + take_new.shape + (1,) * (a.ndim - axis - 1))
         return jnp.where(cond, a, b)
-    return jax.tree.map(pick, new, old)
+    return jax.tree.map(pick, axes, new, old)

@@ -15,11 +15,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import kv_cache
 from .attention_math import sliding_window_mask
 from .config import AttentionConfig, HeadNormMode
+from .primitives import materialise
 from .projections import AttentionCore
 
-KVCache = tuple[jax.Array, jax.Array]
+# The (k, v) pair a forward returns and takes back as its past; generation's
+# preallocated cache is kv_cache.KVCache.
+PastKV = tuple[jax.Array, jax.Array]
 
 
 class _UnboundedAttention(AttentionCore):
@@ -32,7 +36,7 @@ class _UnboundedAttention(AttentionCore):
 
     def __call__(self, x: jax.Array, *, is_causal: bool = True,
                  attention_mask: jax.Array | None = None,
-                 past_key_value: KVCache | None = None) -> tuple[jax.Array, KVCache]:
+                 past_key_value: PastKV | None = None) -> tuple[jax.Array, PastKV]:
         """x (B, L, D) -> (y (B, L, D), (k, v) including the past).
 
         ``attention_mask``: bool (True = attend) or additive float, broadcastable
@@ -67,6 +71,32 @@ class _UnboundedAttention(AttentionCore):
             mask = window if mask is None else mask & window
             causal = False
         return self.attend(x, q, k, v, mask=mask, bias=bias, causal=causal), (k, v)
+
+    def attend_cache(self, x: jax.Array, positions: jax.Array, write_at: jax.Array,
+                     k_all: jax.Array, v_all: jax.Array, layer: jax.Array
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x (B, S, D) at ``positions`` (B, S) after a preallocated cache: -> (y (B, S,
+        D), K and V with x's keys and values written).
+
+        ``k_all``/``v_all`` are a model's stacked cache (layers, B, T, Hkv, Dh), of
+        which this layer is ``layer``; x's keys and values go to ``write_at`` (B, S)
+        (positions outside ``[0, T)`` are dropped: padding). Each query sees the
+        cache up to its own position (and within ``sliding_window``).
+        """
+        q = self.project_q(x, positions)
+        k, v = self.project_kv(x, positions)
+        decoding = x.shape[1] == 1
+        if decoding:  # keep XLA from fusing (recomputing) the projections into the write
+            q, k, v = materialise(q, k, v)
+        k_all = kv_cache.write(k_all, layer, write_at, k)
+        v_all = kv_cache.write(v_all, layer, write_at, v)
+        seen = kv_cache.visible_keys(positions, k_all.shape[2], self.sliding_window)
+        keys, values = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
+        if decoding:  # a key mask: what the decode kernels take
+            y = self.attend(x, q, keys, values, key_mask=seen[:, 0], fused=False)
+        else:
+            y = self.attend(x, q, keys, values, mask=seen)
+        return y, k_all, v_all
 
 
 def _to_3d(mask: jax.Array) -> jax.Array:
