@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -242,3 +243,45 @@ def test_smollm2_matches_transformers():
         30, 576, 9, 3, 64, 1536, 49152, True, 100_000.0)
     hf = _hf_model(path.parent, path.name)
     _check_prefill_and_decode(hf, ours, cfg.vocab_size, seed=3, prompt=40, new=4)
+
+
+# ------------------------------------------------------------- asking in the chat format
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                 "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                 "{% endif %}")
+
+
+@pytest.mark.parametrize("attention", ["gqa", "coda_bounded"])
+def test_a_converted_model_answers_in_its_chat_format(tmp_path, attention):
+    from coda_jax.chat import ask, chat_prompt, load_chat_model
+    from coda_jax.generation import generate
+
+    path = write_model(tmp_path / "m.gguf", types=("Q8_0",),
+                       metadata={"tokenizer.chat_template": ("string", CHAT_TEMPLATE)})
+    flags = ["--window", "8", "--num-landmarks-exact", "4", "--num-landmarks-summary", "4"]
+    assert main(["gguf", str(path), str(tmp_path / "out"), "--dtype", "float32",
+                 "--attention", attention] + (flags if attention != "gqa" else [])) == 0
+    chat_model = load_chat_model(tmp_path / "out")
+    assert chat_model.stop_tokens == (2,)  # <|im_end|>, the file's end of turn
+    ids = chat_prompt(chat_model, [{"role": "user", "content": "tea"}])
+    text = "<|im_start|>user\ntea<|im_end|>\n<|im_start|>assistant\n"
+    assert ids == chat_model.tokenizer.encode(text, add_special_tokens=False).ids
+    assert ids[0] == 1 and ids.count(2) == 1  # the special tokens whole, not spelled out
+    reply = ask(chat_model, "tea", max_new_tokens=5)
+    # The same greedy tokens as the engine's own generate on the same prompt.
+    model = chat_model.model
+    state = (model.init_state(1, key=jax.random.key(0)) if attention != "gqa" else
+             model.init_state(1, max_length=len(ids) + 5))
+    logits, state = model.prefill(jnp.asarray([ids]), state, last_only=True)
+    tokens, count, _ = generate(model, state, logits, max_new_tokens=5, stop_tokens=(2,))
+    want = [int(t) for t in tokens[0, :int(count[0])] if int(t) != 2]
+    assert reply == chat_model.tokenizer.decode(want).strip()
+
+
+def test_a_model_without_a_chat_template_is_refused_by_name(tmp_path):
+    from coda_jax.chat import load_chat_model
+
+    path = write_model(tmp_path / "m.gguf")
+    assert main(["gguf", str(path), str(tmp_path / "out")]) == 0
+    with pytest.raises(ValueError, match="records no chat template"):
+        load_chat_model(tmp_path / "out")
