@@ -27,10 +27,10 @@ import numpy as np
 from flax import nnx
 
 from coda_jax import CausalLM, DecoderConfig, select_rows
-from coda_jax.database.documents import empty_state, read_document
-from coda_jax.database.model_source import OpenModel, tokenizer_fingerprint
-from coda_jax.database.query import Answerer
-from coda_jax.database.settings import QuerySettings, Sampling, read_block
+from coda_db.documents import empty_state, read_document
+from coda_db.model_source import OpenModel, tokenizer_fingerprint
+from coda_db.query import Answerer
+from coda_db.settings import QuerySettings, Sampling, read_block
 
 MISTRAL_7B = dict(family="mistral", vocab_size=32000, hidden_size=4096,
                   intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,

@@ -57,7 +57,7 @@ def _cache_list(text: str) -> list[str]:
 def default_model() -> str | None:
     """The bundled model's directory, where the package provides one."""
     try:
-        from coda_jax.database.bundled import bundled_model_path
+        from coda_db.bundled import bundled_model_path
     except ImportError:
         return None
     path = bundled_model_path()

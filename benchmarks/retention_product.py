@@ -1,4 +1,4 @@
-"""The retention study's product path: documents through ``coda_jax.database``.
+"""The retention study's product path: documents through ``coda_db``.
 
 ``ingest_library`` reads every document with ``NeuralDatabase.ingest`` and
 saves its state into a library (one entry per document); the questions are
@@ -72,7 +72,7 @@ def ingest_library(model: Any, library: str | os.PathLike, texts: Sequence[str],
     """Ingest each text with ``NeuralDatabase`` on ``model`` (a model directory or
     an opened model) and save its state under :func:`document_label` in
     ``library``."""
-    from coda_jax.database import NeuralDatabase
+    from coda_db import NeuralDatabase
 
     start = time.perf_counter()
     db = NeuralDatabase(model, library=library)
@@ -154,7 +154,7 @@ def window_only_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
     over its window only (:func:`window_only_twin`), saved at ``out_dir`` with the
     same ``database`` settings and tokenizer."""
     from coda_jax import load_model, read_model_metadata, save_model
-    from coda_jax.database.settings import METADATA_KEY
+    from coda_db.settings import METADATA_KEY
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     meta = read_model_metadata(model_dir)
@@ -214,7 +214,7 @@ def run_worker(spec_path: str | os.PathLike, answers_path: str | os.PathLike) ->
     started = time.perf_counter()
     import jax
 
-    from coda_jax.database import NeuralDatabase
+    from coda_db import NeuralDatabase
 
     spec = json.loads(Path(spec_path).read_text())
     if spec.get("format") != WORKER_FORMAT:

@@ -117,7 +117,7 @@ def product_arm(cache: str, args: argparse.Namespace, opened: Any, texts: Sequen
     worker -> (report, timings, (process, answers file, launch time))."""
     import retention_product as product
 
-    from coda_jax.database.model_source import open_model
+    from coda_db.model_source import open_model
 
     start = time.perf_counter()
     if cache == "bounded":
@@ -212,7 +212,7 @@ def run_study(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Every phase of the study; -> the results (see the module docstring)."""
     import retention_product as product
 
-    from coda_jax.database.model_source import open_model
+    from coda_db.model_source import open_model
 
     started = time.perf_counter()
     timings: dict[str, Any] = {}

@@ -373,7 +373,7 @@ def write_spec(path: Path, *, model: str | os.PathLike, documents: str | os.Path
 def run_worker(spec_path: str | os.PathLike, answers_path: str | os.PathLike) -> int:
     """Open the model, run :func:`run_arm` on the spec's documents and rows, write
     the answers, the report, each document's tokens and the timings."""
-    from coda_jax.database.model_source import open_model
+    from coda_db.model_source import open_model
 
     started = time.perf_counter()
     timings = {"imports_s": started - IMPORTED_AT}

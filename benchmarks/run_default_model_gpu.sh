@@ -8,7 +8,7 @@
 # Back in $OUT: default_model_<gpu>.json (the stages' configs, summaries and metrics, and the
 # quick retention check) and export/ (the bf16 shards, export.json, card.json, tokenizer.json:
 # what python -m train.bundle takes). The log's tail is printed. FROM_STAGE=NAME BASE=MODEL
-# resume the recipe at stage NAME from MODEL (e.g. the bundled coda_jax/database/default_model).
+# resume the recipe at stage NAME from MODEL (e.g. the bundled coda_db/default_model).
 source benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
 if [[ $# -ne 1 || ! -f "$1" ]]; then

@@ -17,7 +17,6 @@ from .model_io import load_model, read_model_metadata, save_model
 from .state import (BankMetrics, BankState, batch_axis, concat_rows, row_axes, select_rows,
                     stack_states, where_rows)
 from .unbounded import BaselineGQA, CoDAGQA
-from .database import NeuralDatabase
 
 __all__ = [
     "AttentionConfig",
@@ -31,7 +30,6 @@ __all__ = [
     "CoDAGQALandmark",
     "DecoderConfig",
     "KVCache",
-    "NeuralDatabase",
     "batch_axis",
     "check_finite",
     "concat_rows",

@@ -1,6 +1,6 @@
 """The default model's export made into the package's bundled model.
 
-    python -m train.bundle EXPORT_DIR [--out coda_jax/database/default_model]
+    python -m train.bundle EXPORT_DIR [--out coda_db/default_model]
                            [--retention RESULTS.json]
 
 ``EXPORT_DIR`` is what ``python -m train.default_model`` writes as
@@ -99,9 +99,9 @@ def bundle(export_dir: str | Path, out: str | Path = DEFAULT_OUT, *,
     card; returns ``out``."""
     from coda_jax import load_model, safe_paths, save_model
     from coda_jax.checkpoint import weights_fingerprint
-    from coda_jax.database.bundled import BUNDLE_FORMAT, CARD_FILE, is_bundle
-    from coda_jax.database.model_source import load_tokenizer, tokenizer_fingerprint
-    from coda_jax.database.settings import QuerySettings
+    from coda_db.bundled import BUNDLE_FORMAT, CARD_FILE, is_bundle
+    from coda_db.model_source import load_tokenizer, tokenizer_fingerprint
+    from coda_db.settings import QuerySettings
 
     limit = MAX_BUNDLE_BYTES if max_bytes is None else max_bytes
     export, out = Path(export_dir).absolute(), Path(out).absolute()

@@ -16,7 +16,7 @@ The recipe is ``configs/default_model.yaml``:
 3. the stages in order, each starting from the model of the one before (its
    training config is the stage's ``config``); ``--from-stage NAME`` resumes
    the recipe there, from ``--base`` as the model of the stages before it
-   (for example a bundled model: ``coda_jax/database/default_model``);
+   (for example a bundled model: ``coda_db/default_model``);
 4. a quick retention check on held-out documents (teacher-forced exact match,
    bounded, unbounded and window only), ``OUT_DIR/retention_quick.json``;
 5. ``OUT_DIR/export``: the model as bf16 safetensors shards (what a GPU
@@ -53,7 +53,7 @@ def stop_token_ids(tok) -> list[int]:
 
 
 def database_settings(tok) -> dict[str, Any]:
-    """The recommended query settings the model carries (``coda_jax.database``)."""
+    """The recommended query settings the model carries (``coda_db``)."""
     from .retention import PROMPT
 
     return {"prompt": PROMPT, "temperature": 0.0, "top_k": 0, "top_p": 1.0,

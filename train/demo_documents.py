@@ -1,6 +1,6 @@
 """The documents of ``coda-db demo``: held-out filler with facts at varied depths.
 
-    python -m train.demo_documents CORPUS_DIR [--out coda_jax/database/demo_documents.json]
+    python -m train.demo_documents CORPUS_DIR [--out coda_db/demo_documents.json]
                                    [--lengths 1500,3000,6000] [--facts 2,3,4] [--seed 0]
 
 One document per length (tokens of the corpus's tokenizer), built from the
@@ -151,8 +151,8 @@ def _documents(tok, filler: np.ndarray, lengths: Sequence[int], facts: Sequence[
 def demo_documents(corpus: str | os.PathLike, *, lengths: Sequence[int] = LENGTHS,
                    facts: Sequence[int] = FACTS_PER_DOC, seed: int = 0) -> dict[str, Any]:
     """The demo documents of ``corpus`` (see the module's description)."""
-    from coda_jax.database.bundled import DEMO_FORMAT
-    from coda_jax.database.model_source import tokenizer_fingerprint
+    from coda_db.bundled import DEMO_FORMAT
+    from coda_db.model_source import tokenizer_fingerprint
 
     from . import data, retention
 
@@ -181,7 +181,7 @@ def demo_documents(corpus: str | os.PathLike, *, lengths: Sequence[int] = LENGTH
 def write_json(value: Any, out: Path) -> Path:
     """``value`` as JSON at ``out``, atomically; an existing file is replaced only
     when it is a demo documents file."""
-    from coda_jax.database.bundled import DEMO_FORMAT
+    from coda_db.bundled import DEMO_FORMAT
 
     if out.exists():
         try:

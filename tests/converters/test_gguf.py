@@ -108,7 +108,7 @@ def test_the_cli_writes_a_checkpoint_with_tokenizer_and_chat_template(gguf_pair,
 
 
 def test_bounded_conversion_opens_in_the_database(tmp_path):
-    from coda_jax.database.model_source import open_model
+    from coda_db.model_source import open_model
 
     path = write_model(tmp_path / "m.gguf", arch="llama", types=("Q8_0",),
                        metadata={"tokenizer.chat_template": ("string", "{{ messages }}")})

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from coda_jax import CausalLM, DecoderConfig, save_model
-from coda_jax.database import NeuralDatabase
+from coda_db import NeuralDatabase
 from train.data import train_tokenizer
 
 TEXT = ("The lighthouse keeper wrote in her log every night. The storm came from the west "

@@ -11,8 +11,8 @@ import urllib.request
 
 import pytest
 
-from coda_jax.database import NeuralDatabase, RefusedError
-from coda_jax.database.web import make_server
+from coda_db import NeuralDatabase, RefusedError
+from coda_db.web import make_server
 
 from conftest import TEXT, snapshot
 
@@ -107,7 +107,7 @@ def _call(url: str, data: bytes | None = None, headers: dict | None = None):
 
 
 def test_the_server_api_and_its_limits(server, db, monkeypatch):
-    from coda_jax.database import web
+    from coda_db import web
 
     assert _call(server + "/")[0] == 200
     code, body = _call(server + "/api/ingest", TEXT[:500].encode(), {"X-Source": "a.txt"})

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from coda_jax.database.web import make_server
+from coda_db.web import make_server
 
 from conftest import TEXT
 

@@ -22,9 +22,9 @@ import pytest
 from flax import nnx
 
 from coda_jax import CausalLM, DecoderConfig
-from coda_jax.database import NeuralDatabase, bundled, demo
-from coda_jax.database.cli import EXIT_NOT_FOUND, EXIT_OK, EXIT_WRONG_ANSWERS, main
-from coda_jax.database.library import Library
+from coda_db import NeuralDatabase, bundled, demo
+from coda_db.cli import EXIT_NOT_FOUND, EXIT_OK, EXIT_WRONG_ANSWERS, main
+from coda_db.library import Library
 from train import bundle, data, demo_documents
 from train.retention import FACTS, load_pools
 
@@ -172,7 +172,7 @@ def test_the_package_data_patterns_ship_a_bundle_and_the_demo_documents(tiny_bun
     """A wheel built from the project (non-editable) holds every file of the bundle
     and the demo documents."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert "coda_jax.database" in config["package-data"]
+    assert "coda_db" in config["package-data"]
     src = tmp_path / "src"
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name if src.exists() else _mkdir(src) / name)
@@ -188,10 +188,10 @@ def test_the_package_data_patterns_ship_a_bundle_and_the_demo_documents(tiny_bun
     assert run.returncode == 0, run.stderr[-3000:]
     [wheel] = (tmp_path / "wheel").glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    wanted = {f"coda_jax/database/default_model/{p.relative_to(tiny_bundle)}"
+    wanted = {f"coda_db/default_model/{p.relative_to(tiny_bundle)}"
               for p in tiny_bundle.rglob("*") if p.is_file()}
     assert wanted - names == set()
-    assert "coda_jax/database/demo_documents.json" in names
+    assert "coda_db/demo_documents.json" in names
 
 
 def _mkdir(path: Path) -> Path:
@@ -212,7 +212,7 @@ def test_without_a_bundle_the_commands_ask_for_a_model(no_bundle, capsys, tmp_pa
 
 
 def test_the_bundled_model_is_the_default(tiny_bundle, model_dir, monkeypatch, tmp_path):
-    from coda_jax.database import cli
+    from coda_db import cli
 
     monkeypatch.setattr(bundled, "BUNDLE_DIR", tiny_bundle)
     monkeypatch.delenv("CODA_DB_MODEL", raising=False)
@@ -373,7 +373,7 @@ def test_the_bundled_model_answers_after_a_save_and_a_reload_in_a_fresh_process(
     lib = tmp_path / "lib"
     db = NeuralDatabase(library=lib)
     db.save(doc["name"], db.ingest(doc["text"]))
-    run = subprocess.run([sys.executable, "-m", "coda_jax.database.cli", "query", doc["name"],
+    run = subprocess.run([sys.executable, "-m", "coda_db.cli", "query", doc["name"],
                           question["question"], "--library", str(lib), "--temperature", "0",
                           "--json"], capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from coda_jax.database.cli import main
+from coda_db.cli import main
 
 from conftest import TEXT, make_model_dir, snapshot
 
@@ -42,7 +42,7 @@ def test_ingest_list_query_info_delete(capsys, model_dir, tmp_path, monkeypatch)
 
 
 def test_exit_codes_and_messages(capsys, model_dir, tmp_path, monkeypatch):
-    from coda_jax.database import bundled
+    from coda_db import bundled
 
     # 'no model' cases: an installation without a bundled default model
     monkeypatch.setattr(bundled, "BUNDLE_DIR", tmp_path / "no_default_model")

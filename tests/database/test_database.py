@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from coda_jax.database import NeuralDatabase, NotFoundError, RefusedError, library
-from coda_jax.database.settings import read_block
+from coda_db import NeuralDatabase, NotFoundError, RefusedError, library
+from coda_db.settings import read_block
 
 from conftest import TEXT, make_model_dir, snapshot
 
@@ -40,7 +40,7 @@ def test_saved_then_loaded_in_a_fresh_process_answers_as_before(db, model_dir, t
     db.ingest(TEXT, source="log.txt")
     want = db.query("How many gulls?", **GREEDY).tokens
     db.save("log book")
-    script = (f"from coda_jax.database import NeuralDatabase\n"
+    script = (f"from coda_db import NeuralDatabase\n"
               f"db = NeuralDatabase({str(model_dir)!r}, library={str(db.library.root)!r})\n"
               f"db.load('log book')\n"
               f"print(db.query('How many gulls?', temperature=0.0, max_new_tokens=6).tokens)")
@@ -272,7 +272,7 @@ def test_a_large_file_is_read_in_bounded_host_memory(db, tmp_path, sizes):
     (``sizes`` in half-megabytes: a small file, then a large one)."""
     import tracemalloc
 
-    from coda_jax.database.documents import read_document
+    from coda_db.documents import read_document
 
     def peak_for(megabytes: int) -> tuple[int, int]:
         big = tmp_path / f"big{megabytes}.txt"

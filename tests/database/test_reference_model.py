@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from coda_jax.database import NeuralDatabase
+from coda_db import NeuralDatabase
 
 from conftest import TEXT
 

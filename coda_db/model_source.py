@@ -18,10 +18,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..checkpoint import weights_fingerprint
-from ..decoder import CausalLM
-from ..model_config import BOUNDED_DEFAULTS
-from ..model_io import load_model, read_model_metadata
+from coda_jax.checkpoint import weights_fingerprint
+from coda_jax.decoder import CausalLM
+from coda_jax.model_config import BOUNDED_DEFAULTS
+from coda_jax.model_io import load_model, read_model_metadata
 from .bundled import bundled_model_path
 from .errors import NotFoundError, RefusedError
 from .settings import QuerySettings

@@ -31,13 +31,13 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .. import orbax_io, safe_paths
-from ..checkpoint import load_state, read_state_metadata, save_state
+from coda_jax import orbax_io, safe_paths
+from coda_jax.checkpoint import load_state, read_state_metadata, save_state
 from .documents import DocumentState
 from .errors import NotFoundError, RefusedError
 from .model_source import OpenModel
 
-ENTRY_FORMAT = "coda_jax.database_entry/1"
+ENTRY_FORMAT = "coda_db_entry/1"
 ENTRY_FILE = "entry.json"
 STATE_DIR = "state"
 LOCK_FILE = ".lock"

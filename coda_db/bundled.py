@@ -1,9 +1,9 @@
 """The default model shipped inside the package, and the demo's documents.
 
-    coda_jax/database/default_model/    a bounded model checkpoint (bf16) written by
+    coda_db/default_model/    a bounded model checkpoint (bf16) written by
                                         ``python -m train.bundle``: meta/, tree/,
                                         checksums.json, tokenizer.json, card.json
-    coda_jax/database/demo_documents.json
+    coda_db/demo_documents.json
                                         three held-out documents with their questions
                                         and answers (``python -m train.demo_documents``)
 

@@ -3,7 +3,7 @@
 For each demo document (the bundled three, :mod:`.bundled`): ingest it (read
 once, in this process), save the state under its name in a library (a
 temporary one, or ``--library``); then a fresh Python process
-(``python -m coda_jax.database.demo --worker ...``) opens the model, loads the
+(``python -m coda_db.demo --worker ...``) opens the model, loads the
 saved states (never the documents) and answers every question in one batched
 greedy decode with the model's own prompt, stop tokens and answer length. An
 answer is correct when it equals the expected one, surrounding whitespace
@@ -163,7 +163,7 @@ def run_demo(*, model: str | None = None, library: str | None = None, keep: bool
 def _ask_in_new_process(model: str, library: Path, documents: str | None, labels: list[str],
                         *, tokenizer: str | None, adapters: str | None, untrained: bool
                         ) -> dict[str, list[dict[str, Any]]]:
-    command = [sys.executable, "-m", "coda_jax.database.demo", "--worker", "--model", model,
+    command = [sys.executable, "-m", "coda_db.demo", "--worker", "--model", model,
                "--library", str(library)]
     for flag, value in (("--documents", documents), ("--tokenizer", tokenizer),
                         ("--adapters", adapters)):
@@ -218,7 +218,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 def worker_main(argv: Sequence[str] | None = None) -> int:
     """The new process of the demo: answer the demo's questions from saved states."""
-    parser = argparse.ArgumentParser(prog="python -m coda_jax.database.demo")
+    parser = argparse.ArgumentParser(prog="python -m coda_db.demo")
     parser.add_argument("--worker", action="store_true", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--library", required=True)

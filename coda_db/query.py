@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..generation import generate, sample_logits
-from ..runner import bind_weights
-from ..state import BankState, concat_rows
+from coda_jax.generation import generate, sample_logits
+from coda_jax.runner import bind_weights
+from coda_jax.state import BankState, concat_rows
 from .model_source import OpenModel
 from .settings import Sampling, read_block
 

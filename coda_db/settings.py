@@ -18,7 +18,7 @@ import math
 from typing import Any, Mapping
 
 
-from ..validation import check_integer, check_number
+from coda_jax.validation import check_integer, check_number
 from .errors import RefusedError
 
 METADATA_KEY = "database"

@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Mapping, Sequence
 
-from .. import orbax_io
-from ..checkpoint import load_state, read_state_metadata
+from coda_jax import orbax_io
+from coda_jax.checkpoint import load_state, read_state_metadata
 from .archive import pack, unpack
 from .documents import DocumentState, read_document
 from .errors import RefusedError
@@ -19,7 +19,7 @@ from .library import (ENTRY_FILE, STATE_DIR, Entry, Library, check_compatible, c
 from .model_source import OpenModel, open_model
 from .query import Answer, Answerer
 from .settings import Sampling
-from .. import safe_paths
+from coda_jax import safe_paths
 
 
 def entry_info(entry: Entry) -> dict[str, Any]:

@@ -25,14 +25,14 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from ..state import BankState
+from coda_jax.state import BankState
 from .errors import NotFoundError, RefusedError
 from .model_source import OpenModel
 from .settings import read_block
 
 PIECE_CHARS = 1 << 18
 CHUNKS_PER_SEGMENT = 4
-DOCUMENT_FORMAT = "coda_jax.database_document/1"
+DOCUMENT_FORMAT = "coda_db_document/1"
 INIT_SEED = 0
 
 
