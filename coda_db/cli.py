@@ -177,7 +177,8 @@ def cmd_query(args: argparse.Namespace) -> None:
     from .library import Library
 
     entry = Library(args.library).entry(args.label)
-    recorded = entry.meta.get("document", {}).get("model", {}).get("name")
+    model = entry.meta.get("document", {}).get("model", {})
+    recorded = model.get("path", model.get("name"))  # entries saved before "path": a path
     db = _database(args, recorded)
     db.load(args.label)
     stream = db.query_stream(args.question, max_new_tokens=args.max_new_tokens,

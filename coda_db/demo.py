@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .bundled import bundled_card, bundled_model_path, read_demo_documents
+from .bundled import bundled_model_path, read_demo_documents
 from .errors import NotFoundError, RefusedError
 
 RESULT_PREFIX = "@coda-db-demo "
@@ -73,14 +73,11 @@ def resolve_model(model: str | None) -> str:
     return str(bundled)
 
 
-def _model_line(opened, model: str) -> str:
+def _model_line(opened) -> str:
     bank = opened.model.spec.bank
-    card = bundled_card() if bundled_model_path() is not None and \
-        Path(model).absolute() == bundled_model_path().absolute() else None
-    name = f"{card.get('name', 'the bundled model')} (bundled)" if card else model
     banks = (f"bank {bank.window} recent + {bank.num_landmarks_exact} exact + "
              f"{bank.num_landmarks_summary} summary") if bank is not None else "no bank"
-    return f"model: {name}, {opened.model.cfg.num_layers} layers, {banks}"
+    return f"model: {opened.name}, {opened.model.cfg.num_layers} layers, {banks}"
 
 
 def _check_replaceable(library, label: str) -> bool:
@@ -114,7 +111,7 @@ def run_demo(*, model: str | None = None, library: str | None = None, keep: bool
     try:
         db = NeuralDatabase(model, library=root, tokenizer=tokenizer, adapters=adapters,
                             untrained=untrained)
-        out(_model_line(db.opened, model))
+        out(_model_line(db.opened))
         tokens = state_bytes = 0
         read: dict[str, int] = {}
         for i, (doc, label) in enumerate(zip(docs, labels)):

@@ -94,8 +94,8 @@ class Entry:
         doc = self.meta.get("document", {})
         return {"label": self.label, "status": self.status, "problem": self.problem,
                 "saved": self.meta.get("saved"), "source": doc.get("source"),
-                "tokens": doc.get("tokens"), "model": doc.get("model", {}).get("name"),
-                "path": str(self.path)}
+                "tokens": doc.get("tokens"), "state_bytes": doc.get("bytes"),
+                "model": doc.get("model", {}).get("name"), "path": str(self.path)}
 
 
 def _read_sidecar(path: Path) -> dict[str, Any] | None:

@@ -22,7 +22,7 @@ from coda_jax.checkpoint import weights_fingerprint
 from coda_jax.decoder import CausalLM
 from coda_jax.model_config import BOUNDED_DEFAULTS
 from coda_jax.model_io import load_model, read_model_metadata
-from .bundled import bundled_model_path
+from .bundled import bundled_model_path, read_card
 from .errors import NotFoundError, RefusedError
 from .settings import QuerySettings
 
@@ -38,7 +38,8 @@ class OpenModel:
 
     model: CausalLM
     tokenizer: Any  # tokenizers.Tokenizer
-    name: str
+    name: str  # what to show people: the model's own name (see display_name)
+    path: str  # where it was opened from
     model_sha256: str
     tokenizer_sha256: str
     settings: QuerySettings
@@ -46,11 +47,22 @@ class OpenModel:
     def describe(self) -> dict[str, Any]:
         """What a saved document records about the model that read it."""
         bank = self.model.spec.bank
-        return {"name": self.name, "weights_sha256": self.model_sha256,
+        return {"name": self.name, "path": self.path, "weights_sha256": self.model_sha256,
                 "tokenizer_sha256": self.tokenizer_sha256,
                 "layers": self.model.cfg.num_layers,
                 "bank": dataclasses.asdict(bank) if bank is not None else None,
                 "block_size": self.settings.block_size}
+
+
+def display_name(root: Path, meta: Mapping[str, Any]) -> str:
+    """The model's name for people: the bundled model's card name, a converted
+    GGUF model's own name (``general.name``), else its directory's name; never
+    a path."""
+    if bundled_model_path() is not None and root == bundled_model_path().absolute():
+        card = read_card(root) or {}
+        return f"{card.get('name', 'default model')} (bundled)"
+    source = meta.get("source") if isinstance(meta.get("source"), Mapping) else {}
+    return str(source.get("name") or root.name)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
@@ -170,6 +182,6 @@ def open_model(path: str | os.PathLike | None, *, tokenizer: str | os.PathLike |
                            f"model's vocabulary of {model.cfg.vocab_size}: they do not belong "
                            "together")
     settings = QuerySettings.from_metadata(meta, default_stops=defaults)
-    return OpenModel(model=model, tokenizer=tok, name=str(root),
+    return OpenModel(model=model, tokenizer=tok, name=display_name(root, meta), path=str(root),
                      model_sha256=weights_fingerprint([model]),
                      tokenizer_sha256=tokenizer_fingerprint(tok), settings=settings)

@@ -39,6 +39,7 @@ changes the state.</p>
 </section>
 <script>
 const $ = id => document.getElementById(id);
+const mb = b => b == null ? '? MB' : `${(b / 1e6).toFixed(1)} MB`;
 function show(id, text, bad) { const e = $(id); e.textContent = text;
   e.className = bad ? 'status error' : 'status'; }
 async function call(url, opts) {
@@ -51,7 +52,8 @@ async function refresh(selected) {
   const sel = $('entries'); sel.innerHTML = '';
   for (const e of info.entries) { const o = document.createElement('option');
     o.value = e.label; o.disabled = e.status !== 'ok';
-    o.textContent = e.status === 'ok' ? `${e.label} (${e.tokens} tokens, ${e.source})`
+    o.textContent = e.status === 'ok'
+      ? `${e.label} (${e.tokens} tokens, state ${mb(e.state_bytes)}, ${e.source})`
                                       : `${e.label} [${e.status}]`;
     sel.appendChild(o); }
   if (selected) sel.value = selected;

@@ -113,6 +113,11 @@ def test_the_server_api_and_its_limits(server, db, monkeypatch):
     code, body = _call(server + "/api/ingest", TEXT[:500].encode(), {"X-Source": "a.txt"})
     assert code == 200 and json.loads(body)["tokens"] > 0
     assert _call(server + "/api/save", json.dumps({"label": "a"}).encode())[0] == 200
+    code, body = _call(server + "/api/entries")
+    listing = json.loads(body)
+    # The model's name for people, not a filesystem path; each entry's state size.
+    assert listing["model"] == db.opened.name and "/" not in listing["model"]
+    assert listing["entries"][0]["state_bytes"] == db.list()[0].meta["document"]["bytes"] > 0
     code, body = _call(server + "/api/save", json.dumps({"label": "../../etc"}).encode())
     assert code == 400 and b"path separator" in body
     assert _call(server + "/api/download?label=../../etc/passwd")[0] == 400

@@ -46,6 +46,9 @@ def test_ingest_save_reload_load_and_ask_in_a_browser(db, tmp_path):
             db.document = None  # the server forgets the document: only the library has it
             page.reload()
             page.wait_for_selector("#entries option[value='lighthouse log']", state="attached")
+            assert page.inner_text("#model-name") == db.opened.name
+            option = page.inner_text("#entries option[value='lighthouse log']")
+            assert " MB, " in option and "state " in option  # the state's size
             page.select_option("#entries", "lighthouse log")
             page.click("#load-btn")
             page.wait_for_selector("#load-status:has-text('loaded lighthouse log')")

@@ -355,7 +355,8 @@ def real_bundle() -> Path:
 def test_the_bundled_model_loads_and_its_fingerprints_match_its_card(real_bundle, tmp_path):
     card = bundled.bundled_card()
     opened = NeuralDatabase(library=tmp_path / "lib").opened
-    assert opened.name == str(real_bundle.absolute())
+    assert opened.path == str(real_bundle.absolute())
+    assert opened.name == f"{card['name']} (bundled)"  # a name for people, not a path
     assert opened.model.attention == "coda_bounded"
     assert opened.model_sha256 == card["weights_sha256"]
     assert opened.tokenizer_sha256 == card["tokenizer_sha256"]
