@@ -13,16 +13,12 @@ import json
 import sys
 from typing import Sequence
 
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.print_usage(sys.stderr)
-        self.exit(1, f"error: {message}\n")
+from .cli import UsageParser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = Parser(prog="python -m train", description=__doc__,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = UsageParser(prog="python -m train", description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", metavar="CONFIG.yaml",
                         help="the run's config (see train/configs/; every field in "
                              "train/config.py)")

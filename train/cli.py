@@ -1,12 +1,23 @@
 """What the training command lines share: errors as one line on stderr, and exit
-codes scripts can rely on (0 done, 2 a path not found, 3 refused or invalid)."""
+codes scripts can rely on (0 done, 1 usage, 2 a path not found, 3 refused or
+invalid)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
-EXIT_OK, EXIT_NOT_FOUND, EXIT_REFUSED = 0, 2, 3
+EXIT_OK, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REFUSED = 0, 1, 2, 3
+
+
+class UsageParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors exit with code 1 (``EXIT_USAGE``),
+    not argparse's 2 (which the training command lines keep for a path not found)."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"error: {message}\n")
 
 
 def run_reporting_errors(action: Callable[[], int | None],

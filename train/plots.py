@@ -70,7 +70,8 @@ def plot_losses(runs: Mapping[str, Sequence[Mapping[str, Any]]], out: str | os.P
 
 def plot_perplexity(results: Mapping[str, Sequence[Mapping[str, Any]]],
                     out: str | os.PathLike, *, title: str = "held-out perplexity") -> Path:
-    """PPL against context length per model (``{label: train.eval rows}``): solid
+    """PPL against context length per model (``{label: rows of
+    train.evaluation.perplexity.score_perplexity}``): solid
     lines unbounded, dashed bounded."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))

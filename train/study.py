@@ -98,8 +98,8 @@ def evaluate_arm(arm: str, phase1, phase2, heldout, tok, *, contexts: Sequence[i
 
     from coda_jax import BankConfig
 
-    from . import retrieval
-    from .eval import perplexity
+    from .evaluation.passkey import passkey_table
+    from .evaluation.perplexity import score_perplexity
     from .steps import rebuilt, with_bank
 
     no_phase2 = rebuilt(phase1, dataclasses.replace(
@@ -115,8 +115,8 @@ def evaluate_arm(arm: str, phase1, phase2, heldout, tok, *, contexts: Sequence[i
             if deadline.passed():
                 out["skipped"].append(what)
                 continue
-            row = perplexity(model, heldout.tokens, context=context, bounded=bounded,
-                             block_size=block_size, max_sequences=heldout.sequences)
+            row = score_perplexity(model, heldout.tokens, context=context, bounded=bounded,
+                                   block_size=block_size, max_sequences=heldout.sequences)
             out["ppl"].append({"weights": name, **row})
             log(f"{what}: ppl {row['ppl']:.3f} ({deadline.elapsed():.0f} s)")
     for length in passkey["lengths"]:
@@ -125,9 +125,9 @@ def evaluate_arm(arm: str, phase1, phase2, heldout, tok, *, contexts: Sequence[i
             if deadline.passed():
                 out["skipped"].append(what)
                 continue
-            rows = retrieval.passkey_table(phase2, tok, heldout.tokens, lengths=[length],
-                                           depths=passkey["depths"], count=passkey["count"],
-                                           block_size=block_size, modes=[bounded])
+            rows = passkey_table(phase2, tok, heldout.tokens, lengths=[length],
+                                 depths=passkey["depths"], count=passkey["count"],
+                                 block_size=block_size, modes=[bounded])
             out["passkey"] += rows
             log(f"{what}: " + ", ".join(f"depth {r['depth']}: {r['retrieved']:.2f}"
                                         for r in rows))

@@ -1,4 +1,4 @@
-"""train.ask: the containment scoring rule and the questions file's checks."""
+"""train.evaluation.ask: the containment scoring rule and the questions file's checks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from train.ask import is_right, normalise, read_questions
+from train.evaluation.ask import is_right, normalise, read_questions
 
 
 @pytest.mark.parametrize("reply, expected, right", [

@@ -1,4 +1,4 @@
-"""The 2x2 study chained end to end at CPU size, and the passkey samples it scores."""
+"""The 2x2 study chained end to end at CPU size."""
 
 from __future__ import annotations
 
@@ -7,35 +7,12 @@ import json
 import numpy as np
 import pytest
 from text_corpus import text_corpus
-from train import data, retrieval, study
+from train import study
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     return text_corpus(tmp_path_factory.mktemp("study"))
-
-
-def test_passkey_samples_bury_the_key_and_mark_its_answer(built):
-    tok = data.load_tokenizer(built / "tokenizer.json")
-    filler = data.read_tokens(built / "heldout")
-    for depth in (0.0, 0.5, 1.0):
-        samples, masks, keys = retrieval.passkey_samples(tok, filler, length=200, depth=depth,
-                                                         count=3, seed=4)
-        assert samples.shape == masks.shape == (3, 200)
-        for row, mask, key in zip(samples, masks, keys):
-            answer = tok.encode(retrieval.ANSWER.format(key=key)).ids
-            needle = tok.encode(retrieval.NEEDLE.format(key=key)).ids
-            # The positions marked are those whose next token is an answer token.
-            assert row[1:][mask[:-1]].tolist() == answer and mask.sum() == len(answer)
-            starts = [i for i in range(200 - len(needle)) if
-                      row[i:i + len(needle)].tolist() == needle]
-            assert len(starts) == 1
-            filler_len = 200 - len(needle) - len(answer) - len(tok.encode(retrieval.QUESTION).ids)
-            assert starts[0] == round(depth * filler_len)
-    with pytest.raises(ValueError, match="depth"):
-        retrieval.passkey_samples(tok, filler, length=200, depth=1.5, count=1)
-    with pytest.raises(ValueError, match="cannot hold"):
-        retrieval.passkey_samples(tok, filler, length=10, depth=0.5, count=1)
 
 
 def test_the_study_runs_every_stage_and_evaluation(built, tmp_path):

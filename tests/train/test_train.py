@@ -267,36 +267,6 @@ def test_the_tiny_config_is_valid():
     assert cfg.stage == "pretrain" and cfg.optim.steps > 0
 
 
-def test_evaluation_unbounded_and_bounded(tmp_path, capsys):
-    from train import eval as evaluation
-
-    cfg = _config(tmp_path, stage="phase2", attention=dict(kind="coda_bounded", options=BANKS),
-                  optim=dict(steps=4))
-    loop.run(cfg, tmp_path / "r", progress=False)
-    model = load_model(tmp_path / "r" / "model")
-    tokens = np.load(tmp_path / "tokens.npy")
-    twin = evaluation.unbounded_twin(model)
-    assert twin.attention == "coda"
-    np.testing.assert_array_equal(np.asarray(twin.layers.self_attn.theta[...]),
-                                  np.asarray(model.layers.self_attn.theta[...]))
-    # A context inside the window: bounded equals unbounded (nothing is evicted yet).
-    short = [evaluation.perplexity(model, tokens, context=8, bounded=b, block_size=8,
-                                   max_sequences=4) for b in (False, True)]
-    assert abs(short[0]["nll"] - short[1]["nll"]) < 1e-4
-    assert main_eval(evaluation, tmp_path, ["--contexts", "32", "--block-size", "8",
-                                            "--max-sequences", "4"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert [r["bounded"] for r in report["results"]] == [False, True]
-    assert all(np.isfinite(r["ppl"]) and r["tokens_scored"] == 4 * 31
-               for r in report["results"])
-    assert main_eval(evaluation, tmp_path, ["--contexts", "100000"]) == 3
-
-
-def main_eval(evaluation, tmp_path, extra):
-    return evaluation.main([str(tmp_path / "r" / "model"), "--data",
-                            str(tmp_path / "tokens.npy"), *extra])
-
-
 def test_four_devices_give_the_losses_of_one(tmp_path):
     """The same run on a 2 x 2 (data, fsdp) mesh of forced CPU devices and on one device."""
     import os

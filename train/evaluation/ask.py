@@ -1,6 +1,7 @@
 """A chat model's answers to questions about documents, scored by containment.
 
-    python -m train.ask MODEL_DIR QUESTIONS.json [--out answers.json] [--max-new-tokens 64]
+    python -m train.evaluation ask MODEL_DIR QUESTIONS.json [--out answers.json]
+        [--max-new-tokens 64]
 
 MODEL_DIR is a converted model with its tokenizer and chat template (``python
 -m convert gguf``). QUESTIONS.json holds documents and questions about them:
@@ -13,7 +14,8 @@ question, in one user turn; greedy). The scoring rule: an answer is right
 when the expected answer, normalised, is contained in the reply, normalised
 (lower case, every run of characters other than letters and digits made one
 space). The results JSON records every reply, the totals, the model, the
-device and the versions.
+device and the versions. Exit codes: 0 done, 1 usage, 2 a path not found, 3
+refused or invalid.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 from coda_jax.chat import ask, load_chat_model
 from coda_jax.model_io import read_model_metadata
 
-from .cli import run_reporting_errors
+from ..cli import UsageParser, run_reporting_errors
 
 
 SCORING_RULE = ("right when the expected answer, normalised, is contained in the reply, "
@@ -88,12 +89,17 @@ def answer_all(model_dir: str | Path, documents: list[dict[str, Any]], *,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.ask", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", metavar="MODEL_DIR")
-    parser.add_argument("questions", metavar="QUESTIONS.json")
-    parser.add_argument("--out", help="write the results JSON here")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    """``python -m train.evaluation ask``: every reply marked on stdout, the results
+    JSON to ``--out``; exit codes of ``train.cli``."""
+    parser = UsageParser(prog="python -m train.evaluation ask", description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", metavar="MODEL_DIR",
+                        help="a converted chat model with its tokenizer and chat template")
+    parser.add_argument("questions", metavar="QUESTIONS.json",
+                        help="documents and questions about them (see above)")
+    parser.add_argument("--out", help="write the results JSON here (default: none)")
+    parser.add_argument("--max-new-tokens", type=int, default=64,
+                        help="reply length at most, in tokens (default: %(default)s)")
     args = parser.parse_args(argv)
 
     def run() -> int:
@@ -111,6 +117,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     return run_reporting_errors(run)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

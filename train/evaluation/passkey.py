@@ -8,7 +8,8 @@ a sample is retrieved when the model's argmax is right at every answer token
 (what greedy decoding would then produce), and digit accuracy is the share of
 answer tokens it gets right. Bounded models read the context into their
 bounded state block by block, so the needle must survive the banks; the
-unbounded run (the model's unbounded twin) sees the whole KV cache.
+unbounded run (the model's unbounded twin) sees the whole KV cache. The
+``perplexity`` command runs it with ``--passkey-lengths``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tokenizers import Tokenizer
 
 from coda_jax import CausalLM
 
-from .steps import unbounded_twin
+from ..steps import unbounded_twin
 
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"

@@ -1,10 +1,10 @@
 """Held-out perplexity and passkey retrieval of a saved model, unbounded and bounded.
 
-    python -m train.eval MODEL_DIR --data HELDOUT [--tokenizer tokenizer.json]
-                         [--contexts 512,1024,2048] [--block-size 128]
-                         [--max-sequences 64] [--batch-size 4] [--passkey-lengths 512,2048]
-                         [--passkey-depths 0.1,0.5,0.9] [--passkey-samples 16]
-                         [--out results.json] [--plot ppl.png]
+    python -m train.evaluation perplexity MODEL_DIR --data HELDOUT
+        [--tokenizer tokenizer.json] [--contexts 512,1024,2048] [--block-size 128]
+        [--max-sequences 64] [--batch-size 4] [--passkey-lengths 512,2048]
+        [--passkey-depths 0.1,0.5,0.9] [--passkey-samples 16]
+        [--out results.json] [--plot ppl.png]
 
 The held-out text is cut into non-overlapping sequences of each context
 length; every token after the first is scored. *Unbounded* runs the full KV
@@ -13,8 +13,9 @@ cache (the model's unbounded twin for a bounded model: same weights, kind
 (``coda_bounded`` models only). Bank metrics come with the bounded numbers:
 slot fill at the end of each sequence and, per sequence, the banks' counters
 summed over layers (evictions, tokens gated out, exact hits and inserts,
-summary updates and inserts). Passkey retrieval (``train.retrieval``) needs a
-tokenizer; ``--plot`` draws PPL against context length.
+summary updates and inserts). Passkey retrieval (``train.evaluation.passkey``) needs
+a tokenizer; ``--plot`` draws PPL against context length. Exit codes: 0 done,
+1 usage, 2 a path not found, 3 refused or invalid.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,15 +35,15 @@ from tqdm.auto import tqdm
 
 from coda_jax import CausalLM, load_model
 
-from . import data
-from . import retrieval
-from .cli import run_reporting_errors
-from .steps import unbounded_twin, with_bank
+from .. import data
+from ..cli import UsageParser, run_reporting_errors
+from ..steps import unbounded_twin, with_bank
+from .passkey import passkey_table
 
 
-def perplexity(model: CausalLM, tokens: np.ndarray, *, context: int, bounded: bool,
-               block_size: int = 128, batch_size: int = 4,
-               max_sequences: int | None = None) -> dict[str, Any]:
+def score_perplexity(model: CausalLM, tokens: np.ndarray, *, context: int, bounded: bool,
+                     block_size: int = 128, batch_size: int = 4,
+                     max_sequences: int | None = None) -> dict[str, Any]:
     """Mean next-token NLL and perplexity over sequences of ``context`` tokens."""
     n = len(tokens) // context
     if max_sequences is not None:
@@ -81,8 +81,10 @@ def perplexity(model: CausalLM, tokens: np.ndarray, *, context: int, bounded: bo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """``python -m train.evaluation perplexity``: the report as JSON on stdout (and
+    ``--out``); exit codes of ``train.cli``."""
+    parser = UsageParser(prog="python -m train.evaluation perplexity", description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", metavar="MODEL_DIR", help="a saved model (required)")
     parser.add_argument("--data", required=True, help="held-out shards, .npy or text (required)")
     parser.add_argument("--tokenizer", help="tokenizer.json for text data (default: none)")
@@ -115,10 +117,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     passkey_lengths = [int(n) for n in args.passkey_lengths.split(",") if n.strip()]
     if passkey_lengths and not args.tokenizer:
         raise ValueError("passkey retrieval needs --tokenizer (to write its needle)")
-    results = [perplexity(model, tokens, context=c, bounded=b, block_size=args.block_size,
-                          batch_size=args.batch_size, max_sequences=args.max_sequences)
+    results = [score_perplexity(model, tokens, context=c, bounded=b,
+                                block_size=args.block_size, batch_size=args.batch_size,
+                                max_sequences=args.max_sequences)
                for c in contexts for b in modes]
-    passkey = retrieval.passkey_table(
+    passkey = passkey_table(
         model, data.load_tokenizer(args.tokenizer), tokens, lengths=passkey_lengths,
         depths=[float(d) for d in args.passkey_depths.split(",") if d.strip()],
         count=args.passkey_samples, block_size=args.block_size,
@@ -129,12 +132,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(text + "\n")
     if args.plot:
-        from .plots import plot_perplexity
+        from ..plots import plot_perplexity
 
         plot_perplexity({Path(args.model).name: results}, args.plot)
     print(text)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
