@@ -1,24 +1,28 @@
-"""The README's usage examples run as written."""
+"""The documentation's Python examples run as written: the README's, and those of the
+docs pages the reference material moved to (each the first ```python block of the
+section under its heading)."""
 
-import pathlib
-import re
-
-README = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-
-
-def _block(heading: str) -> str:
-    return re.search(rf"{re.escape(heading)}\s+```python\n(.*?)```", README, re.S).group(1)
+from markdown_pages import ROOT, python_block
 
 
-def test_readme_usage_example_runs(capsys):
-    block = _block("## Usage")
-    assert len(block.splitlines()) <= 25
-    exec(compile(block, "README.md", "exec"), {})
+def _run(page: str, heading: str) -> None:
+    block = python_block((ROOT / page).read_text(), heading)
+    assert len(block.splitlines()) <= 25, f"the example of {page} {heading!r} grew too long"
+    exec(compile(block, page, "exec"), {})
+
+
+def test_readme_database_example_runs(capsys):
+    _run("README.md", "## In Python")
+    out = capsys.readouterr().out
+    assert "Alec Simon? -> ZD-3492" in out
+    assert "Derrick Jordan born? -> April 28, 1952" in out
+
+
+def test_layer_usage_example_runs(capsys):
+    _run("docs/layers.md", "## Usage")
     assert "bytes per document" in capsys.readouterr().out
 
 
-def test_readme_model_example_runs(capsys):
-    block = _block("### Models, checkpoints and generation")
-    assert len(block.splitlines()) <= 25
-    exec(compile(block, "README.md", "exec"), {})
+def test_model_example_runs(capsys):
+    _run("docs/models-and-conversion.md", "## Models, checkpoints and generation")
     assert "state position" in capsys.readouterr().out
