@@ -39,12 +39,13 @@ EXIT_CODES = """\
 exit codes:
   0    done ('demo': every answer correct)
   1    usage: unknown or missing arguments, no model given (and none bundled)
-  2    not found: the label, file or model does not exist (for 'demo': no --model
-       and no bundled model)
+  2    not found: the label, file or model does not exist, a HF directory without
+       its adapter file (without --untrained) (for 'demo': no --model and no
+       bundled model)
   3    refused: a bad input (empty, binary or non-UTF-8 document, a label with path
        separators or control characters, bad sampling values), a label that is taken
        (without --replace), a damaged entry, a state made by another model or tokenizer,
-       a model that is not bounded, missing adapters (without --untrained)
+       a model that is not bounded
   4    'demo' only: it ran, and some answers were wrong
   130  interrupted (Ctrl-C): nothing was saved"""
 __doc__ += "\n" + EXIT_CODES + "\n"

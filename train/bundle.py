@@ -14,7 +14,7 @@ tokenizer, and the card plus ``bundle`` (the format marker), ``weights_sha256``
 every state) and ``tokenizer_sha256``. ``--retention`` adds the measured
 retention to the card (``"retention"``: the file, device, cells, per-length
 summaries, the issue's goals and state sizes) from a results file of
-``benchmarks/retention_study.py`` run on these very weights (its fingerprint
+``python -m train.evaluation retention`` run on these very weights (its fingerprint
 must be the bundle's).
 
 Refused, with nothing written or replaced: an ``EXPORT_DIR`` that is not such
@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 from .cli import run_reporting_errors
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "coda_jax" / "database" / "default_model"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "coda_db" / "default_model"
 MAX_BUNDLE_BYTES = 50_000_000
 EXPORT_FILES = ("export.json", "card.json", "tokenizer.json")
 
@@ -87,7 +87,7 @@ def retention_card(results_path: str | Path) -> dict[str, Any]:
     except OSError as err:
         raise FileNotFoundError(f"cannot read the retention results {path}: {err}") from None
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a results file of benchmarks/retention_study.py "
+        raise ValueError(f"{path} is not a results file of python -m train.evaluation retention "
                          f"({type(err).__name__}: {err})") from None
 
 

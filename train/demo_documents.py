@@ -32,8 +32,7 @@ import numpy as np
 
 from .cli import run_reporting_errors
 
-DEFAULT_OUT = (Path(__file__).resolve().parents[1] / "coda_jax" / "database"
-               / "demo_documents.json")
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "coda_db" / "demo_documents.json"
 LENGTHS = (1500, 3000, 6000)
 FACTS_PER_DOC = (2, 3, 4)
 MAX_SEEDS = 100

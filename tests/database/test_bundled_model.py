@@ -176,12 +176,12 @@ def test_the_package_data_patterns_ship_a_bundle_and_the_demo_documents(tiny_bun
     src = tmp_path / "src"
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name if src.exists() else _mkdir(src) / name)
-    for package in ("coda_jax", "convert", "pallas_kernels", "train"):
+    for package in ("coda_jax", "convert", "coda_db", "pallas_kernels", "train"):
         shutil.copytree(ROOT / package, src / package,
                         ignore=shutil.ignore_patterns("__pycache__", "default_model",
                                                       "demo_documents.json"))
-    shutil.copytree(tiny_bundle, src / "coda_jax" / "database" / "default_model")
-    _tiny_documents(src / "coda_jax" / "database" / "demo_documents.json")
+    shutil.copytree(tiny_bundle, src / "coda_db" / "default_model")
+    _tiny_documents(src / "coda_db" / "demo_documents.json")
     run = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps",
                           "--no-build-isolation", "-q", "-w", str(tmp_path / "wheel")],
                          capture_output=True, text=True, check=False)
