@@ -36,3 +36,10 @@ def test_usage_errors_exit_1(capsys):
     assert main(["perplex"]) == 1
     assert "unknown command 'perplex'" in capsys.readouterr().err
     assert main(["ask", "--no-such-option"]) == 1
+
+
+def test_a_study_worker_says_how_it_is_called():
+    done = subprocess.run([sys.executable, "-m", "train.evaluation.retention_product"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "python -m train.evaluation.retention_product worker SPEC.json" in done.stderr

@@ -1,29 +1,22 @@
-"""benchmarks/retention_study.py end to end on a tiny random model (CPU): the JSON's
-structure, its counts, the unbounded cache's skipped lengths, the figure and
-tables, the merge of parts, and that a document the window holds whole gets the
-same answers from the saved bounded and window-only states (loaded in a fresh
-process) as from the full KV cache."""
+"""python -m train.evaluation retention end to end on a tiny random model (CPU): the
+JSON's structure, its counts, the unbounded cache's skipped lengths and its cached
+path against the forward, the figure and tables, the merge of parts, and that a document the window holds whole gets the same answers from the
+saved bounded and window-only states (loaded in a fresh process) as from the full KV
+cache; the exit codes of bad arguments."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-import plot_retention  # noqa: E402
-import retention_fixture  # noqa: E402
-import retention_merge  # noqa: E402
-import retention_product  # noqa: E402
-import retention_scoring  # noqa: E402
-import retention_study  # noqa: E402
+from train.evaluation import (retention_fixture, retention_merge, retention_plot,
+                              retention_product, retention_scoring, retention_study)
+from train.evaluation.retention_args import CACHES
 
 # Short answers, a block that cuts the documents into segments (of 128 tokens, the
 # last one unfinished), and a window that holds the 150-token documents with their
@@ -113,13 +106,13 @@ def test_state_sizes_agree_and_the_window_holds_a_short_document_whole(results):
 def test_the_figure_and_tables_come_from_the_json(results, tmp_path, capsys):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results))
-    assert plot_retention.main([str(path), "--table"]) == 0
+    assert retention_plot.main([str(path), "--table"]) == 0
     table = capsys.readouterr().out
     assert "| 1 | unbounded (full KV) |" in table and "n/a" in table
     assert "| state per document |" in table
     pytest.importorskip("matplotlib")
     png = tmp_path / "heatmap.png"
-    assert plot_retention.main([str(path), str(png)]) == 0
+    assert retention_plot.main([str(path), str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -134,7 +127,7 @@ def test_scoring_counts_exact_matches_and_the_goals():
         ("bounded", 1024, 1, 2, 2), ("bounded", 1024, 4, 0, 1), ("bounded", 4096, 1, 2, 2),
         ("bounded", 4096, 4, 1, 1), ("unbounded", 1024, 1, 2, 2), ("unbounded", 1024, 4, 1, 1),
         ("unbounded", 4096, 1, 2, 2)]
-    summary = retention_scoring.summaries(cells, retention_study.CACHES)
+    summary = retention_scoring.summaries(cells, CACHES)
     goals = retention_scoring.goals(summary, [1024, 4096])
     assert goals["one_fact_bounded"] == {"1024": 1.0, "4096": 1.0} and goals["one_fact_met"]
     gaps = goals["unbounded_minus_bounded_points"]
@@ -162,7 +155,7 @@ def test_merged_parts_add_their_counts_and_must_share_a_model(results, tmp_path)
     assert merged["summaries"] == [s | {"correct": 2 * s["correct"], "total": 2 * s["total"]}
                                    for s in results["summaries"]]
     assert merged["unbounded"]["skipped"] == results["unbounded"]["skipped"]
-    assert "| state per document |" in plot_retention.markdown_table(merged)
+    assert "| state per document |" in retention_plot.markdown_table(merged)
     other = results | {"model": results["model"] | {"weights_sha256": "0" * 64}}
     with pytest.raises(retention_merge.MergeError, match="model weights"):
         retention_merge.merge([results, other])
@@ -212,13 +205,30 @@ def test_the_window_only_twins_attend_as_the_model_without_banks(inputs):
 ])
 def test_bad_arguments_are_refused_by_name(inputs, option, value, message, tmp_path, capsys):
     model, corpus = inputs
-    code = retention_study.main(["--model", str(model), "--corpus", str(corpus), "--out",
-                                 str(tmp_path / "r.json"), option, value])
-    assert code == 2 and message in capsys.readouterr().err
-    assert retention_study.main(["--model", str(tmp_path), "--corpus", str(corpus), "--out",
-                                 str(tmp_path / "r.json")]) == 2
+    out = ["--out", str(tmp_path / "r.json")]
+    code = retention_study.main(["--model", str(model), "--corpus", str(corpus), *out,
+                                 option, value])
+    assert code == 3 and message in capsys.readouterr().err
+    assert retention_study.main(["--model", str(tmp_path), "--corpus", str(corpus), *out]) == 3
+    assert "is not a coda_jax model checkpoint" in capsys.readouterr().err
+    assert retention_study.main(["--model", str(tmp_path / "nowhere"), "--corpus", str(corpus),
+                                 *out]) == 2
     (tmp_path / "work").mkdir()
     (tmp_path / "work" / "old").write_text("")
-    assert retention_study.main(["--model", str(model), "--corpus", str(corpus), "--out",
-                                 str(tmp_path / "r.json"), "--work", str(tmp_path / "work")]) == 2
+    assert retention_study.main(["--model", str(model), "--corpus", str(corpus), *out,
+                                 "--work", str(tmp_path / "work")]) == 3
     assert "is not an empty directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:  # --corpus is required
+        retention_study.main(["--model", str(model), *out])
+    assert usage.value.code == 1
+
+
+def test_the_merge_and_plot_exit_codes(tmp_path, capsys):
+    missing = str(tmp_path / "nowhere.json")
+    assert retention_plot.main([missing, "--table"]) == 2
+    assert retention_merge.main([missing, "--out", str(tmp_path / "m.json")]) == 2
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"format": "something else"}))
+    assert retention_plot.main([str(other), "--table"]) == 3
+    assert retention_merge.main([str(other), "--out", str(tmp_path / "m.json")]) == 3
+    assert "not a retention study results file" in capsys.readouterr().err

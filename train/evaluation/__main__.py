@@ -16,10 +16,16 @@ from ..cli import EXIT_OK, EXIT_USAGE
 PROG = "python -m train.evaluation"
 # command -> (its module in this package, one line of what it does)
 COMMANDS = {
-    "perplexity": ("perplexity", "held-out perplexity (unbounded and bounded) and passkey "
-                                 "retrieval of a saved model"),
-    "ask": ("ask", "a chat model's answers to questions about documents, scored by "
-                   "containment"),
+    "perplexity": ("perplexity", "held-out perplexity, unbounded and bounded, and passkey "
+                                 "retrieval"),
+    "ask": ("ask", "a chat model's answers to questions about documents, scored"),
+    "retention": ("retention_study", "the retention study: exact-match accuracy of saved "
+                                     "states"),
+    "retention-merge": ("retention_merge", "merge the results of a retention study run in "
+                                           "parts"),
+    "retention-plot": ("retention_plot", "the retention study's heat maps and tables"),
+    "retention-fixture": ("retention_fixture", "a made-up corpus and a random model to "
+                                               "time the study on"),
 }
 
 

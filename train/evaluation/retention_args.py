@@ -1,6 +1,7 @@
 """The retention study's inputs: its command line (checked) and its documents.
 
-``retention_study.py`` runs the study; this module says what it runs on.
+:mod:`.retention_study` runs the study (``python -m train.evaluation
+retention``); this module says what it runs on.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 from typing import Any, Sequence
+
+from ..cli import UsageParser
 
 DESCRIPTION = ("The retention study (issue #19, point 4): exact-match accuracy of a bounded "
                "model's saved document states against document length and fact depth.")
@@ -17,8 +20,9 @@ DEFAULT_LENGTHS = "1024,4096,16384,65536"
 DEFAULT_DEPTHS = "0.05,0.25,0.5,0.75,0.95"
 
 
-class StudyError(Exception):
-    """A problem with the study's inputs, reported without a traceback."""
+class StudyError(ValueError):
+    """A problem with the study's inputs or a failed study, reported without a
+    traceback (exit code 3, refused or invalid)."""
 
 
 # ------------------------------------------------------------------ arguments
@@ -54,7 +58,7 @@ def _cache_list(text: str) -> list[str]:
     return [c for c in CACHES if c in values]
 
 
-def default_model() -> str | None:
+def bundled_model_dir() -> str | None:
     """The bundled model's directory, where the package provides one."""
     try:
         from coda_db.bundled import bundled_model_path
@@ -65,9 +69,11 @@ def default_model() -> str | None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """The command line, checked (``StudyError`` names a bad value)."""
-    parser = argparse.ArgumentParser(
-        prog="retention_study.py", description=DESCRIPTION,
+    """The command line, checked: ``StudyError`` names a bad value,
+    ``FileNotFoundError`` a model, corpus or ``--work`` parent that is not there;
+    a usage error exits with code 1."""
+    parser = UsageParser(
+        prog="python -m train.evaluation retention", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a coda_jax bounded model checkpoint directory "
                         "(tokenizer.json inside; default: the bundled model, if any)")
@@ -111,11 +117,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("seed", "samples", "unbounded_max_length"):
         if getattr(args, name) < 0:
             raise StudyError(f"--{name.replace('_', '-')} must be >= 0")
-    args.model = args.model or default_model()
+    args.model = args.model or bundled_model_dir()
     if args.model is None:
         raise StudyError("give --model (a bounded model checkpoint directory): no bundled "
                          "model is installed")
     model = Path(args.model)
+    if not model.exists():
+        raise FileNotFoundError(f"--model {model}: no such directory")
     if not (model / "meta").is_dir() or not (model / "tokenizer.json").is_file():
         raise StudyError(f"--model {model} is not a coda_jax model checkpoint with a "
                          "tokenizer.json inside")
@@ -123,6 +131,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if work is not None and work.exists() and (not work.is_dir() or any(work.iterdir())):
         raise StudyError(f"--work {work} is not an empty directory")
     corpus = Path(args.corpus)
+    if not corpus.exists():
+        raise FileNotFoundError(f"--corpus {corpus}: no such directory")
     if not (corpus / "heldout").exists() or not (corpus / "tokenizer.json").is_file():
         raise StudyError(f"--corpus {corpus} is not a train.corpus corpus (heldout/ and "
                          "tokenizer.json)")
@@ -135,7 +145,7 @@ def make_documents(corpus: Path, *, lengths: Sequence[int], facts: Sequence[int]
                    ) -> tuple[list[dict[str, Any]], str]:
     """The held-out documents of every cell (``train.retention.eval_documents``)
     and the corpus tokenizer's fingerprint."""
-    from train import data, retention
+    from .. import data, retention
 
     tok = data.load_tokenizer(corpus / "tokenizer.json")
     filler = data.read_tokens(corpus / "heldout")

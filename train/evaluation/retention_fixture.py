@@ -4,7 +4,7 @@ test) and timing it on the default model's shape (GPU) where no trained
 model or real corpus is at hand. Random weights answer wrongly: these say
 nothing about accuracy.
 
-    python benchmarks/retention_fixture.py OUT_DIR [--shape default|tiny]
+    python -m train.evaluation retention-fixture OUT_DIR [--shape default|tiny]
         [--corpus-tokens 400000] [--window 512] [--exact 256] [--summary 64]
 
 writes OUT_DIR/corpus (``python -m train.corpus`` from a text directory) and
@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from ..cli import UsageParser, run_reporting_errors
 
 # The bundled default model's architecture (train/configs/study.yaml) and bank
 # (train/configs/default_phase2.yaml).
@@ -38,7 +39,7 @@ def word_corpus(out: str | Path, *, tokens: int, vocab_size: int, seed: int = 0,
                 documents: int = 60) -> Path:
     """A train.corpus corpus of ``documents`` texts of made-up words (about
     ``tokens`` words in all), with sentences, numbers and a held-out split."""
-    from train import corpus
+    from .. import corpus
 
     out = Path(out)
     texts = out.with_name(out.name + "_texts")
@@ -69,8 +70,9 @@ def random_model(out: str | Path, corpus: str | Path, *, shape: dict, bank: dict
     from flax import nnx
 
     from coda_jax import CausalLM, DecoderConfig, save_model
-    from train import data
-    from train.default_model import database_settings
+
+    from .. import data
+    from ..default_model import database_settings
 
     out = Path(out)
     tok = data.load_tokenizer(Path(corpus) / "tokenizer.json")
@@ -85,16 +87,27 @@ def random_model(out: str | Path, corpus: str | Path, *, shape: dict, bank: dict
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out")
-    parser.add_argument("--shape", choices=("default", "tiny"), default="default")
-    parser.add_argument("--corpus-tokens", type=int, default=400_000)
-    parser.add_argument("--window", type=int)
-    parser.add_argument("--exact", type=int)
-    parser.add_argument("--summary", type=int)
+    """``python -m train.evaluation retention-fixture``: write the stand-in corpus
+    and model (exit codes of ``train.cli``)."""
+    parser = UsageParser(prog="python -m train.evaluation retention-fixture",
+                         description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", metavar="OUT_DIR", help="where corpus/ and model/ go")
+    parser.add_argument("--shape", choices=("default", "tiny"), default="default",
+                        help="the bundled default model's shape or a tiny one "
+                             "(default: %(default)s)")
+    parser.add_argument("--corpus-tokens", type=int, default=400_000,
+                        help="words in the made-up corpus (default: %(default)s)")
+    parser.add_argument("--window", type=int, help="the bank's window (default: 512)")
+    parser.add_argument("--exact", type=int, help="exact landmarks (default: 256)")
+    parser.add_argument("--summary", type=int, help="summary landmarks (default: 64)")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 (default shape), "
                         "float32 (tiny)")
     args = parser.parse_args(argv)
+    return run_reporting_errors(lambda: _build(args), refused=(ValueError, RuntimeError))
+
+
+def _build(args: argparse.Namespace) -> int:
     default = args.shape == "default"
     shape = DEFAULT_SHAPE if default else TINY_SHAPE
     bank = dict(DEFAULT_BANK)
@@ -110,6 +123,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {corpus} and {out / 'model'}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

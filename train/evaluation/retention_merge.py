@@ -1,7 +1,7 @@
 """Merge results files of the retention study run in parts (one device call each).
 
-    python benchmarks/retention_merge.py PART.json [PART.json ...] --out results.json
-        [--mixed-devices]
+    python -m train.evaluation retention-merge PART.json [PART.json ...]
+        --out results.json [--mixed-devices]
 
 A study too long for one call runs as several, split by ``--lengths`` (the
 64K documents cost most), ``--facts`` or ``--caches``, or as more documents
@@ -11,23 +11,26 @@ keeps every part's configuration, timings and workers under ``parts``. The
 parts must come from the same model (weights fingerprint), device kind and
 study format; ``--mixed-devices`` lets the device kinds differ (for example
 the short lengths on a CPU, the long ones on a GPU): the counts do not depend
-on the device, and each part keeps its own device and timings.
+on the device, and each part keeps its own device and timings. Exit codes: 0
+done, 1 usage, 2 a part not found, 3 parts unreadable or disagreeing.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-import plot_retention
-import retention_scoring as scoring
-from retention_study import CACHES, FORMAT
+from ..cli import UsageParser, run_reporting_errors
+from . import retention_scoring as scoring
+from .retention_args import CACHES
+from .retention_plot import load_results, markdown_table
+from .retention_study import FORMAT
+from .retention_workers import write_json
 
 
-class MergeError(Exception):
+class MergeError(ValueError):
     """Parts that cannot be merged."""
 
 
@@ -119,25 +122,27 @@ def merge(parts: Sequence[dict[str, Any]], *, mixed_devices: bool = False) -> di
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Merge the parts into ``--out`` and print the tables; 2 for unreadable or
-    disagreeing parts."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("parts", nargs="+", help="results files of retention_study.py")
-    parser.add_argument("--out", required=True)
+    """``python -m train.evaluation retention-merge``: merge the parts into ``--out``
+    and print the tables; 2 for a part not found, 3 for unreadable or
+    disagreeing parts (1 for a usage error)."""
+    parser = UsageParser(prog="python -m train.evaluation retention-merge", description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("parts", nargs="+", metavar="PART.json",
+                        help="results files of python -m train.evaluation retention")
+    parser.add_argument("--out", required=True, help="the merged results JSON")
     parser.add_argument("--mixed-devices", action="store_true",
                         help="merge parts run on different device kinds")
     args = parser.parse_args(argv)
-    try:
-        merged = merge([plot_retention.load(p) for p in args.parts],
-                       mixed_devices=args.mixed_devices)
-    except (OSError, ValueError, KeyError, MergeError) as err:
-        print(f"retention_merge.py: error: {err}", file=sys.stderr)
-        return 2
-    scoring.write_json(Path(args.out), merged)
-    print(f"wrote {args.out} ({len(args.parts)} parts)")
-    print(plot_retention.markdown_table(merged))
-    return 0
 
+    def run() -> int:
+        try:
+            merged = merge([load_results(p) for p in args.parts],
+                           mixed_devices=args.mixed_devices)
+        except KeyError as err:
+            raise MergeError(f"a part lacks the field {err}") from None
+        write_json(Path(args.out), merged)
+        print(f"wrote {args.out} ({len(args.parts)} parts)")
+        print(markdown_table(merged))
+        return 0
 
-if __name__ == "__main__":
-    sys.exit(main())
+    return run_reporting_errors(run)

@@ -1,12 +1,14 @@
 """The retention study's figures from its results JSON: accuracy heat maps and tables.
 
-    python benchmarks/plot_retention.py results.json heatmap.png   # the figure
-    python benchmarks/plot_retention.py results.json --table       # markdown tables
+    python -m train.evaluation retention-plot results.json heatmap.png   # the figure
+    python -m train.evaluation retention-plot results.json --table       # markdown tables
 
 The figure has one panel per (cache, facts per document): exact-match
 accuracy over document length (x) and fact depth (y), grey where the cache
 did not run. The tables (for the README) give accuracy per cache, facts and
 length, and the state size per document. The table needs no matplotlib.
+Exit codes: 0 done, 1 usage, 2 a results file not found, 3 not a results file
+or no matplotlib for the figure.
 """
 
 from __future__ import annotations
@@ -17,14 +19,21 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..cli import EXIT_REFUSED, UsageParser, run_reporting_errors
+
 CACHE_NAMES = {"bounded": "bounded (banks + window)", "window_only": "window only",
                "unbounded": "unbounded (full KV)"}
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """The results JSON of ``retention_study.py``."""
-    results = json.loads(Path(path).read_text())
-    if not str(results.get("format", "")).startswith("retention_study/"):
+def load_results(path: str | Path) -> dict[str, Any]:
+    """The results JSON of the retention study (``ValueError`` when ``path`` holds
+    something else)."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON: {err}") from None
+    if not isinstance(results, dict) or not str(results.get("format", "")).startswith(
+            "retention_study/"):
         raise ValueError(f"{path} is not a retention study results file")
     return results
 
@@ -127,29 +136,30 @@ def heatmap(results: dict[str, Any], out: str | Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Draw the figure and/or print the tables; 2 for a bad file, 3 without matplotlib."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results")
-    parser.add_argument("png", nargs="?", help="the heat map figure to write")
+    """``python -m train.evaluation retention-plot``: draw the figure and/or print
+    the tables; 2 for a results file not found, 3 for another file or without
+    matplotlib (1 for a usage error)."""
+    parser = UsageParser(prog="python -m train.evaluation retention-plot", description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", metavar="RESULTS.json",
+                        help="results of python -m train.evaluation retention (or merged)")
+    parser.add_argument("png", nargs="?", metavar="FIGURE.png",
+                        help="the heat map figure to write")
     parser.add_argument("--table", action="store_true", help="print the markdown tables")
     args = parser.parse_args(argv)
     if not args.png and not args.table:
         parser.error("give a PNG to write, --table, or both")
-    try:
-        results = load(args.results)
-    except (OSError, ValueError) as err:
-        print(f"plot_retention.py: error: {err}", file=sys.stderr)
-        return 2
-    if args.table:
-        print(markdown_table(results))
-    if args.png:
-        try:
-            print(f"wrote {heatmap(results, args.png)}")
-        except ImportError as err:
-            print(f"plot_retention.py: no plot, matplotlib is missing ({err})", file=sys.stderr)
-            return 3
-    return 0
 
+    def run() -> int:
+        results = load_results(args.results)
+        if args.table:
+            print(markdown_table(results))
+        if args.png:
+            try:
+                print(f"wrote {heatmap(results, args.png)}")
+            except ImportError as err:
+                print(f"error: no plot, matplotlib is missing ({err})", file=sys.stderr)
+                return EXIT_REFUSED
+        return 0
 
-if __name__ == "__main__":
-    sys.exit(main())
+    return run_reporting_errors(run)

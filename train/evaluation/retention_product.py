@@ -5,12 +5,12 @@ saves its state into a library (one entry per document); the questions are
 then asked in a fresh process, which opens the library, loads the states and
 answers with ``query_many`` (greedy; the model's prompt, stop tokens and
 answer length), in batches of a fixed size (the last one padded: one
-compilation). That process is this file's worker entry point:
+compilation). That process is this module's worker entry point, which the
+study starts (``retention_workers.start_worker``):
 
-    python benchmarks/retention_product.py worker SPEC.json ANSWERS.json
+    python -m train.evaluation.retention_product worker SPEC.json ANSWERS.json
 
-``start_worker`` launches it with the same Python; SPEC names the model, the
-library and the (label, question) rows. ``window_only_model`` writes the
+SPEC names the model, the library and the (label, question) rows. ``window_only_model`` writes the
 model with its banks removed (only the recent window left) as a checkpoint of
 its own, carrying the same query settings and tokenizer, so it runs through
 the identical path.
@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,10 +30,12 @@ from typing import Any, Sequence
 if __name__ == "__main__":  # a worker shares the GPU with the study's own process
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import retention_scoring as scoring  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from .retention_workers import worker_main, write_json  # noqa: E402
+
 WORKER_FORMAT = "retention_study.worker/1"
+WORKER_MODULE = f"{__package__}.retention_product"  # python -m WORKER_MODULE worker ...
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -117,7 +118,7 @@ def same_weights_twin(model: Any, build: Any) -> Any:
     back to ``build(model)`` when the twin has a parameter ``model`` lacks."""
     from flax import nnx
 
-    from train.steps import param_paths
+    from ..steps import param_paths
 
     try:
         graphdef, state = nnx.split(nnx.eval_shape(lambda: build(model)))
@@ -138,7 +139,7 @@ def window_only_twin(model: Any, *, saveable: bool = True) -> Any:
     """``model``'s weights attending over its recent window only: without banks
     (``saveable=False``), or with the never-written one-slot banks of
     ``WINDOW_ONLY_BANK`` that a library can save (the same answers)."""
-    from train.steps import with_bank
+    from ..steps import with_bank
 
     if saveable and not model.spec.bank.mask_unused_memory:
         # The one-slot banks would then be attended to (their initial contents).
@@ -174,37 +175,6 @@ def write_spec(path: Path, *, model: str | os.PathLike, library: str | os.PathLi
             "progress": bool(progress)}
     path.write_text(json.dumps(spec))
     return path
-
-
-def start_worker(spec: Path, answers: Path, script: str | os.PathLike = __file__
-                 ) -> subprocess.Popen:
-    """Launch ``script``'s worker (default: this file's) on ``spec`` (writing
-    ``answers``) in a fresh process of this Python; its progress and errors go to
-    this process's stderr."""
-    env = dict(os.environ)
-    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    return subprocess.Popen([sys.executable, str(Path(script).resolve()), "worker",
-                             str(spec), str(answers)], env=env)
-
-
-def finish_worker(process: subprocess.Popen, answers: Path, what: str) -> dict[str, Any]:
-    """Wait for a worker; its answers file (``RuntimeError`` when it failed)."""
-    code = process.wait()
-    if code != 0 or not answers.is_file():
-        raise RuntimeError(f"the {what} query worker failed (exit code {code}); its error is "
-                           "above")
-    return json.loads(answers.read_text())
-
-
-def stop_worker(process: subprocess.Popen) -> None:
-    """End a worker this study started that is still running (after a failure)."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def run_worker(spec_path: str | os.PathLike, answers_path: str | os.PathLike) -> int:
@@ -254,13 +224,13 @@ def run_worker(spec_path: str | os.PathLike, answers_path: str | os.PathLike) ->
            "prompt": db.opened.settings.prompt,
            "stop_tokens": list(db.opened.settings.stop_tokens),
            "device": jax.devices()[0].device_kind}
-    scoring.write_json(Path(answers_path), out, indent=None)
+    write_json(Path(answers_path), out, indent=None)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``worker SPEC ANSWERS``: the fresh-process half of the product path."""
-    return scoring.worker_main(argv, run_worker, "retention_product.py")
+    return worker_main(argv, run_worker, WORKER_MODULE)
 
 
 if __name__ == "__main__":

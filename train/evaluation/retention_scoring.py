@@ -8,11 +8,8 @@ not run (the unbounded cache above its maximum length).
 
 from __future__ import annotations
 
-import json
-import sys
 from collections import defaultdict
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 GOAL_ONE_FACT = 0.95  # accuracy with one fact, at every length (bounded)
 GOAL_GAP_POINTS = 5.0  # bounded within this many points of unbounded, where it runs
@@ -90,7 +87,7 @@ def agreement(rows: Sequence[dict[str, Any]], answers: dict[str, Sequence[str | 
     return out
 
 
-def samples(cache: str, rows: Sequence[dict[str, Any]], answers: Sequence[str | None],
+def sample_answers(cache: str, rows: Sequence[dict[str, Any]], answers: Sequence[str | None],
             per_length: int) -> list[dict[str, Any]]:
     """Up to ``per_length`` questions per length, evenly spread, with the raw answer."""
     out = []
@@ -103,23 +100,3 @@ def samples(cache: str, rows: Sequence[dict[str, Any]], answers: Sequence[str | 
                 "length", "facts", "depth", "question", "expected")},
                 "answer": answers[i], "correct": is_correct(answers[i], rows[i]["expected"])})
     return out
-
-
-def write_json(path: Path, payload: dict[str, Any], *, indent: int | None = 1) -> None:
-    """Write ``payload`` to ``path`` atomically (a temporary file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=indent))
-    tmp.replace(path)
-
-
-def worker_main(argv: Sequence[str] | None, run_worker: Callable[[str, str], int],
-                script: str) -> int:
-    """The command line of a study worker process: ``worker SPEC ANSWERS``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 3 or argv[0] != "worker":
-        print(f"usage: python benchmarks/{script} worker SPEC.json ANSWERS.json",
-              file=sys.stderr)
-        return 2
-    return run_worker(argv[1], argv[2])

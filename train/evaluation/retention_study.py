@@ -1,7 +1,7 @@
 """The retention study (issue #19, point 4): exact-match accuracy of a bounded
 model's saved document states against document length and fact depth.
 
-    python benchmarks/retention_study.py --model MODEL_DIR --corpus CORPUS_DIR
+    python -m train.evaluation retention --model MODEL_DIR --corpus CORPUS_DIR
         [--lengths 1024,4096,16384,65536] [--depths 0.05,0.25,0.5,0.75,0.95]
         [--facts 1,4,16] [--count 4] [--seed 1]
         [--caches bounded,window_only,unbounded] [--unbounded-max-length 65536]
@@ -13,7 +13,7 @@ filler, with their questions and answers. Three caches answer them:
 
 * ``bounded``: the product path. Every document is ingested by
   ``NeuralDatabase`` and its state saved into a temporary library; a fresh
-  process (``retention_product.py worker``, one per cache) opens the library,
+  process (``retention_product`` worker, one per cache) opens the library,
   loads the states and asks every question with ``query_many``, greedy, in
   the model's prompt with its stop tokens and answer length.
 * ``window_only``: the same weights attending over the recent window alone
@@ -24,8 +24,8 @@ filler, with their questions and answers. Three caches answer them:
   settings and tokenizer, through the identical path.
 * ``unbounded``: the same weights with full attention and a full K/V cache
   (``train.steps.unbounded_twin``), greedy with the same prompt, stop tokens
-  and answer length, in a process of its own (``retention_unbounded.py
-  worker``: the database takes bounded models only), at lengths up to
+  and answer length, in a process of its own (``retention_unbounded``
+  worker: the database takes bounded models only), at lengths up to
   ``--unbounded-max-length`` (a length that runs out of device memory is
   recorded as not fitting, and longer ones are skipped). It first checks its
   cached path against the model's own forward on the device.
@@ -39,9 +39,13 @@ unbounded), how often each bounded cache gave the unbounded one's very
 answer, the state size of each cache, timings per phase and sample answers.
 The workers overlap with this process's ingest (and each other) unless
 ``--serial``. A study too long for one run runs in parts (``--lengths``,
-``--facts``, ``--seed``) merged by ``retention_merge.py``.
-``plot_retention.py`` draws the heat maps and prints the tables from it;
-``retention_args.py`` holds the command line and the documents.
+``--facts``, ``--seed``) merged by ``python -m train.evaluation
+retention-merge`` (:mod:`.retention_merge`); ``python -m train.evaluation
+retention-plot`` (:mod:`.retention_plot`) draws the heat maps and prints the
+tables from it; :mod:`.retention_args` holds the command line and the
+documents, :mod:`.retention_workers` the worker processes. Exit codes: 0 done,
+1 usage, 2 a path not found, 3 refused or invalid, or a cache failed (the
+JSON is then still written, holding the others).
 """
 
 from __future__ import annotations
@@ -60,9 +64,12 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
-import retention_scoring as scoring  # noqa: E402
-from retention_args import (CACHES, PRODUCT_CACHES, StudyError, make_documents,  # noqa: E402
-                            parse_args, question_rows)
+from ..cli import EXIT_REFUSED, run_reporting_errors  # noqa: E402
+from . import retention_product as product  # noqa: E402
+from . import retention_scoring as scoring  # noqa: E402
+from .retention_args import (CACHES, PRODUCT_CACHES, StudyError, make_documents,  # noqa: E402
+                             parse_args, question_rows)
+from .retention_workers import finish_worker, start_worker, stop_worker, write_json  # noqa: E402
 
 FORMAT = "retention_study/1"
 
@@ -115,8 +122,6 @@ def product_arm(cache: str, args: argparse.Namespace, opened: Any, texts: Sequen
                 rows: Sequence[dict[str, Any]], work: Path) -> tuple[dict, dict, Any]:
     """Ingest and save every document for a product cache, then launch its query
     worker -> (report, timings, (process, answers file, launch time))."""
-    import retention_product as product
-
     from coda_db.model_source import open_model
 
     start = time.perf_counter()
@@ -148,15 +153,14 @@ def product_arm(cache: str, args: argparse.Namespace, opened: Any, texts: Sequen
                                     for r in rows],
                               batch_size=args.query_batch, progress=not args.no_progress)
     out = work / f"answers_{cache}.json"
-    return report, timings, (product.start_worker(spec, out), out, time.perf_counter())
+    return report, timings, (start_worker(product.WORKER_MODULE, spec, out), out,
+                             time.perf_counter())
 
 
 def finish_arm(cache: str, worker: Any, report: dict, timings: dict) -> list[str]:
     """Wait for a product cache's worker; its answers (report and timings completed)."""
-    import retention_product as product
-
     process, out, launched = worker
-    result = product.finish_worker(process, out, cache)
+    result = finish_worker(process, out, cache)
     timings["collected_after_s"] = time.perf_counter() - launched
     timings["worker"] = result["timings"]
     report["worker"] = {k: result[k] for k in ("batch_size", "states_loaded", "sampling",
@@ -172,8 +176,7 @@ def unbounded_arm(args: argparse.Namespace, docs: Sequence[dict[str, Any]],
     """Write the documents and launch the unbounded cache's worker (a process of its
     own: it compiles and tokenises while the product caches ingest) -> (process,
     answers file, launch time)."""
-    import retention_product as product
-    import retention_unbounded as unbounded
+    from . import retention_unbounded as unbounded
 
     documents = work / "documents.json"
     documents.write_text(json.dumps([{"text": d["text"], "questions": d["questions"]}
@@ -184,17 +187,15 @@ def unbounded_arm(args: argparse.Namespace, docs: Sequence[dict[str, Any]],
                                 batch_tokens=args.unbounded_batch_tokens,
                                 progress=not args.no_progress)
     out = work / "answers_unbounded.json"
-    return product.start_worker(spec, out, script=unbounded.__file__), out, time.perf_counter()
+    return start_worker(unbounded.WORKER_MODULE, spec, out), out, time.perf_counter()
 
 
 def finish_unbounded(worker: Any) -> tuple[list[str | None], dict[str, Any], dict[int, int],
                                            dict[str, Any]]:
     """Wait for the unbounded worker -> (answers, report, each document's tokens,
     timings)."""
-    import retention_product as product
-
     process, out, launched = worker
-    result = product.finish_worker(process, out, "unbounded")
+    result = finish_worker(process, out, "unbounded")
     timings = result["timings"] | {"collected_after_s": time.perf_counter() - launched}
     report = result["report"]
     ran = sorted(int(k) for k in report["lengths"])
@@ -210,8 +211,6 @@ def finish_unbounded(worker: Any) -> tuple[list[str | None], dict[str, Any], dic
 
 def run_study(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Every phase of the study; -> the results (see the module docstring)."""
-    import retention_product as product
-
     from coda_db.model_source import open_model
 
     started = time.perf_counter()
@@ -261,7 +260,7 @@ def run_study(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             finish(cache)
     finally:
         for process, _, _ in workers.values():
-            product.stop_worker(process)
+            stop_worker(process)
     timings["total_s"] = time.perf_counter() - started
     if not answers:
         raise StudyError("every cache failed: " + "; ".join(failures.values()))
@@ -282,7 +281,7 @@ def assemble(args: argparse.Namespace, opened: Any, corpus_tok: str,
         picked = [i for i, a in enumerate(answers[cache]) if a is not None]
         cells += scoring.cell_rows(cache, [rows[i] for i in picked],
                                    [answers[cache][i] for i in picked])
-        kept += scoring.samples(cache, rows, answers[cache], args.samples)
+        kept += scoring.sample_answers(cache, rows, answers[cache], args.samples)
     summary = scoring.summaries(cells, CACHES)
     product_tokens = next((reports[c]["doc_tokens"] for c in PRODUCT_CACHES if c in reports),
                           None)
@@ -323,9 +322,9 @@ def _phases(worker: dict[str, float]) -> str:
 
 def print_summary(results: dict[str, Any]) -> None:
     """The accuracy table and the goals, on stdout."""
-    import plot_retention
+    from .retention_plot import markdown_table
 
-    print(plot_retention.markdown_table(results))
+    print(markdown_table(results))
     g = results["goals"]
     print(f"goal >= {100 * g['one_fact_goal']:.0f}% with one fact at every length (bounded): "
           f"{'met' if g['one_fact_met'] else 'not met'}; goal bounded within "
@@ -339,43 +338,37 @@ def print_summary(results: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the study and write its JSON (exit 0); 2 for bad arguments, 1 for a failure
-    (the JSON is still written when some cache's worker failed: it holds the others)."""
-    try:
-        args = parse_args(argv)
-    except StudyError as err:
-        print(f"retention_study.py: error: {err}", file=sys.stderr)
-        return 2
+    """``python -m train.evaluation retention``: run the study and write its JSON
+    (exit 0); the exit codes of ``train.cli`` otherwise: 1 usage, 2 a path not
+    found, 3 bad arguments or a failed study (the JSON is still written when
+    some cache's worker failed: it holds the others)."""
+    return run_reporting_errors(lambda: _study(argv), refused=(StudyError, RuntimeError))
+
+
+def _study(argv: Sequence[str] | None) -> int:
+    args = parse_args(argv)
     out = Path(args.out)
-    try:
-        if args.work:
-            work = Path(args.work)
-            work.mkdir(parents=True, exist_ok=True)
-            results = run_study(args, work)
-        else:
-            with tempfile.TemporaryDirectory(prefix="retention_study_") as tmp:
-                results = run_study(args, Path(tmp))
-    except (StudyError, RuntimeError) as err:
-        print(f"retention_study.py: error: {err}", file=sys.stderr)
-        return 1
-    scoring.write_json(out, results)
+    if args.work:
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+        results = run_study(args, work)
+    else:
+        with tempfile.TemporaryDirectory(prefix="retention_study_") as tmp:
+            results = run_study(args, Path(tmp))
+    write_json(out, results)
     print(f"wrote {out}")
     print_summary(results)
     if args.plot:
-        import plot_retention
+        from .retention_plot import heatmap
 
         try:
-            plot_retention.heatmap(results, Path(args.plot))
+            heatmap(results, Path(args.plot))
             print(f"wrote {args.plot}")
         except ImportError as err:
-            print(f"no plot (draw it with plot_retention.py elsewhere): {err}",
-                  file=sys.stderr)
+            print(f"no plot (draw it with python -m train.evaluation retention-plot "
+                  f"elsewhere): {err}", file=sys.stderr)
     if results["failures"]:
-        print(f"retention_study.py: error: the {', '.join(results['failures'])} cache(s) "
-              "failed; the results hold the others", file=sys.stderr)
-        return 1
+        print(f"error: the {', '.join(results['failures'])} cache(s) failed; the results "
+              "hold the others", file=sys.stderr)
+        return EXIT_REFUSED
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

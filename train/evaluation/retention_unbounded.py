@@ -18,7 +18,9 @@ pieces (``project_q``, ``project_kv``, ``attend``, ``mlp_residual``);
 :func:`check_against_forward` compares it with the model's own forward; the
 arm runs that check on its device first (:func:`cached_path_check`).
 
-    python benchmarks/retention_unbounded.py worker SPEC.json ANSWERS.json
+The study starts the worker (``retention_workers.start_worker``):
+
+    python -m train.evaluation.retention_unbounded worker SPEC.json ANSWERS.json
 """
 
 from __future__ import annotations
@@ -39,13 +41,15 @@ if __name__ == "__main__":  # a worker shares the GPU with the study's other pro
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import retention_scoring as scoring  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from coda_jax import CausalLM  # noqa: E402
 
+from .retention_workers import worker_main, write_json  # noqa: E402
+
 PAD_ID = -1  # what a stopped row emits: never a token id
 WORKER_FORMAT = "retention_study.unbounded_worker/1"
+WORKER_MODULE = f"{__package__}.retention_unbounded"  # python -m WORKER_MODULE worker ...
 CHECK_TOKENS = 500  # the cached path's check: a document's first tokens (not a multiple of 256)
 DOC_PAD_MULTIPLE = 256  # documents of one length are padded to a multiple of this
 SUFFIX_MULTIPLE = 16
@@ -307,9 +311,8 @@ def run_arm(opened: Any, docs: Sequence[dict[str, Any]], rows: Sequence[dict[str
     was skipped: above ``max_length``, or at and after one that ran out of device
     memory or failed); the report (the cached path's check, per length its timings, the
     skipped lengths, the K/V cache's bytes per length); each document's tokens."""
-    import retention_product as product
-
-    from train.steps import unbounded_twin
+    from ..steps import unbounded_twin
+    from . import retention_product as product
 
     twin = product.same_weights_twin(opened.model, unbounded_twin)
     settings = opened.settings
@@ -394,13 +397,13 @@ def run_worker(spec_path: str | os.PathLike, answers_path: str | os.PathLike) ->
     out = {"format": WORKER_FORMAT, "answers": answers, "report": report,
            "doc_tokens": {str(k): v for k, v in tokens.items()}, "timings": timings,
            "device": jax.devices()[0].device_kind}
-    scoring.write_json(Path(answers_path), out, indent=None)
+    write_json(Path(answers_path), out, indent=None)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``worker SPEC ANSWERS``: the study's unbounded arm in a process of its own."""
-    return scoring.worker_main(argv, run_worker, "retention_unbounded.py")
+    return worker_main(argv, run_worker, WORKER_MODULE)
 
 
 if __name__ == "__main__":
