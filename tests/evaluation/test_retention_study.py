@@ -1,6 +1,7 @@
 """python -m train.evaluation retention end to end on a tiny random model (CPU): the
 JSON's structure, its counts, the unbounded cache's skipped lengths and its cached
-path against the forward, the figure and tables, the merge of parts, and that a document the window holds whole gets the same answers from the
+path (the engine's K/V cache) against the forward, the figure and tables, the merge
+of parts, and that a document the window holds whole gets the same answers from the
 saved bounded and window-only states (loaded in a fresh process) as from the full KV
 cache; the exit codes of bad arguments."""
 

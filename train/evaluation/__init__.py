@@ -11,7 +11,7 @@
   K/V cache against document length and fact depth. Its inputs and command
   line are :mod:`.retention_args`, its scoring :mod:`.retention_scoring`, its
   caches :mod:`.retention_product` (through ``coda_db``) and
-  :mod:`.retention_unbounded` (the full K/V cache), each answering in a
+  :mod:`.retention_unbounded` (the engine's K/V cache), each answering in a
   worker process of its own (:mod:`.retention_workers`);
   ``retention-merge`` (:mod:`.retention_merge`) joins a study run in parts,
   ``retention-plot`` (:mod:`.retention_plot`) draws its heat maps and tables,
@@ -44,7 +44,8 @@ _EXPORTS = {
     "retention_product": ("IngestReport", "document_label", "model_state_bytes",
                           "ingest_library", "WINDOW_ONLY_BANK", "NO_BANKS",
                           "same_weights_twin", "window_only_twin", "window_only_model"),
-    "retention_unbounded": ("Question", "UnboundedAnswer", "kv_cache_bytes",
+    "retention_unbounded": ("Question", "UnboundedAnswer", "kv_cache_bytes", "model_dtype",
+                            "round_up", "read_document",
                             "suffix_logits", "compare_with_forward", "check_against_forward",
                             "rows_per_batch", "answer_questions", "is_out_of_memory",
                             "cached_path_check", "run_arm"),

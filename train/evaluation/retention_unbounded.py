@@ -2,21 +2,18 @@
 
 The neural database only takes bounded models, so the retention study's
 unbounded arm runs here, on ``train.steps.unbounded_twin(model)``, in a
-process of its own (``worker``, beside the product path's ingest): each
-document is read once by the model's own forward (``CausalLM.__call__``,
-which returns every layer's K/V), right-padded to a length shared by all the
-documents of one length (causal attention: a real token never sees the
-padding), and each question is then answered greedily from that cache.
-
-A row of a batch is one question: its suffix (the prompt in the model's
-template, then the tokens generated so far) is read over its document's cache
-at the document's true positions, the cache's padding masked out by a key
-mask; the whole greedy loop is one compiled ``lax.scan`` per (rows, padded
-document length), like ``coda_jax.generate``. The suffix forward mirrors
-``DecoderLayer.__call__`` / ``CoDAGQA.__call__`` through the layers' public
-pieces (``project_q``, ``project_kv``, ``attend``, ``mlp_residual``);
-:func:`check_against_forward` compares it with the model's own forward; the
-arm runs that check on its device first (:func:`cached_path_check`).
+process of its own (``worker``, beside the product path's ingest), through
+the engine's preallocated K/V cache (``coda_jax.KVCache``): each document is
+read once into a cache of one row (``model.prefill`` with its true length;
+the documents of one length are padded to a shared length, one compilation,
+and the padding is never written), and each question is then answered from
+its document's row: the batch's rows are concatenated (``concat_rows``), the
+prompts in the model's template read after them at each document's true
+positions (``prefill(..., lengths=..., last_only=True)``), and
+``coda_jax.generate`` answers greedily to a stop token or the answer length
+(one compiled loop per batch shape). :func:`check_against_forward` compares
+the cached path with the model's own forward (``CausalLM.__call__``); the arm
+runs that check on its device first (:func:`cached_path_check`).
 
 The study starts the worker (``retention_workers.start_worker``):
 
@@ -26,7 +23,6 @@ The study starts the worker (``retention_workers.start_worker``):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -43,16 +39,21 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from coda_jax import CausalLM  # noqa: E402
+from coda_jax import CausalLM, KVCache, concat_rows, generate  # noqa: E402
+from coda_jax.segments import default_chunks_per_call  # noqa: E402
 
 from .retention_workers import worker_main, write_json  # noqa: E402
 
-PAD_ID = -1  # what a stopped row emits: never a token id
 WORKER_FORMAT = "retention_study.unbounded_worker/1"
 WORKER_MODULE = f"{__package__}.retention_unbounded"  # python -m WORKER_MODULE worker ...
 CHECK_TOKENS = 500  # the cached path's check: a document's first tokens (not a multiple of 256)
 DOC_PAD_MULTIPLE = 256  # documents of one length are padded to a multiple of this
 SUFFIX_MULTIPLE = 16
+DOC_BLOCK = 1024  # a document is read in blocks of this many tokens (at most)
+# A document call's float32 attention scores at most (the engine's XLA path holds
+# block x blocks-per-call x cache length x heads of them, twice for differential
+# attention): a 64K document is read one block per call.
+DOC_SCORE_BYTES = 2 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,93 +79,49 @@ def kv_cache_bytes(model: CausalLM, tokens: int) -> int:
     """Bytes of the full K/V cache of ``tokens`` tokens (one document):
     layers x 2 (K and V) x tokens x KV heads x head_dim x the weights' bytes."""
     cfg = model.cfg
-    itemsize = jnp.dtype(model.embed_tokens.embedding[...].dtype).itemsize
+    itemsize = jnp.dtype(model_dtype(model)).itemsize
     return int(cfg.num_layers * 2 * tokens * cfg.num_kv_heads * cfg.head_dim * itemsize)
 
 
-def _round_up(value: int, multiple: int) -> int:
+def model_dtype(model: CausalLM) -> Any:
+    """The dtype of the model's weights: that of its K/V cache."""
+    return model.embed_tokens.embedding[...].dtype
+
+
+def round_up(value: int, multiple: int) -> int:
+    """``value`` rounded up to a multiple of ``multiple``."""
     return -(-value // multiple) * multiple
 
 
-def _suffix_hidden(model: CausalLM, tokens: jax.Array, positions: jax.Array,
-                   cache: tuple[jax.Array, jax.Array], key_mask: jax.Array) -> jax.Array:
-    """Hidden states (B, S, D) of suffix ``tokens`` (B, S) at ``positions`` after a
-    past ``cache`` ((layers, B, T, Hkv, Dh) K and V) whose visible keys are
-    ``key_mask`` (B, T + S); the suffix is causal among itself."""
-    h = model.embed(tokens)
-
-    def body(h, inputs):
-        layer, past_k, past_v = inputs
-        x = layer.input_layernorm(h)
-        attn = layer.self_attn
-        q = attn.project_q(x, positions)
-        k, v = attn.project_kv(x, positions)
-        k = jnp.concatenate([past_k.astype(k.dtype), k], axis=1)
-        v = jnp.concatenate([past_v.astype(v.dtype), v], axis=1)
-        out = attn.attend(x, q, k, v, causal=True, key_mask=key_mask)
-        return layer.mlp_residual(h + out), None
-
-    h, _ = jax.lax.scan(body, h, (model.layers, cache[0], cache[1]))
-    return h
-
-
-@jax.jit
-def _document_cache(model: CausalLM, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Every layer's K/V of ``tokens`` (B, T) (the logits are never computed)."""
-    return model(tokens)[1]
-
-
-@functools.partial(jax.jit, static_argnames=("max_new_tokens", "stop_tokens"))
-def _greedy(model: CausalLM, cache, doc_lengths, suffix, prompt_lengths, *,
-            max_new_tokens: int, stop_tokens: tuple[int, ...]):
-    """Greedy tokens (B, max_new_tokens) and counts (B,) (up to and including the
-    stop token) of each row's prompt after its document's cache."""
-    rows, width = suffix.shape
-    padded = cache[0].shape[2]
-    positions = doc_lengths[:, None] + jnp.arange(width, dtype=doc_lengths.dtype)[None]
-    key_mask = jnp.concatenate([jnp.arange(padded)[None] < doc_lengths[:, None],
-                                jnp.ones((rows, width), bool)], axis=1)
-    stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
-    row_ids = jnp.arange(rows)
-
-    def body(carry, _):
-        seq, lengths, done = carry
-        h = _suffix_hidden(model, seq, positions, cache, key_mask)
-        last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)
-        token = jnp.argmax(model.logits(last)[:, 0], axis=-1).astype(jnp.int32)
-        emitted = jnp.where(done, PAD_ID, token)
-        at = jnp.minimum(lengths, width - 1)
-        seq = seq.at[row_ids, at].set(jnp.where(done, seq[row_ids, at], token))
-        live = ~done
-        lengths = jnp.where(done, lengths, lengths + 1)
-        done = done | jnp.isin(token, stops)
-        return (seq, lengths, done), (emitted, live)
-
-    init = (suffix, prompt_lengths, jnp.zeros((rows,), bool))
-    _, (tokens, live) = jax.lax.scan(body, init, None, length=max_new_tokens)
-    return tokens.T, jnp.sum(live, axis=0, dtype=jnp.int32)
+def read_document(model: CausalLM, ids: Sequence[int], *, padded: int, max_length: int
+                  ) -> KVCache:
+    """A cache of one row and ``max_length`` positions holding the document ``ids``
+    (read as a row of ``padded`` tokens, the padding neither written nor counted)."""
+    tokens = np.zeros((1, padded), np.int32)
+    tokens[0, :len(ids)] = ids
+    block = min(DOC_BLOCK, padded)
+    per_block = 4 * 2 * block * max_length * model.cfg.num_heads
+    chunks = max(1, min(default_chunks_per_call(block), DOC_SCORE_BYTES // per_block))
+    cache = model.init_state(1, model_dtype(model), max_length=max_length)
+    _, cache = model.prefill(jnp.asarray(tokens), cache, block_size=block,
+                             chunks_per_call=chunks, lengths=np.asarray([len(ids)], np.int32),
+                             last_only=True)
+    return cache
 
 
 def suffix_logits(model: CausalLM, document: Sequence[int], suffix: Sequence[int]
                   ) -> np.ndarray:
     """Logits (S, V) of ``suffix`` read after ``document`` through the cached path
-    (the document padded as the study pads it): what :func:`answer_questions`
-    computes at each greedy step."""
-    padded = _round_up(len(document), DOC_PAD_MULTIPLE)
-    ids = np.zeros((1, padded), np.int32)
-    ids[0, :len(document)] = document
-    cache = _document_cache(model, jnp.asarray(ids))
-    width = len(suffix)
-    positions = jnp.asarray(len(document) + np.arange(width)[None], jnp.int32)
-    key_mask = jnp.asarray(np.concatenate([np.arange(padded) < len(document),
-                                           np.ones(width, bool)])[None])
-    return np.asarray(_suffix_logits(model, jnp.asarray([list(suffix)], jnp.int32),
-                                     positions, cache, key_mask)[0])
-
-
-@jax.jit
-def _suffix_logits(model: CausalLM, tokens, positions, cache, key_mask) -> jax.Array:
-    return model.logits(_suffix_hidden(model, tokens, positions, cache, key_mask))
+    (the document padded as the study pads it, then the suffix read into the
+    same cache): what :func:`answer_questions` computes for a prompt."""
+    padded = round_up(len(document), DOC_PAD_MULTIPLE)
+    width = round_up(len(suffix), SUFFIX_MULTIPLE)
+    cache = read_document(model, document, padded=padded, max_length=padded + width)
+    tokens = np.zeros((1, width), np.int32)
+    tokens[0, :len(suffix)] = suffix
+    logits, _ = model.prefill(jnp.asarray(tokens), cache, block_size=width,
+                              lengths=np.asarray([len(suffix)], np.int32))
+    return np.asarray(logits[0, :len(suffix)])
 
 
 @jax.jit
@@ -211,31 +168,32 @@ def answer_questions(model: CausalLM, tokenizer: Any, documents: Sequence[str],
 
     ``prompt`` is the model's template with a ``{question}`` field. Documents
     are read in order and their caches kept only while their questions wait;
-    call once per document length (one compilation per padded length).
+    call once per document length (one compilation per padded length). Each
+    cache has room for its document (padded), the longest prompt and the answer.
     """
     if not documents:
         return [], {"prefill_s": 0.0, "generate_s": 0.0}
     doc_ids = [np.asarray(tokenizer.encode(text).ids, np.int32) for text in documents]
-    padded = _round_up(max(len(ids) for ids in doc_ids), DOC_PAD_MULTIPLE)
+    padded = round_up(max(len(ids) for ids in doc_ids), DOC_PAD_MULTIPLE)
     prompts = [np.asarray(tokenizer.encode(prompt.replace("{question}", q.text),
                                            add_special_tokens=False).ids, np.int32)
                for q in questions]
-    width = _round_up(max(len(p) for p in prompts) + max_new_tokens, SUFFIX_MULTIPLE)
-    rows = rows_per_batch(padded, batch_tokens)
+    width = round_up(max(len(p) for p in prompts), SUFFIX_MULTIPLE)
+    max_length = padded + round_up(width + max_new_tokens, SUFFIX_MULTIPLE)
+    rows = rows_per_batch(max_length, batch_tokens)
     stops = tuple(int(t) for t in stop_tokens)
     by_doc: dict[int, list[int]] = {}
     for i, q in enumerate(questions):
         by_doc.setdefault(q.doc, []).append(i)
     answers: list[UnboundedAnswer | None] = [None] * len(questions)
-    caches: dict[int, tuple[jax.Array, jax.Array]] = {}
+    caches: dict[int, KVCache] = {}
     waiting: list[int] = []
     timings = {"prefill_s": 0.0, "generate_s": 0.0}
 
     def read(doc: int) -> None:
-        ids = np.zeros((1, padded), np.int32)
-        ids[0, :len(doc_ids[doc])] = doc_ids[doc]
         start = time.perf_counter()
-        caches[doc] = jax.block_until_ready(_document_cache(model, jnp.asarray(ids)))
+        caches[doc] = jax.block_until_ready(
+            read_document(model, doc_ids[doc], padded=padded, max_length=max_length))
         timings["prefill_s"] += time.perf_counter() - start
 
     def run(batch: list[int]) -> None:
@@ -244,13 +202,13 @@ def answer_questions(model: CausalLM, tokenizer: Any, documents: Sequence[str],
         suffix = np.zeros((rows, width), np.int32)
         for row, i in enumerate(chosen):
             suffix[row, :len(prompts[i])] = prompts[i]
-        cache = tuple(jnp.concatenate([caches[d][part] for d in docs], axis=1)
-                      for part in (0, 1))
         start = time.perf_counter()
-        tokens, counts = _greedy(
-            model, cache, jnp.asarray([len(doc_ids[d]) for d in docs], jnp.int32),
-            jnp.asarray(suffix), jnp.asarray([len(prompts[i]) for i in chosen], jnp.int32),
-            max_new_tokens=max_new_tokens, stop_tokens=stops)
+        cache = concat_rows(*(caches[d] for d in docs))
+        logits, cache = model.prefill(
+            jnp.asarray(suffix), cache, block_size=width,
+            lengths=np.asarray([len(prompts[i]) for i in chosen], np.int32), last_only=True)
+        tokens, counts, _ = generate(model, cache, logits, max_new_tokens=max_new_tokens,
+                                     stop_tokens=stops)
         tokens, counts = np.asarray(tokens), np.asarray(counts)
         timings["generate_s"] += time.perf_counter() - start
         for row, i in enumerate(batch):
@@ -289,8 +247,8 @@ def cached_path_check(twin: CausalLM, opened: Any, doc: dict[str, Any],
                       tokens: int = CHECK_TOKENS) -> dict[str, Any]:
     """The cached path against the model's own forward, on this device and in
     the model's dtype: the first ``tokens`` tokens of ``doc``, then its first
-    question in the prompt with the answer, padded to the suffix width the
-    greedy loop uses."""
+    question in the prompt with the answer, padded (with token 0) to a
+    multiple of ``SUFFIX_MULTIPLE`` as the arm pads its prompts."""
     ids = opened.tokenizer.encode(doc["text"]).ids[:tokens]
     q = doc["questions"][0]
     suffix = opened.tokenizer.encode(
