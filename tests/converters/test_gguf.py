@@ -82,6 +82,14 @@ def _check_prefill_and_decode(hf, ours, vocab: int, seed: int, prompt: int = 17,
         logits, cache = ours(ids[:, t:t + 1], cache)
         pieces.append(logits)
     assert_close(jnp.concatenate(pieces, axis=1), want, rtol=1e-4, what="incremental decode")
+    # The generation path: the prompt into a preallocated K/V cache, then one step a token.
+    state = ours.init_state(2, jnp.float32, max_length=prompt + new)
+    logits, state = ours.prefill(ids[:, :prompt], state, block_size=16)
+    pieces = [logits]
+    for t in range(prompt, prompt + new):
+        logits, state = ours.step(ids[:, t:t + 1], state)
+        pieces.append(logits)
+    assert_close(jnp.concatenate(pieces, axis=1), want, rtol=1e-4, what="K/V cache decode")
 
 
 def test_tiny_gguf_logits_match_transformers(gguf_pair):
