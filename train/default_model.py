@@ -18,7 +18,8 @@ The recipe is ``configs/default_model.yaml``:
    the recipe there, from ``--base`` as the model of the stages before it
    (for example a bundled model: ``coda_db/default_model``);
 4. a quick retention check on held-out documents (teacher-forced exact match,
-   bounded, unbounded and window only), ``OUT_DIR/retention_quick.json``;
+   bounded, unbounded and window only: ``train.evaluation.retention_quick``),
+   ``OUT_DIR/retention_quick.json``;
 5. ``OUT_DIR/export``: the model as bf16 safetensors shards (what a GPU
    machine sends home), with ``card.json`` (architecture, bank, data, steps,
    recommended prompt and sampling, the quick check) and ``tokenizer.json``.
@@ -205,6 +206,7 @@ def build(args) -> int:
 
     from . import data, retention
     from .average import average_models
+    from .evaluation.retention_quick import retention_accuracy
     from .config import TrainConfig
     from .loop import run
     from .plots import read_metrics
@@ -290,8 +292,8 @@ def build(args) -> int:
     for label in args.checks:
         runner = (with_bank(model, num_landmarks_exact=0, num_landmarks_summary=0)
                   if label == "window_only" else model)
-        rows = retention.retention_accuracy(runner, tok, docs, bounded=label != "unbounded",
-                                            block_size=final["phase2"]["block_size"])
+        rows = retention_accuracy(runner, tok, docs, bounded=label != "unbounded",
+                                  block_size=final["phase2"]["block_size"])
         checks += [dict(r, cache=label) for r in rows]
         total = sum(r["total"] for r in rows)
         log(f"retention {label}: {sum(r['correct'] for r in rows)}/{total}")

@@ -23,7 +23,9 @@ with training.
 ``python -m train``, and beside them (``OUT_DIR_marks``) the content marks of
 each token: 1 on a fact's name, value and full stop, the write-gate targets
 of phase 2 (``data.write_targets``); ``eval`` writes documents as text with their questions
-and answers (one JSON object per line), for the retention study.
+and answers (one JSON object per line), for the retention study. Their scoring
+lives with the other evaluations: ``train.evaluation.retention_quick``
+(teacher-forced) and ``python -m train.evaluation retention`` (the study).
 """
 
 from __future__ import annotations
@@ -185,52 +187,6 @@ def eval_documents(tok: Tokenizer, filler: np.ndarray, *, lengths: Sequence[int]
                            "text": tok.decode(ids.tolist()),
                            "questions": [{"question": f.question, "answer": f.value,
                                           "kind": f.kind, "depth": f.depth} for f in facts]}
-
-
-def retention_accuracy(model, tok: Tokenizer, docs: Sequence[dict[str, Any]], *,
-                       bounded: bool, block_size: int = 128, batch_size: int = 8
-                       ) -> list[dict[str, Any]]:
-    """Teacher-forced exact match of every question of ``docs`` (a question is
-    answered when the argmax is right at each answer token), one row per
-    document cell (length, facts, depth): ``correct`` of ``total``."""
-    import jax.numpy as jnp
-
-    from .steps import unbounded_twin
-
-    runner = model if bounded else unbounded_twin(model)
-    rows, seqs = [], []
-    for doc in docs:
-        ids = tok.encode(doc["text"]).ids
-        for q in doc["questions"]:
-            prompt = tok.encode(PROMPT.format(question=q["question"])).ids
-            answer = tok.encode(" " + q["answer"]).ids
-            seqs.append((doc, ids + prompt, answer))
-    width = max(len(p) + len(a) for _, p, a in seqs)
-    width = -(-width // block_size) * block_size
-    cells: dict[tuple, list[int]] = {}
-    for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start:start + batch_size]
-        batch = np.zeros((len(chunk), width), np.int32)
-        for row, (_, prompt, answer) in enumerate(chunk):
-            batch[row, :len(prompt) + len(answer)] = prompt + answer
-        tokens = jnp.asarray(batch)
-        if bounded:
-            logits, _ = runner.prefill(tokens, runner.init_state(len(chunk), mem_init="zeros"),
-                                       block_size=block_size)
-        else:
-            logits, _ = runner(tokens)
-        guess = np.asarray(jnp.argmax(logits, axis=-1))
-        for row, (doc, prompt, answer) in enumerate(chunk):
-            at = len(prompt) - 1
-            hit = guess[row, at:at + len(answer)].tolist() == answer
-            key = (doc["length"], doc["facts"], doc["depth"])
-            cells.setdefault(key, [0, 0])
-            cells[key][0] += int(hit)
-            cells[key][1] += 1
-    for (length, facts, depth), (correct, total) in sorted(cells.items()):
-        rows.append({"length": length, "facts": facts, "depth": depth, "bounded": bounded,
-                     "correct": correct, "total": total, "accuracy": correct / total})
-    return rows
 
 
 MARKS_SUFFIX = "_marks"

@@ -17,6 +17,8 @@
   ``retention-plot`` (:mod:`.retention_plot`) draws its heat maps and tables,
   ``retention-fixture`` (:mod:`.retention_fixture`) writes stand-in inputs.
   ``run_retention_study_gpu.sh`` runs it in one device call.
+* :mod:`.retention_quick`: the teacher-forced retention check of the default
+  model's recipe (``train.default_model``).
 
 The modules' public names are importable from here (each module loaded on
 first use, so that the command line starts without importing JAX); their
@@ -56,6 +58,7 @@ _EXPORTS = {
                         "run_study", "assemble", "print_summary"),
     "retention_merge": ("MergeError", "merge"),
     "retention_plot": ("CACHE_NAMES", "load_results", "markdown_table", "heatmap"),
+    "retention_quick": ("retention_accuracy",),
     "retention_fixture": ("DEFAULT_SHAPE", "DEFAULT_BANK", "TINY_SHAPE", "word_corpus",
                           "random_model"),
 }

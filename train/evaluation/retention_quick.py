@@ -1,0 +1,64 @@
+"""The quick retention check of the default model's recipe: teacher-forced exact
+match of the questions of held-out retention documents.
+
+``train.default_model`` runs it on the finished model (bounded, window only and
+unbounded) over a few documents of ``train.retention.eval_documents`` and writes
+``retention_quick.json``. Each document is followed by one question at a time,
+in the query prompt ``train.retention.PROMPT``, and the answer; a question counts
+as answered when the argmax is right at every answer token (what greedy
+decoding would then produce). The full study, greedy answers from saved states
+through the database, is ``python -m train.evaluation retention``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from tokenizers import Tokenizer
+
+from ..retention import PROMPT
+from ..steps import unbounded_twin
+
+
+def retention_accuracy(model, tok: Tokenizer, docs: Sequence[dict[str, Any]], *,
+                       bounded: bool, block_size: int = 128, batch_size: int = 8
+                       ) -> list[dict[str, Any]]:
+    """Teacher-forced exact match of every question of ``docs`` (a question is
+    answered when the argmax is right at each answer token), one row per
+    document cell (length, facts, depth): ``correct`` of ``total``."""
+    runner = model if bounded else unbounded_twin(model)
+    rows, seqs = [], []
+    for doc in docs:
+        ids = tok.encode(doc["text"]).ids
+        for q in doc["questions"]:
+            prompt = tok.encode(PROMPT.format(question=q["question"])).ids
+            answer = tok.encode(" " + q["answer"]).ids
+            seqs.append((doc, ids + prompt, answer))
+    width = max(len(p) + len(a) for _, p, a in seqs)
+    width = -(-width // block_size) * block_size
+    cells: dict[tuple, list[int]] = {}
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start:start + batch_size]
+        batch = np.zeros((len(chunk), width), np.int32)
+        for row, (_, prompt, answer) in enumerate(chunk):
+            batch[row, :len(prompt) + len(answer)] = prompt + answer
+        tokens = jnp.asarray(batch)
+        if bounded:
+            logits, _ = runner.prefill(tokens, runner.init_state(len(chunk), mem_init="zeros"),
+                                       block_size=block_size)
+        else:
+            logits, _ = runner(tokens)
+        guess = np.asarray(jnp.argmax(logits, axis=-1))
+        for row, (doc, prompt, answer) in enumerate(chunk):
+            at = len(prompt) - 1
+            hit = guess[row, at:at + len(answer)].tolist() == answer
+            key = (doc["length"], doc["facts"], doc["depth"])
+            cells.setdefault(key, [0, 0])
+            cells[key][0] += int(hit)
+            cells[key][1] += 1
+    for (length, facts, depth), (correct, total) in sorted(cells.items()):
+        rows.append({"length": length, "facts": facts, "depth": depth, "bounded": bounded,
+                     "correct": correct, "total": total, "accuracy": correct / total})
+    return rows
