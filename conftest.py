@@ -1,13 +1,30 @@
 """pytest setup shared by all tests: CPU only, float32 matmuls at full precision."""
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # The tests' shared helpers (oracle, pairwise, attention_inputs) live in tests/.
 sys.path.insert(0, str(Path(__file__).parent / "tests"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+# One XLA compilation cache for this test run, made empty here: the xdist workers
+# (and the fresh Python processes tests start, which inherit the environment) share
+# what any of them compiled, instead of compiling the same program again. Tracing
+# and lowering still run every time (the compile counts and jax_log_compiles that
+# tests check are recorded there); only XLA's compile of a program already compiled
+# in this run is skipped. Nothing outlives the run (removed at its end), so every
+# run compiles from scratch; a cache directory given in the environment is used
+# as it is.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="coda-jax-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
@@ -24,3 +41,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_unconfigure(config):
+    """The run's compilation cache goes with the process that made it (the xdist
+    controller, or pytest alone)."""
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
