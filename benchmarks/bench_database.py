@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = word_tokenizer(cfg.vocab_size)
     settings = QuerySettings(prompt="w1 w2 w3 {question} w4", sampling=Sampling(),
                              stop_tokens=(), block_size=16 if tiny else 1024)
-    opened = OpenModel(model=model, tokenizer=tok, name="random weights",
+    opened = OpenModel(model=model, tokenizer=tok, name="random weights", path="(in memory)",
                        model_sha256="random", tokenizer_sha256=tokenizer_fingerprint(tok),
                        settings=settings)
     built = time.perf_counter() - start
