@@ -96,7 +96,9 @@ def test_phase2_gradients_reach_the_write_gate_and_summary_eta(tmp_path):
     model, _ = steps.build_model(cfg)
     graphdef, params = nnx.split(model)
     tokens = jax.random.randint(jax.random.key(0), (2, 33), 0, VOCAB)
-    grads = jax.grad(lambda p: steps.loss_fn(cfg, nnx.merge(graphdef, p), tokens))(params)
+    # Compiled as a whole (as the training step is), not op by op.
+    grads = jax.jit(jax.grad(lambda p: steps.loss_fn(cfg, nnx.merge(graphdef, p), tokens)))(
+        params)
     attn = grads["layers"]["self_attn"]
     for name in ("write_proj", "summary_eta_logit"):
         leaves = jax.tree.leaves(attn[name])
@@ -107,7 +109,8 @@ def test_phase2_gradients_reach_the_write_gate_and_summary_eta(tmp_path):
                        phase2=dict(detach_evicted=True))
     model, _ = steps.build_model(detached)
     graphdef, params = nnx.split(model)
-    grads = jax.grad(lambda p: steps.loss_fn(detached, nnx.merge(graphdef, p), tokens))(params)
+    grads = jax.jit(jax.grad(lambda p: steps.loss_fn(detached, nnx.merge(graphdef, p),
+                                                     tokens)))(params)
     assert float(jnp.abs(grads["layers"]["self_attn"]["write_proj"]["kernel"][...]).max()) == 0
 
 
