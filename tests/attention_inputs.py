@@ -8,19 +8,34 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def host_rng(key: jax.Array) -> np.random.Generator:
+    """A numpy generator seeded by a JAX key: random test inputs drawn on the host
+    need no compiled program (on the CPU, compiling ``jax.random`` for each new
+    shape cost more than the kernels under test)."""
+    return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+
 def random_attention_inputs(key: jax.Array, *, batch: int, q_len: int, k_len: int,
                             group: int, head_dim: int, dtype):
     """q, q_noise (B, Lq, H, Dh), k, v (B, Lk, Hkv, Dh), lambda (B, Lq, H) in (0, 1)
-    and a norm weight near 1 (Dh,); Hkv is 1 for group 8, else 2."""
-    keys = jax.random.split(key, 6)
+    and a norm weight near 1 (Dh,); Hkv is 1 for group 8, else 2. Standard normal
+    draws of ``host_rng(key)``, rounded to ``dtype``."""
+    rng = host_rng(key)
     hkv = 1 if group == 8 else 2
     h, dtype = hkv * group, jnp.dtype(dtype)
-    q = jax.random.normal(keys[0], (batch, q_len, h, head_dim), dtype)
-    qn = jax.random.normal(keys[1], (batch, q_len, h, head_dim), dtype)
-    k = jax.random.normal(keys[2], (batch, k_len, hkv, head_dim), dtype)
-    v = jax.random.normal(keys[3], (batch, k_len, hkv, head_dim), dtype)
-    lam = jax.nn.sigmoid(jax.random.normal(keys[4], (batch, q_len, h))).astype(dtype)
-    w = (1 + 0.3 * jax.random.normal(keys[5], (head_dim,))).astype(dtype)
+
+    def normal(*shape):
+        return rng.standard_normal(shape, np.float32)
+
+    def to(x):
+        return jnp.asarray(x.astype(dtype))
+
+    q = to(normal(batch, q_len, h, head_dim))
+    qn = to(normal(batch, q_len, h, head_dim))
+    k = to(normal(batch, k_len, hkv, head_dim))
+    v = to(normal(batch, k_len, hkv, head_dim))
+    lam = to(1 / (1 + np.exp(-normal(batch, q_len, h))))
+    w = to(1 + 0.3 * normal(head_dim))
     return q, qn, k, v, lam, w
 
 

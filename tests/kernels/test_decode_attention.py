@@ -10,6 +10,7 @@ float32 (1e-5 relative) and bf16 (1e-2), fresh random inputs per case. The
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import jax
@@ -19,7 +20,7 @@ import pytest
 
 from coda_jax.attention_math import differential_attention
 from pallas_kernels.decode_attention import decode_attention, decode_splits
-from attention_inputs import random_attention_inputs, rel_err
+from attention_inputs import host_rng, random_attention_inputs, rel_err
 from pairwise import pairwise, uncovered_pairs
 
 FACTORS = {
@@ -44,17 +45,22 @@ def make_inputs(case, seed):
     arrays = random_attention_inputs(arrays_key, batch=b, q_len=t, k_len=s,
                                      group=case["group"], head_dim=case["head_dim"],
                                      dtype=case["dtype"])
-    mask = {"none": None,
-            "holes": jax.random.uniform(mask_key, (b, s)) > 0.3,
-            "per_token": jax.random.uniform(mask_key, (b, t, s)) > 0.5}[case["mask"]]
+    uniform = host_rng(mask_key).random
+    mask = (None if case["mask"] == "none" else
+            jnp.asarray(uniform((b, s)) > 0.3) if case["mask"] == "holes" else
+            jnp.asarray(uniform((b, t, s)) > 0.5))
     return (*arrays, mask)
 
 
-def reference(q, qn, k, v, lam, w, mask):
+@functools.partial(jax.jit, static_argnames="head_norm")  # one compile, not one per operation
+def reference(q, qn, k, v, lam, w, mask, head_norm=True):
     up = lambda x: x.astype(jnp.float32)  # noqa: E731
     if mask is not None and mask.ndim == 2:
         mask = mask[:, None, :]
     with jax.default_matmul_precision("highest"):
+        if not head_norm:
+            return differential_attention(up(q), up(k), up(v), q_noise=up(qn), lam=up(lam),
+                                          mask=mask, head_norm=False)
         return differential_attention(up(q), up(k), up(v), q_noise=up(qn), lam=up(lam),
                                       mask=mask, norm_weight=up(w))
 
@@ -74,11 +80,7 @@ def test_without_head_norm(slots):
                 dtype="float32")
     q, qn, k, v, lam, w, mask = make_inputs(case, slots)
     got = decode_attention(q, qn, k, v, lam, mask, head_norm=False)
-    up = lambda x: x.astype(jnp.float32)  # noqa: E731
-    with jax.default_matmul_precision("highest"):
-        want = differential_attention(up(q), up(k), up(v), q_noise=up(qn), lam=up(lam),
-                                      mask=mask[:, None, :], head_norm=False)
-    assert rel_err(got, want) < 1e-5
+    assert rel_err(got, reference(q, qn, k, v, lam, w, mask, head_norm=False)) < 1e-5
 
 
 def test_slots_split_over_programs_when_the_batch_is_small():

@@ -10,6 +10,7 @@ tests repeat the checks at real sizes when a GPU is present.
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import jax
@@ -19,7 +20,7 @@ import pytest
 
 from coda_jax.attention_math import causal_mask, differential_attention
 from pallas_kernels.diff_flash import FlashConfig, diff_flash_attention, flash_forward, pad_inputs
-from attention_inputs import random_attention_inputs, rel_err
+from attention_inputs import host_rng, random_attention_inputs, rel_err
 from pairwise import pairwise, uncovered_pairs
 
 FACTORS = {
@@ -45,11 +46,12 @@ def make_inputs(case, seed):
     arrays = random_attention_inputs(arrays_key, batch=b, q_len=lq, k_len=lk,
                                      group=case["group"], head_dim=case["head_dim"],
                                      dtype=case["dtype"])
-    key_mask = (jax.random.uniform(mask_key, (b, lk)) > 0.25 if case["holes"]
+    key_mask = (jnp.asarray(host_rng(mask_key).random((b, lk)) > 0.25) if case["holes"]
                 else jnp.ones((b, lk), bool))
     return (*arrays, key_mask, extra_key)
 
 
+@functools.partial(jax.jit, static_argnames="head_norm")  # one compile, not one per operation
 def reference(q, qn, k, v, lam, w, key_mask, head_norm):
     mask = causal_mask(q.shape[1], k.shape[1])[None] & key_mask[:, None, :]
     up = lambda x: x.astype(jnp.float32)  # noqa: E731
@@ -80,14 +82,15 @@ def test_forward_matches_reference(case):
                          ids=lambda c: "-".join(map(str, c.values())))
 def test_gradients_match_reference(case):
     q, qn, k, v, lam, w, key_mask, gkey = make_inputs(case, zlib.crc32(repr(case).encode()) + 1)
-    cot = jax.random.normal(gkey, q.shape, jnp.float32)
+    cot = jnp.asarray(host_rng(gkey).standard_normal(q.shape, np.float32))
     args = (q, qn, k, v, lam, w)
 
     def loss(fn):
         return lambda *a: jnp.sum(fn(*a, key_mask, case["head_norm"]).astype(jnp.float32) * cot)
 
-    got = jax.grad(loss(kernel), argnums=range(6))(*args)
-    want = jax.grad(loss(reference), argnums=range(6))(*args)
+    # Each gradient compiled as a whole, as a training step takes it.
+    got = jax.jit(jax.grad(loss(kernel), argnums=range(6)))(*args)
+    want = jax.jit(jax.grad(loss(reference), argnums=range(6)))(*args)
     names = ["q", "q_noise", "k", "v", "lam", "norm_weight"]
     for name, g, r in zip(names, got, want):
         if name == "norm_weight" and not case["head_norm"]:
@@ -205,7 +208,7 @@ def test_gpu_hopper_forward_gradients(q_len, holes):
     case = dict(q_len=q_len, prefix=128, holes=holes, group=4, head_dim=128,
                 dtype="bfloat16", head_norm=True)
     q, qn, k, v, lam, w, key_mask, gkey = make_inputs(case, 77)
-    cot = jax.random.normal(gkey, q.shape, jnp.float32)
+    cot = jnp.asarray(host_rng(gkey).standard_normal(q.shape, np.float32))
 
     def loss(kind):
         return lambda *a: jnp.sum(diff_flash_attention(
@@ -316,7 +319,7 @@ def test_gpu_hopper_backward_gradients(prefix, causal):
     case = dict(q_len=512, prefix=prefix, holes=False, group=4, head_dim=128,
                 dtype="bfloat16", head_norm=True)
     q, qn, k, v, lam, w, key_mask, gkey = make_inputs(case, 78 + prefix)
-    cot = jax.random.normal(gkey, q.shape, jnp.float32)
+    cot = jnp.asarray(host_rng(gkey).standard_normal(q.shape, np.float32))
 
     def loss(backward):
         return lambda *a: jnp.sum(diff_flash_attention(
