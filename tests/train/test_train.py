@@ -271,7 +271,9 @@ def test_the_tiny_config_is_valid():
 
 
 def test_four_devices_give_the_losses_of_one(tmp_path):
-    """The same run on a 2 x 2 (data, fsdp) mesh of forced CPU devices and on one device."""
+    """The same run on a 2 x 2 (data, fsdp) mesh of forced CPU devices (a process of
+    its own: the device count is fixed when JAX starts) and on one device (this
+    process, which conftest.py starts with one CPU device, as the run was)."""
     import os
     import subprocess
     import sys
@@ -290,17 +292,22 @@ loop.run(cfg, Path(sys.argv[3]) / "run", progress=False)
 print(json.dumps(t._losses(Path(sys.argv[3]) / "run")), len(jax.devices()))
 """
     runs = {}
-    for devices, data_axis, fsdp_axis in ((1, 1, 1), (4, 2, 2)):
-        out = tmp_path / f"d{devices}"
-        out.mkdir()
-        env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-        done = subprocess.run([sys.executable, "-c", script, str(data_axis), str(fsdp_axis),
-                               str(out)], env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        losses, count = done.stdout.strip().splitlines()[-1].rsplit(" ", 1)
-        assert int(count) == devices
-        runs[devices] = json.loads(losses)
+    out = tmp_path / "d4"
+    out.mkdir()
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    done = subprocess.run([sys.executable, "-c", script, "2", "2", str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    losses, count = done.stdout.strip().splitlines()[-1].rsplit(" ", 1)
+    assert int(count) == 4
+    runs[4] = json.loads(losses)
+    assert len(jax.devices()) == 1 and jax.config.jax_default_matmul_precision == "highest"
+    (tmp_path / "d1").mkdir()
+    cfg = _config(tmp_path / "d1", optim=dict(steps=3, batch_size=4, grad_accum=1),
+                  mesh=dict(data=1, fsdp=1))
+    loop.run(cfg, tmp_path / "d1" / "run", progress=False)
+    runs[1] = _losses(tmp_path / "d1" / "run")
     np.testing.assert_allclose(runs[4], runs[1], rtol=1e-5)
 
 
