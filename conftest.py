@@ -10,6 +10,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent / "tests"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# Full-precision float32 matmuls, here and in the fresh Python processes tests start
+# (they inherit the environment): their programs are then the ones this process
+# compiled, which the compilation cache below gives them instead of compiling again.
+os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
 
 # One XLA compilation cache for this test run, made empty here: the xdist workers
 # (and the fresh Python processes tests start, which inherit the environment) share
