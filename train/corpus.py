@@ -35,6 +35,9 @@ source that is not there is skipped and recorded as missing. The sources:
   python-stdlib       the docstrings of this Python's standard library, a
                       document per module: used (with a warning) when none of
                       the above is found, so a fresh machine gets a small corpus
+  debian-handbook     The Debian Administrator's Handbook (English HTML), per
+                      page: read only when named, so the default corpus leaves
+                      it out (a second held-out source: train.study --heldout2)
 
 Each document is cleaned (markup dropped, typography mapped to ASCII, the
 rest of non-ASCII dropped, whitespace normalised; documents that are mostly
@@ -70,6 +73,7 @@ from coda_jax import safe_paths
 from . import data
 from .corpus_debian import (
     find_bible_kjv,
+    find_debian_handbook,
     find_debian_reference,
     find_fortunes,
     find_gcide,
@@ -126,6 +130,9 @@ SOURCES: dict[str, Callable] = {
 # Used when no source of SOURCES is found (a fresh machine), or when named.
 FALLBACK_SOURCE = "python-stdlib"
 FALLBACKS: dict[str, Callable] = {FALLBACK_SOURCE: find_python_stdlib}
+# Read only when named: text kept out of the default corpus, so that an
+# evaluation can use it as a source training never saw (train.study --heldout2).
+NAMED_ONLY: dict[str, Callable] = {"debian-handbook": find_debian_handbook}
 
 
 # ----------------------------------------------------------------- the split
@@ -214,7 +221,7 @@ def build_corpus(out_dir: str | os.PathLike, *, sources: Sequence[str] | None = 
     the split by document is the same either way.
     """
     names = list(SOURCES) if sources is None else list(sources)
-    known = SOURCES | FALLBACKS
+    known = SOURCES | FALLBACKS | NAMED_ONLY
     unknown = [n for n in names if n not in known]
     if unknown:
         raise KeyError(f"unknown source(s) {', '.join(unknown)}; known: {', '.join(known)}")
@@ -424,10 +431,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             sources = None
         else:
             sources = [s.strip() for s in args.sources.split(",") if s.strip()]
-            unknown = [s for s in sources if s not in SOURCES and s not in FALLBACKS]
+            unknown = [s for s in sources if s not in SOURCES | FALLBACKS | NAMED_ONLY]
             if unknown or not sources:
                 raise _UsageError(f"unknown source(s) {', '.join(unknown) or '(none given)'}; "
-                                  f"known: {', '.join(SOURCES | FALLBACKS)}")
+                                  f"known: {', '.join(SOURCES | FALLBACKS | NAMED_ONLY)}")
         if args.shard_tokens < 1 or args.vocab_size < 1:
             raise _UsageError("--shard-tokens and --vocab-size must be positive")
         build_corpus(args.out_dir, sources=sources, vocab_size=args.vocab_size,

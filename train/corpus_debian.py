@@ -378,6 +378,20 @@ def find_debian_reference(args) -> Found | str:
     return Found(str(root), dpkg_version("debian-reference-en"), documents)
 
 
+def find_debian_handbook(args) -> Found | str:
+    root = Path("/usr/share/doc/debian-handbook/html/en-US")
+    pages = sorted(root.glob("*.html")) if root.is_dir() else []
+    if not pages:
+        return "not installed (Debian package debian-handbook)"
+
+    def documents() -> Iterator[Document]:
+        for path in pages:
+            if path.name != "index.html":
+                yield Document(path.name, html_to_text(read_text_file(path)))
+
+    return Found(str(root), dpkg_version("debian-handbook"), documents)
+
+
 AUSTEN_TITLES = {"emma": "Emma", "mansfieldpark": "Mansfield Park",
                  "northangerabbey": "Northanger Abbey", "persuasion": "Persuasion",
                  "prideprejudice": "Pride and Prejudice",

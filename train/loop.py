@@ -108,11 +108,13 @@ def _metrics_until(path: Path, step: int) -> None:
 
 
 def run(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True,
-        stop_after: int | None = None) -> dict[str, Any]:
+        stop_after: int | None = None, time_limit_s: float | None = None) -> dict[str, Any]:
     """Train one stage into ``run_dir`` (resuming it when it holds this config's run).
 
     ``stop_after`` ends this call after that many updates in total (with a
-    checkpoint), to be resumed later: what a time-limited machine needs.
+    checkpoint), to be resumed later: what a time-limited machine needs;
+    ``time_limit_s`` likewise ends it (with a checkpoint) at the first update
+    that finishes after that many seconds.
     Returns a summary: step reached, last loss, tokens seen, where the model is
     (None until the last update).
     """
@@ -196,8 +198,12 @@ def run(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True,
                 log.flush()
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
             bar.update(1)
-            if update % cfg.checkpoint.every == 0 or update == end:
+            out_of_time = (time_limit_s is not None
+                           and time.perf_counter() - start > time_limit_s)
+            if update % cfg.checkpoint.every == 0 or update == end or out_of_time:
                 save(update)
+            if out_of_time:
+                break
     bar.close()
     manager.close()
     summary = {"step": update, "loss": loss, "model": None,

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot drawing off-screen (Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,7 +24,8 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out: str | os.PathLike) -> Path:
+def save_figure(fig, out: str | os.PathLike) -> Path:
+    """Write ``fig`` to ``out`` atomically."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
@@ -39,7 +41,7 @@ def _finish(plt, fig, ax, out: str | os.PathLike, *, xlabel: str, ylabel: str,
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    out = _save(fig, out)
+    out = save_figure(fig, out)
     plt.close(fig)
     return out
 
@@ -56,7 +58,7 @@ def plot_losses(runs: Mapping[str, Sequence[Mapping[str, Any]]], out: str | os.P
                 *, title: str = "training loss") -> Path:
     """One loss curve per run (``{label: metrics rows}``) against the step; held-out
     losses, where logged, as markers of the same colour."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, rows in runs.items():
         steps = [r["step"] for r in rows if "loss" in r]
@@ -73,7 +75,7 @@ def plot_perplexity(results: Mapping[str, Sequence[Mapping[str, Any]]],
     """PPL against context length per model (``{label: rows of
     train.evaluation.perplexity.score_perplexity}``): solid
     lines unbounded, dashed bounded."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, rows in results.items():
         for bounded, style in ((False, "-o"), (True, "--s")):

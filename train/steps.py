@@ -272,10 +272,15 @@ def trainable_count(cfg: TrainConfig, params: Any) -> int:
                    != "frozen"))
 
 
+def param_dtype(model: nnx.Module) -> Any:
+    """The dtype of the model's weights (its states are made in it too)."""
+    return jax.tree.leaves(nnx.state(model, nnx.Param))[0].dtype
+
+
 def rebuilt(model: CausalLM, spec: AttentionSpec) -> CausalLM:
     """``model``'s weights in a model whose attention is built from ``spec``
     (weights the new attention lacks are dropped; new ones are initialised)."""
-    dtype = jax.tree.leaves(nnx.state(model, nnx.Param))[0].dtype
+    dtype = param_dtype(model)
     twin = CausalLM(model.cfg, attention=spec, reference_compat=model.reference_compat,
                     param_dtype=dtype, rngs=nnx.Rngs(0))
     copy_matching_params(model, twin)

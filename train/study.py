@@ -1,72 +1,83 @@
-"""The paper's 2x2 ablation at small scale, every stage chained in one process.
+"""The paper's 2x2 ablation, every stage chained in one resumable command.
 
-    python -m train.study --corpus CORPUS_DIR --out OUT_DIR [--config train/configs/study.yaml]
-                          [--deadline-s 560] [--tiny] [--export-base]
+    python -m train.study --corpus CORPUS_DIR --out OUT_DIR [--config CONFIG]
+                          [--base MODEL_DIR] [--heldout2 PATH] [--time-limit-s 540]
+                          [--tiny] [--export-base]
 
-One base decoder is pretrained from scratch with standard attention (the
-config's stage). Two arms start from it, **GQA** (the CoDA layer with
-``differential=False``) and **CoDA**, each trained phase 1 (unbounded) then
-phase 2 (bounded, gradients through evictions), the attention parameters only.
-Every arm is then evaluated on the same held-out text with the same bank
-config: unbounded (its full-KV twin) and bounded, at several context lengths;
-its phase-1 weights bounded ("no phase 2", new write gates at their initial
-values); its phase-2 weights with the banks removed ("window only"); and
-passkey retrieval. The penalties are bounded minus unbounded PPL at the
-training length, the interaction CoDA's penalty minus GQA's.
+Two arms, **GQA** (the CoDA layer with ``differential=False``) and **CoDA**,
+start from one base decoder: a saved model given with ``--base`` (a real
+pretrained one, e.g. SmolLM2 from ``python -m convert gguf smollm2 DIR``), or
+one pretrained here from scratch with standard attention (the config's own
+stage, ``train/configs/study.yaml``). Each arm is trained phase 1
+(unbounded) then phase 2 (bounded, gradients through evictions) once per
+bank of the config's ``study.banks``, the attention parameters only, on the
+same data and steps.
 
-OUT_DIR gets ``study.json`` (device, versions, every stage's config, summary
-and logged metrics, every evaluation, the corpus manifest), ``losses.png``,
-``ppl.png`` and, with ``--export-base``, the base model as a bf16 export
-(``base/``): few enough files to come back from a GPU machine. Stages run in
-``OUT_DIR/runs`` (Orbax checkpoints, resumable). ``--deadline-s`` skips the
-evaluations still to come once that many seconds have passed (recorded as
-skipped); ``--tiny`` shrinks everything for a CPU test.
+Every cell (``train.study_eval``) is then scored on the same held-out rows of
+the corpus and, with ``--heldout2``, of a second source training never saw:
+the base, each arm unbounded (phase-1 and phase-2 weights), and per bank each
+arm bounded, bounded with its phase-1 weights ("no phase 2") and window only;
+perplexity at each context with bootstrap intervals for the penalties and
+the interaction; passkey retrieval for the base and each arm bounded; the
+state bytes of each cache.
+
+OUT_DIR gets ``study.json`` (device, versions, configs, every stage's summary
+and training curve, every cell, the statistics), ``losses.png``, ``ppl.png``
+and ``penalties.png``. Stages run in ``OUT_DIR/runs`` (Orbax checkpoints).
+``--time-limit-s`` ends the command after that many seconds with everything
+done so far kept (a training stage at its next update, with a checkpoint;
+an evaluation after its cell); running it again resumes where it stopped.
+``--tiny`` shrinks everything for a CPU test. Exit codes: 0 done, 2 a missing
+input, 3 refused or invalid, 4 stopped at the time limit (run it again).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 
-BANKS = dict(window=256, num_landmarks_exact=64, num_landmarks_summary=64)
-ARMS = {"gqa": False, "coda": True}  # arm -> differential attention
-PHASE1 = dict(steps=500, lr=3e-4, lr_gates=3e-3, warmup_steps=30, trainable="attention")
-PHASE2 = dict(steps=300, lr=3e-4, lr_gates=3e-3, lr_scale=0.1, warmup_steps=15,
-              batch_size=4, trainable="attention")
-CONTEXTS = (512, 2048, 4096)  # the training length with every variant, the others without
-PASSKEY = dict(lengths=(2048,), depths=(0.1, 0.5, 0.9), count=8)
+from .study_eval import ARMS, PAPER, EvalPlan
+
 TINY = dict(
     model=dict(vocab_size=0, hidden_size=32, intermediate_size=64, num_layers=2,
                num_heads=2, num_kv_heads=1, head_dim=16),
-    seq_len=128, block_size=32, banks=dict(window=32, num_landmarks_exact=8,
-                                           num_landmarks_summary=8),
-    steps=dict(pretrain=10, phase1=3, phase2=3), contexts=(128,),
-    passkey=dict(lengths=(128,), depths=(0.5,), count=2))
+    seq_len=128, block_size=32,
+    banks=dict(medium=dict(window=32, num_landmarks_exact=8, num_landmarks_summary=8)),
+    steps=dict(pretrain=10, phase1=3, phase2=3),
+    plan=dict(length=256, sequences=4, contexts=(128, 256), batch_size=2, block_size=32,
+              passkey_lengths=(128,), passkey_depths=(0.5,), passkey_count=2,
+              bootstrap_samples=50, dtype="float32"))
+EXIT_STOPPED = 4
 
 
-def stage_configs(base: dict[str, Any], out: Path, *, tiny: bool) -> dict[str, dict[str, Any]]:
-    """Every stage's config (plain data) by run name, in the order they run."""
-    banks = TINY["banks"] if tiny else BANKS
-    stages = {"base": base}
-    for arm, differential in ARMS.items():
-        phase1 = base | dict(stage="phase1", init=str(out / "runs" / "base" / "model"),
-                             attention=dict(kind="coda", options=dict(differential=differential)),
-                             optim=base["optim"] | PHASE1)
-        phase2 = base | dict(stage="phase2", init=str(out / "runs" / f"{arm}-phase1" / "model"),
-                             attention=dict(kind="coda_bounded",
-                                            options=banks | dict(differential=differential)),
-                             optim=base["optim"] | PHASE2)
-        stages[f"{arm}-phase1"], stages[f"{arm}-phase2"] = phase1, phase2
+def stage_configs(base: dict[str, Any], study: dict[str, Any], out: Path, *,
+                  base_model: Path | None, tiny: bool) -> dict[str, dict[str, Any]]:
+    """Every stage's config (plain data) by run name, in the order they run:
+    ``base`` (pretrained here, unless ``base_model`` is given), then per arm
+    ``ARM-phase1`` and ``ARM-phase2-BANK`` for each bank."""
+    stages = {} if base_model is not None else {"base": base}
+    start = str(base_model) if base_model is not None else str(out / "runs" / "base" / "model")
+    for arm in ARMS:
+        differential = arm == "coda"
+        stages[f"{arm}-phase1"] = base | dict(
+            stage="phase1", init=start,
+            attention=dict(kind="coda", options=dict(differential=differential)),
+            optim=base["optim"] | study["phase1"])
+        for bank, options in study["banks"].items():
+            stages[f"{arm}-phase2-{bank}"] = base | dict(
+                stage="phase2", init=str(out / "runs" / f"{arm}-phase1" / "model"),
+                attention=dict(kind="coda_bounded",
+                               options=dict(options) | dict(differential=differential)),
+                optim=base["optim"] | study["phase2"])
     if tiny:
-        for name, cfg in stages.items():
+        for cfg in stages.values():
             cfg["optim"] = cfg["optim"] | dict(steps=TINY["steps"][cfg["stage"]], batch_size=2,
                                                warmup_steps=2)
             cfg["data"] = cfg["data"] | dict(seq_len=TINY["seq_len"])
@@ -76,110 +87,151 @@ def stage_configs(base: dict[str, Any], out: Path, *, tiny: bool) -> dict[str, d
     return stages
 
 
-class Deadline:
-    """Seconds since the study started, and whether evaluations may still run."""
+class Clock:
+    """Seconds since the command started, against an optional limit."""
 
-    def __init__(self, seconds: float | None):
-        self.start, self.seconds = time.perf_counter(), seconds
+    def __init__(self, limit_s: float | None):
+        self.start, self.limit_s = time.perf_counter(), limit_s
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def passed(self) -> bool:
-        return self.seconds is not None and self.elapsed() > self.seconds
+    def left(self) -> float | None:
+        return None if self.limit_s is None else self.limit_s - self.elapsed()
 
-
-def evaluate_arm(arm: str, phase1, phase2, heldout, tok, *, contexts: Sequence[int],
-                 block_size: int, passkey: dict, banks: dict, deadline: Deadline,
-                 log: Callable[[str], None]) -> dict[str, Any]:
-    """The arm's rows: PPL unbounded/bounded per context, no phase 2, window only,
-    passkey (each skipped once the deadline has passed)."""
-    import dataclasses
-
-    from coda_jax import BankConfig
-
-    from .evaluation.passkey import passkey_table
-    from .evaluation.perplexity import score_perplexity
-    from .steps import rebuilt, with_bank
-
-    no_phase2 = rebuilt(phase1, dataclasses.replace(
-        phase1.spec, kind="coda_bounded", bank=BankConfig(**banks)))
-    window_only = with_bank(phase2, num_landmarks_exact=0, num_landmarks_summary=0)
-    runs = [("phase2", phase2, False), ("phase2", phase2, True),
-            ("no_phase2", no_phase2, True), ("window_only", window_only, True)]
-    out: dict[str, Any] = {"ppl": [], "passkey": [], "skipped": []}
-    # The training length first: the headline numbers must not be the ones skipped.
-    for context in sorted(contexts, key=lambda c: (c != heldout.limit, c)):
-        for name, model, bounded in runs if context == heldout.limit else runs[:2]:
-            what = f"{arm} {name} {'bounded' if bounded else 'unbounded'} @{context}"
-            if deadline.passed():
-                out["skipped"].append(what)
-                continue
-            row = score_perplexity(model, heldout.tokens, context=context, bounded=bounded,
-                                   block_size=block_size, max_sequences=heldout.sequences)
-            out["ppl"].append({"weights": name, **row})
-            log(f"{what}: ppl {row['ppl']:.3f} ({deadline.elapsed():.0f} s)")
-    for length in passkey["lengths"]:
-        for bounded in (False, True):
-            what = f"{arm} passkey {'bounded' if bounded else 'unbounded'} @{length}"
-            if deadline.passed():
-                out["skipped"].append(what)
-                continue
-            rows = passkey_table(phase2, tok, heldout.tokens, lengths=[length],
-                                 depths=passkey["depths"], count=passkey["count"],
-                                 block_size=block_size, modes=[bounded])
-            out["passkey"] += rows
-            log(f"{what}: " + ", ".join(f"depth {r['depth']}: {r['retrieved']:.2f}"
-                                        for r in rows))
-    return out
-
-
-class Heldout:
-    """The held-out tokens, how many sequences each evaluation scores, and the
-    training length (the headline context)."""
-
-    def __init__(self, tokens, sequences: int, limit: int):
-        self.tokens, self.sequences, self.limit = tokens, sequences, limit
-
-
-def headline(evals: dict[str, Any], context: int) -> dict[str, Any]:
-    """The four PPLs at ``context``, the penalties, the interaction, the baselines."""
-    def ppl(arm, weights, bounded):
-        rows = [r for r in evals[arm]["ppl"] if r["weights"] == weights
-                and r["bounded"] == bounded and r["context"] == context]
-        return rows[0]["ppl"] if rows else math.nan
-
-    table = {"context": context}
-    for arm in ARMS:
-        table[arm] = {"unbounded": ppl(arm, "phase2", False), "bounded": ppl(arm, "phase2", True),
-                      "no_phase2_bounded": ppl(arm, "no_phase2", True),
-                      "window_only": ppl(arm, "window_only", True)}
-        table[arm]["penalty"] = table[arm]["bounded"] - table[arm]["unbounded"]
-    table["interaction"] = table["coda"]["penalty"] - table["gqa"]["penalty"]
-    table["paper"] = {"gqa": {"unbounded": 5.75, "bounded": 6.84, "penalty": 1.09},
-                      "coda": {"unbounded": 5.75, "bounded": 5.94, "penalty": 0.19},
-                      "interaction": -0.90, "no_phase2_bounded": 2464}
-    return table
+    def out(self) -> bool:
+        return self.limit_s is not None and self.elapsed() > self.limit_s
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
-    """``OUT_DIR/study.json``, atomically (rewritten after every stage: a run cut
-    short still leaves what it did)."""
+    """``OUT_DIR/study.json``, atomically (rewritten after every stage and cell:
+    a run cut short still leaves what it did, and the next one resumes from it)."""
     tmp = out / ".study.json.tmp"
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(out / "study.json")
 
 
 def plot_study(report: dict[str, Any], out: Path) -> None:
-    """``losses.png`` and ``ppl.png`` from a study report."""
-    from .plots import plot_losses, plot_perplexity
+    """``losses.png``, ``ppl.png`` and ``penalties.png`` from a study report."""
+    from .plots import plot_losses
+    from .study_plots import plot_context_ppl, plot_penalties
 
     plot_losses({n: s["metrics"] for n, s in report["stages"].items()}, out / "losses.png",
                 title="2x2 study: training loss per stage")
-    evals = report.get("evaluations", {})
-    plot_perplexity({f"{arm} {w}": [r for r in evals[arm]["ppl"] if r["weights"] == w]
-                     for arm in evals for w in ("phase2", "no_phase2", "window_only")},
-                    out / "ppl.png", title="2x2 study: held-out PPL against context")
+    plot_context_ppl(report, out / "ppl.png")
+    plot_penalties(report, out / "penalties.png")
+
+
+def read_study_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The shared stage settings and the ``study`` section (phase1/phase2 optimiser
+    changes, banks, evaluation) of a study config file."""
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no study config at {path}")
+    base = yaml.safe_load(path.read_text()) or {}
+    study = base.pop("study", None)
+    if not isinstance(study, dict) or not {"phase1", "phase2", "banks"} <= set(study):
+        raise ValueError(f"{path} needs a study section with phase1, phase2 and banks")
+    unknown = set(study) - {"phase1", "phase2", "banks", "evaluation"}
+    if unknown:
+        raise ValueError(f"unknown field(s) in {path}'s study section: {sorted(unknown)}")
+    return base, study
+
+
+def train_stages(stages: dict[str, dict[str, Any]], out: Path, report: dict[str, Any], *,
+                 clock: Clock, progress: bool, log) -> bool:
+    """Run (or resume) every stage not yet finished; False when the time ran out
+    (every call makes progress: its first stage runs at least one update)."""
+    from .config import TrainConfig
+    from .loop import run
+    from .plots import read_metrics
+
+    ran = False
+    for name, cfg in stages.items():
+        if report["stages"].get(name, {}).get("summary", {}).get("model"):
+            continue  # finished in an earlier run of the command
+        if ran and clock.out():
+            return False
+        ran = True
+        started = time.perf_counter()
+        left = clock.left()
+        summary = run(TrainConfig.from_dict(cfg), out / "runs" / name, progress=progress,
+                      time_limit_s=None if left is None else max(left, 0.0))
+        previous = report["stages"].get(name, {}).get("seconds", 0.0)
+        report["stages"][name] = {"config": cfg, "summary": summary,
+                                  "seconds": previous + time.perf_counter() - started,
+                                  "metrics": read_metrics(out / "runs" / name)}
+        write_report(report, out)
+        log(f"{name}: loss {summary['loss']:.4f} after {summary['step']} updates "
+            f"({clock.elapsed():.0f} s)")
+        if not summary["model"]:
+            return False
+    return True
+
+
+def evaluate(report: dict[str, Any], out: Path, *, base_model: Path | None,
+             heldout: dict[str, Any], tok, plan: EvalPlan, banks: dict[str, dict],
+             clock: Clock, log) -> bool:
+    """Score every cell not yet scored, then the passkey; False when the time ran out."""
+    from coda_jax import load_model
+
+    from . import study_eval
+
+    base = load_model(base_model) if base_model is not None else \
+        load_model(out / "runs" / "base" / "model")
+    arms = {arm: {"phase1": load_model(out / "runs" / f"{arm}-phase1" / "model"),
+                  "phase2": {bank: load_model(out / "runs" / f"{arm}-phase2-{bank}" / "model")
+                             for bank in banks}} for arm in ARMS}
+    cells = study_eval.study_cells(base, arms, banks)
+    evals = report.setdefault("evaluations", {})
+    for source, tokens in heldout.items():
+        rows = study_eval.heldout_rows(tokens, plan)
+        done = evals.setdefault(source, {})
+        for name, (build, bounded) in cells.items():
+            if name in done:
+                continue
+            if clock.out():
+                return False
+            done[name] = study_eval.score_cell(build(), rows, bounded=bounded, plan=plan,
+                                               desc=f"{source} {name}")
+            write_report(report, out)
+            log(f"{source} {name}: " + ", ".join(f"{c}: {p:.3f}"
+                                                 for c, p in done[name]["ppl"].items())
+                + f" ({clock.elapsed():.0f} s)")
+    passkey = report.setdefault("passkey", {})
+    filler = next(iter(heldout.values()))
+    for name in ["base"] + [f"{arm}/{bank}/bounded" for arm in ARMS for bank in banks]:
+        build, bounded = cells[name]
+        for length in plan.passkey_lengths:
+            if any(r["length"] == length for r in passkey.get(name, [])):
+                continue
+            if clock.out():
+                return False
+            passkey.setdefault(name, []).extend(study_eval.passkey_rows(
+                build(), bounded, tok, filler, length=length, plan=plan))
+            write_report(report, out)
+            log(f"passkey {name} @{length}: " + ", ".join(
+                f"{r['depth']}: {r['retrieved']:.2f}" for r in passkey[name]
+                if r["length"] == length))
+    report["state_bytes"] = {name: study_eval.state_bytes(
+        cells[name][0](), lengths=sorted({plan.length, *plan.passkey_lengths}))
+        for name in ["base"] + [f"coda/{bank}/bounded" for bank in banks]}
+    return True
+
+
+def summarise(report: dict[str, Any], plan: EvalPlan, banks: Sequence[str]) -> dict[str, Any]:
+    """The headline: per held-out set and context, the 2x2 table with intervals."""
+    from .study_eval import statistics
+
+    table: dict[str, Any] = {"paper": PAPER}
+    for source, evals in report.get("evaluations", {}).items():
+        for context in plan.contexts:
+            row = {"ppl": {cell: r["ppl"][str(context)] for cell, r in evals.items()},
+                   "statistics": statistics(evals, banks, context,
+                                            samples=plan.bootstrap_samples)}
+            table.setdefault(source, {})[str(context)] = row
+    return table
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -189,23 +241,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a corpus built by python -m train.corpus (required)")
     parser.add_argument("--out", required=True, help="the study's directory (required)")
     parser.add_argument("--config", default=str(Path(__file__).parent / "configs" / "study.yaml"),
-                        help="the base stage's config (default: train/configs/study.yaml)")
-    parser.add_argument("--deadline-s", type=float,
-                        help="skip evaluations after this many seconds (default: none)")
+                        help="the study config (default: train/configs/study.yaml)")
+    parser.add_argument("--base", help="start both arms from this saved model instead of "
+                        "pretraining one (default: pretrain)")
+    parser.add_argument("--heldout2", help="a second held-out source (tokens: shard "
+                        "directory or .npy, in the corpus's tokenizer; default: none)")
+    parser.add_argument("--time-limit-s", type=float,
+                        help="stop after this many seconds, resumable (default: none)")
     parser.add_argument("--tiny", action="store_true", help="a CPU-sized study (tests)")
     parser.add_argument("--export-base", action="store_true",
-                        help="write the base model as a bf16 export to OUT_DIR/base")
+                        help="write the pretrained base as a bf16 export to OUT_DIR/base")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
-    import yaml
-
-    from coda_jax import load_model
-
     from . import data
     from .config import TrainConfig
-    from .loop import run
-    from .plots import read_metrics
 
     corpus, out = Path(args.corpus).absolute(), Path(args.out).absolute()
     for needed in ("train", "heldout", "tokenizer.json"):
@@ -213,61 +263,68 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {corpus / needed} does not exist (build the corpus with "
                   "python -m train.corpus)", file=sys.stderr)
             return 2
-    base = yaml.safe_load(Path(args.config).read_text())
-    base["data"] = base["data"] | dict(train=str(corpus / "train"),
-                                       heldout=str(corpus / "heldout"),
-                                       tokenizer=str(corpus / "tokenizer.json"))
-    tok = data.load_tokenizer(corpus / "tokenizer.json")
-    if args.tiny:
-        base["model"] = base["model"] | TINY["model"] | dict(vocab_size=tok.get_vocab_size())
-    stages = stage_configs(base, out, tiny=args.tiny)
-    for cfg in stages.values():
-        TrainConfig.from_dict(cfg)  # every config is valid before anything trains
-    deadline = Deadline(args.deadline_s)
+    base_model = Path(args.base).absolute() if args.base else None
+    for path in (base_model, args.heldout2):
+        if path is not None and not Path(path).exists():
+            print(f"error: {path} does not exist", file=sys.stderr)
+            return 2
+    try:
+        base, study = read_study_config(Path(args.config))
+        base["data"] = base.get("data", {}) | dict(train=str(corpus / "train"),
+                                                   heldout=str(corpus / "heldout"),
+                                                   tokenizer=str(corpus / "tokenizer.json"))
+        tok = data.load_tokenizer(corpus / "tokenizer.json")
+        if args.tiny:
+            base["model"] = base.get("model", {}) | TINY["model"] | dict(
+                vocab_size=tok.get_vocab_size())
+            study["banks"] = TINY["banks"]
+        plan = EvalPlan(**(TINY["plan"] if args.tiny else study.get("evaluation", {})))
+        stages = stage_configs(base, study, out, base_model=base_model, tiny=args.tiny)
+        for cfg in stages.values():
+            TrainConfig.from_dict(cfg)  # every config is valid before anything trains
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    clock = Clock(args.time_limit_s)
     log = lambda msg: print(f"[study] {msg}", flush=True)  # noqa: E731
-    report: dict[str, Any] = {
+    out.mkdir(parents=True, exist_ok=True)
+    previous = json.loads((out / "study.json").read_text()) if (out / "study.json").is_file() \
+        else {}
+    report: dict[str, Any] = previous | {
         "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
         "python": platform.python_version(), "corpus": str(corpus),
+        "base_model": str(base_model) if base_model else "pretrained here (stage base)",
+        "heldout2": str(Path(args.heldout2).absolute()) if args.heldout2 else None,
         "corpus_manifest": json.loads((corpus / "manifest.json").read_text())
         if (corpus / "manifest.json").is_file() else None,
-        "banks": TINY["banks"] if args.tiny else BANKS, "stages": {}}
-    for name, cfg in stages.items():
-        started = time.perf_counter()
-        summary = run(TrainConfig.from_dict(cfg), out / "runs" / name,
-                      progress=not args.no_progress)
-        report["stages"][name] = {"config": cfg, "summary": summary,
-                                  "seconds": time.perf_counter() - started,
-                                  "metrics": read_metrics(out / "runs" / name)}
-        log(f"{name}: loss {summary['loss']:.4f} after {summary['step']} updates "
-            f"({deadline.elapsed():.0f} s)")
-        write_report(report, out)
-    if args.export_base:
+        "banks": study["banks"], "plan": {k: list(v) if isinstance(v, tuple) else v
+                                          for k, v in vars(plan).items()}}
+    report.setdefault("stages", {})
+    if not train_stages(stages, out, report, clock=clock, progress=not args.no_progress,
+                        log=log):
+        log(f"stopped at the time limit after {clock.elapsed():.0f} s: run again to resume")
+        return EXIT_STOPPED
+    if args.export_base and base_model is None:
+        from coda_jax import load_model
         from convert.model_export import export_model
 
         export_model(load_model(out / "runs" / "base" / "model"), out / "base", overwrite=True)
-
-    heldout_tokens = data.read_tokens(corpus / "heldout")
-    seq_len = stages["base"]["data"]["seq_len"]
-    heldout = Heldout(heldout_tokens, 4 if args.tiny else 16, seq_len)
-    contexts = TINY["contexts"] if args.tiny else CONTEXTS
-    evals = {}
-    for arm in ARMS:
-        phase1 = load_model(out / "runs" / f"{arm}-phase1" / "model")
-        phase2 = load_model(out / "runs" / f"{arm}-phase2" / "model")
-        evals[arm] = evaluate_arm(arm, phase1, phase2, heldout, tok, contexts=contexts,
-                                  block_size=stages[f"{arm}-phase2"]["phase2"]["block_size"],
-                                  passkey=TINY["passkey"] if args.tiny else PASSKEY,
-                                  banks=report["banks"], deadline=deadline, log=log)
-        report["evaluations"] = evals
-        write_report(report, out)
-    report["headline"] = headline(evals, seq_len)
-    report["seconds"] = deadline.elapsed()
+    heldout = {"corpus": data.read_tokens(corpus / "heldout")}
+    if args.heldout2:
+        heldout["second"] = data.read_tokens(args.heldout2)
+    finished = evaluate(report, out, base_model=base_model, heldout=heldout, tok=tok, plan=plan,
+                        banks=study["banks"], clock=clock, log=log)
+    report["headline"] = summarise(report, plan, list(study["banks"]))
     write_report(report, out)
+    if not finished:
+        log(f"stopped at the time limit after {clock.elapsed():.0f} s: run again to resume")
+        return EXIT_STOPPED
     try:
         plot_study(report, out)
     except ImportError as err:  # a GPU machine without matplotlib: plot at home
         log(f"no plots ({err}): train.study.plot_study draws them from study.json later")
-    log(json.dumps(report["headline"], indent=1))
+    log(json.dumps({s: {c: r["statistics"] for c, r in v.items()}
+                    for s, v in report["headline"].items() if s != "paper"}, indent=1))
     return 0
 
 

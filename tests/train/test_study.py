@@ -20,27 +20,62 @@ def test_the_study_runs_every_stage_and_evaluation(built, tmp_path):
     assert study.main(["--corpus", str(built), "--out", str(out), "--tiny", "--no-progress",
                        "--export-base"]) == 0
     report = json.loads((out / "study.json").read_text())
-    assert list(report["stages"]) == ["base", "gqa-phase1", "gqa-phase2", "coda-phase1",
-                                      "coda-phase2"]
+    assert list(report["stages"]) == ["base", "gqa-phase1", "gqa-phase2-medium",
+                                      "coda-phase1", "coda-phase2-medium"]
     for stage in report["stages"].values():
         assert stage["summary"]["model"] and stage["metrics"]
     base_losses = [m["loss"] for m in report["stages"]["base"]["metrics"]]
     assert base_losses[-1] < base_losses[0]
-    table = report["headline"]
-    for arm in ("gqa", "coda"):
-        assert all(np.isfinite(table[arm][k]) for k in ("unbounded", "bounded", "penalty",
-                                                        "no_phase2_bounded", "window_only"))
-        rows = report["evaluations"][arm]["ppl"]
-        window = [r for r in rows if r["weights"] == "window_only"][0]
-        assert window["bank_per_sequence"]["exact_inserts"] == 0  # the banks are gone
-        phase2 = [r for r in rows if r["weights"] == "phase2" and r["bounded"]][0]
-        assert phase2["bank_per_sequence"]["total_evictions"] > 0
-        assert report["evaluations"][arm]["passkey"]
-    assert (out / "losses.png").stat().st_size > 0 and (out / "ppl.png").stat().st_size > 0
+    cells = report["evaluations"]["corpus"]
+    assert set(cells) == {"base", *(f"{arm}/{c}" for arm in ("gqa", "coda")
+                                    for c in ("phase1", "phase2", "medium/bounded",
+                                              "medium/no_phase2", "medium/window_only"))}
+    for name, cell in cells.items():
+        assert set(cell["ppl"]) == {"128", "256"} and all(np.isfinite(list(cell["ppl"].values())))
+        assert len(cell["row_nll"]["256"]) == 4  # every cell on the same four rows
+    assert cells["coda/medium/window_only"]["bank_per_sequence"]["exact_inserts"] == 0
+    assert cells["coda/medium/bounded"]["bank_per_sequence"]["total_evictions"] > 0
+    stats = report["headline"]["corpus"]["256"]["statistics"]
+    for name in ("gqa/medium/penalty", "coda/medium/penalty", "medium/interaction"):
+        assert stats[name]["low"] <= stats[name]["value"] <= stats[name]["high"]
+    ppl = report["headline"]["corpus"]["256"]["ppl"]
+    assert stats["medium/interaction"]["value"] == pytest.approx(
+        (ppl["coda/medium/bounded"] - ppl["coda/phase1"])
+        - (ppl["gqa/medium/bounded"] - ppl["gqa/phase1"]))
+    assert set(report["passkey"]) == {"base", "gqa/medium/bounded", "coda/medium/bounded"}
+    bounded_bytes = report["state_bytes"]["coda/medium/bounded"]["any"]
+    assert 0 < bounded_bytes < report["state_bytes"]["base"]["256"] * 4
+    for figure in ("losses.png", "ppl.png", "penalties.png"):
+        assert (out / figure).stat().st_size > 0
     assert (out / "base" / "export.json").is_file()
     # The GQA arm is differential=False: no reference adapters; the CoDA arm has them.
-    assert not (out / "runs" / "gqa-phase2" / "coda_adapters.pt").exists()
-    assert (out / "runs" / "coda-phase2" / "coda_adapters.pt").is_file()
+    assert not (out / "runs" / "gqa-phase2-medium" / "coda_adapters.pt").exists()
+    assert (out / "runs" / "coda-phase2-medium" / "coda_adapters.pt").is_file()
+
+
+def test_a_study_from_a_given_base_stops_at_its_time_limit_and_resumes(built, tmp_path):
+    """--base skips pretraining; a time limit stops the command (exit 4) with what
+    it did kept, and running it again finishes without redoing it."""
+    from coda_jax import CausalLM, DecoderConfig, save_model
+    from flax import nnx
+    from train import data
+
+    vocab = data.load_tokenizer(built / "tokenizer.json").get_vocab_size()
+    model = CausalLM(DecoderConfig(**(study.TINY["model"] | dict(family="llama", vocab_size=vocab))),
+                     rngs=nnx.Rngs(1))
+    save_model(tmp_path / "base", model)
+    out = tmp_path / "out"
+    args = ["--corpus", str(built), "--out", str(out), "--tiny", "--no-progress",
+            "--base", str(tmp_path / "base"), "--heldout2", str(built / "heldout")]
+    assert study.main(args + ["--time-limit-s", "0"]) == study.EXIT_STOPPED
+    first = json.loads((out / "study.json").read_text())
+    assert list(first["stages"]) == ["gqa-phase1"]  # one update, then the limit
+    assert first["stages"]["gqa-phase1"]["summary"]["model"] is None
+    assert study.main(args) == 0
+    report = json.loads((out / "study.json").read_text())
+    assert "base" not in report["stages"] and len(report["stages"]) == 4
+    assert set(report["evaluations"]) == {"corpus", "second"}
+    assert report["base_model"] == str(tmp_path / "base")
 
 
 def test_a_corpus_without_its_parts_is_refused(tmp_path, capsys):

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 
 from coda_jax import CausalLM
 
-from ..steps import unbounded_twin
+from ..steps import param_dtype, unbounded_twin
 
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
@@ -71,7 +71,7 @@ def score_passkey(model: CausalLM, samples: np.ndarray, masks: np.ndarray, *, bo
     for start in range(0, len(samples), batch_size):
         batch = jnp.asarray(samples[start:start + batch_size])
         if bounded:
-            state = runner.init_state(batch.shape[0], mem_init="zeros")
+            state = runner.init_state(batch.shape[0], param_dtype(runner), mem_init="zeros")
             logits, _ = runner.prefill(batch, state, block_size=block_size)
         else:
             logits, _ = runner(batch)
@@ -88,7 +88,7 @@ def score_passkey(model: CausalLM, samples: np.ndarray, masks: np.ndarray, *, bo
 def passkey_table(model: CausalLM, tok: Tokenizer, filler: np.ndarray, *,
                   lengths: Sequence[int], depths: Sequence[float], count: int = 16,
                   block_size: int = 128, modes: Sequence[bool] = (False, True),
-                  seed: int = 0) -> list[dict[str, Any]]:
+                  seed: int = 0, batch_size: int = 8) -> list[dict[str, Any]]:
     """One row per (length, depth, bounded): retrieval and digit accuracy."""
     rows = []
     for length in lengths:
@@ -99,5 +99,5 @@ def passkey_table(model: CausalLM, tok: Tokenizer, filler: np.ndarray, *,
                 rows.append({"length": length, "depth": depth, "bounded": bounded,
                              "samples": count,
                              **score_passkey(model, samples, masks, bounded=bounded,
-                                             block_size=block_size)})
+                                             block_size=block_size, batch_size=batch_size)})
     return rows

@@ -37,30 +37,28 @@ from coda_jax import CausalLM, load_model
 
 from .. import data
 from ..cli import UsageParser, run_reporting_errors
-from ..steps import unbounded_twin, with_bank
+from ..steps import param_dtype, unbounded_twin, with_bank
 from .passkey import passkey_table
 
 
-def score_perplexity(model: CausalLM, tokens: np.ndarray, *, context: int, bounded: bool,
-                     block_size: int = 128, batch_size: int = 4,
-                     max_sequences: int | None = None) -> dict[str, Any]:
-    """Mean next-token NLL and perplexity over sequences of ``context`` tokens."""
-    n = len(tokens) // context
-    if max_sequences is not None:
-        n = min(n, max_sequences)
-    if n == 0:
-        raise ValueError(f"the held-out text ({len(tokens)} tokens) is shorter than one "
-                         f"context of {context}")
-    seqs = np.asarray(tokens[:n * context], np.int32).reshape(n, context)
+def token_nll(model: CausalLM, seqs: np.ndarray, *, bounded: bool, block_size: int = 128,
+              batch_size: int = 4, desc: str | None = None
+              ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Next-token NLL of every token after the first of each row of ``seqs``
+    (n, L): -> ((n, L - 1) float32, bank metrics of the bounded run, else {}).
+
+    Prediction is causal, so the mean over a row's first ``c - 1`` entries is
+    exactly the NLL of a ``c``-token context read from the row's start: one
+    pass gives the perplexity of every shorter context on the same rows."""
     if bounded and model.attention != "coda_bounded":
         raise ValueError(f"bounded evaluation needs a coda_bounded model, not {model.attention!r}")
     runner = with_bank(model, collect_metrics=True) if bounded else unbounded_twin(model)
-    total, count, fills, counters = 0.0, 0, [], {}
-    what = f"{'bounded' if bounded else 'unbounded'} PPL at {context}"
-    for start in tqdm(range(0, n, batch_size), desc=what, unit="batch", leave=False):
-        batch = jnp.asarray(seqs[start:start + batch_size])
+    rows, fills, counters = [], [], {}
+    what = desc or f"{'bounded' if bounded else 'unbounded'} NLL at {seqs.shape[1]}"
+    for start in tqdm(range(0, len(seqs), batch_size), desc=what, unit="batch", leave=False):
+        batch = jnp.asarray(seqs[start:start + batch_size], jnp.int32)
         if bounded:
-            state = runner.init_state(batch.shape[0], mem_init="zeros")
+            state = runner.init_state(batch.shape[0], param_dtype(runner), mem_init="zeros")
             logits, state = runner.prefill(batch, state, block_size=block_size)
             fills.append(np.asarray(state.allowed).mean())
             for field in dataclasses.fields(state.metrics):  # (layers, batch) counters
@@ -68,16 +66,40 @@ def score_perplexity(model: CausalLM, tokens: np.ndarray, *, context: int, bound
                 counters.setdefault(field.name, []).extend(per_row.tolist())
         else:
             logits, _ = runner(batch)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch[:, 1:])
-        total += float(jnp.sum(nll))
-        count += int(nll.size)
-    mean = total / count
-    out = {"context": context, "bounded": bounded, "sequences": n, "tokens_scored": count,
-           "nll": mean, "ppl": math.exp(mean)}
+        nll = optax.softmax_cross_entropy_with_integer_labels(
+            logits[:, :-1].astype(jnp.float32), batch[:, 1:])
+        rows.append(np.asarray(nll, np.float32))
+    metrics = {}
     if bounded:
-        out["slot_fill"] = float(np.mean(fills))
-        out["bank_per_sequence"] = {k: float(np.mean(v)) for k, v in counters.items()}
-    return out
+        metrics = {"slot_fill": float(np.mean(fills)),
+                   "bank_per_sequence": {k: float(np.mean(v)) for k, v in counters.items()}}
+    return np.concatenate(rows), metrics
+
+
+def heldout_sequences(tokens: np.ndarray, *, context: int,
+                      max_sequences: int | None = None) -> np.ndarray:
+    """Non-overlapping ``context``-token rows (n, context) int32 from the start of
+    ``tokens``; ``ValueError`` when not even one fits."""
+    n = len(tokens) // context
+    if max_sequences is not None:
+        n = min(n, max_sequences)
+    if n == 0:
+        raise ValueError(f"the held-out text ({len(tokens)} tokens) is shorter than one "
+                         f"context of {context}")
+    return np.asarray(tokens[:n * context], np.int32).reshape(n, context)
+
+
+def score_perplexity(model: CausalLM, tokens: np.ndarray, *, context: int, bounded: bool,
+                     block_size: int = 128, batch_size: int = 4,
+                     max_sequences: int | None = None) -> dict[str, Any]:
+    """Mean next-token NLL and perplexity over sequences of ``context`` tokens."""
+    seqs = heldout_sequences(tokens, context=context, max_sequences=max_sequences)
+    nll, metrics = token_nll(model, seqs, bounded=bounded, block_size=block_size,
+                             batch_size=batch_size,
+                             desc=f"{'bounded' if bounded else 'unbounded'} PPL at {context}")
+    mean = float(nll.mean())
+    return {"context": context, "bounded": bounded, "sequences": len(seqs),
+            "tokens_scored": int(nll.size), "nll": mean, "ppl": math.exp(mean), **metrics}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
