@@ -143,7 +143,9 @@ def statistics(evals: Mapping[str, Mapping[str, Any]], banks: Sequence[str], con
 def passkey_rows(model: CausalLM, bounded: bool, tok, filler: np.ndarray, *, length: int,
                  plan: EvalPlan) -> list[dict[str, Any]]:
     """Passkey retrieval of one cell at one length, one row per depth."""
-    batch = min(8, max(1, 65536 // length))  # the full-cache logits of long rows are large
+    # Bounded runs share the perplexity's compiled segments (same batch); full-cache
+    # logits of long rows are large, so fewer rows at a time there.
+    batch = plan.batch_size if bounded else min(plan.batch_size, max(1, 65536 // length))
     return passkey_table(in_dtype(model, jnp.dtype(plan.dtype)), tok, filler, lengths=[length],
                          depths=plan.passkey_depths, count=plan.passkey_count,
                          block_size=plan.block_size, modes=[bounded], batch_size=batch)
