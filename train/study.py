@@ -64,17 +64,19 @@ def stage_configs(base: dict[str, Any], study: dict[str, Any], out: Path, *,
     ``ARM-phase1`` and ``ARM-phase2-BANK`` for each bank."""
     stages = {} if base_model is not None else {"base": base}
     start = str(base_model) if base_model is not None else str(out / "runs" / "base" / "model")
+    # Both arms' phase 1, then both arms' phase 2 bank by bank: a run cut short
+    # has both arms of what it finished.
     for arm in ARMS:
-        differential = arm == "coda"
         stages[f"{arm}-phase1"] = base | dict(
             stage="phase1", init=start,
-            attention=dict(kind="coda", options=dict(differential=differential)),
+            attention=dict(kind="coda", options=dict(differential=arm == "coda")),
             optim=base["optim"] | study["phase1"])
-        for bank, options in study["banks"].items():
+    for bank, options in study["banks"].items():
+        for arm in ARMS:
             stages[f"{arm}-phase2-{bank}"] = base | dict(
                 stage="phase2", init=str(out / "runs" / f"{arm}-phase1" / "model"),
                 attention=dict(kind="coda_bounded",
-                               options=dict(options) | dict(differential=differential)),
+                               options=dict(options) | dict(differential=arm == "coda")),
                 optim=base["optim"] | study["phase2"])
     if tiny:
         for cfg in stages.values():
@@ -185,15 +187,17 @@ def evaluate(report: dict[str, Any], out: Path, *, base_model: Path | None,
                              for bank in banks}} for arm in ARMS}
     cells = study_eval.study_cells(base, arms, banks)
     evals = report.setdefault("evaluations", {})
-    for source, tokens in heldout.items():
-        rows = study_eval.heldout_rows(tokens, plan)
-        done = evals.setdefault(source, {})
-        for name, (build, bounded) in cells.items():
+    rows = {source: study_eval.heldout_rows(tokens, plan) for source, tokens in heldout.items()}
+    for name, (build, bounded) in cells.items():  # each model once, on every source
+        model = None
+        for source in heldout:
+            done = evals.setdefault(source, {})
             if name in done:
                 continue
             if clock.out():
                 return False
-            done[name] = study_eval.score_cell(build(), rows, bounded=bounded, plan=plan,
+            model = build() if model is None else model
+            done[name] = study_eval.score_cell(model, rows[source], bounded=bounded, plan=plan,
                                                desc=f"{source} {name}")
             write_report(report, out)
             log(f"{source} {name}: " + ", ".join(f"{c}: {p:.3f}"

@@ -72,20 +72,25 @@ def study_cells(base: CausalLM | None, arms: Arms, banks: Mapping[str, dict]
     cells: dict[str, tuple[Callable[[], CausalLM], bool]] = {}
     if base is not None:
         cells["base"] = (lambda: base, False)
+    first_bank = next(iter(banks))
+    # The headline cells first (a run cut short has the 2x2 of the first bank).
     for arm, models in arms.items():
-        phase1, phase2 = models["phase1"], models["phase2"]
-        first_bank = next(iter(banks))
-        cells[f"{arm}/phase1"] = (lambda m=phase1: m, False)
-        cells[f"{arm}/phase2"] = (lambda m=phase2[first_bank]: unbounded_twin(m), False)
-        for bank, options in banks.items():
-            trained = phase2[bank]
-            cells[f"{arm}/{bank}/bounded"] = (lambda m=trained: m, True)
+        cells[f"{arm}/phase1"] = (lambda m=models["phase1"]: m, False)
+    for bank in banks:
+        for arm, models in arms.items():
+            cells[f"{arm}/{bank}/bounded"] = (lambda m=models["phase2"][bank]: m, True)
+        if bank == first_bank:
+            for arm, models in arms.items():
+                cells[f"{arm}/phase2"] = (
+                    lambda m=models["phase2"][bank]: unbounded_twin(m), False)
+        for arm, models in arms.items():
             cells[f"{arm}/{bank}/no_phase2"] = (
-                lambda m=phase1, o=options: rebuilt(m, dataclasses.replace(
+                lambda m=models["phase1"], o=banks[bank]: rebuilt(m, dataclasses.replace(
                     m.spec, kind="coda_bounded", bank=BankConfig(**o))), True)
+        for arm, models in arms.items():
             cells[f"{arm}/{bank}/window_only"] = (
-                lambda m=trained: with_bank(m, num_landmarks_exact=0, num_landmarks_summary=0),
-                True)
+                lambda m=models["phase2"][bank]: with_bank(
+                    m, num_landmarks_exact=0, num_landmarks_summary=0), True)
     return cells
 
 

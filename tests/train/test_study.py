@@ -20,8 +20,8 @@ def test_the_study_runs_every_stage_and_evaluation(built, tmp_path):
     assert study.main(["--corpus", str(built), "--out", str(out), "--tiny", "--no-progress",
                        "--export-base"]) == 0
     report = json.loads((out / "study.json").read_text())
-    assert list(report["stages"]) == ["base", "gqa-phase1", "gqa-phase2-medium",
-                                      "coda-phase1", "coda-phase2-medium"]
+    assert list(report["stages"]) == ["base", "gqa-phase1", "coda-phase1",
+                                      "gqa-phase2-medium", "coda-phase2-medium"]
     for stage in report["stages"].values():
         assert stage["summary"]["model"] and stage["metrics"]
     base_losses = [m["loss"] for m in report["stages"]["base"]["metrics"]]
