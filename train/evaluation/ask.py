@@ -9,6 +9,9 @@ MODEL_DIR is a converted model with its tokenizer and chat template (``python
     {"documents": [{"name": "lighthouse", "text": "...",
                     "questions": [{"question": "Who built it?", "expected": "Agnes Polworth"}]}]}
 
+(or, as in ``coda_db/demo_documents_v2.json``, ``"answer"`` with ``"accepted"``:
+every equivalent form; any one of them contained in the reply is right).
+
 Each question is asked in a fresh conversation (the document, then the
 question, in one user turn; greedy). The scoring rule: an answer is right
 when the expected answer, normalised, is contained in the reply, normalised
@@ -46,9 +49,21 @@ def normalise(text: str) -> str:
     return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
 
 
-def is_right(reply: str, expected: str) -> bool:
-    """The scoring rule: the normalised expected answer lies in the normalised reply."""
-    return f" {normalise(expected)} " in f" {normalise(reply)} "
+def is_right(reply: str, expected: str | Sequence[str]) -> bool:
+    """The scoring rule: a normalised expected answer (one of several accepted
+    forms) lies in the normalised reply."""
+    forms = [expected] if isinstance(expected, str) else list(expected)
+    return any(f" {normalise(form)} " in f" {normalise(reply)} " for form in forms)
+
+
+def accepted_answers(question: dict[str, Any]) -> list[str]:
+    """Every accepted form of a question's answer (``accepted``, else ``expected``
+    or ``answer``)."""
+    accepted = question.get("accepted")
+    if isinstance(accepted, list) and accepted and all(isinstance(a, str) for a in accepted):
+        return accepted
+    expected = question.get("expected", question.get("answer"))
+    return [expected] if isinstance(expected, str) else []
 
 
 def read_questions(path: str | Path) -> list[dict[str, Any]]:
@@ -62,9 +77,9 @@ def read_questions(path: str | Path) -> list[dict[str, Any]]:
     for doc in documents:
         if not isinstance(doc, dict) or not isinstance(doc.get("text"), str) or not all(
                 isinstance(q, dict) and isinstance(q.get("question"), str)
-                and isinstance(q.get("expected"), str) for q in doc.get("questions", [None])):
+                and accepted_answers(q) for q in doc.get("questions", [None])):
             raise ValueError(f"{path}: every document needs a 'text' and 'questions', each "
-                             "with a 'question' and an 'expected' answer")
+                             "with a 'question' and an 'expected' answer (or 'accepted' forms)")
     return documents
 
 
@@ -77,9 +92,10 @@ def answer_all(model_dir: str | Path, documents: list[dict[str, Any]], *,
     for doc, q in tqdm(todo, desc="questions", unit="q"):
         reply = ask(chat_model, q["question"], document=doc["text"],
                     max_new_tokens=max_new_tokens)
+        accepted = accepted_answers(q)
         records.append({"document": doc.get("name"), "question": q["question"],
-                        "expected": q["expected"], "reply": reply,
-                        "right": is_right(reply, q["expected"])})
+                        "expected": accepted[0], "accepted": accepted, "reply": reply,
+                        "right": is_right(reply, accepted)})
     meta = read_model_metadata(model_dir)
     return {"model": (meta.get("source") or {}).get("name") or str(model_dir),
             "attention": meta.get("attention"), "scoring": SCORING_RULE,
