@@ -60,8 +60,9 @@ class DataSection:
     seq_len: int = 2048
     # The loss counts only the spans that start after this text (tokenised with
     # ``tokenizer``) and run to the next token holding ``loss_stop``, that token
-    # included (e.g. "\nAnswer:" and "\n": the answers of a question-answer task);
-    # empty: every token counts.
+    # included (e.g. "\nAnswer:" and "\n": the answers of a question-answer task;
+    # "<|im_start|>assistant\n" and "<|im_end|>": the assistant's turns of a chat, whose
+    # special tokens count with their text spelled out); empty: every token counts.
     loss_start: str = ""
     loss_stop: str = "\n"
     # Phase 2: per-token write-gate targets aligned with ``train`` (0/1 token shards,

@@ -48,33 +48,6 @@ def spread_depths(count: int) -> list[float]:
 SNAP = 0.03  # a fact moves at most this share of the document to sit at a sentence's end
 
 
-def _token_texts(tok, ids: np.ndarray) -> list[str]:
-    return [tok.decode([int(i)], skip_special_tokens=False) for i in ids]
-
-
-def _boundaries(texts: list[str], eos: str | None) -> tuple[list[int], list[int], list[int]]:
-    """Positions i before token i where a paragraph starts (the token before holds a
-    blank line or ends a corpus document), where a sentence ends (the token before
-    ends with '.', '!' or '?', closing quotes aside) and where a word starts (token
-    i starts with a space or a newline)."""
-    paragraphs = [i for i in range(1, len(texts) + 1)
-                  if texts[i - 1] == eos or "\n\n" in texts[i - 1]]
-    ends = [i for i in range(1, len(texts) + 1)
-            if texts[i - 1].rstrip(" \"')\u201d\u2019")[-1:] in (".", "!", "?")]
-    words = [i for i in range(len(texts)) if texts[i][:1] in (" ", "\n")]
-    return paragraphs, ends, words
-
-
-def _snap(at: int, ends: list[int], words: list[int], reach: int) -> int:
-    """``at`` moved to the nearest sentence end within ``reach`` tokens, else to
-    the nearest word start, else left."""
-    for candidates, limit in ((ends, reach), (words, reach)):
-        near = [c for c in candidates if abs(c - at) <= limit]
-        if near:
-            return min(near, key=lambda c: (abs(c - at), c))
-    return at
-
-
 def _decode(tok, ids: np.ndarray, eos_id: int | None) -> str:
     """The filler's text; the corpus's document separators become blank lines."""
     if eos_id is None:
@@ -98,6 +71,8 @@ def _document(tok, filler: np.ndarray, facts, length: int, rng: np.random.Genera
     fact's sentence inserted after the sentence nearest its depth (as
     ``train.retention.document_tokens`` does, but not inside a word); the text
     and each fact's depth as placed."""
+    from . import retention
+
     sentence_tokens = sum(len(tok.encode(f.sentence).ids) for f in facts)
     n_filler = length - sentence_tokens
     if n_filler < 1:
@@ -109,14 +84,14 @@ def _document(tok, filler: np.ndarray, facts, length: int, rng: np.random.Genera
     start = int(rng.integers(0, len(filler) - n_filler - 2 * reach))
     head = filler[start:start + 2 * reach]
     eos = tok.decode([eos_id], skip_special_tokens=False) if eos_id is not None else None
-    paragraphs, ends, _ = _boundaries(_token_texts(tok, head), eos)
+    paragraphs, ends, _ = retention.boundaries(retention.token_texts(tok, head), eos)
     start += next((e for e in paragraphs + ends if e < len(head)), 0)
     window = np.asarray(filler[start:start + n_filler], np.int64)
-    _, ends, words = _boundaries(_token_texts(tok, window), eos)
+    _, ends, words = retention.boundaries(retention.token_texts(tok, window), eos)
     order = sorted(range(len(facts)), key=lambda i: facts[i].depth)
     pieces, depths, at = [], [0.0] * len(facts), 0
     for i in order:
-        cut = max(at, _snap(int(round(facts[i].depth * n_filler)), ends, words, reach))
+        cut = max(at, retention.snap(int(round(facts[i].depth * n_filler)), ends, words, reach))
         pieces.append(_decode(tok, window[at:cut], eos_id))
         pieces.append(facts[i].sentence)
         depths[i] = round(cut / n_filler, 3)

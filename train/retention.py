@@ -35,7 +35,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -81,28 +81,57 @@ def load_pools(split: str) -> dict[str, list[str]]:
     return {key: pools[key][split] for key in ("first_names", "last_names", "places")}
 
 
+def draw_people(rng: np.random.Generator, pools: dict[str, list[str]], count: int
+                ) -> list[str]:
+    """``count`` different people (a first and a last name each), in random order."""
+    people: dict[str, None] = {}  # insertion-ordered: the same draw in every process
+    while len(people) < count:
+        people[f"{rng.choice(pools['first_names'])} {rng.choice(pools['last_names'])}"] = None
+    return sorted(people, key=lambda _: rng.random())
+
+
+def draw_value(rng: np.random.Generator, pools: dict[str, list[str]], kind: str) -> str:
+    """A random value of one of the kinds of ``FACTS``: a place of ``pools``, an
+    access code (``AB-1234``), a number (100 to 9999) or a date (``May 3, 1957``)."""
+    if kind == "place":
+        return str(rng.choice(pools["places"]))
+    if kind == "code":
+        return "".join(rng.choice(list(LETTERS), 2)) + "-" + "".join(
+            str(d) for d in rng.integers(0, 10, 4))
+    if kind == "number":
+        return str(int(rng.integers(100, 10000)))
+    if kind == "date":
+        return f"{MONTHS[rng.integers(12)]} {int(rng.integers(1, 29))}, " \
+               f"{int(rng.integers(1900, 2025))}"
+    raise ValueError(f"no value of kind {kind!r} (one of {', '.join(FACTS)})")
+
+
 def draw_facts(rng: np.random.Generator, pools: dict[str, list[str]], count: int,
                depths: Sequence[float] | None = None) -> list[Fact]:
     """``count`` facts about different people, at the given depths (default: uniform)."""
-    people: set[str] = set()
-    while len(people) < count:
-        people.add(f"{rng.choice(pools['first_names'])} {rng.choice(pools['last_names'])}")
     facts = []
-    for i, name in enumerate(sorted(people, key=lambda _: rng.random())):
+    for i, name in enumerate(draw_people(rng, pools, count)):
         kind = str(rng.choice(list(FACTS)))
-        if kind == "place":
-            value = str(rng.choice(pools["places"]))
-        elif kind == "code":
-            value = "".join(rng.choice(list(LETTERS), 2)) + "-" + "".join(
-                str(d) for d in rng.integers(0, 10, 4))
-        elif kind == "number":
-            value = str(int(rng.integers(100, 10000)))
-        else:
-            value = f"{MONTHS[rng.integers(12)]} {int(rng.integers(1, 29))}, " \
-                    f"{int(rng.integers(1900, 2025))}"
+        value = draw_value(rng, pools, kind)
         depth = float(rng.random()) if depths is None else float(depths[i % len(depths)])
         facts.append(Fact(kind, name, value, depth))
     return facts
+
+
+def band_depths(depth: float, count: int) -> list[float]:
+    """``count`` depths spread evenly over a narrow band (4% of the document)
+    centred on ``depth``, clipped to [0, 1]."""
+    return [min(max(depth + 0.04 * (j - (count - 1) / 2) / max(count, 1), 0.0), 1.0)
+            for j in range(count)]
+
+
+def marked_tokens(tok: Tokenizer, text: str, spans: Sequence[tuple[int, int]]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """``text`` as ids, and 1 at each token that touches one of the character
+    ``spans`` (start, stop), 0 elsewhere."""
+    enc = tok.encode(text)
+    marks = [any(a < hi and lo < b for lo, hi in spans) for a, b in enc.offsets]
+    return np.asarray(enc.ids, np.int64), np.asarray(marks, np.uint8)
 
 
 def sentence_tokens(tok: Tokenizer, fact: Fact) -> tuple[np.ndarray, np.ndarray]:
@@ -112,11 +141,42 @@ def sentence_tokens(tok: Tokenizer, fact: Fact) -> tuple[np.ndarray, np.ndarray]
     text = fact.sentence
     at_name = text.index(fact.name)
     at_value = text.index(fact.value, at_name + len(fact.name))
-    spans = ((at_name, at_name + len(fact.name)), (at_value, at_value + len(fact.value)),
-             (len(text) - 1, len(text)))
-    enc = tok.encode(text)
-    marks = [any(a < hi and lo < b for lo, hi in spans) for a, b in enc.offsets]
-    return np.asarray(enc.ids, np.int64), np.asarray(marks, np.uint8)
+    return marked_tokens(tok, text, ((at_name, at_name + len(fact.name)),
+                                     (at_value, at_value + len(fact.value)),
+                                     (len(text) - 1, len(text))))
+
+
+def filler_window(filler: np.ndarray, count: int, rng: np.random.Generator, *,
+                  wrap: bool = False) -> np.ndarray:
+    """``count`` consecutive tokens of ``filler`` from a random start. A filler
+    that is not longer than ``count`` is a ``ValueError``, or with ``wrap``
+    read round again from its start."""
+    if len(filler) > count:
+        start = int(rng.integers(0, len(filler) - count))
+        return np.asarray(filler[start:start + count], np.int64)
+    if not wrap or len(filler) == 0:
+        raise ValueError(f"the filler ({len(filler)} tokens) is shorter than {count}")
+    start = int(rng.integers(0, len(filler)))
+    return np.take(np.asarray(filler, np.int64), np.arange(start, start + count), mode="wrap")
+
+
+def insert_sentences(text: np.ndarray, sentences: Sequence[tuple[np.ndarray, np.ndarray]],
+                     cuts: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """``text`` with each sentence (ids and marks) inserted before its token
+    ``cuts[i]``, in the order given where cuts are equal -> the ids, their marks
+    (0 over ``text``) and the position of each sentence in them."""
+    order = sorted(range(len(sentences)), key=lambda i: cuts[i])
+    pieces, marks, starts, at, length = [], [], [0] * len(sentences), 0, 0
+    for i in order:
+        cut = int(cuts[i])
+        pieces += [text[at:cut], sentences[i][0]]
+        marks += [np.zeros(cut - at, np.uint8), sentences[i][1]]
+        starts[i] = length + cut - at
+        length += cut - at + len(sentences[i][0])
+        at = cut
+    pieces.append(text[at:])
+    marks.append(np.zeros(len(text) - at, np.uint8))
+    return np.concatenate(pieces), np.concatenate(marks), starts
 
 
 def document_tokens(tok: Tokenizer, filler: np.ndarray, facts: Sequence[Fact], length: int,
@@ -124,25 +184,43 @@ def document_tokens(tok: Tokenizer, filler: np.ndarray, facts: Sequence[Fact], l
     """A document of exactly ``length`` tokens: a random window of ``filler`` with
     each fact's sentence inserted at its depth; and its content marks
     (:func:`sentence_tokens`; 0 over the filler)."""
-    encoded = [sentence_tokens(tok, f) for f in facts]
-    sentences = [ids for ids, _ in encoded]
-    n_filler = length - sum(len(s) for s in sentences)
+    order = sorted(range(len(facts)), key=lambda i: facts[i].depth)
+    encoded = [sentence_tokens(tok, facts[i]) for i in order]
+    n_filler = length - sum(len(ids) for ids, _ in encoded)
     if n_filler < 0:
         raise ValueError(f"{len(facts)} facts do not fit in a {length}-token document")
-    if len(filler) <= n_filler:
-        raise ValueError(f"the filler ({len(filler)} tokens) is shorter than {n_filler}")
-    start = int(rng.integers(0, len(filler) - n_filler))
-    text = np.asarray(filler[start:start + n_filler], np.int64)
-    order = sorted(range(len(facts)), key=lambda i: facts[i].depth)
-    pieces, marks, at = [], [], 0
-    for i in order:
-        cut = int(round(facts[i].depth * n_filler))
-        pieces += [text[at:cut], sentences[i]]
-        marks += [np.zeros(cut - at, np.uint8), encoded[i][1]]
-        at = cut
-    pieces.append(text[at:])
-    marks.append(np.zeros(len(text) - at, np.uint8))
-    return np.concatenate(pieces), np.concatenate(marks)
+    text = filler_window(filler, n_filler, rng)
+    cuts = [int(round(facts[i].depth * n_filler)) for i in order]
+    ids, marks, _ = insert_sentences(text, encoded, cuts)
+    return ids, marks
+
+
+def token_texts(tok: Tokenizer, ids: np.ndarray) -> list[str]:
+    """The text of each token (special tokens spelled out)."""
+    return [tok.decode([int(i)], skip_special_tokens=False) for i in ids]
+
+
+def boundaries(texts: list[str], eos: str | None) -> tuple[list[int], list[int], list[int]]:
+    """Positions i before token i where a paragraph starts (the token before holds a
+    blank line or ends a corpus document), where a sentence ends (the token before
+    ends with '.', '!' or '?', closing quotes aside) and where a word starts (token
+    i starts with a space or a newline)."""
+    paragraphs = [i for i in range(1, len(texts) + 1)
+                  if texts[i - 1] == eos or "\n\n" in texts[i - 1]]
+    ends = [i for i in range(1, len(texts) + 1)
+            if texts[i - 1].rstrip(" \"')\u201d\u2019")[-1:] in (".", "!", "?")]
+    words = [i for i in range(len(texts)) if texts[i][:1] in (" ", "\n")]
+    return paragraphs, ends, words
+
+
+def snap(at: int, ends: list[int], words: list[int], reach: int) -> int:
+    """``at`` moved to the nearest sentence end within ``reach`` tokens, else to
+    the nearest word start, else left."""
+    for candidates, limit in ((ends, reach), (words, reach)):
+        near = [c for c in candidates if abs(c - at) <= limit]
+        if near:
+            return min(near, key=lambda c: (abs(c - at), c))
+    return at
 
 
 def qa_tokens(tok: Tokenizer, fact: Fact) -> np.ndarray:
@@ -179,9 +257,7 @@ def eval_documents(tok: Tokenizer, filler: np.ndarray, *, lengths: Sequence[int]
         for n in facts_per_doc:
             for depth in depths:
                 for i in range(count):
-                    spread = [min(max(depth + 0.04 * (j - (n - 1) / 2) / max(n, 1), 0.0), 1.0)
-                              for j in range(n)]
-                    facts = draw_facts(rng, pools, n, spread)
+                    facts = draw_facts(rng, pools, n, band_depths(depth, n))
                     ids, _ = document_tokens(tok, filler, facts, length, rng)
                     yield {"length": length, "facts": n, "depth": depth, "index": i,
                            "text": tok.decode(ids.tolist()),
@@ -203,8 +279,18 @@ def write_training_shards(rows: Sequence[tuple[np.ndarray, np.ndarray]], out: Pa
     return out, marks
 
 
-def _ints(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
+    """Comma-separated integers (a command-line list such as ``1024,4096``)."""
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    """``rows`` as JSON lines at ``path``, written beside it and renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -246,17 +332,12 @@ def _build(args: argparse.Namespace) -> int:
               f"{args.seq_len + 1} tokens")
         return 0
     filler = data.read_tokens(corpus / "heldout")
-    docs = eval_documents(tok, filler, lengths=_ints(args.lengths),
-                          facts_per_doc=_ints(args.facts),
+    docs = eval_documents(tok, filler, lengths=int_list(args.lengths),
+                          facts_per_doc=int_list(args.facts),
                           depths=[float(d) for d in args.depths.split(",")],
                           count=args.count, seed=args.seed)
-    out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w") as f:
-        for doc in docs:
-            f.write(json.dumps(doc) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}")
+    write_jsonl(Path(args.out), docs)
+    print(f"wrote {args.out}")
     return 0
 
 

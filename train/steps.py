@@ -146,14 +146,17 @@ class LossSpan(NamedTuple):
 
 
 def loss_span(cfg: TrainConfig, tokenizer: Any) -> LossSpan | None:
-    """``cfg.data.loss_start``/``loss_stop`` as token ids (None: every token counts)."""
+    """``cfg.data.loss_start``/``loss_stop`` as token ids (None: every token counts).
+    The stop tokens are those whose text, special tokens spelled out, holds
+    ``loss_stop`` (so ``"<|im_end|>"`` names a chat template's end of turn)."""
     if not cfg.data.loss_start:
         return None
     if tokenizer is None:
         raise ValueError("data.loss_start needs data.tokenizer (to find it in the tokens)")
     start = tuple(tokenizer.encode(cfg.data.loss_start).ids)
     stop = tuple(i for i in range(tokenizer.get_vocab_size())
-                 if cfg.data.loss_stop and cfg.data.loss_stop in tokenizer.decode([i]))
+                 if cfg.data.loss_stop
+                 and cfg.data.loss_stop in tokenizer.decode([i], skip_special_tokens=False))
     if not start or not stop:
         raise ValueError(f"data.loss_start {cfg.data.loss_start!r} / loss_stop "
                          f"{cfg.data.loss_stop!r} give no tokens with this tokenizer")
