@@ -149,7 +149,9 @@ def _base_model_dir(args, recipe: dict[str, Any], corpus: Path, out: Path, log) 
 
     if args.base:
         return _as_model_dir(Path(args.base), out / "base_model")
-    cfg = yaml.safe_load((CONFIGS / recipe["base"]).read_text())
+    from .study import read_study_config
+
+    cfg, _ = read_study_config(CONFIGS / recipe["base"])  # the study's base stage
     cfg["data"] = cfg["data"] | dict(train=str(corpus / "train"), heldout="",
                                      tokenizer=str(corpus / "tokenizer.json"))
     if args.tiny:
