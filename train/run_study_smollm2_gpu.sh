@@ -49,6 +49,14 @@ case "${1:-}" in
     for f in study.json losses.png ppl.png penalties.png; do
       [[ -f "$work/study/$f" ]] && cp "$work/study/$f" "$OUT/"
     done
+    # The CoDA arm's phase-2 model of the larger bank as differences from SmolLM2
+    # (a candidate default model: python -m convert's load_export(base=...)).
+    if [[ $code -eq 0 ]]; then
+      python3 -c "from coda_jax import load_model; from convert.model_export import export_model
+export_model(load_model('$work/study/runs/coda-phase2-large/model'), '$OUT/coda_large_delta',
+             base=load_model('$work/smollm2'), max_shard_bytes=15 << 20, overwrite=True)" \
+        && du -sh "$OUT/coda_large_delta"
+    fi
     echo "study: exit $code after $(( $(date +%s) - start )) s" ;;
   *)
     echo "usage: $0 stash|smoke|run [SECONDS]" >&2; exit 2 ;;
