@@ -304,25 +304,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         "banks": study["banks"], "plan": {k: list(v) if isinstance(v, tuple) else v
                                           for k, v in vars(plan).items()}}
     report.setdefault("stages", {})
-    if not train_stages(stages, out, report, clock=clock, progress=not args.no_progress,
-                        log=log):
-        log(f"stopped at the time limit after {clock.elapsed():.0f} s: run again to resume")
-        return EXIT_STOPPED
-    if args.export_base and base_model is None:
-        from coda_jax import load_model
-        from convert.model_export import export_model
-
-        export_model(load_model(out / "runs" / "base" / "model"), out / "base", overwrite=True)
     heldout = {"corpus": data.read_tokens(corpus / "heldout")}
     if args.heldout2:
         heldout["second"] = data.read_tokens(args.heldout2)
-    finished = evaluate(report, out, base_model=base_model, heldout=heldout, tok=tok, plan=plan,
-                        banks=study["banks"], clock=clock, log=log)
-    report["headline"] = summarise(report, plan, list(study["banks"]))
-    write_report(report, out)
-    if not finished:
-        log(f"stopped at the time limit after {clock.elapsed():.0f} s: run again to resume")
-        return EXIT_STOPPED
+    # Bank by bank: its stages (the first with both arms' phase 1 and the base),
+    # then its cells, so a run cut short has whole 2x2s of the banks it reached.
+    banks = list(study["banks"])
+    for i, bank in enumerate(banks):
+        group = {name: cfg for name, cfg in stages.items()
+                 if name.endswith(f"-phase2-{bank}") or (i == 0 and "-phase2-" not in name)}
+        finished = train_stages(group, out, report, clock=clock, progress=not args.no_progress,
+                                log=log)
+        if finished and i == 0 and args.export_base and base_model is None:
+            from coda_jax import load_model
+            from convert.model_export import export_model
+
+            export_model(load_model(out / "runs" / "base" / "model"), out / "base",
+                         overwrite=True)
+        if finished:
+            reached = {b: study["banks"][b] for b in banks[:i + 1]}
+            finished = evaluate(report, out, base_model=base_model, heldout=heldout, tok=tok,
+                                plan=plan, banks=reached, clock=clock, log=log)
+        report["headline"] = summarise(report, plan, banks[:i + 1])
+        write_report(report, out)
+        if not finished:
+            log(f"stopped at the time limit after {clock.elapsed():.0f} s: run again to resume")
+            return EXIT_STOPPED
     try:
         plot_study(report, out)
     except ImportError as err:  # a GPU machine without matplotlib: plot at home
