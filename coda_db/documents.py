@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import os
 import time
 from pathlib import Path
@@ -116,9 +117,13 @@ def read_document(opened: OpenModel, text: str | None = None, *,
     else:
         stream, name, size = open_text(path)
         name = source or name
+    settings = opened.settings
     with stream:
         try:
-            return _read(opened, _pieces(stream, piece_chars), name, size, progress)
+            # A chat model reads the document inside its turn markers (its settings).
+            pieces = itertools.chain([settings.document_prefix], _pieces(stream, piece_chars),
+                                     [settings.document_suffix])
+            return _read(opened, pieces, name, size, progress)
         except UnicodeDecodeError as err:
             raise RefusedError(f"{name} is not UTF-8 text (byte {err.start} of a block: "
                                f"{err.reason})") from None

@@ -5,6 +5,8 @@ the key ``"database"`` (written with ``save_model(..., extra_meta={"database":
 {...}})``); every field is optional and falls back to the reference's values:
 
     {"prompt": "\\n\\nQuestion: {question}\\nAnswer:",   # appended to the document state
+     "document_prefix": "", "document_suffix": "",  # read before and after each document
+                                  # (a chat model: its turn markers around the document)
      "temperature": 0.7, "top_k": 50, "top_p": 0.9, "max_new_tokens": 256,
      "stop_tokens": [2],          # token ids that end an answer (default: the tokenizer's
                                   # end-of-text token, when it has a known one)
@@ -64,6 +66,8 @@ class QuerySettings:
     sampling: Sampling = Sampling()
     stop_tokens: tuple[int, ...] = ()
     block_size: int = 1024
+    document_prefix: str = ""
+    document_suffix: str = ""
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any], *, default_stops: tuple[int, ...] = ()
@@ -75,7 +79,7 @@ class QuerySettings:
             raise RefusedError(f"the model's {METADATA_KEY!r} metadata must be a JSON object, "
                                f"got {type(entry).__name__}")
         known = {"prompt", "temperature", "top_k", "top_p", "max_new_tokens", "stop_tokens",
-                 "block_size"}
+                 "block_size", "document_prefix", "document_suffix"}
         unknown = sorted(set(entry) - known)
         if unknown:
             raise RefusedError(f"the model's {METADATA_KEY!r} metadata has unknown fields "
@@ -91,7 +95,12 @@ class QuerySettings:
             raise RefusedError(f"stop_tokens must be a list of token ids, got {stops!r}")
         stops = tuple(check_integer("a stop token", t, 0, error=RefusedError) for t in stops)
         block = check_integer("block_size", entry.get("block_size", 1024), 1, error=RefusedError)
-        return cls(prompt=prompt, sampling=sampling, stop_tokens=stops, block_size=block)
+        frame = {k: entry.get(k, "") for k in ("document_prefix", "document_suffix")}
+        for key, value in frame.items():
+            if not isinstance(value, str):
+                raise RefusedError(f"{key} must be a string, got {value!r}")
+        return cls(prompt=prompt, sampling=sampling, stop_tokens=stops, block_size=block,
+                   **frame)
 
     def prompt_for(self, question: str) -> str:
         """The text read after the document state for ``question``."""

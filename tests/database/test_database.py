@@ -319,3 +319,24 @@ def test_a_truncated_or_corrupted_state_is_reported_and_refused(db):
         and statuses["flipped"] != "ok", statuses
     db.load("intact")  # the others never stopped the library from working
     assert snapshot(root) == before  # nothing was changed by looking
+
+
+def test_a_chat_model_reads_its_documents_inside_its_turn_markers(model_dir, tmp_path):
+    """document_prefix/document_suffix (a model's settings) frame every document: the
+    state is the one of prefix + text + suffix read as one text, here where the
+    tokenizer splits the joins the same either way."""
+    from conftest import SETTINGS
+
+    framed = make_model_dir(tmp_path / "framed", settings=SETTINGS | dict(
+        document_prefix="The log:\n", document_suffix="\nEnd of the log."))
+    plain = NeuralDatabase(model_dir, library=tmp_path / "plain_lib")
+    chat = NeuralDatabase(framed, library=tmp_path / "framed_lib")
+    text = TEXT[:400].strip()
+    inside = chat.ingest(text)
+    whole = plain.ingest("The log:\n" + text + "\nEnd of the log.")
+    assert inside.tokens == whole.tokens
+    for a, b in zip(_leaves(inside.state), _leaves(whole.state)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(RefusedError, match="document_prefix must be a string"):
+        NeuralDatabase(make_model_dir(tmp_path / "bad", settings=SETTINGS | dict(
+            document_prefix=3)), library=tmp_path / "bad_lib")
