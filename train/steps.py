@@ -163,16 +163,22 @@ def loss_span(cfg: TrainConfig, tokenizer: Any) -> LossSpan | None:
     return LossSpan(start, stop)
 
 
+def start_ends(tokens: jax.Array, span: LossSpan) -> jax.Array:
+    """(B, L + 1) bool: True where a match of the ``span.start`` ids ends."""
+    k = len(span.start)
+    ends = jnp.ones(tokens.shape, bool)
+    for i, token in enumerate(span.start):
+        shifted = jnp.pad(tokens, ((0, 0), (k - 1 - i, 0)), constant_values=-1)
+        ends &= shifted[:, :tokens.shape[1]] == token
+    return ends
+
+
 def span_weights(tokens: jax.Array, span: LossSpan) -> jax.Array:
     """(B, L) float32: 1 where the target ``tokens[:, j + 1]`` lies in a counted span
     (after the last ``span.start`` match ending at or before j, and no stop token
     between that match and j)."""
     length = tokens.shape[1] - 1
-    k = len(span.start)
-    ends = jnp.ones(tokens.shape, bool)
-    for i, token in enumerate(span.start):  # a match of the start ids ending at t
-        shifted = jnp.pad(tokens, ((0, 0), (k - 1 - i, 0)), constant_values=-1)
-        ends &= shifted[:, :tokens.shape[1]] == token
+    ends = start_ends(tokens, span)
     positions = jnp.arange(tokens.shape[1])
     is_stop = jnp.isin(tokens, jnp.asarray(span.stop))
     last_start = jax.lax.cummax(jnp.where(ends, positions, -1), axis=1)
@@ -196,9 +202,11 @@ def loss_fn(cfg: TrainConfig, model: CausalLM, tokens: jax.Array,
             key: jax.Array | None = None, span: LossSpan | None = None,
             write_targets: jax.Array | None = None) -> jax.Array:
     """Mean next-token cross-entropy of ``tokens`` (B, L + 1), over the counted
-    spans only when ``span`` is given; ``key`` draws the active bank sizes in
-    phase 2 (none: the banks' initial sizes); ``write_targets`` (B, L + 1), in
-    phase 2, adds ``phase2.write_gate_loss`` x :func:`write_gate_loss`."""
+    spans only when ``span`` is given (plus ``data.plain_text_loss`` x the mean
+    over the rows that hold no span start, where that weight is set); ``key``
+    draws the active bank sizes in phase 2 (none: the banks' initial sizes);
+    ``write_targets`` (B, L + 1), in phase 2, adds ``phase2.write_gate_loss`` x
+    :func:`write_gate_loss`."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     gate_term = jnp.float32(0.0)
     if cfg.stage == "phase2":
@@ -220,7 +228,13 @@ def loss_fn(cfg: TrainConfig, model: CausalLM, tokens: jax.Array,
     if span is None:
         return nll.mean() + gate_term
     weights = span_weights(tokens, span)
-    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0) + gate_term
+    loss = jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0) + gate_term
+    if cfg.data.plain_text_loss:
+        plain = jnp.broadcast_to(~start_ends(tokens, span).any(axis=1, keepdims=True),
+                                 nll.shape).astype(jnp.float32)
+        loss += (cfg.data.plain_text_loss * jnp.sum(nll * plain)
+                 / jnp.maximum(jnp.sum(plain), 1.0))
+    return loss
 
 
 def _cast_loss(cfg: TrainConfig, graphdef: Any, params: Any, tokens: jax.Array,

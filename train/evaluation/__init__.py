@@ -58,7 +58,7 @@ _EXPORTS = {
                         "run_study", "assemble", "print_summary"),
     "retention_merge": ("MergeError", "merge"),
     "retention_plot": ("CACHE_NAMES", "load_results", "markdown_table", "heatmap"),
-    "retention_quick": ("retention_accuracy",),
+    "retention_quick": ("Quiz", "RETENTION_QUIZ", "CHAT_QUIZ", "retention_accuracy"),
     "retention_fixture": ("DEFAULT_SHAPE", "DEFAULT_BANK", "TINY_SHAPE", "word_corpus",
                           "random_model"),
 }

@@ -65,14 +65,15 @@ def random_model(out: str | Path, corpus: str | Path, *, shape: dict, bank: dict
                  dtype: str = "float32", settings: dict | None = None, seed: int = 0) -> Path:
     """A bounded model of ``shape`` and ``bank`` with random weights at ``out``,
     the corpus's tokenizer inside and ``settings`` (default: the default
-    model's, ``train.default_model.database_settings``) as its query settings."""
+    model's, ``train.recipe_tasks.RetentionTask.database_settings``) as its query
+    settings."""
     import jax.numpy as jnp
     from flax import nnx
 
     from coda_jax import CausalLM, DecoderConfig, save_model
 
     from .. import data
-    from ..default_model import database_settings
+    from ..recipe_tasks import TASKS
 
     out = Path(out)
     tok = data.load_tokenizer(Path(corpus) / "tokenizer.json")
@@ -81,7 +82,7 @@ def random_model(out: str | Path, corpus: str | Path, *, shape: dict, bank: dict
                      rngs=nnx.Rngs(seed))
     save_model(out, model, overwrite=True,
                extra_meta={"database": settings if settings is not None
-                           else database_settings(tok)})
+                           else TASKS["retention"].database_settings(tok)})
     shutil.copy(Path(corpus) / "tokenizer.json", out / "tokenizer.json")
     return out
 

@@ -2,16 +2,19 @@
 match of the questions of held-out retention documents.
 
 ``train.default_model`` runs it on the finished model (bounded, window only and
-unbounded) over a few documents of ``train.retention.eval_documents`` and writes
+unbounded) over a few held-out documents of its task and writes
 ``retention_quick.json``. Each document is followed by one question at a time,
-in the query prompt ``train.retention.PROMPT``, and the answer; a question counts
-as answered when the argmax is right at every answer token (what greedy
+in the task's :class:`Quiz` (``RETENTION_QUIZ``: ``train.retention``'s
+documents and query prompt ``PROMPT``; ``CHAT_QUIZ``: ``train.retention_chat``'s
+ingest strings, each question in its chat turn), and the answer; a question
+counts as answered when the argmax is right at every answer token (what greedy
 decoding would then produce). The full study, greedy answers from saved states
 through the database, is ``python -m train.evaluation retention``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import jax.numpy as jnp
@@ -19,22 +22,38 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..retention import PROMPT
+from ..retention_chat import QUESTION_PREFIX, QUESTION_SUFFIX
 from ..steps import unbounded_twin
 
 
+@dataclass(frozen=True)
+class Quiz:
+    """How a document of a task is asked: the key of its text (read first), the
+    prompt around each question (a ``{question}`` field) and what the answer's
+    text starts with."""
+
+    text_key: str
+    prompt: str
+    answer_prefix: str
+
+
+RETENTION_QUIZ = Quiz("text", PROMPT, " ")
+CHAT_QUIZ = Quiz("text_prefix", QUESTION_PREFIX + "{question}" + QUESTION_SUFFIX, "")
+
+
 def retention_accuracy(model, tok: Tokenizer, docs: Sequence[dict[str, Any]], *,
-                       bounded: bool, block_size: int = 128, batch_size: int = 8
-                       ) -> list[dict[str, Any]]:
-    """Teacher-forced exact match of every question of ``docs`` (a question is
-    answered when the argmax is right at each answer token), one row per
-    document cell (length, facts, depth): ``correct`` of ``total``."""
+                       bounded: bool, block_size: int = 128, batch_size: int = 8,
+                       quiz: Quiz = RETENTION_QUIZ) -> list[dict[str, Any]]:
+    """Teacher-forced exact match of every question of ``docs``, asked as ``quiz``
+    says (a question is answered when the argmax is right at each answer token),
+    one row per document cell (length, facts, depth): ``correct`` of ``total``."""
     runner = model if bounded else unbounded_twin(model)
     rows, seqs = [], []
     for doc in docs:
-        ids = tok.encode(doc["text"]).ids
+        ids = tok.encode(doc[quiz.text_key]).ids
         for q in doc["questions"]:
-            prompt = tok.encode(PROMPT.format(question=q["question"])).ids
-            answer = tok.encode(" " + q["answer"]).ids
+            prompt = tok.encode(quiz.prompt.replace("{question}", q["question"])).ids
+            answer = tok.encode(quiz.answer_prefix + q["answer"]).ids
             seqs.append((doc, ids + prompt, answer))
     width = max(len(p) + len(a) for _, p, a in seqs)
     width = -(-width // block_size) * block_size
