@@ -16,9 +16,9 @@ directory with --adapters), else ``$CODA_DB_MODEL``, else, for ``query``, the
 model recorded with the entry, else the bundled default model (when this
 installation has one: :mod:`.bundled`).
 
-``demo`` reads the three bundled demo documents once, saves their states in a
-temporary library (or ``--library``), loads them in a new process and asks
-the bundled questions (:mod:`.demo`).
+``demo`` reads the three bundled demo documents that suit the model once,
+saves their states in a temporary library (or ``--library``), loads them in a
+new process and asks the bundled questions (:mod:`.demo`).
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "a temporary one)")
     demo.add_argument("--keep", action="store_true",
                       help="keep the saved states (and the temporary library)")
-    demo.add_argument("--documents", help="demo documents JSON (default: the bundled ones)")
+    demo.add_argument("--documents", help="demo documents JSON (default: the bundled ones "
+                      "that suit the model)")
     _model_options(demo)
     return parser
 

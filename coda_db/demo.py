@@ -1,14 +1,17 @@
 """``coda-db demo``: read documents once, save their states, answer from them in a new process.
 
-For each demo document (the bundled three, :mod:`.bundled`): ingest it (read
-once, in this process), save the state under its name in a library (a
-temporary one, or ``--library``); then a fresh Python process
-(``python -m coda_db.demo --worker ...``) opens the model, loads the
-saved states (never the documents) and answers every question in one batched
-greedy decode with the model's own prompt, stop tokens and answer length. An
-answer is correct when it equals the expected one, surrounding whitespace
-ignored. The demo's entries are removed afterwards (the temporary library
-whole) unless ``--keep``.
+For each demo document (the bundled three that suit the model, :mod:`.bundled`:
+free-form questions for a chat-format bundle, exact answers for the first
+bundled model; or ``--documents``): ingest it (read once, in this process),
+save the state under its name in a library (a temporary one, or
+``--library``); then a fresh Python process (``python -m coda_db.demo
+--worker ...``) opens the model, loads the saved states (never the documents)
+and answers every question in one batched greedy decode with the model's own
+prompt, stop tokens and answer length. An answer is correct when it equals
+the expected one, surrounding whitespace ignored (format 1), or by the
+containment rule of :mod:`.scoring` (format 2: one accepted form, normalised,
+in the normalised reply). The demo's entries are removed afterwards (the
+temporary library whole) unless ``--keep``.
 
 The worker prints one JSON object per line, prefixed with ``RESULT_PREFIX``
 (anything else it prints is passed on to stderr).
@@ -27,8 +30,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .bundled import bundled_model_path, read_demo_documents
+from .bundled import DEMO_FORMAT_V2, bundled_model_path, demo_documents_for, read_demo_documents
 from .errors import NotFoundError, RefusedError
+from .scoring import accepted_answers, is_right
 
 RESULT_PREFIX = "@coda-db-demo "
 SOURCE_PREFIX = "coda-db demo: "
@@ -39,6 +43,14 @@ DISPLAY_CHARS = 60
 def same_answer(answer: str, expected: str) -> bool:
     """Exact match, surrounding and repeated whitespace ignored."""
     return " ".join(answer.split()) == " ".join(expected.split())
+
+
+def answer_is_right(doc_format: str, answer: str, question: dict[str, Any]) -> bool:
+    """Whether ``answer`` answers ``question`` of a demo documents file of
+    ``doc_format``: by :mod:`.scoring`'s rule (format 2), else exactly."""
+    if doc_format == DEMO_FORMAT_V2:
+        return is_right(answer, accepted_answers(question))
+    return same_answer(answer, question["answer"])
 
 
 def _shown(text: str) -> str:
@@ -103,7 +115,9 @@ def run_demo(*, model: str | None = None, library: str | None = None, keep: bool
 
     started = time.perf_counter()
     model = resolve_model(model)
-    docs = read_demo_documents(documents)["documents"]
+    documents = str(documents or demo_documents_for(model))
+    doc_set = read_demo_documents(documents)
+    docs = doc_set["documents"]
     labels = [check_label(d["name"]) for d in docs]
     temporary = library is None
     root = Path(tempfile.mkdtemp(prefix="coda-db-demo-")) if temporary else Path(library)
@@ -112,6 +126,8 @@ def run_demo(*, model: str | None = None, library: str | None = None, keep: bool
         db = NeuralDatabase(model, library=root, tokenizer=tokenizer, adapters=adapters,
                             untrained=untrained)
         out(_model_line(db.opened))
+        if doc_set["format"] == DEMO_FORMAT_V2:
+            out(f"scoring: {doc_set['scoring']}")
         tokens = state_bytes = 0
         read: dict[str, int] = {}
         for i, (doc, label) in enumerate(zip(docs, labels)):
@@ -134,9 +150,10 @@ def run_demo(*, model: str | None = None, library: str | None = None, keep: bool
         ok_mark, bad_mark = _marks(sys.stdout)
         correct = 0
         for doc, label in zip(docs, labels):
-            out(f"{label} ({read[label]:,} tokens)")
+            title = f": {doc['title']}" if "title" in doc else ""
+            out(f"{label}{title} ({read[label]:,} tokens)")
             for q, result in zip(doc["questions"], results[label]):
-                right = same_answer(result["answer"], q["answer"])
+                right = answer_is_right(doc_set["format"], result["answer"], q)
                 correct += right
                 out(f"  {ok_mark if right else bad_mark} {q['question']}  expected: "
                     f"{_shown(q['answer'])}  answer: {_shown(result['answer'])}")
@@ -157,13 +174,12 @@ def run_demo(*, model: str | None = None, library: str | None = None, keep: bool
                     lib.delete(label)
 
 
-def _ask_in_new_process(model: str, library: Path, documents: str | None, labels: list[str],
+def _ask_in_new_process(model: str, library: Path, documents: str, labels: list[str],
                         *, tokenizer: str | None, adapters: str | None, untrained: bool
                         ) -> dict[str, list[dict[str, Any]]]:
     command = [sys.executable, "-m", "coda_db.demo", "--worker", "--model", model,
-               "--library", str(library)]
-    for flag, value in (("--documents", documents), ("--tokenizer", tokenizer),
-                        ("--adapters", adapters)):
+               "--library", str(library), "--documents", documents]
+    for flag, value in (("--tokenizer", tokenizer), ("--adapters", adapters)):
         if value is not None:
             command += [flag, str(value)]
     if untrained:
@@ -219,7 +235,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--worker", action="store_true", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--library", required=True)
-    parser.add_argument("--documents")
+    parser.add_argument("--documents", required=True)
     parser.add_argument("--tokenizer")
     parser.add_argument("--adapters")
     parser.add_argument("--untrained", action="store_true")

@@ -1,5 +1,6 @@
-"""Opening the model a database runs on: a coda_jax model checkpoint, or a
-HuggingFace directory plus the reference's CoDA adapters (through ``convert``).
+"""Opening the model a database runs on: a coda_jax model checkpoint, a bundle of
+CoDA adapters over a pinned base (:mod:`.adapter_bundle`), or a HuggingFace
+directory plus the reference's CoDA adapters (through ``convert``).
 
 Only bounded models (``attention="coda_bounded"``) have a fixed-size state to
 save, so anything else is refused before its weights are read. A HF directory
@@ -22,9 +23,10 @@ from coda_jax.checkpoint import weights_fingerprint
 from coda_jax.decoder import CausalLM
 from coda_jax.model_config import BOUNDED_DEFAULTS
 from coda_jax.model_io import load_model, read_model_metadata
-from .bundled import bundled_model_path, read_card
+from convert.model_export import INDEX as EXPORT_INDEX
+from .bundled import CARD_FILE, bundled_model_path, read_card
 from .errors import NotFoundError, RefusedError
-from .settings import QuerySettings
+from .settings import METADATA_KEY, QuerySettings
 
 TOKENIZER_FILE = "tokenizer.json"
 ADAPTER_FILE = "coda_adapters.pt"
@@ -126,7 +128,9 @@ def open_model(path: str | os.PathLike | None, *, tokenizer: str | os.PathLike |
 
     ``path`` is a coda_jax model checkpoint (its tokenizer a ``tokenizer.json``
     inside it, or ``tokenizer``; None: the bundled default model,
-    :func:`.bundled.bundled_model_path`) or a HF model directory (``config.json``,
+    :func:`.bundled.bundled_model_path`), a bundle of CoDA adapters over a pinned
+    base (:mod:`.adapter_bundle`: its weights' fingerprint checked against its
+    card), or a HF model directory (``config.json``,
     safetensors, ``tokenizer.json``) with ``adapters`` (default
     ``path/coda_adapters.pt``; missing: refused unless ``untrained``) and
     ``bank_options`` (window, num_landmarks_exact, ...: adapter files do not
@@ -141,7 +145,21 @@ def open_model(path: str | os.PathLike | None, *, tokenizer: str | os.PathLike |
     root = Path(path).absolute()
     if not root.exists():
         raise NotFoundError(f"no model at {root}")
-    if (root / "meta").is_dir():
+    recorded_weights = None
+    if (root / EXPORT_INDEX).is_file() and (root / CARD_FILE).is_file():
+        from .adapter_bundle import open_adapter_bundle, read_adapter_card
+
+        card = read_adapter_card(root)
+        if adapters is not None or tokenizer is not None:
+            raise RefusedError(f"{root} is a bundle of CoDA adapters over its base: its "
+                               "adapters and tokenizer come with it (no --adapters or "
+                               "--tokenizer)")
+        model, tok = open_adapter_bundle(root, card)
+        _refuse_unbounded(model.attention, f"the model bundle at {root}")
+        meta = {METADATA_KEY: card.get(METADATA_KEY) or {}, "source": {"name": card.get("name")}}
+        defaults = end_of_text_ids(tok)
+        recorded_weights = card["weights_sha256"]
+    elif (root / "meta").is_dir():
         meta = read_model_metadata(root)
         _refuse_unbounded(meta.get("attention"), f"the model at {root}")
         if adapters is not None:
@@ -175,13 +193,19 @@ def open_model(path: str | os.PathLike | None, *, tokenizer: str | os.PathLike |
         tok = load_tokenizer(tokenizer if tokenizer is not None else root)
         meta, defaults = {}, _hf_stop_tokens(root) or end_of_text_ids(tok)
     else:
-        raise RefusedError(f"{root} is neither a coda_jax model checkpoint (meta/, tree/) nor "
-                           "a HuggingFace model directory (config.json)")
+        raise RefusedError(f"{root} is neither a coda_jax model checkpoint (meta/, tree/), a "
+                           f"bundle of adapters ({CARD_FILE}, {EXPORT_INDEX}) nor a "
+                           "HuggingFace model directory (config.json)")
     if tok.get_vocab_size() > model.cfg.vocab_size:
         raise RefusedError(f"the tokenizer has {tok.get_vocab_size()} ids, more than the "
                            f"model's vocabulary of {model.cfg.vocab_size}: they do not belong "
                            "together")
     settings = QuerySettings.from_metadata(meta, default_stops=defaults)
+    fingerprint = weights_fingerprint([model])
+    if recorded_weights is not None and fingerprint != recorded_weights:
+        raise RefusedError(f"the model bundle at {root} is damaged: its assembled weights have "
+                           f"the fingerprint {fingerprint[:12]}..., its card records "
+                           f"{recorded_weights[:12]}...")
     return OpenModel(model=model, tokenizer=tok, name=display_name(root, meta), path=str(root),
-                     model_sha256=weights_fingerprint([model]),
-                     tokenizer_sha256=tokenizer_fingerprint(tok), settings=settings)
+                     model_sha256=fingerprint, tokenizer_sha256=tokenizer_fingerprint(tok),
+                     settings=settings)

@@ -9,22 +9,11 @@ trained with.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from .gguf import GGUFFile
 from .gguf_tokenizer import tokenizer_config_from_gguf, tokenizer_from_gguf
-
-_CHUNK = 1 << 22
-
-
-def file_sha256(source: GGUFFile) -> str:
-    """sha256 of the whole GGUF file."""
-    digest = hashlib.sha256()
-    with open(source.path, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
+from .smollm2 import file_sha256
 
 
 def tokenizer_file(source: GGUFFile) -> bytes:
@@ -43,7 +32,7 @@ def checkpoint_metadata(source: GGUFFile) -> dict[str, Any]:
     template = config.pop("chat_template", None)
     meta = source.metadata
     return {
-        "source": {"format": "gguf", "file": source.path.name, "sha256": file_sha256(source),
+        "source": {"format": "gguf", "file": source.path.name, "sha256": file_sha256(source.path),
                    "name": meta.get("general.name"), "architecture": source.architecture,
                    "context_length": meta.get(f"{source.architecture}.context_length")},
         "tokenizer": config,

@@ -3,8 +3,8 @@
 The files (``coda_db/demo_documents_v2.json``, ``train/data_files/freeform_heldout.json``)
 hold {"format", "scoring", "documents": [{"name", "title", "text", "tokens",
 "questions": [{"question", "answer", "accepted", "depth"}]}]}. A reply is scored right
-when its normalised form contains the normalised form of one accepted answer
-(``normalise``: lower case, punctuation removed, spaces collapsed, digits kept).
+by ``coda_db.scoring`` (the demo's and ``train.evaluation ask``'s rule): when one accepted
+answer, normalised, lies in the normalised reply as whole words.
 
     python tools/check_documents.py FILE [FILE ...] [--tokenizer tokenizer.json] [--tokens LO:HI]
 
@@ -27,22 +27,13 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's packages
+from coda_db.scoring import is_right, normalise  # noqa: E402
+
 FORMATS = ("coda_db.demo_documents/2", "coda_db.freeform_heldout/1")
 STOP = set("""a an the of in on at to for from by with and or is are was were be been did do does
 what which who whom whose when where why how many much long whole into out as it its this that
 their they there after before all new first will mr mrs ms dr""".split())
-
-
-def normalise(text: str) -> str:
-    """Lower case, punctuation removed, spaces collapsed; letters and digits kept."""
-    text = re.sub(r"[^\w\s]|_", "", text.lower())
-    return " ".join(text.split())
-
-
-def scores(reply: str, accepted: list[str]) -> bool:
-    """The file's scoring rule: one normalised accepted form inside the normalised reply."""
-    r = normalise(reply)
-    return any(normalise(a) and normalise(a) in r for a in accepted)
 
 
 def _stems(text: str) -> set[str]:
@@ -73,12 +64,12 @@ def check_question(doc: dict, q: dict, errors: list[str], warnings: list[str]) -
             errors.append(f"{where}: accepted form {form!r} normalises to nothing")
         elif form.lower() not in low:
             errors.append(f"{where}: accepted form {form!r} is not in the text")
-        elif normalise(form) in normalise(q["question"]):
+        elif is_right(q["question"], form):
             errors.append(f"{where}: accepted form {form!r} is inside the question")
         count = low.count(form.lower())
         if count > 1:
             warnings.append(f"{where}: accepted form {form!r} occurs {count} times")
-    if not scores(answer, accepted):
+    if not is_right(answer, accepted):
         errors.append(f"{where}: the answer {answer!r} would not score right")
     mine_years, mine_others = _numbers(answer)
     kind = 1 if mine_others else 0  # compare numbers with numbers, years with years

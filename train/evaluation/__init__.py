@@ -5,7 +5,7 @@
 * ``perplexity`` (:mod:`.perplexity`): held-out perplexity, unbounded and
   bounded, with the banks' metrics; and passkey retrieval (:mod:`.passkey`).
 * ``ask`` (:mod:`.ask`): a chat model's answers to questions about
-  documents, scored by containment.
+  documents, scored by containment (:mod:`coda_db.scoring`).
 * ``retention`` (:mod:`.retention_study`): the retention study, exact-match
   answers from saved document states (bounded, window only) and from the full
   K/V cache against document length and fact depth. Its inputs and command
@@ -37,7 +37,7 @@ _EXPORTS = {
     "perplexity": ("score_perplexity",),
     "passkey": ("NEEDLE", "QUESTION", "ANSWER", "passkey_samples", "score_passkey",
                 "passkey_table"),
-    "ask": ("SCORING_RULE", "normalise", "is_right", "read_questions", "answer_all"),
+    "ask": ("read_questions", "answer_all"),
     "retention_args": ("CACHES", "PRODUCT_CACHES", "DEFAULT_LENGTHS", "DEFAULT_DEPTHS",
                        "StudyError", "bundled_model_dir", "parse_args", "make_documents",
                        "question_rows"),

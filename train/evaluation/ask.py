@@ -13,10 +13,11 @@ MODEL_DIR is a converted model with its tokenizer and chat template (``python
 every equivalent form; any one of them contained in the reply is right).
 
 Each question is asked in a fresh conversation (the document, then the
-question, in one user turn; greedy). The scoring rule: an answer is right
-when the expected answer, normalised, is contained in the reply, normalised
-(lower case, every run of characters other than letters and digits made one
-space). The results JSON records every reply, the totals, the model, the
+question, in one user turn; greedy). The scoring rule is
+:mod:`coda_db.scoring`'s (the demo's): an answer is right when an expected
+form, normalised, is contained in the reply, normalised, as whole words (lower
+case, every run of characters other than letters and digits made one space).
+The results JSON records every reply, the totals, the model, the
 device and the versions. Exit codes: 0 done, 1 usage, 2 a path not found, 3
 refused or invalid.
 """
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,37 +33,11 @@ from typing import Any, Sequence
 import jax
 from tqdm.auto import tqdm
 
+from coda_db.scoring import SCORING_RULE, accepted_answers, is_right
 from coda_jax.chat import ask, load_chat_model
 from coda_jax.model_io import read_model_metadata
 
 from ..cli import UsageParser, run_reporting_errors
-
-
-SCORING_RULE = ("right when the expected answer, normalised, is contained in the reply, "
-                "normalised (lower case, every run of characters other than letters and "
-                "digits made one space)")
-
-
-def normalise(text: str) -> str:
-    """Lower case, every run of characters other than letters and digits one space."""
-    return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
-
-
-def is_right(reply: str, expected: str | Sequence[str]) -> bool:
-    """The scoring rule: a normalised expected answer (one of several accepted
-    forms) lies in the normalised reply."""
-    forms = [expected] if isinstance(expected, str) else list(expected)
-    return any(f" {normalise(form)} " in f" {normalise(reply)} " for form in forms)
-
-
-def accepted_answers(question: dict[str, Any]) -> list[str]:
-    """Every accepted form of a question's answer (``accepted``, else ``expected``
-    or ``answer``)."""
-    accepted = question.get("accepted")
-    if isinstance(accepted, list) and accepted and all(isinstance(a, str) for a in accepted):
-        return accepted
-    expected = question.get("expected", question.get("answer"))
-    return [expected] if isinstance(expected, str) else []
 
 
 def read_questions(path: str | Path) -> list[dict[str, Any]]:

@@ -1,0 +1,40 @@
+"""Whether a free-form reply answers a question: the containment rule, in one place.
+
+``coda-db demo`` scores the replies to its chat-format documents
+(``demo_documents_v2.json``) with it, ``python -m train.evaluation ask`` a
+chat model's replies, and ``tools/check_documents.py`` checks documents
+against it: a reply is right when one of the question's accepted answers,
+normalised, lies in the normalised reply as whole words.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Sequence
+
+SCORING_RULE = ("a reply is right when one of the accepted answers, normalised, is contained "
+                "in the normalised reply as whole words (normalised: lower case, every run of "
+                "characters other than letters and digits made one space)")
+
+
+def normalise(text: str) -> str:
+    """Lower case, every run of characters other than letters and digits one space."""
+    return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
+
+
+def is_right(reply: str, accepted: str | Sequence[str]) -> bool:
+    """The scoring rule: one accepted form (or the one answer), normalised, lies in
+    the normalised reply as whole words; a form that normalises to nothing never does."""
+    forms = [accepted] if isinstance(accepted, str) else list(accepted)
+    padded = f" {normalise(reply)} "
+    return any(normalise(form) and f" {normalise(form)} " in padded for form in forms)
+
+
+def accepted_answers(question: Mapping[str, Any]) -> list[str]:
+    """Every accepted form of a question's answer (``accepted``, else ``expected``
+    or ``answer``); empty when it has none."""
+    accepted = question.get("accepted")
+    if isinstance(accepted, list) and accepted and all(isinstance(a, str) for a in accepted):
+        return list(accepted)
+    expected = question.get("expected", question.get("answer"))
+    return [expected] if isinstance(expected, str) else []
