@@ -44,14 +44,6 @@ def sliding_window_mask(q_len: int, k_len: int, window: int, *, causal: bool = T
     return visible & (k_pos <= q_pos) if causal else visible
 
 
-def _grouped_scores(q: jax.Array, k: jax.Array) -> jax.Array:
-    """(B, Lq, Hkv, S, Dh) x (B, Lk, Hkv, Dh) -> float32 logits (B, Hkv, Lq, S, Lk),
-    the order a batched matmul writes them in (no transpose of the scores)."""
-    scale = q.shape[-1] ** -0.5
-    logits = einsum_f32("bqhsd,bkhd->bhqsk", q, k)
-    return logits * scale
-
-
 Implementation = Literal["xla", "cudnn", "pallas"]
 DECODE_MAX_TOKENS = 16  # up to this many queries over a bank: the decode kernel
 # Causal XLA attention runs this many queries at a time over the keys they can
@@ -121,7 +113,18 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
                       bias: jax.Array | None) -> jax.Array:
     """:func:`grouped_attention` in one piece, in XLA."""
-    logits = _grouped_scores(q, k)
+    out = heads_first_attention(q.transpose(0, 2, 1, 3, 4), k.transpose(0, 2, 1, 3),
+                                v.transpose(0, 2, 1, 3), mask, bias)
+    return out.transpose(0, 2, 1, 3, 4)
+
+
+def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                          bias: jax.Array | None) -> jax.Array:
+    """Softmax attention with heads before tokens: q (B, Hkv, Lq, S, Dh), k and v
+    (B, Hkv, Lk, Dh) -> (B, Hkv, Lq, S, Dh); ``mask`` and ``bias`` broadcast to
+    (B, Lq, Lk). Both products are plain batched matmuls (no operand or score
+    is transposed)."""
+    logits = einsum_f32("bhqsd,bhkd->bhqsk", q, k) * q.shape[-1] ** -0.5
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)[:, None, :, None]
     if mask is not None:
@@ -132,11 +135,11 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array 
     peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     weights = jnp.exp(logits - peak)
     total = jnp.sum(weights, axis=-1, keepdims=True)                  # (B, Hkv, Lq, S, 1)
-    out = einsum_f32("bhqsk,bkhd->bhqsd", weights.astype(v.dtype), v) / total
+    out = einsum_f32("bhqsk,bhkd->bhqsd", weights.astype(v.dtype), v) / total
     if mask is not None:
         seen = jnp.broadcast_to(jnp.any(mask, axis=-1), (out.shape[0], out.shape[2]))
         out = jnp.where(seen[:, None, :, None, None], out, 0.0)
-    return out.transpose(0, 2, 1, 3, 4).astype(v.dtype)
+    return out.astype(v.dtype)
 
 
 def _tile_of(a: jax.Array | None, row: jax.Array, tile: jax.Array) -> jax.Array | None:
@@ -144,7 +147,7 @@ def _tile_of(a: jax.Array | None, row: jax.Array, tile: jax.Array) -> jax.Array 
     (B, Lq, Lk) -> (1, QUERY_TILE or 1, Lk)."""
     if a is None:
         return None
-    a = jax.lax.dynamic_index_in_dim(a, row if a.shape[0] > 1 else 0, axis=0)
+    a = jax.lax.dynamic_slice_in_dim(a, row if a.shape[0] > 1 else 0, 1, axis=0)
     if a.shape[1] > 1:
         a = jax.lax.dynamic_slice_in_dim(a, tile * QUERY_TILE, QUERY_TILE, axis=1)
     return a
@@ -157,18 +160,21 @@ def tiled_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
     for the CPU's caches; in one piece they are hundreds of MB, written and
     read back from memory several times (4 x 1024 differential queries over
     1408 keys, SmolLM2's heads: 2x faster on 2 cores)."""
-    b, lq = q.shape[:2]
+    b, lq, hkv, s, dh = q.shape
     tiles = lq // QUERY_TILE
-    q_tiles = q.reshape(b * tiles, QUERY_TILE, *q.shape[2:])
+    q_tiles = q.reshape(b * tiles, QUERY_TILE, hkv, s, dh).transpose(0, 2, 1, 3, 4)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)      # (B, Hkv, Lk, Dh)
 
     def one(inputs):
         index, q_tile = inputs
         row, tile = index // tiles, index % tiles
-        return softmax_attention(q_tile[None], k[row][None], v[row][None],
-                                 _tile_of(mask, row, tile), _tile_of(bias, row, tile))[0]
+        row_k = jax.lax.dynamic_slice_in_dim(k, row, 1, axis=0)
+        row_v = jax.lax.dynamic_slice_in_dim(v, row, 1, axis=0)
+        return heads_first_attention(q_tile[None], row_k, row_v, _tile_of(mask, row, tile),
+                                     _tile_of(bias, row, tile))[0]
 
-    out = jax.lax.map(one, (jnp.arange(b * tiles), q_tiles))
-    return out.reshape(q.shape)
+    out = jax.lax.map(one, (jnp.arange(b * tiles), q_tiles))   # (B * tiles, Hkv, T, S, Dh)
+    return out.transpose(0, 2, 1, 3, 4).reshape(q.shape)
 
 
 def _query_rows(a: jax.Array | None, start: int, stop: int, keys: int) -> jax.Array | None:
