@@ -26,13 +26,13 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from coda_jax.segments import default_chunks_per_call
 from coda_jax.state import BankState
 from .errors import NotFoundError, RefusedError
 from .model_source import OpenModel
 from .settings import read_block
 
 PIECE_CHARS = 1 << 18
-CHUNKS_PER_SEGMENT = 4
 DOCUMENT_FORMAT = "coda_db_document/1"
 INIT_SEED = 0
 
@@ -132,7 +132,10 @@ def read_document(opened: OpenModel, text: str | None = None, *,
 def _read(opened: OpenModel, pieces: Iterator[str], name: str, size: int,
           progress: bool) -> DocumentState:
     model, block = opened.model, opened.settings.block_size
-    segment = block * CHUNKS_PER_SEGMENT
+    # The engine's call size: 4 blocks of 1024 on a GPU, one on a CPU (where a
+    # longer call only pads a short document).
+    chunks = default_chunks_per_call(block)
+    segment = block * chunks
     state = empty_state(opened)
     pending = np.zeros((0,), np.int32)
     tokens = chars = 0
@@ -145,8 +148,7 @@ def _read(opened: OpenModel, pieces: Iterator[str], name: str, size: int,
             whole = len(pending) // segment * segment
             if whole:
                 _, new_state = model.prefill(pending[None, :whole], state, block_size=block,
-                                             last_only=True,
-                                             chunks_per_call=CHUNKS_PER_SEGMENT)
+                                             last_only=True, chunks_per_call=chunks)
                 # One segment in flight at most: the host may not queue the document up.
                 jax.block_until_ready(state)
                 state = new_state
@@ -161,13 +163,13 @@ def _read(opened: OpenModel, pieces: Iterator[str], name: str, size: int,
             if tokens == 0 and len(pending) < block:
                 # Alone, the document fits one block: read it in the smallest block that
                 # holds it.
-                size_block, chunks = read_block(block, len(pending)), 1
+                size_block, rest_chunks = read_block(block, len(pending)), 1
             else:
                 # The rest in one padded segment: the same compiled call as every whole
                 # segment (padding changes nothing), not one more per remainder length.
-                size_block, chunks = block, CHUNKS_PER_SEGMENT
+                size_block, rest_chunks = block, chunks
             _, state = model.prefill(pending[None], state, block_size=size_block,
-                                     last_only=True, chunks_per_call=chunks)
+                                     last_only=True, chunks_per_call=rest_chunks)
             tokens += len(pending)
     jax.block_until_ready(state)
     meta = {"format": DOCUMENT_FORMAT, "source": name, "tokens": tokens, "chars": chars,

@@ -44,15 +44,13 @@ def sliding_window_mask(q_len: int, k_len: int, window: int, *, causal: bool = T
     return visible & (k_pos <= q_pos) if causal else visible
 
 
-def _grouped_scores(q: jax.Array, k: jax.Array) -> jax.Array:
-    """(B, Lq, Hkv, S, Dh) x (B, Lk, Hkv, Dh) -> float32 logits (B, Hkv, S, Lq, Lk)."""
-    scale = q.shape[-1] ** -0.5
-    logits = einsum_f32("bqhsd,bkhd->bhsqk", q, k)
-    return logits * scale
-
-
 Implementation = Literal["xla", "cudnn", "pallas"]
 DECODE_MAX_TOKENS = 16  # up to this many queries over a bank: the decode kernel
+# Causal XLA attention runs this many queries at a time over the keys they can
+# see (the masked upper triangle beyond them is not computed); on a 2-core CPU
+# prefill of 4 x 1024 queries over 1408 keys ran 2.1x faster than in one piece.
+CAUSAL_QUERY_CHUNK = 256
+QUERY_TILE = 64  # queries per step of the CPU's attention loop (tiled_attention)
 
 
 def resolve_implementation(requested: str | None) -> Implementation:
@@ -101,20 +99,108 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
     ``mask`` (bool, True = attend) and ``bias`` (additive) broadcast to (B, Lq, Lk).
     A row with no visible key outputs zeros (not NaN), so padded queries stay
-    finite under ``jax.grad``.
+    finite under ``jax.grad``. On a CPU, many queries run ``QUERY_TILE`` at a
+    time (see :func:`tiled_attention`).
     """
     if implementation == "cudnn":
         return _cudnn_attention(q, k, v, mask, bias)
-    logits = _grouped_scores(q, k)
+    lq = q.shape[1]
+    if jax.default_backend() == "cpu" and lq > QUERY_TILE and lq % QUERY_TILE == 0:
+        return tiled_attention(q, k, v, mask, bias)
+    return softmax_attention(q, k, v, mask, bias)
+
+
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                      bias: jax.Array | None) -> jax.Array:
+    """:func:`grouped_attention` in one piece, in XLA."""
+    out = heads_first_attention(q.transpose(0, 2, 1, 3, 4), k.transpose(0, 2, 1, 3),
+                                v.transpose(0, 2, 1, 3), mask, bias)
+    return out.transpose(0, 2, 1, 3, 4)
+
+
+def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                          bias: jax.Array | None) -> jax.Array:
+    """Softmax attention with heads before tokens: q (B, Hkv, Lq, S, Dh), k and v
+    (B, Hkv, Lk, Dh) -> (B, Hkv, Lq, S, Dh); ``mask`` and ``bias`` broadcast to
+    (B, Lq, Lk). Both products are plain batched matmuls (no operand or score
+    is transposed)."""
+    logits = einsum_f32("bhqsd,bhkd->bhqsk", q, k) * q.shape[-1] ** -0.5
     if bias is not None:
-        logits = logits + bias.astype(jnp.float32)[:, None, None]
+        logits = logits + bias.astype(jnp.float32)[:, None, :, None]
     if mask is not None:
-        logits = jnp.where(mask[:, None, None], logits, MASKED_SCORE)
-    probs = jax.nn.softmax(logits, axis=-1)
+        logits = jnp.where(mask[:, None, :, None], logits, MASKED_SCORE)
+    # Softmax with the normalisation after the value product (as flash
+    # attention does): the (Lq, Lk) weights are written once, not rescaled in
+    # a second pass over them, which on a CPU costs as much as the matmuls.
+    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    weights = jnp.exp(logits - peak)
+    total = jnp.sum(weights, axis=-1, keepdims=True)                  # (B, Hkv, Lq, S, 1)
+    out = einsum_f32("bhqsk,bhkd->bhqsd", weights.astype(v.dtype), v) / total
     if mask is not None:
-        probs = jnp.where(jnp.any(mask, axis=-1)[:, None, None, :, None], probs, 0.0)
-    out = einsum_f32("bhsqk,bkhd->bqhsd", probs.astype(v.dtype), v)
+        seen = jnp.broadcast_to(jnp.any(mask, axis=-1), (out.shape[0], out.shape[2]))
+        out = jnp.where(seen[:, None, :, None, None], out, 0.0)
     return out.astype(v.dtype)
+
+
+def _tile_of(a: jax.Array | None, row: jax.Array, tile: jax.Array) -> jax.Array | None:
+    """Query tile ``tile`` of batch row ``row`` of a mask or bias broadcasting to
+    (B, Lq, Lk) -> (1, QUERY_TILE or 1, Lk)."""
+    if a is None:
+        return None
+    a = jax.lax.dynamic_slice_in_dim(a, row if a.shape[0] > 1 else 0, 1, axis=0)
+    if a.shape[1] > 1:
+        a = jax.lax.dynamic_slice_in_dim(a, tile * QUERY_TILE, QUERY_TILE, axis=1)
+    return a
+
+
+def tiled_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                    bias: jax.Array | None) -> jax.Array:
+    """:func:`softmax_attention` of one batch row's ``QUERY_TILE`` queries per
+    step of a loop (Lq a multiple of it). A step's scores stay small enough
+    for the CPU's caches; in one piece they are hundreds of MB, written and
+    read back from memory several times (4 x 1024 differential queries over
+    1408 keys, SmolLM2's heads: 2x faster on 2 cores)."""
+    b, lq, hkv, s, dh = q.shape
+    tiles = lq // QUERY_TILE
+    q_tiles = q.reshape(b * tiles, QUERY_TILE, hkv, s, dh).transpose(0, 2, 1, 3, 4)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)      # (B, Hkv, Lk, Dh)
+
+    def one(inputs):
+        index, q_tile = inputs
+        row, tile = index // tiles, index % tiles
+        row_k = jax.lax.dynamic_slice_in_dim(k, row, 1, axis=0)
+        row_v = jax.lax.dynamic_slice_in_dim(v, row, 1, axis=0)
+        return heads_first_attention(q_tile[None], row_k, row_v, _tile_of(mask, row, tile),
+                                     _tile_of(bias, row, tile))[0]
+
+    out = jax.lax.map(one, (jnp.arange(b * tiles), q_tiles))   # (B * tiles, Hkv, T, S, Dh)
+    return out.transpose(0, 2, 1, 3, 4).reshape(q.shape)
+
+
+def _query_rows(a: jax.Array | None, start: int, stop: int, keys: int) -> jax.Array | None:
+    """Rows [start, stop) and the first ``keys`` keys of a mask or bias that
+    broadcasts to (B, Lq, Lk) (a query axis of 1 broadcasts over all rows)."""
+    if a is None:
+        return None
+    rows = slice(start, stop) if a.shape[1] > 1 else slice(None)
+    return a[:, rows, :keys]
+
+
+def _causal_chunks(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                   bias: jax.Array | None) -> jax.Array:
+    """:func:`grouped_attention` of lower-right causal queries q (B, Lq, Hkv, S, Dh),
+    ``CAUSAL_QUERY_CHUNK`` at a time, each over the keys up to its last query
+    (``mask`` already holds the causal mask). Keys beyond a query weigh exactly
+    zero in its softmax, so leaving them out changes only the summation order."""
+    lq, lk = q.shape[1], k.shape[1]
+    outs = []
+    for start in range(0, lq, CAUSAL_QUERY_CHUNK):
+        stop = min(start + CAUSAL_QUERY_CHUNK, lq)
+        keys = min(lk, max(1, lk - lq + stop))
+        outs.append(grouped_attention(q[:, start:stop], k[:, :keys], v[:, :keys],
+                                      mask=_query_rows(mask, start, stop, keys),
+                                      bias=_query_rows(bias, start, stop, keys)))
+    return jnp.concatenate(outs, axis=1)
 
 
 def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -162,7 +248,11 @@ def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     g = h // hkv
     streams = [q] if q_noise is None else [q, q_noise]
     stacked = jnp.concatenate([s.reshape(b, lq, hkv, g, dh) for s in streams], axis=3)
-    out = grouped_attention(stacked, k, v, mask=mask, bias=bias, implementation=implementation)
+    if causal and implementation == "xla" and lq > CAUSAL_QUERY_CHUNK:
+        out = _causal_chunks(stacked, k, v, mask, bias)
+    else:
+        out = grouped_attention(stacked, k, v, mask=mask, bias=bias,
+                                implementation=implementation)
     signal = out[:, :, :, :g].reshape(b, lq, h, dh)
     if q_noise is not None:
         noise = out[:, :, :, g:].reshape(b, lq, h, dh)

