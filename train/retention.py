@@ -293,14 +293,17 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.retention", description=__doc__,
+def task_parser(prog: str, description: str, *, seq_len: int
+                ) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """A retention task's command line (``train`` and ``eval``, see the module's
+    description): the parser and its ``eval`` sub-parser, for a task's own options."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="token shards of training sequences")
+    tr = sub.add_parser("train", help="token shards of training sequences, with their marks")
     tr.add_argument("out")
     tr.add_argument("--corpus", required=True)
-    tr.add_argument("--seq-len", type=int, default=2048)
+    tr.add_argument("--seq-len", type=int, default=seq_len)
     tr.add_argument("--sequences", type=int, default=12000)
     tr.add_argument("--max-facts", type=int, default=8)
     tr.add_argument("--seed", type=int, default=0)
@@ -312,6 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ev.add_argument("--depths", default="0.05,0.25,0.5,0.75,0.95")
     ev.add_argument("--count", type=int, default=4)
     ev.add_argument("--seed", type=int, default=1)
+    return parser, ev
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, _ = task_parser("python -m train.retention", __doc__, seq_len=2048)
     args = parser.parse_args(argv)
     return run_reporting_errors(lambda: _build(args))
 

@@ -520,25 +520,9 @@ def eval_documents(tok: Tokenizer, filler: np.ndarray, *, lengths: Sequence[int]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line (see the module's description)."""
-    parser = argparse.ArgumentParser(prog="python -m train.retention_chat", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="token shards of training sequences, with their marks")
-    tr.add_argument("out")
-    tr.add_argument("--corpus", required=True)
-    tr.add_argument("--seq-len", type=int, default=4096)
-    tr.add_argument("--sequences", type=int, default=12000)
-    tr.add_argument("--max-facts", type=int, default=8)
-    tr.add_argument("--seed", type=int, default=0)
-    ev = sub.add_parser("eval", help="held-out documents with questions (JSONL)")
-    ev.add_argument("out")
-    ev.add_argument("--corpus", required=True)
-    ev.add_argument("--lengths", default="1024,4096")
-    ev.add_argument("--facts", default="1,4,16")
-    ev.add_argument("--depths", default="0.05,0.25,0.5,0.75,0.95")
+    parser, ev = retention.task_parser("python -m train.retention_chat", __doc__,
+                                       seq_len=4096)
     ev.add_argument("--passages", type=int, default=1, help="passage questions per document")
-    ev.add_argument("--count", type=int, default=4)
-    ev.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     return run_reporting_errors(lambda: _build(args))
 
