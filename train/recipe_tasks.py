@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 from tokenizers import Tokenizer
 
-from . import retention, retention_chat
+from . import chat_facts, retention, retention_chat
 from .evaluation.retention_quick import CHAT_QUIZ, RETENTION_QUIZ, Quiz
 
 Rows = Iterator[tuple[np.ndarray, np.ndarray]]
@@ -115,7 +115,7 @@ class ChatTask:
         """What the model card says of the task: the chat template it was trained
         in and how its loss was counted."""
         return {"chat_template": retention_chat.CHAT_TEMPLATE,
-                "facts_file": f"train/data_files/{retention_chat.FACTS_FILE.name}",
+                "facts_file": f"train/data_files/{chat_facts.FACTS_FILE.name}",
                 "loss_start": retention_chat.LOSS_START, "loss_stop": retention_chat.LOSS_STOP}
 
 

@@ -34,8 +34,8 @@ split for ``eval``; a split shorter than a document is read round again from its
 start) starting at a sentence, with the corpus's document separators turned
 into line breaks, and one sentence per fact inserted at the sentence end (else
 word start) nearest the fact's depth. Facts are of the kinds of
-``data_files/retention_chat_facts.json`` (a home town, a birthplace, a birth
-year, a profession, an employer, an access code, a phone extension, a wedding
+``data_files/retention_chat_facts.json`` (read by ``train.chat_facts``: a home
+town, a birthplace, a birth year, a profession, an employer, an access code, a phone extension, a wedding
 date, a count of things, a price, a colour, the name of a pet, a ship or a
 company, a founding year, a street address), each about a different person,
 stated in one of several sentences and asked in one of several questions, the
@@ -68,12 +68,10 @@ encoded whole), ``facts``, ``depth`` (the band asked for), ``index`` and
 from __future__ import annotations
 
 import argparse
-import json
-import string
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -81,9 +79,14 @@ from tokenizers import Tokenizer
 from coda_jax.chat_template import render_chat
 
 from . import data, retention
+from .chat_facts import (
+    ChatFact,
+    Phrasings,
+    draw_chat_facts,
+    load_phrasings,
+)
 from .cli import run_reporting_errors
 
-FACTS_FILE = Path(__file__).parent / "data_files" / "retention_chat_facts.json"
 # SmolLM2-135M-Instruct's chat template as its GGUF file records it
 # (coda_jax.read_model_metadata(converted_model)["chat_template"]).
 CHAT_TEMPLATE = (
@@ -100,8 +103,6 @@ PASSAGE_RESERVE = 160     # tokens a training sequence holds back per passage qu
 PASSAGE_TRIES = 64        # start words tried per passage question
 SNAP_REACH = 48           # tokens a fact or the document's start moves to sit at a sentence
 MIN_FILLER = 64           # filler tokens a training document keeps at least
-NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve "
-                "thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty").split()
 
 
 @dataclass(frozen=True)
@@ -159,134 +160,6 @@ QUESTION_PREFIX, QUESTION_SUFFIX = CHAT.question_prefix, CHAT.question_suffix
 ANSWER_SUFFIX = CHAT.answer_suffix
 LOSS_START, LOSS_STOP = CHAT.assistant_header, CHAT.answer_suffix.strip()
 
-
-@dataclass(frozen=True)
-class Kind:
-    """A fact kind with the phrasings of one split: the type of its value, its
-    extra slots (slot -> pool), and its sentences, questions and answers."""
-
-    name: str
-    value: str
-    slots: Mapping[str, str]
-    sentences: tuple[str, ...]
-    questions: tuple[str, ...]
-    answers: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Phrasings:
-    """Everything one split draws from: the fact kinds, the passage questions
-    and answers, and the pools (names and places of the split, and the value
-    and slot lists of the facts file)."""
-
-    kinds: Mapping[str, Kind]
-    passage_questions: tuple[str, ...]
-    passage_answers: tuple[str, ...]
-    pools: Mapping[str, Sequence[str]]
-
-
-def load_phrasings(split: str) -> Phrasings:
-    """The phrasings of one split (``"train"`` or ``"eval"``)."""
-    pools = retention.load_pools(split)
-    spec = json.loads(FACTS_FILE.read_text())
-    kinds = {name: Kind(name, k["value"], k.get("slots", {}), tuple(k["sentences"][split]),
-                        tuple(k["questions"][split]), tuple(k["answers"]))
-             for name, k in spec["kinds"].items()}
-    passage = spec["passage"]
-    return Phrasings(kinds, tuple(passage["questions"][split]), tuple(passage["answers"]),
-                     pools | spec["pools"])
-
-
-@dataclass(frozen=True)
-class ChatFact:
-    """A fact as the document states it (``sentence``, with a leading space, and
-    the character spans of its name and value) and as it is asked for."""
-
-    kind: str
-    sentence: str
-    spans: tuple[tuple[int, int], ...]
-    question: str
-    answer: str
-    accepted: tuple[str, ...]
-    depth: float
-
-
-def fill(template: str, slots: Mapping[str, str], marked: Sequence[str]
-         ) -> tuple[str, tuple[tuple[int, int], ...]]:
-    """``template`` with its ``{slot}`` fields filled, and the character spans
-    (start, stop) where the ``marked`` slots landed."""
-    text, spans = "", []
-    for literal, field, _, _ in string.Formatter().parse(template):
-        text += literal
-        if field is not None:
-            if field in marked:
-                spans.append((len(text), len(text) + len(slots[field])))
-            text += slots[field]
-    return text, tuple(spans)
-
-
-def draw_chat_value(rng: np.random.Generator, pools: Mapping[str, Sequence[str]],
-                    value_type: str) -> str:
-    """A random value of a kind's value type (see the facts file's ``value``)."""
-    pick = {"profession": "professions", "colour": "colours", "given_name": "first_names"}
-    if value_type in ("place", "code", "number", "date"):
-        return retention.draw_value(rng, pools, value_type)
-    if value_type in pick:
-        return str(rng.choice(pools[pick[value_type]]))
-    if value_type == "year":
-        return str(int(rng.integers(1850, 2016)))
-    if value_type == "count":
-        return str(int(rng.integers(2, 100)))
-    if value_type == "price":
-        return f"${int(rng.integers(20, 50000)):,}"
-    if value_type == "company":
-        return f"{rng.choice(pools['last_names'])} {rng.choice(pools['company_suffixes'])}"
-    if value_type == "street":
-        return (f"{int(rng.integers(1, 300))} {rng.choice(pools['last_names'])} "
-                f"{rng.choice(pools['street_types'])}")
-    raise ValueError(f"no value of type {value_type!r}")
-
-
-def _ordinal(day: int) -> str:
-    suffix = "th" if 10 <= day % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
-    return f"{day}{suffix}"
-
-
-def accepted_forms(value_type: str, value: str) -> tuple[str, ...]:
-    """``value`` and the forms an answer may equally give it in (``March 4, 1987``
-    as ``4 March 1987``, ``$1,250`` as ``1250``, ``KX-4821`` as ``KX4821``,
-    ``12`` as ``twelve``)."""
-    forms = [value]
-    if value_type == "date":
-        month, rest = value.split(" ", 1)
-        day, year = rest.split(", ")
-        forms += [f"{day} {month} {year}", f"{month} {_ordinal(int(day))}, {year}"]
-    elif value_type == "price":
-        forms += [value[1:], value[1:].replace(",", ""), f"{value[1:].replace(',', '')} dollars"]
-    elif value_type == "code":
-        forms += [value.replace("-", ""), value.replace("-", " ")]
-    elif value_type == "count" and int(value) < len(NUMBER_WORDS):
-        forms.append(NUMBER_WORDS[int(value)])
-    return tuple(dict.fromkeys(forms))
-
-
-def draw_chat_facts(rng: np.random.Generator, phrasings: Phrasings, count: int,
-                    depths: Sequence[float] | None = None) -> list[ChatFact]:
-    """``count`` facts about different people, each of a random kind, value and
-    phrasing, at the given depths (default: uniform)."""
-    facts = []
-    for i, name in enumerate(retention.draw_people(rng, phrasings.pools, count)):
-        kind = phrasings.kinds[str(rng.choice(list(phrasings.kinds)))]
-        value = draw_chat_value(rng, phrasings.pools, kind.value)
-        slots = {"name": name, "value": value, "a": "an" if value[0] in "aeiou" else "a"} | {
-            slot: str(rng.choice(phrasings.pools[pool])) for slot, pool in kind.slots.items()}
-        sentence, spans = fill(" " + str(rng.choice(kind.sentences)), slots, ("name", "value"))
-        depth = float(rng.random()) if depths is None else float(depths[i % len(depths)])
-        facts.append(ChatFact(kind.name, sentence, spans,
-                              str(rng.choice(kind.questions)).format(**slots),
-                              str(rng.choice(kind.answers)).format(**slots),
-                              accepted_forms(kind.value, value), depth))
-    return facts
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from text_corpus import text_corpus
 
 from coda_jax.chat_template import render_chat
 from train import data
+from train import chat_facts
 from train import retention_chat as rc
 from train.config import DataSection, TrainConfig
 from train.steps import loss_span, span_weights
@@ -77,10 +78,10 @@ def test_facts_state_and_answer_their_value():
         spanned = [f.sentence[a:b] for a, b in f.spans]  # the name and the value
         assert len(spanned) == 2 and f.accepted[0] in spanned and f.accepted[0] in f.answer
         assert f.sentence.startswith(" ") and f.sentence.endswith(".")
-    assert rc.accepted_forms("date", "March 3, 1987") == ("March 3, 1987", "3 March 1987",
+    assert chat_facts.accepted_forms("date", "March 3, 1987") == ("March 3, 1987", "3 March 1987",
                                                           "March 3rd, 1987")
-    assert rc.accepted_forms("price", "$1,250")[1:3] == ("1,250", "1250")
-    assert rc.accepted_forms("count", "12") == ("12", "twelve")
+    assert chat_facts.accepted_forms("price", "$1,250")[1:3] == ("1,250", "1250")
+    assert chat_facts.accepted_forms("count", "12") == ("12", "twelve")
 
 
 def test_documents_mark_names_values_and_passage_sources(tok, corpus):
