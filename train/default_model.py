@@ -3,7 +3,7 @@
     python -m train.default_model --corpus CORPUS --out OUT_DIR [--base MODEL_OR_EXPORT]
                                   [--from-stage NAME [--stage-model NAME=DIR ...]]
                                   [--recipe YAML] [--workers N] [--checks CACHES|none]
-                                  [--tiny] [--no-progress]
+                                  [--time-limit-s SECONDS] [--tiny] [--no-progress]
 
 A recipe is a YAML file of ``configs/``: ``default_model.yaml`` (the bundled
 19M model, the default) or ``default_model_smollm2.yaml`` (SmolLM2-135M-Instruct
@@ -11,6 +11,9 @@ with CoDA adapters). Its ``task`` (``train.recipe_tasks``: ``retention``, the
 default, or ``retention_chat``) makes the data, the quick check and the card's
 query settings. Running the same command again resumes it: the data and the
 finished stages are kept, an interrupted stage resumes from its last checkpoint.
+With ``--time-limit-s`` a stage stops at its first update after that many seconds
+(with a checkpoint) and the command exits 4: run it again to go on (what a
+machine lent 10 minutes at a time needs).
 
 1. the base: ``--base`` (a model checkpoint or a ``convert pack`` export, e.g.
    the 2x2 study's), else pretrained here from the recipe's ``base`` config; a
@@ -311,7 +314,8 @@ def _quick_check(args, task, model, tok, corpus: Path, quick: dict[str, Any],
 
 
 def build(args) -> int:
-    """Run the recipe ``args`` name (see the module's description); 0 when done."""
+    """Run the recipe ``args`` name (see the module's description); 0 when done,
+    4 when ``args.time_limit_s`` ran out first (run it again to resume)."""
     from coda_jax import load_model, save_model
     from convert.model_export import base_fingerprint, export_model
 
@@ -321,7 +325,9 @@ def build(args) -> int:
     from .loop import run
     from .plots import read_metrics
     from .recipe_tasks import TASKS
+    from .study import Clock
 
+    clock = Clock(args.time_limit_s)
     recipe = load_recipe(args.recipe)
     task, pretrained = TASKS[recipe["task"]], recipe["base"] in PRETRAINED_BASES
     corpus, out = Path(args.corpus).absolute(), Path(args.out).absolute()
@@ -375,8 +381,14 @@ def build(args) -> int:
         else:
             cfg = configs[name]
             cfg["init"] = str(init)
+            left = clock.left()
             summary = run(TrainConfig.from_dict(cfg), out / "runs" / name,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress,
+                          time_limit_s=None if left is None else max(left, 0.0))
+            if not summary["model"]:
+                log(f"{name}: stopped at the time limit after {summary['step']} updates "
+                    "(checkpoint kept): run the same command again to go on")
+                return 4
             report["stages"][name] = {"config": cfg, "summary": summary,
                                       "metrics": read_metrics(out / "runs" / name)}
             log(f"{name}: loss {summary['loss']:.4f} after {summary['step']} updates")
@@ -443,9 +455,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checks", default="bounded,unbounded,window_only",
                         help="caches of the quick retention check (default: %(default)s; "
                              "none: no check, e.g. on a CPU, where it takes about 40 min)")
+    parser.add_argument("--time-limit-s", type=float, metavar="SECONDS",
+                        help="stop a stage at its first update after this many seconds, "
+                             "with a checkpoint, and exit 4 (run again to go on)")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized (tests)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.time_limit_s is not None and args.time_limit_s < 0:
+        parser.error(f"--time-limit-s must be at least 0, got {args.time_limit_s}")
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     if args.from_stage and not args.base:

@@ -98,13 +98,15 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _metrics_until(path: Path, step: int) -> None:
-    """Drop logged updates after ``step`` (a resumed run logs them again)."""
+def _metrics_until(path: Path, step: int) -> float:
+    """Drop logged updates after ``step`` (a resumed run logs them again); the last
+    kept record's loss (NaN when none): what a run resumed at its end reports."""
     if not path.exists():
-        return
+        return math.nan
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= step]
     _atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return float(json.loads(kept[-1])["loss"]) if kept else math.nan
 
 
 def run(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True,
@@ -146,7 +148,7 @@ def run(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True,
         params, opt_state = restored.train["params"], restored.train["opt_state"]
         update, position = int(restored.meta["step"]), int(restored.meta["position"])
     metrics_path = run_dir / "metrics.jsonl"
-    _metrics_until(metrics_path, update)
+    loss = _metrics_until(metrics_path, update)
 
     def save(step: int) -> None:
         manager.save(step, args=ocp.args.Composite(
@@ -157,7 +159,6 @@ def run(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True,
     tokens_per_update = cfg.optim.batch_size * cfg.optim.grad_accum * cfg.data.seq_len
     bar = tqdm(total=cfg.optim.steps, initial=update, desc=cfg.stage, disable=not progress,
                unit="step")
-    loss = math.nan
     start = time.perf_counter()
     window_start, window_updates = start, 0
     end = cfg.optim.steps if stop_after is None else min(cfg.optim.steps, stop_after)

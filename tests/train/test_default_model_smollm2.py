@@ -59,9 +59,15 @@ def base(corpus, tok, tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(corpus, base, tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2_run") / "run"
-    assert default_model.main(["--recipe", str(RECIPE), "--base", str(base), "--corpus",
-                               str(corpus), "--out", str(out), "--tiny", "--no-progress",
-                               "--workers", "1", "--checks", "bounded,unbounded"]) == 0
+    args = ["--recipe", str(RECIPE), "--base", str(base), "--corpus", str(corpus), "--out",
+            str(out), "--tiny", "--no-progress", "--workers", "1", "--checks",
+            "bounded,unbounded"]
+    # Out of time at once: one update, a checkpoint, exit 4; run again, it goes on.
+    assert default_model.main(args + ["--time-limit-s", "0"]) == 4
+    assert [json.loads(line)["step"] for line in
+            (out / "runs" / "phase1" / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (out / "runs" / "phase1" / "model").exists()
+    assert default_model.main(args) == 0
     return out
 
 

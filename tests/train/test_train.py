@@ -82,8 +82,11 @@ def test_a_stopped_and_resumed_run_reproduces_the_uninterrupted_one(tmp_path):
     loop.run(cfg, tmp_path / "whole", progress=False)
     first = loop.run(cfg, tmp_path / "split", progress=False, stop_after=6)
     assert first["step"] == 6 and first["model"] is None
-    loop.run(cfg, tmp_path / "split", progress=False)  # resumes from 6 to 10
+    last = loop.run(cfg, tmp_path / "split", progress=False)  # resumes from 6 to 10
     assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
+    # Run again once finished: nothing trains, the summary keeps the last loss.
+    again = loop.run(cfg, tmp_path / "split", progress=False)
+    assert again["step"] == 10 and again["loss"] == last["loss"] == _losses(tmp_path / "whole")[-1]
     a = nnx.state(load_model(tmp_path / "whole" / "model"))
     b = nnx.state(load_model(tmp_path / "split" / "model"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
