@@ -58,7 +58,8 @@ case "${1:-}" in
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 timeout $(( left + 60 )) python3 -m train.default_model \
           --recipe train/configs/default_model_smollm2.yaml --base "$work/smollm2" \
           --corpus "$work/corpus" --out "$work/default_model" --time-limit-s "$left" \
-          --no-progress >> "$work/default_model.log" 2>&1 &
+          --checks "${DM_CHECKS:-bounded,unbounded,window_only}" --no-progress \
+          >> "$work/default_model.log" 2>&1 &
       recipe=$!
     fi
     [[ -n "${study:-}" ]] && { wait "$study"; study_code=$?; }

@@ -23,6 +23,7 @@ from tokenizers import Tokenizer
 from coda_jax import CausalLM
 
 from ..steps import param_dtype, unbounded_twin
+from .greedy import greedy_tokens
 
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
@@ -75,7 +76,7 @@ def score_passkey(model: CausalLM, samples: np.ndarray, masks: np.ndarray, *, bo
             logits, _ = runner.prefill(batch, state, block_size=block_size)
         else:
             logits, _ = runner(batch)
-        guess = np.asarray(jnp.argmax(logits[:, :-1], axis=-1))
+        guess = greedy_tokens(logits)[:, :-1]
         target = np.asarray(batch[:, 1:])
         mask = masks[start:start + batch_size, :-1]
         hit = (guess == target) | ~mask

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 from ..retention import PROMPT
 from ..retention_chat import QUESTION_PREFIX, QUESTION_SUFFIX
 from ..steps import unbounded_twin
+from .greedy import greedy_tokens
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def retention_accuracy(model, tok: Tokenizer, docs: Sequence[dict[str, Any]], *,
                                        block_size=block_size)
         else:
             logits, _ = runner(tokens)
-        guess = np.asarray(jnp.argmax(logits, axis=-1))
+        guess = greedy_tokens(logits)
         for row, (doc, prompt, answer) in enumerate(chunk):
             at = len(prompt) - 1
             hit = guess[row, at:at + len(answer)].tolist() == answer
