@@ -6,8 +6,9 @@ PAGE = """<!doctype html>
 <style>
  body{font-family:system-ui,sans-serif;max-width:60rem;margin:1rem auto;padding:0 1rem}
  section{border:1px solid #ccc;border-radius:6px;padding:.5rem 1rem;margin:1rem 0}
- textarea{width:100%;min-height:8rem} #answer{white-space:pre-wrap;min-height:3rem;
- background:#f6f6f6;padding:.5rem} .status{color:#555} .error{color:#b00}
+ textarea{width:100%;min-height:8rem} .status{color:#555} .error{color:#b00}
+ .qa{background:#f6f6f6;padding:.4rem .6rem;margin:.5rem 0;border-radius:4px}
+ .qa .q{font-weight:600} .qa .doc{color:#555;font-weight:400} .qa .a{white-space:pre-wrap}
  label{margin-right:.6rem} input[type=number]{width:5rem}
 </style></head><body>
 <h1>Stateful neural database</h1>
@@ -35,10 +36,12 @@ changes the state.</p>
  <label>temperature <input type="number" id="temperature" step="0.1" min="0"></label>
  <label>top-k <input type="number" id="top-k" min="0"></label>
  <label>top-p <input type="number" id="top-p" step="0.05" min="0" max="1"></label></p>
- <div id="answer"></div> <span id="ask-status" class="status"></span>
+ <span id="ask-status" class="status"></span>
+ <div id="qa-log"></div>
 </section>
 <script>
 const $ = id => document.getElementById(id);
+let current = null;  // the document questions go to: its source or label
 const mb = b => b == null ? '? MB' : `${(b / 1e6).toFixed(1)} MB`;
 function show(id, text, bad) { const e = $(id); e.textContent = text;
   e.className = bad ? 'status error' : 'status'; }
@@ -66,8 +69,9 @@ $('ingest-btn').onclick = async () => {
   show('ingest-status', 'reading...');
   try { const r = await call('/api/ingest', {method: 'POST', body: file || text,
           headers: {'X-Source': encodeURIComponent(file ? file.name : 'pasted text')}});
-        show('ingest-status',
-             `read ${r.tokens} tokens of ${r.source} in ${r.seconds.toFixed(1)} s`);
+        current = r.source;
+        show('ingest-status', `read ${r.tokens} tokens of ${r.source} in ` +
+             `${r.seconds.toFixed(1)} s: state ${mb(r.state_bytes)}`);
   } catch (e) { show('ingest-status', e.message, true); } };
 $('save-btn').onclick = async () => {
   try { const r = await post('/api/save', {label: $('save-label').value,
@@ -76,7 +80,8 @@ $('save-btn').onclick = async () => {
   } catch (e) { show('save-status', e.message, true); } };
 $('load-btn').onclick = async () => {
   try { const r = await post('/api/load', {label: $('entries').value});
-        show('load-status', `loaded ${r.label} (${r.tokens} tokens)`);
+        current = r.label;
+        show('load-status', `loaded ${r.label} (${r.tokens} tokens, state ${mb(r.state_bytes)})`);
   } catch (e) { show('load-status', e.message, true); } };
 $('upload-btn').onclick = async () => {
   const file = $('upload-file').files[0];
@@ -84,16 +89,25 @@ $('upload-btn').onclick = async () => {
   try { const r = await call('/api/upload', {method: 'POST', body: file});
         show('upload-status', `added ${r.label}`); await refresh(r.label);
   } catch (e) { show('upload-status', e.message, true); } };
+// Every question stays on the page with its answer, newest first.
+function addExchange(question) {
+  const box = document.createElement('div'); box.className = 'qa';
+  const q = document.createElement('div'); q.className = 'q'; q.textContent = question;
+  const doc = document.createElement('span'); doc.className = 'doc';
+  doc.textContent = current ? ` (${current})` : ''; q.appendChild(doc);
+  const a = document.createElement('div'); a.className = 'a';
+  box.append(q, a); $('qa-log').prepend(box); return a; }
 $('ask-btn').onclick = async () => {
   const num = id => $(id).value === '' ? null : Number($(id).value);
-  $('answer').textContent = ''; show('ask-status', 'thinking...');
+  const question = $('question').value; show('ask-status', 'thinking...');
   const r = await fetch('/api/ask', {method: 'POST', headers: {'Content-Type': 'application/json'},
-    body: JSON.stringify({question: $('question').value, max_new_tokens: num('max-new-tokens'),
+    body: JSON.stringify({question, max_new_tokens: num('max-new-tokens'),
       temperature: num('temperature'), top_k: num('top-k'), top_p: num('top-p')})});
   if (!r.ok) { show('ask-status', (await r.json()).error, true); return; }
+  const answer = addExchange(question);
   const reader = r.body.getReader(); const dec = new TextDecoder();
   for (;;) { const {value, done} = await reader.read(); if (done) break;
-    $('answer').textContent += dec.decode(value, {stream: true}); }
+    answer.textContent += dec.decode(value, {stream: true}); }
   show('ask-status', 'done'); };
 refresh();
 </script></body></html>

@@ -177,7 +177,8 @@ def make_handler(db: NeuralDatabase) -> type[BaseHTTPRequestHandler]:
                 with lock:
                     document = db.ingest(path=file.name, source=source)
             self._json({"tokens": document.tokens, "source": source,
-                        "seconds": document.meta["seconds"]})
+                        "seconds": document.meta["seconds"],
+                        "state_bytes": document.meta.get("bytes")})
 
         def _save(self) -> None:
             body = self._body_json()
@@ -189,7 +190,8 @@ def make_handler(db: NeuralDatabase) -> type[BaseHTTPRequestHandler]:
             body = self._body_json()
             with lock:
                 document = db.load(body.get("label"))
-            self._json({"label": body.get("label"), "tokens": document.tokens})
+            self._json({"label": body.get("label"), "tokens": document.tokens,
+                        "state_bytes": document.meta.get("bytes")})
 
         def _upload(self) -> None:
             params = self._query()

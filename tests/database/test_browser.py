@@ -1,4 +1,4 @@
-"""End to end in headless Chromium: ingest, save, reload the page, load, ask.
+"""End to end in headless Chromium: ingest, save, reload the page, load, ask twice.
 
 Runs Debian's ``chromium`` through playwright (``.ci/run`` installs both); skipped
 only where chromium or playwright is missing. Screenshots of the three steps go
@@ -8,6 +8,7 @@ to ``$CODA_DB_SCREENSHOTS`` when set (``docs/`` holds the committed ones).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -18,6 +19,7 @@ from coda_db.web import make_server
 
 from conftest import TEXT
 
+QUESTIONS = ["How many gulls were on the rocks?", "Who kept the light?"]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no chromium installed")
 
@@ -37,6 +39,7 @@ def test_ingest_save_reload_load_and_ask_in_a_browser(db, tmp_path):
             page.fill("#doc-text", TEXT[:600])
             page.click("#ingest-btn")
             page.wait_for_selector("#ingest-status:has-text('tokens')", timeout=60_000)
+            assert re.search(r"state \d+\.\d MB", page.inner_text("#ingest-status"))
             if shots:
                 page.locator("#step-ingest").screenshot(path=f"{shots}/coda-db-1-ingest.png")
             page.fill("#save-label", "lighthouse log")
@@ -52,21 +55,27 @@ def test_ingest_save_reload_load_and_ask_in_a_browser(db, tmp_path):
             page.select_option("#entries", "lighthouse log")
             page.click("#load-btn")
             page.wait_for_selector("#load-status:has-text('loaded lighthouse log')")
+            assert " MB)" in page.inner_text("#load-status")
             if shots:
                 page.locator("#step-library").screenshot(path=f"{shots}/coda-db-2-library.png")
             href = page.get_attribute("#download-link", "href")
             assert href.endswith("label=lighthouse%20log")
-            page.fill("#question", "How many gulls were on the rocks?")
             page.fill("#temperature", "0")
             page.fill("#max-new-tokens", "6")
-            page.click("#ask-btn")
-            page.wait_for_selector("#ask-status:has-text('done')", timeout=60_000)
+            for question in QUESTIONS:  # each stays on the page with its answer
+                page.fill("#question", question)
+                page.click("#ask-btn")
+                page.wait_for_selector(f"#qa-log .qa:nth-child(1) .q:has-text('{question}')")
+                page.wait_for_selector("#ask-status:has-text('done')", timeout=60_000)
             if shots:
                 page.locator("#step-ask").screenshot(path=f"{shots}/coda-db-3-ask.png")
-            shown = page.inner_text("#answer")
+            shown = [(page.inner_text(f"#qa-log .qa:nth-child({i}) .q"),
+                      page.inner_text(f"#qa-log .qa:nth-child({i}) .a")) for i in (2, 1)]
             browser.close()
     finally:
         server.shutdown()
         server.server_close()
-    want = db.query("How many gulls were on the rocks?", temperature=0.0, max_new_tokens=6)
-    assert want.text.strip() and shown.strip() == want.text.strip()
+    for question, (asked, answer) in zip(QUESTIONS, shown):
+        want = db.query(question, temperature=0.0, max_new_tokens=6)
+        assert asked == f"{question} (lighthouse log)"
+        assert want.text.strip() and answer.strip() == want.text.strip()
