@@ -5,7 +5,9 @@ transformers loads it itself (full attention, SDPA, DynamicCache); ours is
 converted by ``convert.load_gguf_model`` into ``attention="gqa"`` (full
 attention, a preallocated K/V cache) and into ``attention="coda_bounded"``
 with each ``--banks`` setting (window/exact/summary; the CoDA parameters are
-freshly initialised, which changes no shape or cost). For each document
+freshly initialised, which changes no shape or cost) and with the bank of the
+default model's recipe in full (``--recipe-bank``: its phase-2 config's
+attention options, write thresholds and candidates included). For each document
 length: ingest tokens/s (the document read into the cache or the bounded
 state by the engine's prefill with its default call size, the last token's
 logits out) and greedy decode tokens/s after it (``--new-tokens``). Every
@@ -13,7 +15,8 @@ figure is the median of ``--repeats`` timed runs after one untimed warm-up
 (which compiles ours); the models take turns run by run, so other work on
 the machine slows them alike; ratios are ours over transformers of the same run.
 
-    python benchmarks/bench_bounded_cpu.py --out benchmarks/results/smollm2/bounded_cpu.json
+    python benchmarks/bench_bounded_cpu.py --out benchmarks/results/smollm2/bounded_cpu.json \
+        --plot benchmarks/results/smollm2/bounded_cpu.png
 """
 
 from __future__ import annotations
@@ -143,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-gqa", action="store_true", help="skip our full attention")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--recipe-bank", type=Path,
+                        default=Path(__file__).parents[1] / "train/configs/smollm2_phase2.yaml",
+                        help="a training config whose attention options are measured in full "
+                             "(default: the SmolLM2 default model's phase 2); 'none' skips it")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--plot", type=Path, help="tokens/s against document length (PNG)")
     args = parser.parse_args(argv)
     from convert.smollm2 import FILE_NAME, VERSION, smollm2_path
 
@@ -158,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
             path, "coda_bounded", dict(window=window, num_landmarks_exact=exact,
                                        num_landmarks_summary=summary),
             args.block_size, args.new_tokens)
+    recipe_bank = None
+    if args.recipe_bank and str(args.recipe_bank) != "none":
+        import yaml
+
+        recipe_bank = yaml.safe_load(args.recipe_bank.read_text())["attention"]["options"]
+        label = "{window}/{num_landmarks_exact}/{num_landmarks_summary}".format(**recipe_bank)
+        contenders[f"coda_bounded {label} (recipe)"] = ours(
+            path, "coda_bounded", recipe_bank, args.block_size, args.new_tokens)
     results = compare(contenders, lengths, args.new_tokens, args.repeats)
     theirs = results.pop("transformers")
     import torch
@@ -173,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {"python": sys.version.split()[0], "jax": jax.__version__,
                      "torch": torch.__version__, "transformers": transformers.__version__},
         "block_size": args.block_size, "new_tokens": args.new_tokens,
+        "recipe_bank": {"config": str(args.recipe_bank), "options": recipe_bank},
         "repeats": args.repeats, "transformers": theirs, "ours": results,
         "ratio_ours_over_transformers": {
             name: {length: {k: runs[length][k] / theirs[length][k]
@@ -186,7 +203,40 @@ def main(argv: list[str] | None = None) -> int:
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(text + "\n")
         tmp.replace(args.out)
+    if args.plot:
+        plot(result, args.plot)
     return 0
+
+
+def plot(result: dict, path: Path) -> None:
+    """Ingest and decode tokens/s against document length, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {"transformers (full attention)": result["transformers"]} | {
+        ("ours, full K/V cache" if name == "gqa" else f"ours, {name}"): r
+        for name, r in result["ours"].items()}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, title in zip(axes, ("ingest_tok_s", "decode_tok_s"),
+                              ("ingest (read the document)", "decode after it")):
+        for name, r in runs.items():
+            lengths = sorted(int(n) for n in r)
+            ax.plot(lengths, [r[str(n)][key] for n in lengths], marker="o", label=name,
+                    linestyle="--" if name.startswith("transformers") else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("document length (tokens)")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"SmolLM2-135M on {result['device']}, float32, batch 1", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -397,12 +397,9 @@ def build(args) -> int:
 
     model = load_model(init)
     final = configs[bank_stage(recipe)]
-    checks = _quick_check(args, task, model, tok, corpus,
-                          TINY_QUICK if args.tiny else recipe["quick_check"],
-                          final["phase2"]["block_size"], log)
-    report["retention_quick"] = checks
-    (out / "retention_quick.json").write_text(json.dumps(report, indent=1))
-
+    # The export and its card first, the quick check after: a check that fails or
+    # runs out of memory leaves the trained model written (what a lent machine
+    # sends home); the card then gains the check's rows.
     base_model = load_model(base) if pretrained else None
     export = export_model(model, out / "export", overwrite=True, base=base_model)
     shutil.copy(corpus / "tokenizer.json", export / "tokenizer.json")
@@ -415,13 +412,27 @@ def build(args) -> int:
                                 for n, s in report["stages"].items()},
                      "stage_models": report["stage_models"],
                      "task": task.card()},
-        "retention_quick": checks}
+        "retention_quick": []}
     if base_model is not None:  # the export holds differences from it: name it exactly
         card["base"] = base_pin(recipe["base"]) | {
             "weights_fingerprint": base_fingerprint(base_model)}
-    (export / "card.json").write_text(json.dumps(card, indent=1))
+    _write_json(export / "card.json", card)
     log(f"wrote {export}")
+
+    checks = _quick_check(args, task, model, tok, corpus,
+                          TINY_QUICK if args.tiny else recipe["quick_check"],
+                          final["phase2"]["block_size"], log)
+    report["retention_quick"] = card["retention_quick"] = checks
+    _write_json(out / "retention_quick.json", report)
+    _write_json(export / "card.json", card)
     return 0
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """``path`` as indented JSON, atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)
 
 
 def _stage_model(text: str) -> tuple[str, str]:

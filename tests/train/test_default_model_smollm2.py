@@ -56,12 +56,16 @@ def base(corpus, tok, tmp_path_factory):
                       CausalLM(cfg, attention="gqa", rngs=nnx.Rngs(3)))
 
 
+def _run_args(corpus: Path, base: Path, out: Path) -> list[str]:
+    return ["--recipe", str(RECIPE), "--base", str(base), "--corpus", str(corpus), "--out",
+            str(out), "--tiny", "--no-progress", "--workers", "1", "--checks",
+            "bounded,unbounded"]
+
+
 @pytest.fixture(scope="module")
 def run(corpus, base, tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2_run") / "run"
-    args = ["--recipe", str(RECIPE), "--base", str(base), "--corpus", str(corpus), "--out",
-            str(out), "--tiny", "--no-progress", "--workers", "1", "--checks",
-            "bounded,unbounded"]
+    args = _run_args(corpus, base, out)
     # Out of time at once: one update, a checkpoint, exit 4; run again, it goes on.
     assert default_model.main(args + ["--time-limit-s", "0"]) == 4
     assert [json.loads(line)["step"] for line in
@@ -186,3 +190,25 @@ def test_a_pretrained_base_is_required_and_pinned(corpus, base, tmp_path):
         "source": {"sha256": "0" * 64}})
     with pytest.raises(ValueError, match="not the pinned smollm2"):
         default_model.build(default_model.parse_args(args + ["--base", str(other)]))
+
+
+def test_a_failed_quick_check_keeps_the_trained_export(run, corpus, base, monkeypatch):
+    # The export and its card are written before the check (a lent GPU machine that
+    # runs out of memory there still sends the model home); run again, the finished
+    # stages are not trained again.
+    card_file = run / "export" / "card.json"
+    kept = card_file.read_text()
+
+    def out_of_memory(*args, **kwargs):
+        raise ValueError("RESOURCE_EXHAUSTED: out of memory")
+
+    monkeypatch.setattr(default_model, "_quick_check", out_of_memory)
+    metrics = (run / "runs" / "phase2" / "metrics.jsonl").read_text()
+    try:
+        assert default_model.main(_run_args(corpus, base, run)) == 3
+        card = json.loads(card_file.read_text())
+        assert card["retention_quick"] == [] and card["base"]["sha256"] == smollm2.SHA256
+        assert (run / "export" / "export.json").is_file()
+        assert (run / "runs" / "phase2" / "metrics.jsonl").read_text() == metrics
+    finally:
+        card_file.write_text(kept)
