@@ -7,7 +7,8 @@ attention, a preallocated K/V cache) and into ``attention="coda_bounded"``
 with each ``--banks`` setting (window/exact/summary; the CoDA parameters are
 freshly initialised, which changes no shape or cost) and with the bank of the
 default model's recipe in full (``--recipe-bank``: its phase-2 config's
-attention options, write thresholds and candidates included). For each document
+attention options, write thresholds and candidates included, read with its
+block size, as ``coda-db`` reads with the card's settings). For each document
 length: ingest tokens/s (the document read into the cache or the bounded
 state by the engine's prefill with its default call size, the last token's
 logits out) and greedy decode tokens/s after it (``--new-tokens``). Every
@@ -166,14 +167,17 @@ def main(argv: list[str] | None = None) -> int:
             path, "coda_bounded", dict(window=window, num_landmarks_exact=exact,
                                        num_landmarks_summary=summary),
             args.block_size, args.new_tokens)
-    recipe_bank = None
+    recipe_bank, recipe_block = None, None
     if args.recipe_bank and str(args.recipe_bank) != "none":
         import yaml
 
-        recipe_bank = yaml.safe_load(args.recipe_bank.read_text())["attention"]["options"]
+        recipe = yaml.safe_load(args.recipe_bank.read_text())
+        recipe_bank = recipe["attention"]["options"]
+        # Read with the recipe's own block, as coda-db reads with its card's settings.
+        recipe_block = recipe["phase2"]["block_size"]
         label = "{window}/{num_landmarks_exact}/{num_landmarks_summary}".format(**recipe_bank)
-        contenders[f"coda_bounded {label} (recipe)"] = ours(
-            path, "coda_bounded", recipe_bank, args.block_size, args.new_tokens)
+        contenders[f"coda_bounded {label} (recipe, block {recipe_block})"] = ours(
+            path, "coda_bounded", recipe_bank, recipe_block, args.new_tokens)
     results = compare(contenders, lengths, args.new_tokens, args.repeats)
     theirs = results.pop("transformers")
     import torch
@@ -189,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {"python": sys.version.split()[0], "jax": jax.__version__,
                      "torch": torch.__version__, "transformers": transformers.__version__},
         "block_size": args.block_size, "new_tokens": args.new_tokens,
-        "recipe_bank": {"config": str(args.recipe_bank), "options": recipe_bank},
+        "recipe_bank": {"config": str(args.recipe_bank), "options": recipe_bank,
+                        "block_size": recipe_block if recipe_bank else None},
         "repeats": args.repeats, "transformers": theirs, "ours": results,
         "ratio_ours_over_transformers": {
             name: {length: {k: runs[length][k] / theirs[length][k]
