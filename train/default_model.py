@@ -322,6 +322,7 @@ def build(args) -> int:
     from . import data
     from .average import average_models
     from .config import TrainConfig
+    from .evaluation.retention_workers import write_json
     from .loop import run
     from .plots import read_metrics
     from .recipe_tasks import TASKS
@@ -416,23 +417,16 @@ def build(args) -> int:
     if base_model is not None:  # the export holds differences from it: name it exactly
         card["base"] = base_pin(recipe["base"]) | {
             "weights_fingerprint": base_fingerprint(base_model)}
-    _write_json(export / "card.json", card)
+    write_json(export / "card.json", card)
     log(f"wrote {export}")
 
     checks = _quick_check(args, task, model, tok, corpus,
                           TINY_QUICK if args.tiny else recipe["quick_check"],
                           final["phase2"]["block_size"], log)
     report["retention_quick"] = card["retention_quick"] = checks
-    _write_json(out / "retention_quick.json", report)
-    _write_json(export / "card.json", card)
+    write_json(out / "retention_quick.json", report)
+    write_json(export / "card.json", card)
     return 0
-
-
-def _write_json(path: Path, value: Any) -> None:
-    """``path`` as indented JSON, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    tmp.replace(path)
 
 
 def _stage_model(text: str) -> tuple[str, str]:
