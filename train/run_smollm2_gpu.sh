@@ -48,7 +48,7 @@ case "${1:-}" in
     study_code=0 recipe_code=0
     if [[ ! -f "$work/study.done" ]]; then
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.55 timeout $(( left + 60 )) python3 -m train.study \
-          --config train/configs/study_smollm2.yaml --base "$work/smollm2" \
+          --config "${STUDY_CONFIG:-train/configs/study_smollm2.yaml}" --base "$work/smollm2" \
           --corpus "$work/corpus" --heldout2 "$work/in/heldout2" --out "$work/study" \
           --time-limit-s "$left" --no-progress >> "$work/study.log" 2>&1 &
       study=$!

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 from coda_jax import CausalLM
 
 from ..steps import param_dtype, unbounded_twin
-from .greedy import greedy_tokens
+from .greedy import greedy_tokens, rows_per_forward
 
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
@@ -69,6 +69,7 @@ def score_passkey(model: CausalLM, samples: np.ndarray, masks: np.ndarray, *, bo
     """Retrieval (all answer tokens right) and digit accuracy, teacher-forced."""
     runner = model if bounded else unbounded_twin(model)
     found, right, total = 0, 0, 0
+    batch_size = rows_per_forward(batch_size, samples.shape[1], runner.output_dim)
     for start in range(0, len(samples), batch_size):
         batch = jnp.asarray(samples[start:start + batch_size])
         if bounded:

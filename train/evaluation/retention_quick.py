@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 from ..retention import PROMPT
 from ..retention_chat import QUESTION_PREFIX, QUESTION_SUFFIX
 from ..steps import unbounded_twin
-from .greedy import greedy_tokens
+from .greedy import greedy_tokens, rows_per_forward
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ def retention_accuracy(model, tok: Tokenizer, docs: Sequence[dict[str, Any]], *,
     width = max(len(p) + len(a) for _, p, a in seqs)
     width = -(-width // block_size) * block_size
     cells: dict[tuple, list[int]] = {}
+    batch_size = rows_per_forward(batch_size, width, runner.output_dim)
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start:start + batch_size]
         batch = np.zeros((len(chunk), width), np.int32)
