@@ -403,7 +403,8 @@ def build(args) -> int:
     # sends home); the card then gains the check's rows.
     base_model = load_model(base) if pretrained else None
     export = export_model(model, out / "export", overwrite=True, base=base_model)
-    shutil.copy(corpus / "tokenizer.json", export / "tokenizer.json")
+    if base_model is None:  # an adapter export takes its tokenizer from the base's file
+        shutil.copy(corpus / "tokenizer.json", export / "tokenizer.json")
     card = {"name": "coda-jax default model", "architecture": json.loads(
         (export / "export.json").read_text())["config"],
         "attention": final["attention"],
