@@ -103,6 +103,9 @@ class Phase2Section:
     # Weight of the write-gate loss (balanced binary cross-entropy of every
     # layer's write-gate logits against data.write_targets); 0: none.
     write_gate_loss: float = 0.0
+    # Marked sequences of data.train on which the write gates are fitted to
+    # data.write_targets before the first update (train/gate_fit.py); 0: none.
+    fit_write_gates: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +155,12 @@ class TrainConfig:
         if bool(weight) != bool(self.data.write_targets) or (weight and self.stage != "phase2"):
             raise ValueError("phase2.write_gate_loss > 0 and data.write_targets go together, "
                              "in stage phase2 only (the write gates are the bounded layers')")
+        fit = self.phase2.fit_write_gates
+        if not isinstance(fit, int) or isinstance(fit, bool) or fit < 0:
+            raise ValueError(f"phase2.fit_write_gates must be an integer >= 0, got {fit!r}")
+        if fit and (self.stage != "phase2" or not self.data.write_targets):
+            raise ValueError("phase2.fit_write_gates fits the write gates to "
+                             "data.write_targets: stage phase2 with write targets only")
         if _check_weight("data.plain_text_loss", self.data.plain_text_loss) \
                 and not self.data.loss_start:
             raise ValueError("data.plain_text_loss weighs the sequences that hold no "

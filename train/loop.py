@@ -31,6 +31,7 @@ from convert import save_adapters
 
 from . import data, sharding
 from .config import TrainConfig, config_differences
+from .gate_fit import fit_write_gates
 from .steps import (build_model, learning_rates, loss_span, make_optimizer, make_train_step,
                     trainable_count)
 
@@ -125,6 +126,12 @@ def run(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True,
     batches, tokenizer = _load_data(cfg)   # before anything is built: bad data fails fast
     span = loss_span(cfg, tokenizer)
     model, sources = build_model(cfg)
+    if cfg.phase2.fit_write_gates and not resuming:  # a resumed run restores them
+        fitted = fit_write_gates(model, batches.tokens, batches.targets,
+                                 seq_len=cfg.data.seq_len, count=cfg.phase2.fit_write_gates,
+                                 block_size=cfg.phase2.block_size, seed=cfg.seed)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(run_dir / "gate_fit.json", json.dumps(fitted, indent=1))
     graphdef, params = nnx.split(model)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     params = sharding.shard_params(mesh, params)

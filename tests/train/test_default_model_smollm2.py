@@ -129,6 +129,9 @@ def test_the_stages_run_and_the_quick_check_asks_in_the_chat(run):
     assert phase1["init"] == report["base"] and phase2["init"] == str(
         run / "runs" / "phase1" / "model")
     assert phase2["data"]["write_targets"].endswith("phase2_marks")
+    # Phase 2 fitted its write gates to those marks before its first update.
+    fitted = json.loads((run / "runs" / "phase2" / "gate_fit.json").read_text())
+    assert fitted["sequences"] >= 2 and len(fitted["after"]["recall"]) == 2  # tiny: 2 layers
     rows = report["retention_quick"]
     assert {r["cache"] for r in rows} == {"bounded", "unbounded"}
     assert all(r["total"] > 0 for r in rows)
