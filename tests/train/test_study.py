@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +16,19 @@ def built(tmp_path_factory):
     return text_corpus(tmp_path_factory.mktemp("study"))
 
 
-def test_the_study_runs_every_stage_and_evaluation(built, tmp_path):
+def test_the_study_runs_every_stage_and_evaluation_and_resumes(built, tmp_path):
+    """A time limit stops the command (exit 4) with what it did kept; running it
+    again finishes every stage and cell, on both held-out sources."""
     out = tmp_path / "out"
-    assert study.main(["--corpus", str(built), "--out", str(out), "--tiny", "--no-progress",
-                       "--export-base"]) == 0
+    args = ["--corpus", str(built), "--out", str(out), "--tiny", "--no-progress",
+            "--export-base", "--heldout2", str(built / "heldout")]
+    assert study.main(args + ["--time-limit-s", "0"]) == study.EXIT_STOPPED
+    first = json.loads((out / "study.json").read_text())
+    assert list(first["stages"]) == ["base"]  # one update, then the limit
+    assert first["stages"]["base"]["summary"]["model"] is None
+    assert study.main(args) == 0
     report = json.loads((out / "study.json").read_text())
+    assert set(report["evaluations"]) == {"corpus", "second"}
     assert list(report["stages"]) == ["base", "gqa-phase1", "coda-phase1",
                                       "gqa-phase2-medium", "coda-phase2-medium"]
     for stage in report["stages"].values():
@@ -53,29 +62,20 @@ def test_the_study_runs_every_stage_and_evaluation(built, tmp_path):
     assert (out / "runs" / "coda-phase2-medium" / "coda_adapters.pt").is_file()
 
 
-def test_a_study_from_a_given_base_stops_at_its_time_limit_and_resumes(built, tmp_path):
-    """--base skips pretraining; a time limit stops the command (exit 4) with what
-    it did kept, and running it again finishes without redoing it."""
-    from coda_jax import CausalLM, DecoderConfig, save_model
-    from flax import nnx
-    from train import data
-
-    vocab = data.load_tokenizer(built / "tokenizer.json").get_vocab_size()
-    model = CausalLM(DecoderConfig(**(study.TINY["model"] | dict(family="llama", vocab_size=vocab))),
-                     rngs=nnx.Rngs(1))
-    save_model(tmp_path / "base", model)
-    out = tmp_path / "out"
-    args = ["--corpus", str(built), "--out", str(out), "--tiny", "--no-progress",
-            "--base", str(tmp_path / "base"), "--heldout2", str(built / "heldout")]
-    assert study.main(args + ["--time-limit-s", "0"]) == study.EXIT_STOPPED
-    first = json.loads((out / "study.json").read_text())
-    assert list(first["stages"]) == ["gqa-phase1"]  # one update, then the limit
-    assert first["stages"]["gqa-phase1"]["summary"]["model"] is None
-    assert study.main(args) == 0
-    report = json.loads((out / "study.json").read_text())
-    assert "base" not in report["stages"] and len(report["stages"]) == 4
-    assert set(report["evaluations"]) == {"corpus", "second"}
-    assert report["base_model"] == str(tmp_path / "base")
+def test_a_given_base_replaces_pretraining():
+    """--base: no pretraining stage; both arms' phase 1 start from that model."""
+    base = dict(stage="pretrain", optim=dict(steps=3))
+    plan = dict(phase1=dict(steps=2), phase2=dict(steps=2),
+                banks=dict(medium=dict(window=32, num_landmarks_exact=8,
+                                       num_landmarks_summary=8)))
+    given = study.stage_configs(base, plan, Path("out"), base_model=Path("/models/smollm2"),
+                                tiny=False)
+    assert list(given) == ["gqa-phase1", "coda-phase1", "gqa-phase2-medium",
+                           "coda-phase2-medium"]
+    assert given["gqa-phase1"]["init"] == given["coda-phase1"]["init"] == "/models/smollm2"
+    pretrained = study.stage_configs(base, plan, Path("out"), base_model=None, tiny=False)
+    assert list(pretrained)[0] == "base"
+    assert pretrained["coda-phase1"]["init"] == str(Path("out") / "runs" / "base" / "model")
 
 
 def test_a_corpus_without_its_parts_is_refused(tmp_path, capsys):
