@@ -179,11 +179,13 @@ def _read(opened: OpenModel, pieces: Iterator[str], name: str, size: int,
 
 
 def empty_state(opened: OpenModel, batch_size: int = 1) -> BankState:
-    """The state before any token, in the weights' dtype; its random memory
-    initialisation uses the fixed key 0, so a document reads the same each time."""
+    """The state before any token, in the model's ``state_dtype`` setting (else the
+    weights' dtype); its random memory initialisation uses the fixed key 0, so a
+    document reads the same each time."""
     model = opened.model
     weights = model.embed_tokens.embedding[...]
-    state = model.init_state(batch_size, weights.dtype, key=jax.random.key(INIT_SEED))
+    dtype = opened.settings.state_dtype or weights.dtype
+    state = model.init_state(batch_size, dtype, key=jax.random.key(INIT_SEED))
     devices = weights.devices()
     if len(devices) == 1:
         # Placed where the weights are, as every later state is: a state the compiler

