@@ -14,7 +14,7 @@ import pytest
 from coda_db import NeuralDatabase, NotFoundError, RefusedError, library
 from coda_db.settings import QuerySettings, read_block
 
-from conftest import TEXT, make_model_dir, snapshot
+from conftest import SETTINGS, TEXT, make_model_dir, snapshot
 
 GREEDY = dict(temperature=0.0, max_new_tokens=6)
 
@@ -239,14 +239,13 @@ def test_models_that_cannot_serve_are_refused(model_dir, tmp_path):
     assert not (tmp_path / "lib").exists()
 
 
-def test_a_model_can_keep_its_document_states_in_bfloat16(tmp_path):
+def test_a_model_can_keep_its_document_states_in_bfloat16(model_dir, tmp_path):
     """``state_dtype: bfloat16`` in a float32 model's settings halves every state
     (the adapter bundle's case); saved, loaded in a fresh database, the bfloat16
     state answers as it did before the save, and its first answer token is the
     float32 state's."""
-    half = make_model_dir(tmp_path / "half", settings={
-        "stop_tokens": [], "block_size": 16, "max_new_tokens": 6, "state_dtype": "bfloat16"})
-    full = make_model_dir(tmp_path / "full")  # the same seed: the same weights
+    half = make_model_dir(tmp_path / "half", settings=SETTINGS | {"state_dtype": "bfloat16"})
+    full = model_dir  # the same seed: the same weights, in float32
     text = TEXT * 3
     answers = {}
     for name, root in (("half", half), ("full", full)):
