@@ -15,9 +15,13 @@ logits out) and greedy decode tokens/s after it (``--new-tokens``). Every
 figure is the median of ``--repeats`` timed runs after one untimed warm-up
 (which compiles ours); the models take turns run by run, so other work on
 the machine slows them alike; ratios are ours over transformers of the same run.
+``--recipe-bf16-state`` adds the recipe's bank with its state in bfloat16 (the
+weights stay float32), as the SmolLM2 recipe's card asks ``coda-db`` to keep it.
 
     python benchmarks/bench_bounded_cpu.py --out benchmarks/results/smollm2/bounded_cpu.json \
         --plot benchmarks/results/smollm2/bounded_cpu.png
+    python benchmarks/bench_bounded_cpu.py --banks "" --no-gqa --lengths 1024,4096 \
+        --recipe-bf16-state --out benchmarks/results/smollm2/state_dtype_cpu.json
 """
 
 from __future__ import annotations
@@ -49,8 +53,10 @@ def document(length: int) -> np.ndarray:
     return np.random.default_rng(length).integers(0, 49152, (1, length))
 
 
-def ours(path: Path, attention: str, options: dict | None, block_size: int, new_tokens: int):
-    """``prepare(length) -> (ingest, decode)`` for our converted model of this kind."""
+def ours(path: Path, attention: str, options: dict | None, block_size: int, new_tokens: int,
+         state_dtype=jnp.float32):
+    """``prepare(length) -> (ingest, decode)`` for our converted model of this kind
+    (float32 weights; a bounded model's state in ``state_dtype``)."""
     from coda_jax import generate
     from convert import load_gguf_model
 
@@ -62,7 +68,7 @@ def ours(path: Path, attention: str, options: dict | None, block_size: int, new_
 
         def ingest():
             if model.bounded:
-                state = model.init_state(1, jnp.float32, key=jax.random.key(0))
+                state = model.init_state(1, state_dtype, key=jax.random.key(0))
             else:
                 state = model.init_state(1, jnp.float32, max_length=length + new_tokens)
             return jax.block_until_ready(
@@ -141,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", default="1024,4096,8192")
     parser.add_argument("--banks", default="256/64/64,1024/256/256",
-                        help="bounded settings window/exact/summary, comma-separated")
+                        help="bounded settings window/exact/summary, comma-separated "
+                             "(empty: none)")
     parser.add_argument("--block-size", type=int, default=1024,
                         help="prefill block (the models' and coda-db's default)")
     parser.add_argument("--no-gqa", action="store_true", help="skip our full attention")
@@ -151,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=Path(__file__).parents[1] / "train/configs/smollm2_phase2.yaml",
                         help="a training config whose attention options are measured in full "
                              "(default: the SmolLM2 default model's phase 2); 'none' skips it")
+    parser.add_argument("--recipe-bf16-state", action="store_true",
+                        help="also the recipe's bank with its state in bfloat16")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path, help="tokens/s against document length (PNG)")
     args = parser.parse_args(argv)
@@ -161,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     contenders = {"transformers": transformers_model(path, args.new_tokens)}
     if not args.no_gqa:
         contenders["gqa"] = ours(path, "gqa", None, args.block_size, args.new_tokens)
-    for bank in args.banks.split(","):
+    for bank in filter(None, args.banks.split(",")):
         window, exact, summary = (int(v) for v in bank.split("/"))
         contenders[f"coda_bounded {bank}"] = ours(
             path, "coda_bounded", dict(window=window, num_landmarks_exact=exact,
@@ -178,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         label = "{window}/{num_landmarks_exact}/{num_landmarks_summary}".format(**recipe_bank)
         contenders[f"coda_bounded {label} (recipe, block {recipe_block})"] = ours(
             path, "coda_bounded", recipe_bank, recipe_block, args.new_tokens)
+        if args.recipe_bf16_state:  # what the SmolLM2 recipe's card asks coda-db for
+            contenders[f"coda_bounded {label} (recipe, block {recipe_block}, bf16 state)"] = \
+                ours(path, "coda_bounded", recipe_bank, recipe_block, args.new_tokens,
+                     state_dtype=jnp.bfloat16)
     results = compare(contenders, lengths, args.new_tokens, args.repeats)
     theirs = results.pop("transformers")
     import torch
