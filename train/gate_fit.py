@@ -24,6 +24,8 @@ import optax
 
 from coda_jax.decoder import CausalLM
 
+from .steps import write_gate_loss
+
 # Unmarked positions kept per sequence (every marked one is kept): the features of
 # a whole 8K sequence are 30 layers x 8K x 576 floats, 0.6 GB.
 NEGATIVES_PER_SEQUENCE = 256
@@ -66,10 +68,7 @@ def fit_balanced_logistic(x: np.ndarray, y: np.ndarray, kernel: np.ndarray, bias
 
     def loss(params, xs):
         w, b = params
-        z = xs @ w + b
-        marked = -(y * jax.nn.log_sigmoid(z)).sum() / y.sum()
-        other = -((1 - y) * jax.nn.log_sigmoid(-z)).sum() / (1 - y).sum()
-        return 0.5 * (marked + other) + l2 * (w ** 2).sum()
+        return 0.5 * write_gate_loss(xs @ w + b, y) + l2 * (w ** 2).sum()
 
     opt = optax.adam(lr)
 
