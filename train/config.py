@@ -106,6 +106,9 @@ class Phase2Section:
     # Marked sequences of data.train on which the write gates are fitted to
     # data.write_targets before the first update (train/gate_fit.py); 0: none.
     fit_write_gates: int = 0
+    # After that fit, each layer's gate bias lowered until at most this share of the
+    # unmarked tokens pass (the exact bank keeps its latest writes); 0: no cap.
+    fit_write_gates_false_positives: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +164,13 @@ class TrainConfig:
         if fit and (self.stage != "phase2" or not self.data.write_targets):
             raise ValueError("phase2.fit_write_gates fits the write gates to "
                              "data.write_targets: stage phase2 with write targets only")
+        cap = self.phase2.fit_write_gates_false_positives
+        if not isinstance(cap, (int, float)) or isinstance(cap, bool) or not 0 <= cap < 1:
+            raise ValueError("phase2.fit_write_gates_false_positives must be a share in "
+                             f"[0, 1), got {cap!r}")
+        if cap and not fit:
+            raise ValueError("phase2.fit_write_gates_false_positives caps the fitted gates: "
+                             "it needs phase2.fit_write_gates")
         if _check_weight("data.plain_text_loss", self.data.plain_text_loss) \
                 and not self.data.loss_start:
             raise ValueError("data.plain_text_loss weighs the sequences that hold no "

@@ -97,13 +97,26 @@ def gate_rates(x: np.ndarray, y: np.ndarray, kernel: np.ndarray, bias: np.ndarra
             "false_positives": above[:, ~marked].mean(axis=1).round(3).tolist()}
 
 
+def cap_false_positives(x: np.ndarray, y: np.ndarray, kernel: np.ndarray, bias: np.ndarray,
+                        threshold: float, rate: float) -> np.ndarray:
+    """``bias`` lowered, per layer, just enough that at most ``rate`` of the unmarked
+    positions of ``x`` pass ``threshold`` (a layer already under it is kept)."""
+    logits = np.einsum("lnd,ld->ln", x, kernel)[:, ~y.astype(bool)] + bias[:, None]
+    quantile = np.quantile(logits, 1.0 - rate, axis=1)
+    return bias - np.maximum(0.0, quantile - np.log(threshold / (1.0 - threshold)))
+
+
 def fit_write_gates(model: CausalLM, tokens: np.ndarray, targets: np.ndarray, *, seq_len: int,
-                    count: int, block_size: int, seed: int) -> dict[str, Any]:
+                    count: int, block_size: int, seed: int,
+                    max_false_positives: float = 0.0) -> dict[str, Any]:
     """Fit ``model``'s write gates in place to ``targets`` (one 0/1 mark per token of
     ``tokens``, cut into sequences of ``seq_len + 1`` as training cuts them) on
     ``count`` marked sequences; a quarter of them (at least one) is held out to
     report each layer's recall and false positives at the bank's threshold,
-    before and after. ``ValueError`` when fewer than two sequences hold marks."""
+    before and after. ``max_false_positives`` > 0 then lowers each layer's bias
+    until at most that share of the fitting sequences' unmarked tokens pass: the
+    exact bank keeps its most recent writes, so every unmarked token written pushes
+    a marked one out. ``ValueError`` when fewer than two sequences hold marks."""
     model.require_bounded()
     span = seq_len + 1
     rows = tokens[:tokens.size // span * span].reshape(-1, span)[:, :seq_len]
@@ -130,8 +143,11 @@ def fit_write_gates(model: CausalLM, tokens: np.ndarray, targets: np.ndarray, *,
     threshold = model.spec.bank.write_gate_threshold_exact
     before = gate_rates(x_held, y_held, kernel, bias, threshold)
     kernel, bias = fit_balanced_logistic(x_fit, y_fit, kernel, bias)
+    if max_false_positives:
+        bias = cap_false_positives(x_fit, y_fit, kernel, bias, threshold, max_false_positives)
     proj.kernel[...] = jnp.asarray(kernel[..., None], proj.kernel[...].dtype)
     proj.bias[...] = jnp.asarray(bias[:, None], proj.bias[...].dtype)
     return {"sequences": len(marked), "held_out": held, "marked_positions": int(y_fit.sum()),
-            "threshold": threshold, "before": before,
+            "threshold": threshold, "max_false_positives": max_false_positives,
+            "before": before,
             "after": gate_rates(x_held, y_held, kernel, bias, threshold)}

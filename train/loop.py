@@ -129,7 +129,8 @@ def run(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True,
     if cfg.phase2.fit_write_gates and not resuming:  # a resumed run restores them
         fitted = fit_write_gates(model, batches.tokens, batches.targets,
                                  seq_len=cfg.data.seq_len, count=cfg.phase2.fit_write_gates,
-                                 block_size=cfg.phase2.block_size, seed=cfg.seed)
+                                 block_size=cfg.phase2.block_size, seed=cfg.seed,
+                                 max_false_positives=cfg.phase2.fit_write_gates_false_positives)
         run_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(run_dir / "gate_fit.json", json.dumps(fitted, indent=1))
     graphdef, params = nnx.split(model)

@@ -44,6 +44,24 @@ def test_the_logistic_fit_separates_what_a_direction_separates():
     assert max(start["recall"]) == 0  # sigmoid(-2) = 0.12: nothing passes at first
 
 
+def test_the_cap_lowers_each_bias_until_few_unmarked_tokens_pass():
+    rng = np.random.default_rng(1)
+    layers, n, dim = 2, 4000, 8
+    x = rng.normal(size=(layers, n, dim)).astype(np.float32)
+    y = (rng.random(n) < 0.05).astype(np.float32)
+    x[..., 0] += 1.5 * y  # overlapping classes: a balanced fit lets many unmarked pass
+    kernel, bias = gate_fit.fit_balanced_logistic(x, y, np.zeros((layers, dim)),
+                                                  np.full(layers, -2.0))
+    balanced = gate_fit.gate_rates(x, y, kernel, bias, 0.5)
+    assert min(balanced["false_positives"]) > 0.1
+    capped = gate_fit.cap_false_positives(x, y, kernel, bias, 0.5, 0.02)
+    rates = gate_fit.gate_rates(x, y, kernel, capped, 0.5)
+    assert max(rates["false_positives"]) <= 0.02 and min(rates["false_positives"]) > 0.015
+    assert (capped < bias).all() and min(rates["recall"]) > 0.02
+    # A layer already under the cap is left alone.
+    assert np.array_equal(gate_fit.cap_false_positives(x, y, kernel, capped, 0.5, 0.5), capped)
+
+
 def test_fitted_gates_pass_the_marked_tokens_of_sequences_never_seen():
     model = _bounded()
     tokens, marks = _marked_tokens(33 * 32, seed=1)  # some sequences hold no mark
@@ -95,9 +113,11 @@ def _phase2_config(tmp_path, **phase2) -> TrainConfig:
 
 def test_a_phase2_run_fits_its_gates_first_and_records_it(tmp_path):
     run_dir = tmp_path / "run"
-    loop.run(_phase2_config(tmp_path, fit_write_gates=8), run_dir, progress=False)
+    loop.run(_phase2_config(tmp_path, fit_write_gates=8, fit_write_gates_false_positives=0.05),
+             run_dir, progress=False)
     fitted = json.loads((run_dir / "gate_fit.json").read_text())
     assert fitted["sequences"] == 8 and min(fitted["after"]["recall"]) > 0.8
+    assert fitted["max_false_positives"] == 0.05
 
 
 def test_fit_write_gates_needs_phase2_write_targets(tmp_path):
@@ -110,4 +130,12 @@ def test_fit_write_gates_needs_phase2_write_targets(tmp_path):
     cfg = _phase2_config(tmp_path).to_dict()
     cfg["phase2"]["fit_write_gates"] = -1
     with pytest.raises(ValueError, match="integer >= 0"):
+        TrainConfig.from_dict(cfg)
+    cfg["phase2"]["fit_write_gates"] = 0
+    cfg["phase2"]["fit_write_gates_false_positives"] = 0.01
+    with pytest.raises(ValueError, match="needs phase2.fit_write_gates"):
+        TrainConfig.from_dict(cfg)
+    cfg["phase2"]["fit_write_gates"] = 4
+    cfg["phase2"]["fit_write_gates_false_positives"] = 1.5
+    with pytest.raises(ValueError, match=r"share in \[0, 1\)"):
         TrainConfig.from_dict(cfg)
