@@ -43,6 +43,12 @@ from train.steps import with_bank
 from train.study_eval import state_bytes
 
 VARIANTS = {"bundle": {}, "threshold 0.1": {"write_gate_threshold_exact": 0.1},
+            "threshold 0.8": {"write_gate_threshold_exact": 0.8},
+            "threshold 0.9": {"write_gate_threshold_exact": 0.9},
+            "window 64 exact 320": {"window": 64, "num_landmarks_exact": 320},
+            "exact 4096": {"num_landmarks_exact": 4096},
+            "exact 4096 threshold 0": {"num_landmarks_exact": 4096,
+                                       "write_gate_threshold_exact": 0.0},
             "exact 512": {"num_landmarks_exact": 512}, "window 1024": {"window": 1024},
             "window 4096": {"window": 4096}}
 

@@ -16,6 +16,9 @@
 #                                             # the recipe for about SEC s; again until both
 #                                             # say "exit 0" (touch $work/study.done or
 #                                             # $work/default_model.done to skip one)
+#   DM_MEM_FRACTION=0.88 bash ... run          # the recipe alone (study.done): its share of
+#                                             # GPU memory (0.4 beside the study; the recipe's
+#                                             # phase 1 step has run out of memory at 0.4)
 # Back in $OUT: study.tar.gz (study.json, figures, log), default_model.tar.gz (the
 # quick check, the log) and, once the recipe has trained, its export (int8
 # differences from SmolLM2) as default_model_export.tar.part-* (cat them, then tar x).
@@ -54,7 +57,7 @@ case "${1:-}" in
       study=$!
     fi
     if [[ ! -f "$work/default_model.done" ]]; then
-      XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 timeout $(( left + 60 )) python3 -m train.default_model \
+      XLA_PYTHON_CLIENT_MEM_FRACTION=${DM_MEM_FRACTION:-0.4} timeout $(( left + 60 )) python3 -m train.default_model \
           --recipe train/configs/default_model_smollm2.yaml --base "$work/smollm2" \
           --corpus "$work/corpus" --out "$work/default_model" --time-limit-s "$left" \
           --checks "${DM_CHECKS:-bounded,unbounded,window_only}" --no-progress \
@@ -72,6 +75,7 @@ case "${1:-}" in
         2>/dev/null)
     (cd "$work" && tar czf "$OUT/default_model.tar.gz" default_model.log \
         $(cd "$work" && ls default_model/retention_quick.json default_model/runs/*/metrics.jsonl \
+          default_model/runs/*/gate_fit.json \
           2>/dev/null))
     # The export is written before the recipe's quick check: sent even if that failed.
     if [[ -f "$work/default_model/export/card.json" ]]; then
