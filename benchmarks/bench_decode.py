@@ -76,6 +76,26 @@ def decode_step_seconds(model: CausalLM, state, logits, short: int, long: int,
     return (timed(run(long), repeats) - timed(run(short), repeats)) / (long - short)
 
 
+def write_results(path: str, model: CausalLM, results: dict, *, tiny: bool, steps: list[int],
+                  repeats: int, block: int) -> None:
+    """The results so far, with the device, versions and config, written atomically."""
+    device = jax.devices()[0]
+    out = {"benchmark": "bench_decode", "tiny": tiny,
+           "device": {"platform": device.platform, "kind": device.device_kind},
+           "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                        "flax": flax.__version__, "numpy": np.__version__},
+           "config": {"model": dict(TINY if tiny else MISTRAL_7B),
+                      "banks": TINY_BANKS if tiny else BANKS,
+                      "dtype": str(model.embed_tokens.embedding[...].dtype), "steps": steps,
+                      "repeats": repeats, "document_block": block,
+                      "weight_bytes": tree_bytes(nnx.state(model, nnx.Param))},
+           "results": results}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; write the JSON to ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -136,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{length} tokens, batch {batch}: {step_s * 1e3:.2f} ms/step, "
                   f"{entry['decode'][-1]['share_of_bound']:.0%} of the bound", flush=True)
         results["documents"].append(entry)
+        write_results(args.out, model, results, tiny=tiny, steps=[short, long],
+                      repeats=args.repeats, block=settings.block_size)  # kept if cut off
     # query_many as users call it, after the last document.
     sampling = Sampling(max_new_tokens=long, temperature=0.0, top_k=0, top_p=1.0)
     questions = [text_of(12, 10 + i) for i in range(max(batches))]
@@ -149,20 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             "new_tokens_per_s": batch * long / seconds,
             "share_of_bound": need / ceiling["bytes_per_s"] / seconds})
 
-    device = jax.devices()[0]
-    out = {"benchmark": "bench_decode", "tiny": tiny,
-           "device": {"platform": device.platform, "kind": device.device_kind},
-           "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                        "flax": flax.__version__, "numpy": np.__version__},
-           "config": {"model": dict(TINY if tiny else MISTRAL_7B), "banks": banks,
-                      "dtype": str(jnp.dtype(dtype)), "steps": [short, long],
-                      "repeats": args.repeats, "document_block": settings.block_size,
-                      "weight_bytes": tree_bytes(nnx.state(model, nnx.Param))},
-           "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(args.out)
+    write_results(args.out, model, results, tiny=tiny, steps=[short, long],
+                  repeats=args.repeats, block=settings.block_size)
     return 0
 
 
