@@ -134,7 +134,7 @@ class Answerer:
         tokens, counts, _ = generate(
             model, state, logits, max_new_tokens=sampling.max_new_tokens,
             key=jax.random.key(sampling.seed), temperature=sampling.temperature,
-            top_k=sampling.top_k, top_p=sampling.top_p, stop_tokens=stops)
+            top_k=sampling.top_k, top_p=sampling.top_p, stop_tokens=stops, return_state=False)
         answers = []
         for row, count in zip(np.asarray(tokens), np.asarray(counts)):
             ids = row[:count].tolist()

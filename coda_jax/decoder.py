@@ -121,6 +121,17 @@ def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *modules)
 
 
+def unroll_decode_layers() -> bool:
+    """Whether bounded decode runs its layers unrolled: on a GPU. In a rolled scan each
+    layer's weights are a dynamic slice of the stacked arrays, copied before every
+    matmul (7B shape on an H100, one step called alone at batch 1: 18.6 ms rolled,
+    9.2 ms unrolled; benchmarks/results/decode_layer_loop_h100.json). Inside
+    ``generate``'s token loop the weights are still sliced every step (17.6 -> 17.2
+    ms). On a CPU the copy is small beside the matmuls and a rolled scan compiles
+    faster."""
+    return jax.default_backend() == "gpu"
+
+
 class CausalLM(nnx.Module):
     """A decoder language model: embeddings, a stack of layers, final norm, LM head.
 
@@ -316,14 +327,7 @@ class CausalLM(nnx.Module):
             layer, st = inputs
             return layer.decode_step(h, st, training=training)
 
-        # On a GPU the layer loop is unrolled: in a rolled scan each layer's weights are
-        # a dynamic slice of the stacked arrays, copied before every matmul, so a
-        # batch-1 step read them three times (7B shape on an H100: 18.6 ms a step
-        # rolled, 9.2 ms unrolled; benchmarks/results/decode_layer_loop_h100.json). On
-        # a CPU, where that copy is small beside the matmuls, it stays rolled (less to
-        # compile).
-        unroll = jax.default_backend() == "gpu"
-        h, state = jax.lax.scan(body, h, (self.layers, state), unroll=unroll)
+        h, state = jax.lax.scan(body, h, (self.layers, state), unroll=unroll_decode_layers())
         return self.logits(h), state
 
     def check_state(self, state: State, batch_size: int) -> None:

@@ -47,8 +47,8 @@ PAD_ID = -1  # what stopped rows emit by default: never a token id
 
 def generate(model: CausalLM, state: State, logits: jax.Array, *, max_new_tokens: int,
              key: jax.Array | None = None, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, stop_tokens: tuple[int, ...] = (), pad_id: int = PAD_ID
-             ) -> tuple[jax.Array, jax.Array, State]:
+             top_p: float = 1.0, stop_tokens: tuple[int, ...] = (), pad_id: int = PAD_ID,
+             return_state: bool = True) -> tuple[jax.Array, jax.Array, State | None]:
     """Continue from ``logits`` (B, V) (the last prompt token's, e.g. from
     ``model.prefill(..., last_only=True)``) and ``state`` (the model's, every row
     at its own position): a bounded model's ``BankState``, or an unbounded
@@ -60,7 +60,8 @@ def generate(model: CausalLM, state: State, logits: jax.Array, *, max_new_tokens
     ``stop_tokens``; it then emits ``pad_id`` (default -1, not a token id) and its
     state stays as it was after the stop token. Returns (tokens (B,
     max_new_tokens), number of tokens per row up to and including its stop
-    token, final state).
+    token, final state). ``return_state=False`` returns None for the state, and a
+    stopped row's state is then not kept each step (a select over every row's state).
     """
     vocab = model.cfg.vocab_size
     if not hasattr(logits, "ndim") or logits.ndim not in (2, 3) or logits.shape[-1] != vocab:
@@ -89,15 +90,17 @@ def generate(model: CausalLM, state: State, logits: jax.Array, *, max_new_tokens
     if poisoned:
         warnings.warn(f"row(s) {poisoned} of the state hold NaN or Inf values (a non-finite "
                       "input reached the state): their tokens are meaningless", stacklevel=2)
-    return _generate_jit(model, state, logits, key, jnp.float32(max(temperature, 1e-6)),
-                         jnp.float32(top_p), max_new_tokens=max_new_tokens, greedy=greedy,
-                         top_k=top_k, stop_tokens=stops, pad_id=pad_id)
+    tokens, counts, state = _generate_jit(
+        model, state, logits, key, jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
+        max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, stop_tokens=stops,
+        pad_id=pad_id, keep_state=bool(return_state))
+    return tokens, counts, state
 
 
 @functools.partial(jax.jit, static_argnames=("max_new_tokens", "greedy", "top_k",
-                                             "stop_tokens", "pad_id"))
+                                             "stop_tokens", "pad_id", "keep_state"))
 def _generate_jit(model, state, logits, key, temperature, top_p, *, max_new_tokens, greedy,
-                  top_k, stop_tokens, pad_id):
+                  top_k, stop_tokens, pad_id, keep_state):
     runner.count_trace("generate", model)
     batch = logits.shape[0]
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
@@ -117,7 +120,7 @@ def _generate_jit(model, state, logits, key, temperature, top_p, *, max_new_toke
             state = kv_cache.release_rows(done, state, new_state)
         else:
             new_logits, new_state = model.decode_step(token[:, None], state, training=False)
-            state = where_rows(done, state, new_state)
+            state = where_rows(done, state, new_state) if keep_state else new_state
         live = ~done
         done = done | jnp.isin(token, stops)
         return (state, new_logits[:, 0], done), (emitted, live)
@@ -126,4 +129,4 @@ def _generate_jit(model, state, logits, key, temperature, top_p, *, max_new_toke
     (state, _, _), (tokens, live) = jax.lax.scan(body, init,
                                                  jax.random.split(key, max_new_tokens))
     # Tokens per row: those emitted while live, up to and including the stop token.
-    return tokens.T, jnp.sum(live, axis=0, dtype=jnp.int32), state
+    return tokens.T, jnp.sum(live, axis=0, dtype=jnp.int32), state if keep_state else None

@@ -81,6 +81,19 @@ def test_stop_tokens_end_a_row_and_freeze_its_state(model):
     assert int(final.pos[0, 0]) == 13 + first + 1
 
 
+def test_without_the_state_generation_gives_the_same_tokens(model):
+    """return_state=False (what query_many asks): stopped rows' states are not kept
+    each step; the tokens and counts are those of the full call."""
+    state = model.init_state(2, key=jax.random.key(0))
+    logits, state = model.prefill(_prompt(4), state, block_size=4, last_only=True)
+    stop = int(generate(model, state, logits, max_new_tokens=4)[0][0, 1])
+    kwargs = dict(max_new_tokens=5, stop_tokens=(stop,))
+    full = generate(model, state, logits, **kwargs)
+    tokens, counts, none = generate(model, state, logits, return_state=False, **kwargs)
+    assert none is None and np.array_equal(tokens, full[0]) and np.array_equal(counts, full[1])
+    assert int(full[1][0]) <= 2  # row 0 stopped: its later steps are what differs
+
+
 def test_sampling_filters():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
     keys = jax.random.key(1)
