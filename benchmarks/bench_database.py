@@ -70,6 +70,21 @@ def timed(fn, repeats: int) -> float:
     return best
 
 
+def random_model(tiny: bool) -> OpenModel:
+    """The benchmarks' database model: the 7B shape (tiny: a float32 toy) with random
+    weights and its bank, a word tokenizer, a plain prompt, 1,024-token reads (tiny: 16)."""
+    cfg = DecoderConfig(**(TINY if tiny else MISTRAL_7B))
+    model = CausalLM(cfg, attention="coda_bounded",
+                     attention_options=TINY_BANKS if tiny else BANKS,
+                     param_dtype=jnp.float32 if tiny else jnp.bfloat16, rngs=nnx.Rngs(0))
+    tok = word_tokenizer(cfg.vocab_size)
+    settings = QuerySettings(prompt="w1 w2 w3 {question} w4", sampling=Sampling(),
+                             stop_tokens=(), block_size=16 if tiny else 1024)
+    return OpenModel(model=model, tokenizer=tok, name="random weights", path="(in memory)",
+                     model_sha256="random", tokenizer_sha256=tokenizer_fingerprint(tok),
+                     settings=settings)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; write the JSON to ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -90,14 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     banks = TINY_BANKS if tiny else BANKS
 
     start = time.perf_counter()
-    model = CausalLM(cfg, attention="coda_bounded", attention_options=banks, param_dtype=dtype,
-                     rngs=nnx.Rngs(0))
-    tok = word_tokenizer(cfg.vocab_size)
-    settings = QuerySettings(prompt="w1 w2 w3 {question} w4", sampling=Sampling(),
-                             stop_tokens=(), block_size=16 if tiny else 1024)
-    opened = OpenModel(model=model, tokenizer=tok, name="random weights", path="(in memory)",
-                       model_sha256="random", tokenizer_sha256=tokenizer_fingerprint(tok),
-                       settings=settings)
+    opened = random_model(tiny)
+    model, settings = opened.model, opened.settings
     built = time.perf_counter() - start
     results: dict = {"model_build_s": built}
 

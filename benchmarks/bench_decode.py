@@ -35,12 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench_database import BANKS, MISTRAL_7B, TINY, TINY_BANKS, text_of, timed, word_tokenizer
+from bench_database import BANKS, MISTRAL_7B, TINY, TINY_BANKS, random_model, text_of, timed
 from coda_db.documents import empty_state, read_document
-from coda_db.model_source import OpenModel, tokenizer_fingerprint
 from coda_db.query import Answerer
-from coda_db.settings import QuerySettings, Sampling
-from coda_jax import CausalLM, DecoderConfig, concat_rows, generate
+from coda_db.settings import Sampling
+from coda_jax import CausalLM, concat_rows, generate
 
 COPY_BYTES = 4 << 30
 
@@ -112,17 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(n) for n in (args.doc_lengths or ("64,256" if tiny else "4096,32768"))
                .split(",")]
     short, long = (int(n) for n in args.steps.split(","))
-    dtype = jnp.float32 if tiny else jnp.bfloat16
-    cfg = DecoderConfig(**(TINY if tiny else MISTRAL_7B))
-    banks = TINY_BANKS if tiny else BANKS
-    model = CausalLM(cfg, attention="coda_bounded", attention_options=banks, param_dtype=dtype,
-                     rngs=nnx.Rngs(0))
-    tok = word_tokenizer(cfg.vocab_size)
-    settings = QuerySettings(prompt="w1 w2 w3 {question} w4", sampling=Sampling(),
-                             stop_tokens=(), block_size=16 if tiny else 1024)
-    opened = OpenModel(model=model, tokenizer=tok, name="random weights", path="(in memory)",
-                       model_sha256="random", tokenizer_sha256=tokenizer_fingerprint(tok),
-                       settings=settings)
+    opened = random_model(tiny)
+    model, tok, settings = opened.model, opened.tokenizer, opened.settings
     ceiling = copy_ceiling(1 << 24 if tiny else COPY_BYTES, args.repeats)
     print(f"copy ceiling: {ceiling['bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
     answerer = Answerer(opened)

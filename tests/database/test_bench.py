@@ -1,4 +1,4 @@
-"""benchmarks/bench_database.py --tiny runs on CPU and writes its JSON."""
+"""benchmarks/bench_database.py and bench_decode.py --tiny run on CPU and write their JSON."""
 
 from __future__ import annotations
 
@@ -9,10 +9,15 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_database.py"
 
 
-def test_the_database_benchmark_runs_tiny(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_database", BENCH)
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH.with_name(f"{name}.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_database_benchmark_runs_tiny(tmp_path):
+    bench = _bench("bench_database")
     out = tmp_path / "db.json"
     assert bench.main(["--tiny", "--out", str(out), "--repeats", "1", "--batches", "1,3",
                        "--ingest-tokens", "256", "--new-tokens", "4"]) == 0
@@ -25,10 +30,7 @@ def test_the_database_benchmark_runs_tiny(tmp_path):
 
 def test_the_decode_benchmark_runs_tiny(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH.parent))  # it imports bench_database
-    spec = importlib.util.spec_from_file_location("bench_decode", BENCH.with_name(
-        "bench_decode.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench("bench_decode")
     out = tmp_path / "decode.json"
     assert bench.main(["--tiny", "--out", str(out), "--repeats", "1", "--batches", "1,2",
                        "--doc-lengths", "64", "--steps", "2,4"]) == 0
