@@ -49,6 +49,10 @@ VARIANTS = {"bundle": {}, "threshold 0.1": {"write_gate_threshold_exact": 0.1},
             "exact 4096": {"num_landmarks_exact": 4096},
             "exact 4096 threshold 0": {"num_landmarks_exact": 4096,
                                        "write_gate_threshold_exact": 0.0},
+            # Every candidate written: no slot's value is close enough to refuse one.
+            "exact 4096 threshold 0 novelty off": {"num_landmarks_exact": 4096,
+                                                   "write_gate_threshold_exact": 0.0,
+                                                   "exact_novelty_threshold": 1.01},
             "exact 512": {"num_landmarks_exact": 512}, "window 1024": {"window": 1024},
             "window 4096": {"window": 4096}}
 

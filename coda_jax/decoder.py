@@ -4,8 +4,9 @@
 ``transformers``), ``"coda"`` unbounded differential attention, and
 ``"coda_bounded"`` CoDA-GQA-L with its fixed-size state. The layers are
 stored stacked (every parameter has a leading layer axis) and run under one
-``lax.scan``, so a 32-layer model compiles one layer's program; the bounded
-state of the whole model is one ``BankState`` whose leaves lead with the layer axis.
+``lax.scan``, so a 32-layer model compiles one layer's program (bounded decode on a
+GPU unrolls that scan: :func:`unroll_decode_layers`); the bounded state of the
+whole model is one ``BankState`` whose leaves lead with the layer axis.
 
 Every kind generates through one API: ``init_state``, ``prefill``, ``step``
 (and ``generation.generate``). A bounded model's state is its ``BankState``; an
