@@ -16,6 +16,7 @@
 #                                             # the recipe for about SEC s; again until both
 #                                             # say "exit 0" (touch $work/study.done or
 #                                             # $work/default_model.done to skip one)
+#   STUDY_ARGS="--banks large" bash ... run     # options for train.study (one bank's study)
 #   DM_MEM_FRACTION=0.88 bash ... run          # the recipe alone (study.done): its share of
 #                                             # GPU memory (0.4 beside the study; the recipe's
 #                                             # phase 1 step has run out of memory at 0.4)
@@ -51,7 +52,7 @@ case "${1:-}" in
     study_code=0 recipe_code=0
     if [[ ! -f "$work/study.done" ]]; then
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.55 timeout $(( left + 60 )) python3 -m train.study \
-          --config "${STUDY_CONFIG:-train/configs/study_smollm2.yaml}" --base "$work/smollm2" \
+          --config train/configs/study_smollm2.yaml ${STUDY_ARGS:-} --base "$work/smollm2" \
           --corpus "$work/corpus" --heldout2 "$work/in/heldout2" --out "$work/study" \
           --time-limit-s "$left" --no-progress >> "$work/study.log" 2>&1 &
       study=$!

@@ -238,6 +238,31 @@ def summarise(report: dict[str, Any], plan: EvalPlan, banks: Sequence[str]) -> d
     return table
 
 
+def narrowed(study: dict[str, Any], *, banks: str | None = None,
+             passkey_lengths: str | None = None) -> dict[str, Any]:
+    """``study`` with only the ``banks`` named (comma-separated, kept in the config's
+    order) and its passkey at ``passkey_lengths`` instead: one bank's study fits a
+    shorter run. ``ValueError`` names a bank the config lacks or a bad length."""
+    study = dict(study)
+    if banks is not None:
+        names = [n.strip() for n in banks.split(",") if n.strip()]
+        unknown = [n for n in names if n not in study["banks"]]
+        if not names or unknown:
+            raise ValueError(f"--banks {banks!r}: the config's banks are "
+                             f"{', '.join(study['banks'])}")
+        study["banks"] = {n: b for n, b in study["banks"].items() if n in names}
+    if passkey_lengths is not None:
+        try:
+            lengths = [int(n) for n in passkey_lengths.split(",") if n.strip()]
+        except ValueError:
+            lengths = []
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"--passkey-lengths takes positive integers, got "
+                             f"{passkey_lengths!r}")
+        study["evaluation"] = dict(study.get("evaluation", {}), passkey_lengths=lengths)
+    return study
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -255,6 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a CPU-sized study (tests)")
     parser.add_argument("--export-base", action="store_true",
                         help="write the pretrained base as a bf16 export to OUT_DIR/base")
+    parser.add_argument("--banks", help="comma-separated names: only these of the config's "
+                        "study.banks (default: all)")
+    parser.add_argument("--passkey-lengths", help="comma-separated tokens: the passkey "
+                        "lengths instead of the config's evaluation.passkey_lengths")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
@@ -282,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             base["model"] = base.get("model", {}) | TINY["model"] | dict(
                 vocab_size=tok.get_vocab_size())
             study["banks"] = TINY["banks"]
+        study = narrowed(study, banks=args.banks, passkey_lengths=args.passkey_lengths)
         plan = EvalPlan(**(TINY["plan"] if args.tiny else study.get("evaluation", {})))
         stages = stage_configs(base, study, out, base_model=base_model, tiny=args.tiny)
         for cfg in stages.values():

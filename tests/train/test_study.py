@@ -84,3 +84,24 @@ def test_a_corpus_without_its_parts_is_refused(tmp_path, capsys):
                        "--tiny"]) == 2
     assert "train.corpus" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_study_narrows_to_some_banks_and_passkey_lengths(built, tmp_path, capsys):
+    config = dict(banks=dict(medium=dict(window=256), large=dict(window=1024),
+                             small=dict(window=64)),
+                  evaluation=dict(length=2048, passkey_lengths=[2048, 32768]))
+    narrow = study.narrowed(config, banks="small,large", passkey_lengths="2048,8192")
+    assert list(narrow["banks"]) == ["large", "small"]  # the config's order
+    assert narrow["evaluation"] == dict(length=2048, passkey_lengths=[2048, 8192])
+    assert list(config["banks"]) == ["medium", "large", "small"]  # unchanged
+    assert study.narrowed(config) == config
+    with pytest.raises(ValueError, match="the config's banks are medium, large, small"):
+        study.narrowed(config, banks="huge")
+    with pytest.raises(ValueError, match="positive integers"):
+        study.narrowed(config, passkey_lengths="2k")
+    # On the command line: refused before anything is written.
+    assert study.main(["--corpus", str(built), "--out", str(tmp_path / "o"), "--tiny",
+                       "--banks", "huge"]) == 3
+    assert "--banks 'huge'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
