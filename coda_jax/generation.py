@@ -90,11 +90,10 @@ def generate(model: CausalLM, state: State, logits: jax.Array, *, max_new_tokens
     if poisoned:
         warnings.warn(f"row(s) {poisoned} of the state hold NaN or Inf values (a non-finite "
                       "input reached the state): their tokens are meaningless", stacklevel=2)
-    tokens, counts, state = _generate_jit(
+    return _generate_jit(
         model, state, logits, key, jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
         max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, stop_tokens=stops,
         pad_id=pad_id, keep_state=bool(return_state))
-    return tokens, counts, state
 
 
 @functools.partial(jax.jit, static_argnames=("max_new_tokens", "greedy", "top_k",

@@ -100,7 +100,11 @@ def gate_rates(x: np.ndarray, y: np.ndarray, kernel: np.ndarray, bias: np.ndarra
 def cap_false_positives(x: np.ndarray, y: np.ndarray, kernel: np.ndarray, bias: np.ndarray,
                         threshold: float, rate: float) -> np.ndarray:
     """``bias`` lowered, per layer, just enough that at most ``rate`` of the unmarked
-    positions of ``x`` pass ``threshold`` (a layer already under it is kept)."""
+    positions of ``x`` pass ``threshold`` (a layer already under it is kept).
+    ``ValueError`` for a threshold outside (0, 1), which every gate or none passes."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"a false-positive cap needs a write threshold in (0, 1), "
+                         f"got {threshold}")
     logits = np.einsum("lnd,ld->ln", x, kernel)[:, ~y.astype(bool)] + bias[:, None]
     quantile = np.quantile(logits, 1.0 - rate, axis=1)
     return bias - np.maximum(0.0, quantile - np.log(threshold / (1.0 - threshold)))

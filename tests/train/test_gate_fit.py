@@ -60,6 +60,8 @@ def test_the_cap_lowers_each_bias_until_few_unmarked_tokens_pass():
     assert (capped < bias).all() and min(rates["recall"]) > 0.02
     # A layer already under the cap is left alone.
     assert np.array_equal(gate_fit.cap_false_positives(x, y, kernel, capped, 0.5, 0.5), capped)
+    with pytest.raises(ValueError, match=r"threshold in \(0, 1\)"):
+        gate_fit.cap_false_positives(x, y, kernel, bias, 0.0, 0.02)
 
 
 def test_fitted_gates_pass_the_marked_tokens_of_sequences_never_seen():
