@@ -24,7 +24,6 @@ On a Mistral-7B-shaped bounded model with random bf16 weights (the bank of
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -40,6 +39,7 @@ from coda_db.documents import empty_state, read_document
 from coda_db.query import Answerer
 from coda_db.settings import Sampling
 from coda_jax import CausalLM, concat_rows, generate
+from train.evaluation.retention_workers import write_json
 
 COPY_BYTES = 4 << 30
 
@@ -89,10 +89,7 @@ def write_results(path: str, model: CausalLM, results: dict, *, tiny: bool, step
                       "repeats": repeats, "document_block": block,
                       "weight_bytes": tree_bytes(nnx.state(model, nnx.Param))},
            "results": results}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(path)
+    write_json(Path(path), out)
 
 
 def main(argv: list[str] | None = None) -> int:
