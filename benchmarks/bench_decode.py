@@ -14,6 +14,8 @@ On a Mistral-7B-shaped bounded model with random bf16 weights (the bank of
   the bytes one step must read (every weight but the input embeddings, which are
   gathered, and every row's state once), that over the step time (achieved bytes/s)
   and the share of the bound (those bytes at the copy ceiling, over the step time);
+- with ``--stacked-baseline``, each step also timed with the layers sliced inside the
+  token loop (``generate(split_layers=False)``, the default off a GPU);
 - ``query_many`` (``Answerer.many``: prompt, decode, text) at each batch after the
   last document: new tokens per second and its share of the same bound.
 
@@ -38,7 +40,7 @@ from bench_database import BANKS, MISTRAL_7B, TINY, TINY_BANKS, random_model, te
 from coda_db.documents import empty_state, read_document
 from coda_db.query import Answerer
 from coda_db.settings import Sampling
-from coda_jax import CausalLM, concat_rows, generate
+from coda_jax import CausalLM, concat_rows, generate, split_fits
 from train.evaluation.retention_workers import write_json
 
 COPY_BYTES = 4 << 30
@@ -67,10 +69,12 @@ def step_bytes(model: CausalLM, state_bytes_per_row: int, batch: int) -> int:
 
 
 def decode_step_seconds(model: CausalLM, state, logits, short: int, long: int,
-                        repeats: int) -> float:
-    """Seconds per greedy step: (time of ``long`` steps - time of ``short``) / the difference."""
+                        repeats: int, **options) -> float:
+    """Seconds per greedy step: (time of ``long`` steps - time of ``short``) / the
+    difference; ``options`` go to ``generate``."""
     def run(n):
-        return lambda: jax.block_until_ready(generate(model, state, logits, max_new_tokens=n))
+        return lambda: jax.block_until_ready(generate(model, state, logits, max_new_tokens=n,
+                                                      **options))
 
     return (timed(run(long), repeats) - timed(run(short), repeats)) / (long - short)
 
@@ -102,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated document tokens (default 4096,32768)")
     parser.add_argument("--steps", default="8,40", help="SHORT,LONG greedy steps timed")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--stacked-baseline", action="store_true",
+                        help="also time each step with generate(split_layers=False)")
     args = parser.parse_args(argv)
     tiny = args.tiny
     batches = [int(b) for b in (args.batches or ("1,3" if tiny else "1,16,128,256")).split(",")]
@@ -132,16 +138,25 @@ def main(argv: list[str] | None = None) -> int:
         for batch in batches:
             logits, state = answerer.read_prompts(concat_rows(*[document.state] * batch),
                                                   [prompt] * batch)
+            split = split_fits(model, state)  # what generate decides by default
             step_s = decode_step_seconds(model, state, logits, short, long, args.repeats)
             need = step_bytes(model, row_bytes, batch)
             entry["decode"].append({
-                "batch": batch, "step_seconds": step_s, "tokens_per_s": batch / step_s,
+                "batch": batch, "split_layers": split, "step_seconds": step_s, "tokens_per_s": batch / step_s,
                 "bytes_per_step": need, "achieved_bytes_per_s": need / step_s,
                 "bound_step_seconds": need / ceiling["bytes_per_s"],
                 "share_of_bound": need / ceiling["bytes_per_s"] / step_s})
+            if args.stacked_baseline:
+                stacked_s = decode_step_seconds(model, state, logits, short, long, args.repeats,
+                                                split_layers=False)
+                entry["decode"][-1] |= {"stacked_step_seconds": stacked_s,
+                                        "stacked_share_of_bound":
+                                            need / ceiling["bytes_per_s"] / stacked_s}
             del logits, state
             print(f"{length} tokens, batch {batch}: {step_s * 1e3:.2f} ms/step, "
-                  f"{entry['decode'][-1]['share_of_bound']:.0%} of the bound", flush=True)
+                  f"{entry['decode'][-1]['share_of_bound']:.0%} of the bound, layers split "
+                  f"{split}; stacked {entry['decode'][-1].get('stacked_step_seconds', 0) * 1e3:.2f}"
+                  " ms", flush=True)
         results["documents"].append(entry)
         write_results(args.out, model, results, tiny=tiny, steps=[short, long],
                       repeats=args.repeats, block=settings.block_size)  # kept if cut off

@@ -57,6 +57,7 @@ VARIANTS = {"bundle": {}, "threshold 0.1": {"write_gate_threshold_exact": 0.1},
                                                    "write_gate_threshold_exact": 0.0,
                                                    "exact_novelty_threshold": 1.01},
             "exact 512": {"num_landmarks_exact": 512}, "window 1024": {"window": 1024},
+            "window 2048": {"window": 2048},
             "window 4096": {"window": 4096}}
 
 

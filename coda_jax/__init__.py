@@ -10,7 +10,7 @@ from .bounded import CoDAGQALandmark
 from .checkpoint import check_finite, load_state, nonfinite_rows, read_state_metadata, save_state
 from .config import AttentionConfig, BankConfig, lf_band_dims
 from .decoder import CausalLM
-from .generation import generate, sample_logits
+from .generation import generate, sample_logits, split_fits
 from .kv_cache import KVCache
 from .model_config import AttentionSpec, DecoderConfig
 from .model_io import load_model, read_model_metadata, save_model
@@ -45,6 +45,7 @@ __all__ = [
     "save_model",
     "save_state",
     "select_rows",
+    "split_fits",
     "stack_states",
     "where_rows",
 ]

@@ -117,9 +117,14 @@ class DecoderLayer(nnx.Module):
         return self.mlp_residual(h + out), state
 
 
-def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
-    """Identical modules -> one module whose leaves lead with a stacking axis."""
+def stack_modules(modules: list):
+    """Identical modules (or pytrees) -> one whose leaves lead with a stacking axis."""
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *modules)
+
+
+def unstack(tree, count: int) -> list:
+    """A pytree whose leaves lead with a stacking axis -> its ``count`` slices (copies)."""
+    return [jax.tree.map(lambda leaf, i=i: leaf[i], tree) for i in range(count)]
 
 
 def unroll_decode_layers() -> bool:
@@ -127,9 +132,9 @@ def unroll_decode_layers() -> bool:
     layer's weights are a dynamic slice of the stacked arrays, copied before every
     matmul (7B shape on an H100, one step called alone at batch 1: 18.6 ms rolled,
     9.2 ms unrolled; benchmarks/results/decode_layer_loop_h100.json). Inside
-    ``generate``'s token loop the weights are still sliced every step (17.6 -> 17.2
-    ms). On a CPU the copy is small beside the matmuls and a rolled scan compiles
-    faster."""
+    ``generate``'s token loop they would still be sliced every step: there it
+    slices them once, before the loop (``generate(split_layers=...)``). On a CPU the
+    copy is small beside the matmuls and a rolled scan compiles faster."""
     return jax.default_backend() == "gpu"
 
 
@@ -257,10 +262,9 @@ class CausalLM(nnx.Module):
                              "cache; a bounded model's state has a fixed size (its window "
                              "and landmarks) whatever the length: leave max_length out")
         attn = self.layers.self_attn  # configuration only: the same for every layer
-        keys = (jax.random.split(key, self.cfg.num_layers) if key is not None
-                else [None] * self.cfg.num_layers)
-        states = [attn.init_state(batch_size, dtype, key=k, mem_init=mem_init) for k in keys]
-        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+        return bank_writes.init_layers_state(attn.layout, int(batch_size), jnp.dtype(dtype), key,
+                                             mem_init or attn.bank_cfg.mem_init,
+                                             self.cfg.num_layers)
 
     def _init_cache(self, batch_size: int, dtype, max_length: int | None,
                     mem_init: str | None) -> KVCache:
@@ -330,6 +334,18 @@ class CausalLM(nnx.Module):
 
         h, state = jax.lax.scan(body, h, (self.layers, state), unroll=unroll_decode_layers())
         return self.logits(h), state
+
+    def decode_step_unstacked(self, token: jax.Array, layers: list, states: list
+                              ) -> tuple[jax.Array, list]:
+        """:meth:`decode_step` of a bounded model over its layers and their states
+        already sliced apart (:func:`unstack` of ``self.layers`` and of the state): no
+        slice is taken in the step, so a loop over steps reads each weight in place."""
+        h = self.embed(token)
+        new_states = []
+        for layer, st in zip(layers, states, strict=True):
+            h, st = layer.decode_step(h, st, training=False)
+            new_states.append(st)
+        return self.logits(h), new_states
 
     def check_state(self, state: State, batch_size: int) -> None:
         """``ValueError`` unless ``state`` is this model's stacked state for ``batch_size``

@@ -16,10 +16,11 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from . import kv_cache, runner
 from .checkpoint import nonfinite_rows
-from .decoder import CausalLM, State
+from .decoder import CausalLM, State, stack_modules, unroll_decode_layers, unstack
 from .kv_cache import KVCache
 from .state import where_rows
 from .validation import check_integer, check_number
@@ -48,7 +49,8 @@ PAD_ID = -1  # what stopped rows emit by default: never a token id
 def generate(model: CausalLM, state: State, logits: jax.Array, *, max_new_tokens: int,
              key: jax.Array | None = None, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, stop_tokens: tuple[int, ...] = (), pad_id: int = PAD_ID,
-             return_state: bool = True) -> tuple[jax.Array, jax.Array, State | None]:
+             return_state: bool = True, split_layers: bool | None = None
+             ) -> tuple[jax.Array, jax.Array, State | None]:
     """Continue from ``logits`` (B, V) (the last prompt token's, e.g. from
     ``model.prefill(..., last_only=True)``) and ``state`` (the model's, every row
     at its own position): a bounded model's ``BankState``, or an unbounded
@@ -62,6 +64,12 @@ def generate(model: CausalLM, state: State, logits: jax.Array, *, max_new_tokens
     max_new_tokens), number of tokens per row up to and including its stop
     token, final state). ``return_state=False`` returns None for the state, and a
     stopped row's state is then not kept each step (a select over every row's state).
+
+    ``split_layers`` (bounded models; default: on a GPU, where :func:`split_fits`)
+    slices the stacked layer weights and state apart once, before the token loop,
+    instead of in every step: faster where each slice would be copied before its
+    matmul (the GPU), at the cost of a second copy of the layer weights and of the
+    state while ``generate`` runs.
     """
     vocab = model.cfg.vocab_size
     if not hasattr(logits, "ndim") or logits.ndim not in (2, 3) or logits.shape[-1] != vocab:
@@ -86,6 +94,8 @@ def generate(model: CausalLM, state: State, logits: jax.Array, *, max_new_tokens
     pad_id = check_integer("pad_id", pad_id, -(2 ** 31))
     key = jax.random.key(0) if key is None else key
     model.check_room(state, max_new_tokens, what=f"max_new_tokens={max_new_tokens}")
+    if split_layers is None:
+        split_layers = unroll_decode_layers() and split_fits(model, state)
     poisoned = nonfinite_rows(state)  # a few bools: the loop would wait for the state anyway
     if poisoned:
         warnings.warn(f"row(s) {poisoned} of the state hold NaN or Inf values (a non-finite "
@@ -93,16 +103,35 @@ def generate(model: CausalLM, state: State, logits: jax.Array, *, max_new_tokens
     return _generate_jit(
         model, state, logits, key, jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
         max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, stop_tokens=stops,
-        pad_id=pad_id, keep_state=bool(return_state))
+        pad_id=pad_id, keep_state=bool(return_state),
+        split_layers=bool(split_layers) and model.bounded)
+
+
+def split_fits(model: CausalLM, state: State) -> bool:
+    """Whether the device holding the weights has room, beyond what is in use, for
+    ``generate(split_layers=True)``'s copies: the layer weights once and the state
+    three times (sliced apart, the loop's next state, stacked back), with a 10%
+    margin. False where the device reports no memory figures (a CPU)."""
+    weights = jax.tree.leaves(nnx.state(model.layers))
+    stats = weights[0].devices().pop().memory_stats() if weights else None
+    if not stats or "bytes_limit" not in stats:
+        return False
+    nbytes = lambda tree: sum(leaf.nbytes for leaf in jax.tree.leaves(tree))  # noqa: E731
+    need = nbytes(weights) + 3 * nbytes(state)
+    return need * 1.1 <= stats["bytes_limit"] - stats.get("bytes_in_use", 0)
 
 
 @functools.partial(jax.jit, static_argnames=("max_new_tokens", "greedy", "top_k",
-                                             "stop_tokens", "pad_id", "keep_state"))
+                                             "stop_tokens", "pad_id", "keep_state",
+                                             "split_layers"))
 def _generate_jit(model, state, logits, key, temperature, top_p, *, max_new_tokens, greedy,
-                  top_k, stop_tokens, pad_id, keep_state):
+                  top_k, stop_tokens, pad_id, keep_state, split_layers):
     runner.count_trace("generate", model)
     batch = logits.shape[0]
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
+    if split_layers:
+        layers = unstack(model.layers, model.cfg.num_layers)
+        state = unstack(state, model.cfg.num_layers)
 
     def body(carry, step_key):
         state, logits, done = carry
@@ -117,6 +146,10 @@ def _generate_jit(model, state, logits, key, temperature, top_p, *, max_new_toke
             new_logits, new_state = model.decode_step(
                 token[:, None], kv_cache.hold_rows(state, done), training=False)
             state = kv_cache.release_rows(done, state, new_state)
+        elif split_layers:
+            new_logits, new_state = model.decode_step_unstacked(token[:, None], layers, state)
+            state = ([where_rows(done, old, new) for old, new in zip(state, new_state)]
+                     if keep_state else new_state)
         else:
             new_logits, new_state = model.decode_step(token[:, None], state, training=False)
             state = where_rows(done, state, new_state) if keep_state else new_state
@@ -127,5 +160,7 @@ def _generate_jit(model, state, logits, key, temperature, top_p, *, max_new_toke
     init = (state, logits, jnp.zeros((batch,), jnp.bool_))
     (state, _, _), (tokens, live) = jax.lax.scan(body, init,
                                                  jax.random.split(key, max_new_tokens))
+    if split_layers and keep_state:
+        state = stack_modules(state)
     # Tokens per row: those emitted while live, up to and including the stop token.
     return tokens.T, jnp.sum(live, axis=0, dtype=jnp.int32), state if keep_state else None

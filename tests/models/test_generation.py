@@ -94,6 +94,29 @@ def test_without_the_state_generation_gives_the_same_tokens(model):
     assert int(full[1][0]) <= 2  # row 0 stopped: its later steps are what differs
 
 
+@pytest.mark.parametrize("return_state", [True, False])
+def test_layers_split_once_give_the_same_tokens_and_state(model, return_state):
+    """split_layers (the GPU's default: weights and state sliced apart before the token
+    loop) is the stacked loop's computation: same tokens, counts and final state,
+    stopped rows' states kept."""
+    state = model.init_state(3, key=jax.random.key(5))
+    logits, state = model.prefill(_prompt(6, batch=3), state, block_size=4, last_only=True)
+    stop = int(generate(model, state, logits, max_new_tokens=4)[0][0, 1])
+    kwargs = dict(max_new_tokens=6, stop_tokens=(stop,), return_state=return_state)
+    stacked = generate(model, state, logits, split_layers=False, **kwargs)
+    split = generate(model, state, logits, split_layers=True, **kwargs)
+    np.testing.assert_array_equal(split[0], stacked[0])
+    np.testing.assert_array_equal(split[1], stacked[1])
+    assert int(stacked[1][0]) <= 2 and int(stacked[1].max()) == 6  # a row stopped early
+    if return_state:
+        assert jax.tree.structure(split[2]) == jax.tree.structure(stacked[2])
+        for a, b in zip(jax.tree.leaves(split[2]), jax.tree.leaves(stacked[2])):
+            np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                                       rtol=1e-5, atol=1e-6)
+    else:
+        assert split[2] is None
+
+
 def test_sampling_filters():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
     keys = jax.random.key(1)
