@@ -9,7 +9,8 @@ documents) under the bundle's own bank and under variants of it (a lower write
 threshold, more exact slots, larger windows: the last holds the whole document,
 the weights' answers with nothing evicted). Then the write gates: per document
 the mean gate, and the share above the bank's threshold, of the answer tokens
-against the rest. Every reply is recorded.
+against the rest, and how many of the answer tokens rank among the highest gates of
+the tokens that leave the window (what ``exact_eviction="gate"`` keeps). Every reply is recorded.
 
 ``--fit-gates CORPUS`` first fits the write gates to the chat retention task's
 content marks (``train/gate_fit.py`` on 24 training sequences of 4,096 tokens of
@@ -58,6 +59,15 @@ VARIANTS = {"bundle": {}, "threshold 0.1": {"write_gate_threshold_exact": 0.1},
                                                    "exact_novelty_threshold": 1.01},
             "exact 512": {"num_landmarks_exact": 512}, "window 1024": {"window": 1024},
             "window 2048": {"window": 2048},
+            # A gate raised to the next tokens': the words before a salient token written too.
+            "lookahead 8": {"write_gate_lookahead": 8},
+            "exact 4096 lookahead 8": {"num_landmarks_exact": 4096, "write_gate_lookahead": 8},
+            # The exact slots keep the highest gates of the document, not its last writes.
+            "gate eviction": {"exact_eviction": "gate"},
+            "gate eviction lookahead 8": {"exact_eviction": "gate", "write_gate_lookahead": 8},
+            "gate eviction lookahead 8 window 64 exact 320": {
+                "exact_eviction": "gate", "write_gate_lookahead": 8, "window": 64,
+                "num_landmarks_exact": 320},
             "window 4096": {"window": 4096}}
 
 
@@ -100,11 +110,28 @@ def gate_statistics(opened, documents):
                     answer_mask[i:i + len(sub)] = True
         rows.append({"document": doc["name"], "tokens": len(ids),
                      "answer_tokens": int(answer_mask.sum()),
+                     "top_gate_recall": top_gate_recall(gate, answer_mask, model.spec.bank.window),
                      "mean_gate_answer": float(gate[:, answer_mask].mean()),
                      "mean_gate_other": float(gate[:, ~answer_mask].mean()),
                      "above_threshold_answer": float((gate[:, answer_mask] > threshold).mean()),
                      "above_threshold_other": float((gate[:, ~answer_mask] > threshold).mean())})
     return {"threshold": threshold, "documents": rows}
+
+
+def top_gate_recall(gate: np.ndarray, answer_mask: np.ndarray, window: int,
+                    sizes: tuple[int, ...] = (128, 416)) -> dict:
+    """Of the answer tokens that leave the window, the share among the ``K`` highest
+    write gates of all that leave it (what a bank keeping the highest gates holds),
+    mean, min and max over layers, beside the share ``K`` tokens would catch by chance."""
+    evicted = max(gate.shape[1] - window, 0)
+    answers = answer_mask[:evicted]
+    out = {}
+    for k in sizes:
+        recall = [answers[np.argsort(-layer[:evicted], kind="stable")[:k]].sum()
+                  / max(answers.sum(), 1) for layer in gate]
+        out[str(k)] = {"mean": float(np.mean(recall)), "min": float(np.min(recall)),
+                       "max": float(np.max(recall)), "chance": min(k / max(evicted, 1), 1.0)}
+    return out
 
 
 def fit_gates(opened, corpus: Path, *, sequences: int = 24, seq_len: int = 4096):
@@ -123,7 +150,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--fit-gates", metavar="CORPUS", help="fit the write gates first")
     parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated, of: {', '.join(VARIANTS)}")
+                        help=f"comma-separated, of: {', '.join(VARIANTS)} (none: the gates only)")
     args = parser.parse_args(argv)
     opened = open_model(args.bundle)
     documents = json.loads(Path(args.questions).read_text())["documents"]
@@ -133,7 +160,8 @@ def main(argv=None) -> int:
     if args.fit_gates:
         results["gate_fit"] = fit_gates(opened, Path(args.fit_gates))
     results |= {"gates": gate_statistics(opened, documents), "variants": {}}
-    for name in args.variants.split(","):
+    write_json(Path(args.out), results)
+    for name in [] if args.variants == "none" else args.variants.split(","):
         changes = VARIANTS[name]
         results["variants"][name] = answer(opened, documents, changes)
         print(f"{name}: {results['variants'][name]['right']}/"

@@ -290,6 +290,28 @@ def _bank_update_fns(layout: BankLayout, cand, eta_logit: jax.Array):
     return exact_fn, summary_fn
 
 
+def _look_ahead(ring_g: jax.Array, seg_g: jax.Array, filled: jax.Array, lengths: jax.Array,
+                ahead: int) -> tuple[jax.Array, jax.Array]:
+    """``write_gate_lookahead``: every gate raised to the largest of the next ``ahead``
+    tokens' gates that this segment brings. ring_g (B, W), in time order, its first
+    ``filled`` valid and already raised by the gates seen before; seg_g (B, L), its
+    first ``lengths`` valid."""
+    length = seg_g.shape[1]
+    valid = jnp.arange(length)[None, :] < lengths[:, None]
+    masked = jnp.where(valid, seg_g, -jnp.inf)
+    padded = jnp.pad(masked, ((0, 0), (0, ahead)), constant_values=-jnp.inf)
+    ahead_max = functools.reduce(jnp.maximum, [padded[:, j:j + length]
+                                               for j in range(1, ahead + 1)])
+    seg_g = jnp.where(valid, jnp.maximum(seg_g, ahead_max), seg_g)
+    # Ring token r (logical position r < filled) looks ahead into the segment's
+    # tokens 0 .. r + ahead - filled: a prefix maximum.
+    prefix = jax.lax.cummax(masked, axis=1)
+    last = jnp.arange(ring_g.shape[1])[None, :] + ahead - filled[:, None]
+    reach = jnp.where(last >= 0, jnp.take_along_axis(prefix, jnp.clip(last, 0, length - 1),
+                                                     axis=1), -jnp.inf)
+    return jnp.maximum(ring_g, reach), seg_g
+
+
 def write_segment(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Array,
                   gate: jax.Array, lengths: jax.Array, block_size: int,
                   eta_logit: jax.Array, training: bool, unroll: int | bool
@@ -317,10 +339,13 @@ def write_segment(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.
     order = (state.recent_idx[:, None] + jnp.arange(w)[None, :]) % w
     stream_k = jnp.concatenate([_take(state.k_buf[:, :w], order), k.astype(dtype)], 1)
     stream_v = jnp.concatenate([_take(state.v_buf[:, :w], order), v.astype(dtype)], 1)
-    stream_g = jnp.concatenate([_take(state.g_recent, order), gate.astype(jnp.float32)], 1)
-
     filled0 = state.recent_filled
     lengths = lengths.astype(POSITION_DTYPE)
+    ring_g = _take(state.g_recent, order)
+    seg_g = gate.astype(jnp.float32)
+    if cfg.write_gate_lookahead:
+        ring_g, seg_g = _look_ahead(ring_g, seg_g, filled0, lengths, cfg.write_gate_lookahead)
+    stream_g = jnp.concatenate([ring_g, seg_g], 1)
     starts = jnp.arange(n_blocks + 1, dtype=POSITION_DTYPE)[:, None] * block_size
     streamed = filled0[None] + jnp.minimum(starts, lengths[None])   # (n+1, B) tokens so far
     ring_start = jnp.maximum(streamed - w, 0)                        # first stream pos in ring
@@ -435,9 +460,15 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
     ring = (state.k_buf[:, :w].at[rows, slot].set(k.astype(state.k_buf.dtype)),
             state.v_buf[:, :w].at[rows, slot].set(v.astype(state.v_buf.dtype)),
             state.allowed[:, :w].at[rows, slot].set(True))
+    g_recent = state.g_recent.at[rows, slot].set(gate.astype(jnp.float32))
+    for back in range(1, cfg.write_gate_lookahead + 1):  # the new gate raises those before it
+        before = (slot - back) % w
+        seen = back <= state.recent_filled
+        g_recent = g_recent.at[rows, before].max(
+            jnp.where(seen, gate.astype(jnp.float32), -jnp.inf))
     return _assemble(
         state, ring, new,
-        g_recent=state.g_recent.at[rows, slot].set(gate.astype(jnp.float32)),
+        g_recent=g_recent,
         recent_idx=jnp.where(full, (state.recent_idx + 1) % w, state.recent_idx),
         recent_filled=jnp.minimum(state.recent_filled + 1, w).astype(POSITION_DTYPE),
         pos=state.pos + 1,

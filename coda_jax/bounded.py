@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import bank_writes, runner
-from .config import AttentionConfig, BankConfig, HeadNormMode, LfBand, MemInit, WritePolicy
+from .config import (AttentionConfig, BankConfig, ExactEviction, HeadNormMode, LfBand, MemInit,
+                     WritePolicy)
 from .primitives import materialise
 from .projections import AttentionCore, linear
 from .state import POSITION_DTYPE, BankState
@@ -29,7 +30,10 @@ class CoDAGQALandmark(AttentionCore):
     ``differential`` (False: lambda fixed at 0 and no noise stream, i.e. plain
     GQA over the same bounded buffer), ``lf_band`` (``"reference"``: key dims
     ``[Dh/2:]`` as the reference; ``"frequency"``: the slowest RoPE pairs under
-    either pairing) and ``implementation`` (``"xla"``, ``"cudnn"``, ``"pallas"`` or
+    either pairing), ``write_gate_lookahead`` (0 as the reference; N: a token's write
+    gate, when it is evicted, is the largest of its own and the next N tokens'),
+    ``exact_eviction`` (``"lru"`` as the reference; ``"gate"``: a novel token replaces
+    the exact slot of lowest write gate, if its own is higher) and ``implementation`` (``"xla"``, ``"cudnn"``, ``"pallas"`` or
     None: Pallas on GPU, XLA elsewhere).
     """
 
@@ -52,14 +56,16 @@ class CoDAGQALandmark(AttentionCore):
                  eps: float = 1e-6, collect_metrics: bool = False,
                  head_norm_mode: HeadNormMode = "full", rope_interleaved: bool = True,
                  head_dim: int | None = None, differential: bool = True,
-                 lf_band: LfBand = "reference", qkv_bias: bool = False, o_bias: bool = False,
+                 lf_band: LfBand = "reference", write_gate_lookahead: int = 0,
+                 exact_eviction: ExactEviction = "lru",
+                 qkv_bias: bool = False, o_bias: bool = False,
                  rope_scaling: dict | None = None, qk_norm: bool = False,
                  qk_norm_eps: float = 1e-6, param_dtype=jnp.float32,
                  implementation: str | None = None, rngs: nnx.Rngs):
         attn_cfg = AttentionConfig(
             embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
             head_dim=head_dim, rope_base=rope_base, rope_interleaved=rope_interleaved,
-                              rope_scaling=rope_scaling, qk_norm=qk_norm, qk_norm_eps=qk_norm_eps,
+            rope_scaling=rope_scaling, qk_norm=qk_norm, qk_norm_eps=qk_norm_eps,
             head_norm_mode=head_norm_mode, eps=eps, differential=differential,
             qkv_bias=qkv_bias, o_bias=o_bias)
         self.bank_cfg = BankConfig(
@@ -77,7 +83,8 @@ class CoDAGQALandmark(AttentionCore):
             min_landmarks_summary=min_landmarks_summary,
             max_landmarks_summary=max_landmarks_summary, expansion_t_max=expansion_t_max,
             mem_init=mem_init, mask_unused_memory=mask_unused_memory,
-            detach_evicted=detach_evicted, collect_metrics=collect_metrics, lf_band=lf_band)
+            detach_evicted=detach_evicted, collect_metrics=collect_metrics, lf_band=lf_band,
+            write_gate_lookahead=write_gate_lookahead, exact_eviction=exact_eviction)
         super().__init__(attn_cfg, lambda_init_bias=lambda_init_bias, theta_init=theta_init,
                          param_dtype=param_dtype, implementation=implementation, rngs=rngs)
         self.write_proj = linear(

@@ -24,6 +24,7 @@ from flax import nnx
 from . import orbax_io
 from .bounded import CoDAGQALandmark
 from .bank_writes import stack_shapes, state_shapes
+from .config import AttentionConfig, BankConfig
 from .state import BankMetrics, BankState
 
 FORMAT = "coda_jax.bank_state/2"
@@ -131,6 +132,12 @@ def read_state_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return orbax_io.read_meta(path, FORMAT, "state", accepted=LEGACY_FORMATS)
 
 
+_FIELD_DEFAULTS = {
+    group: {f.name: f.default for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING}
+    for group, cls in (("attention", AttentionConfig), ("bank", BankConfig))}
+
+
 def _config_differences(saved: list[dict], layers: Sequence[CoDAGQALandmark]) -> list[str]:
     diffs = []
     for i, (old, layer) in enumerate(zip(saved, layers)):
@@ -138,7 +145,8 @@ def _config_differences(saved: list[dict], layers: Sequence[CoDAGQALandmark]) ->
                "bank": dataclasses.asdict(layer.bank_cfg)}
         for group in ("attention", "bank"):
             for key in sorted(set(old[group]) | set(now[group])):
-                a, b = old[group].get(key), now[group].get(key)
+                # A state saved before a field existed was written with its default.
+                a, b = old[group].get(key, _FIELD_DEFAULTS[group].get(key)), now[group].get(key)
                 if a != b and not (isinstance(a, list) and tuple(a) == b):
                     diffs.append(f"layer {i} {key}: saved {a!r}, model {b!r}")
     return diffs

@@ -19,6 +19,7 @@ HeadNormMode = Literal["full", "identity"]
 WritePolicy = Literal["gated", "none"]
 MemInit = Literal["random_normal", "zeros"]
 LfBand = Literal["reference", "frequency"]
+ExactEviction = Literal["lru", "gate"]
 
 
 def _is_int(value: Any) -> bool:
@@ -110,6 +111,15 @@ class BankConfig:
     detach_evicted: bool = True
     collect_metrics: bool = False
     lf_band: LfBand = "reference"
+    # Not the reference's (0 there): a token's write gate, as the banks see it when it
+    # is evicted, is the largest of its own and the next N tokens' gates, so the words
+    # just before a salient token (those a question names) are written with it.
+    write_gate_lookahead: int = 0
+    # Not the reference's ("lru" there): which exact slot a novel token replaces. "lru":
+    # the least recently touched; "gate": the one holding the lowest write gate, and
+    # only if the newcomer's gate is higher, so the bank keeps a document's most
+    # salient tokens, not its last writes.
+    exact_eviction: ExactEviction = "lru"
 
     def __post_init__(self) -> None:
         if not _is_int(self.window) or self.window <= 0:
@@ -131,11 +141,16 @@ class BankConfig:
                      "mask_unused_memory", "detach_evicted", "collect_metrics"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not _is_int(self.write_gate_lookahead) or not \
+                0 <= self.write_gate_lookahead < self.window:
+            raise ValueError(f"write_gate_lookahead must be an integer from 0 to window - 1 "
+                             f"({self.window - 1}), got {self.write_gate_lookahead!r}")
         if self.num_landmarks_exact < 0 or self.num_landmarks_summary < 0:
             raise ValueError("num_landmarks_exact and num_landmarks_summary must be >= 0")
         _check_choice("write_policy", self.write_policy, ("gated", "none"))
         _check_choice("mem_init", self.mem_init, ("random_normal", "zeros"))
         _check_choice("lf_band", self.lf_band, ("reference", "frequency"))
+        _check_choice("exact_eviction", self.exact_eviction, ("lru", "gate"))
         for bank, default in (("exact", self.num_landmarks_exact),
                               ("summary", self.num_landmarks_summary)):
             lo = getattr(self, f"min_landmarks_{bank}")

@@ -23,6 +23,13 @@ from .primitives import einsum_f32, l2_normalize, materialise
 
 STAMP_MAX = jnp.iinfo(jnp.int32).max
 STAMP_MIN = -STAMP_MAX
+GATE_KEY_SCALE = 1 << 24  # a write gate in [0, 1] as an integer slot key
+
+
+def gate_key(gate: jax.Array) -> jax.Array:
+    """``exact_eviction="gate"``: the key a slot keeps (in the state's LRU stamps,
+    ``mem_last_exact``) for the write gate of the token it holds."""
+    return jnp.round(jnp.clip(gate, 0.0, 1.0) * GATE_KEY_SCALE).astype(jnp.int32)
 
 
 class ExactUpdate(NamedTuple):
@@ -114,6 +121,15 @@ def update_block(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: j
     novel_cap = novel_keep & (novel_rank < active[:, None])
     assigned = nth_in_stable_order(rank_key, jnp.clip(novel_rank, 0, num_slots - 1))
 
+    by_gate = cfg.exact_eviction == "gate"
+    if by_gate:
+        # Candidates come by gate, descending, and take slots by key, ascending: those
+        # that beat their slot's key are a prefix.
+        stamp = gate_key(cand_gate)
+        novel_cap = novel_cap & (stamp > jnp.take_along_axis(rank_key, assigned, axis=-1))
+    else:
+        stamp = cand_pos
+
     idx = jnp.where(novel_cap, assigned, best_idx)
     touch = keep & (~novel | novel_cap)
     if cfg.exact_refresh_on_hit:
@@ -124,7 +140,10 @@ def update_block(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: j
 
     onehot = idx[:, :, None] == slots[None, None, :]                      # (B, T, M)
     touched = onehot & touch[:, :, None]
-    new_stamp = jnp.max(jnp.where(touched, cand_pos[:, :, None], STAMP_MIN), axis=1)
+    new_stamp = jnp.max(jnp.where(touched, stamp[:, :, None], STAMP_MIN), axis=1)
+    if by_gate:  # a slot given a new token takes its key; a matched one keeps the larger
+        inserted = jnp.any(onehot & novel_cap[:, :, None], axis=1)
+        new_stamp = jnp.maximum(new_stamp, jnp.where(inserted, STAMP_MIN, last))
     last = jnp.where(jnp.any(touched, axis=1), new_stamp, last).astype(last.dtype)
 
     mem_k = _write_slots(mem_k, onehot, idx, overwrite, cand_k)
@@ -161,12 +180,21 @@ def update_one(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: jax
     free_exists = jnp.any(free, axis=-1)
     lru_idx = jnp.argmin(jnp.where(used & active_slot, last, STAMP_MAX), axis=-1)
     insert_idx = jnp.where(free_exists, jnp.argmax(free, axis=-1), lru_idx)
+    by_gate = cfg.exact_eviction == "gate"
+    stamp = gate_key(gate) if by_gate else pos
+    if by_gate:  # a novel token replaces the lowest-gate slot only if its gate is higher
+        lowest = jnp.take_along_axis(last, lru_idx[:, None], axis=-1)[:, 0]
+        refused = novel & ~free_exists & (stamp <= lowest)
+        novel, keep = novel & ~refused, keep & ~refused
     idx = jnp.where(novel, insert_idx, best_idx)
     overwrite = (novel | hit if cfg.exact_refresh_on_hit else novel) & keep
     idx, keep, overwrite = materialise(idx, keep, overwrite)
 
     onehot = idx[:, None] == slots[None, :]                               # (B, M)
-    last = jnp.where(onehot & keep[:, None], pos[:, None], last).astype(last.dtype)
+    new_stamp = stamp[:, None]
+    if by_gate:  # a slot given a new token takes its key; a matched one keeps the larger
+        new_stamp = jnp.where(novel[:, None], new_stamp, jnp.maximum(new_stamp, last))
+    last = jnp.where(onehot & keep[:, None], new_stamp, last).astype(last.dtype)
     mem_k = _write_slots(mem_k, onehot[:, None], idx[:, None], overwrite[:, None], k[:, None])
     mem_v = _write_slots(mem_v, onehot[:, None], idx[:, None], overwrite[:, None], v[:, None])
     used = used | (onehot & overwrite[:, None])

@@ -68,7 +68,8 @@ class BankState:
     g_recent: jax.Array        # (B, W) float32 write gate of each ring slot
     recent_idx: jax.Array      # (B,) next ring slot to evict once the ring is full
     recent_filled: jax.Array   # (B,) tokens in the ring, <= W
-    mem_last_exact: jax.Array  # (B, Me) LRU stamp (position of last touch) per exact slot
+    mem_last_exact: jax.Array  # (B, Me) per exact slot: LRU stamp (position of last touch),
+    #                            or its token's gate key under exact_eviction="gate"
     pos: jax.Array             # (B,) absolute position of the next token
     active_exact: jax.Array    # (B,) exact slots in use by routing (dynamic expansion)
     active_summary: jax.Array  # (B,) summary slots in use by routing

@@ -62,6 +62,23 @@ def test_restoring_into_another_config_names_the_difference(tmp_path):
         load_state(tmp_path / "doc", [_layer(), _layer()])
 
 
+def test_a_state_saved_before_a_config_field_existed_loads_as_its_default(tmp_path):
+    """States saved before ``write_gate_lookahead`` existed have no such key: they
+    were written with its default (0), and load into a layer that has it at 0 only."""
+    import dataclasses
+
+    layer = _layer()
+    asdict = dataclasses.asdict
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dataclasses, "asdict", lambda obj: {
+            k: v for k, v in asdict(obj).items() if k != "write_gate_lookahead"})
+        save_state(tmp_path / "doc", _filled_state(layer), layer)
+    assert "write_gate_lookahead" not in read_state_metadata(tmp_path / "doc")["configs"][0]["bank"]
+    _assert_identical(load_state(tmp_path / "doc", layer), _filled_state(layer))
+    with pytest.raises(ValueError, match="write_gate_lookahead: saved 0, model 2"):
+        load_state(tmp_path / "doc", _layer(write_gate_lookahead=2))
+
+
 def test_restoring_for_other_weights_is_refused_unless_asked(tmp_path):
     layer = _layer(seed=0)
     state = _filled_state(layer)

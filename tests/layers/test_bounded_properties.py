@@ -23,7 +23,8 @@ SMALL = dict(embed_dim=64, num_heads=4, num_kv_heads=2)
 def _layer(seed: int = 0, **kw) -> CoDAGQALandmark:
     """A JAX layer with weights moved off their init (via a perturbed reference)."""
     cfg = SMALL | dict(window=8, num_landmarks_exact=4, num_landmarks_summary=4) | kw
-    overrides = {k: cfg.pop(k) for k in ("lf_band", "differential") if k in cfg}
+    overrides = {k: cfg.pop(k) for k in ("lf_band", "differential", "write_gate_lookahead",
+                                         "exact_eviction") if k in cfg}
     return from_reference(reference_landmark(seed, **cfg), **overrides)
 
 
@@ -183,6 +184,69 @@ def test_unrolled_block_loop_equals_the_rolled_one():
         assert_close(a, b, what="state")
 
 
+def test_write_gate_lookahead_raises_each_gate_to_the_next_tokens_and_decode_agrees():
+    """write_gate_lookahead=3 (not in the reference): the ring's gates are the raw
+    gates (those of the same weights without it) raised to the largest of the next
+    3 tokens' seen so far, in prefill by segments and in token-by-token steps."""
+    plain, ahead = _layer(7), _layer(7, write_gate_lookahead=3)
+    x = _x(8, 2, 37)
+    _, raw = plain.prefill(x, plain.init_state(2, mem_init="zeros"), block_size=4)
+    _, state = ahead.prefill(x, ahead.init_state(2, mem_init="zeros"), block_size=4,
+                             chunks_per_call=2)
+    g = np.asarray(raw.g_recent)                       # the ring in time order: tokens 29..36
+    want = np.stack([g[:, i:i + 4].max(axis=1) for i in range(8)], axis=1)
+    np.testing.assert_allclose(np.asarray(state.g_recent), want, rtol=0, atol=0)
+    assert (want > g).any()  # the lookahead changed some gates
+    # The banks differ from the plain layer's: the raised gates write other tokens.
+    assert not np.array_equal(np.asarray(state.k_buf), np.asarray(raw.k_buf))
+    # Token-by-token steps raise the same gates (the ring is circular there).
+    _, stepped = ahead.prefill(x[:, :21], ahead.init_state(2, mem_init="zeros"), block_size=4)
+    for t in range(21, 37):
+        _, stepped = ahead.step(x[:, t:t + 1], stepped)
+    order = (np.asarray(stepped.recent_idx)[:, None] + np.arange(8)) % 8
+    np.testing.assert_allclose(np.take_along_axis(np.asarray(stepped.g_recent), order, 1),
+                               want, rtol=1e-6, atol=0)  # a step's gate: a 1-token matmul
+
+
+@pytest.mark.parametrize("path", ["prefill", "steps"])
+def test_gate_eviction_keeps_the_highest_gates(path):
+    """exact_eviction="gate" (not in the reference): with every evicted token a novel
+    candidate (threshold 0, novelty off), the exact bank ends holding the tokens of
+    the highest write gates among all evicted, each slot keyed by its token's gate;
+    "lru" keeps the last ones instead."""
+    opts = dict(window=4, num_landmarks_exact=3, num_landmarks_summary=0,
+                write_gate_threshold_exact=0.0, exact_novelty_threshold=1.01,
+                exact_candidates_per_block=4)
+    x = _x(9, 2, 30)
+    ends = {}
+    for eviction in ("gate", "lru"):
+        layer = _layer(11, exact_eviction=eviction, **opts)
+        if path == "prefill":
+            _, state = layer.prefill(x, layer.init_state(2, mem_init="zeros"), block_size=4)
+        else:
+            state = layer.init_state(2, mem_init="zeros")
+            for t in range(30):
+                _, state = layer.step(x[:, t:t + 1], state)
+        ends[eviction] = state
+    # Every token's gate: the ring of the same weights under a window longer than the input.
+    wide = _layer(11, **(opts | dict(window=32)))
+    _, whole = wide.prefill(x, wide.init_state(2, mem_init="zeros"), block_size=4)
+    evicted = np.asarray(whole.g_recent)[:, :26]                     # tokens 0..25 left
+    gate_state, lru_state = ends["gate"], ends["lru"]
+    held = np.sort(np.asarray(gate_state.mem_last_exact), axis=1)
+    want = np.sort(np.round(np.sort(evicted, axis=1)[:, -3:] * (1 << 24)), axis=1)
+    # (Prefill's candidates are each block's best 4: the top 3 overall are among them.)
+    np.testing.assert_allclose(held, want, atol=2)
+    # ... and they hold those tokens' keys.
+    top = np.argsort(evicted, axis=1)[:, -3:]
+    for row in range(2):
+        bank = np.asarray(gate_state.k_buf[row, 4:7], np.float64).reshape(3, -1)
+        tokens = np.asarray(whole.k_buf[row, top[row]], np.float64).reshape(3, -1)
+        assert_close(bank[np.lexsort(bank.T)], tokens[np.lexsort(tokens.T)], what="keys")
+    assert not np.array_equal(np.asarray(lru_state.mem_last_exact),
+                              np.asarray(gate_state.mem_last_exact))
+
+
 def test_non_differential_switch_is_gqa_over_the_same_buffer():
     """differential=False equals the reference with its lambda forced to 0."""
     ref = reference_landmark(5, **SMALL, window=8, num_landmarks_exact=4,
@@ -296,6 +360,9 @@ def test_cache_bytes_is_the_true_size_and_smaller_than_the_reference():
     (dict(min_landmarks_summary=3, max_landmarks_summary=1), "min_landmarks_summary"),
     (dict(write_policy="sometimes"), "write_policy"),
     (dict(lf_band="middle"), "lf_band"),
+    (dict(write_gate_lookahead=8), "write_gate_lookahead must be an integer from 0 to"),
+    (dict(write_gate_lookahead=-1), "write_gate_lookahead"),
+    (dict(exact_eviction="oldest"), "exact_eviction"),
 ])
 def test_bad_configs_are_clear_errors(kwargs, message):
     cfg = SMALL | dict(window=8, num_landmarks_exact=4, num_landmarks_summary=4) | kwargs
