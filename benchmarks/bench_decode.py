@@ -40,7 +40,7 @@ from bench_database import BANKS, MISTRAL_7B, TINY, TINY_BANKS, random_model, te
 from coda_db.documents import empty_state, read_document
 from coda_db.query import Answerer
 from coda_db.settings import Sampling
-from coda_jax import CausalLM, concat_rows, generate, split_fits
+from coda_jax import CausalLM, concat_rows, generate, split_fits, tree_bytes
 from train.evaluation.retention_workers import write_json
 
 COPY_BYTES = 4 << 30
@@ -53,10 +53,6 @@ def copy_ceiling(total_bytes: int, repeats: int) -> dict:
     seconds = timed(lambda: add(x).block_until_ready(), repeats)
     return {"array_bytes": total_bytes, "seconds": seconds,
             "bytes_per_s": 2 * total_bytes / seconds}
-
-
-def tree_bytes(tree) -> int:
-    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
 
 
 def step_bytes(model: CausalLM, state_bytes_per_row: int, batch: int) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from coda_jax.segments import default_chunks_per_call
-from coda_jax.state import BankState
+from coda_jax.state import BankState, tree_bytes
 from .errors import NotFoundError, RefusedError
 from .model_source import OpenModel
 from .settings import read_block
@@ -59,7 +59,7 @@ class DocumentState:
         allowed = np.asarray(self.state.allowed)
         parts = {"recent": allowed[..., :window], "exact": allowed[..., window:window + exact],
                  "summary": allowed[..., window + exact:]}
-        return {"bytes_in_memory": int(sum(leaf.nbytes for leaf in jax.tree.leaves(self.state))),
+        return {"bytes_in_memory": tree_bytes(self.state),
                 "fill": {name: float(part.mean()) if part.size else 0.0
                          for name, part in parts.items()}}
 

@@ -15,7 +15,7 @@ from .kv_cache import KVCache
 from .model_config import AttentionSpec, DecoderConfig
 from .model_io import load_model, read_model_metadata, save_model
 from .state import (BankMetrics, BankState, batch_axis, concat_rows, row_axes, select_rows,
-                    stack_states, where_rows)
+                    stack_states, tree_bytes, where_rows)
 from .unbounded import BaselineGQA, CoDAGQA
 
 __all__ = [
@@ -47,5 +47,6 @@ __all__ = [
     "select_rows",
     "split_fits",
     "stack_states",
+    "tree_bytes",
     "where_rows",
 ]

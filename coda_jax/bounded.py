@@ -19,7 +19,7 @@ from .config import (AttentionConfig, BankConfig, ExactEviction, HeadNormMode, L
                      WritePolicy)
 from .primitives import materialise
 from .projections import AttentionCore, linear
-from .state import POSITION_DTYPE, BankState
+from .state import POSITION_DTYPE, BankState, tree_bytes
 
 
 class CoDAGQALandmark(AttentionCore):
@@ -117,7 +117,7 @@ class CoDAGQALandmark(AttentionCore):
     def cache_bytes(self, *, batch_size: int, dtype=jnp.bfloat16) -> int:
         """Bytes of the whole state (every leaf) for ``batch_size`` documents."""
         shapes = bank_writes.state_shapes(self.layout, int(batch_size), jnp.dtype(dtype))
-        return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes)))
+        return tree_bytes(shapes)
 
     def check_room(self, state: BankState, needed, *, what: str) -> None:
         """A bounded state has room for any number of tokens (see ``runner.Runnable``)."""

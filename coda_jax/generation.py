@@ -22,7 +22,7 @@ from . import kv_cache, runner
 from .checkpoint import nonfinite_rows
 from .decoder import CausalLM, State, stack_modules, unroll_decode_layers, unstack
 from .kv_cache import KVCache
-from .state import where_rows
+from .state import tree_bytes, where_rows
 from .validation import check_integer, check_number
 
 
@@ -116,8 +116,7 @@ def split_fits(model: CausalLM, state: State) -> bool:
     stats = weights[0].devices().pop().memory_stats() if weights else None
     if not stats or "bytes_limit" not in stats:
         return False
-    nbytes = lambda tree: sum(leaf.nbytes for leaf in jax.tree.leaves(tree))  # noqa: E731
-    need = nbytes(weights) + 3 * nbytes(state)
+    need = tree_bytes(weights) + 3 * tree_bytes(state)
     return need * 1.1 <= stats["bytes_limit"] - stats.get("bytes_in_use", 0)
 
 

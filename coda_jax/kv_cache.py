@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from .state import POSITION_DTYPE
+from .state import POSITION_DTYPE, tree_bytes
 
 
 @struct.dataclass
@@ -65,7 +65,7 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         """Bytes of the whole cache (every leaf)."""
-        return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(self)))
+        return tree_bytes(self)
 
     def row_axes(self) -> "KVCache":
         """The batch axis of each leaf (a tree of ints of this structure), for the

@@ -19,6 +19,7 @@ from flax import nnx
 from . import orbax_io
 from .decoder import CausalLM
 from .model_config import AttentionSpec, DecoderConfig
+from .state import tree_bytes
 
 FORMAT = "coda_jax.model/2"
 # Format 1 differs only in having no checksums: it loads, with a warning.
@@ -34,7 +35,7 @@ def describe_model(model: CausalLM) -> dict[str, Any]:
             "reference_compat": model.reference_compat,
             "dtype": str(jnp.dtype(params[0].dtype)),
             "parameters": int(sum(p.size for p in params)),
-            "bytes": int(sum(p.nbytes for p in params))}
+            "bytes": tree_bytes(params)}
 
 
 def save_model(path: str | os.PathLike, model: CausalLM, *, overwrite: bool = False,

@@ -93,6 +93,12 @@ def batch_axis(state: BankState) -> int:
     return state.pos.ndim - 1
 
 
+def tree_bytes(tree) -> int:
+    """Bytes of every leaf of ``tree``: arrays, or shapes (``jax.ShapeDtypeStruct``,
+    ``jax.eval_shape``'s) of a state or of weights."""
+    return int(sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)))
+
+
 def row_axes(state):
     """The batch axis of each leaf of ``state``, as a tree of ints of its structure:
     :func:`batch_axis` for every leaf of a ``BankState``, else the state's own

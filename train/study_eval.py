@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from coda_jax import BankConfig, CausalLM
+from coda_jax import BankConfig, CausalLM, tree_bytes
 
 from .evaluation.bootstrap import bootstrap, row_means
 from .evaluation.passkey import passkey_table
@@ -110,12 +110,11 @@ def state_bytes(model: CausalLM, *, lengths: Sequence[int], dtype: Any = jnp.bfl
                 ) -> dict[str, int]:
     """Bytes of one document's state: the bounded state (any length), or a full
     KV cache at each of ``lengths``."""
-    def size(state) -> int:
-        return int(sum(leaf.size * jnp.dtype(leaf.dtype).itemsize
-                       for leaf in jax.tree.leaves(state)))
     if model.bounded:
-        return {"any": size(jax.eval_shape(lambda: model.init_state(1, dtype, mem_init="zeros")))}
-    return {str(n): size(jax.eval_shape(lambda n=n: model.init_state(1, dtype, max_length=n)))
+        return {"any": tree_bytes(jax.eval_shape(
+            lambda: model.init_state(1, dtype, mem_init="zeros")))}
+    return {str(n): tree_bytes(jax.eval_shape(
+        lambda n=n: model.init_state(1, dtype, max_length=n)))
             for n in lengths}
 
 

@@ -28,8 +28,8 @@ import numpy as np
 from flax import nnx
 
 from bench_database import BANKS, MISTRAL_7B, TINY, TINY_BANKS, timed
-from bench_decode import copy_ceiling, step_bytes, tree_bytes
-from coda_jax import CausalLM, DecoderConfig, concat_rows
+from bench_decode import copy_ceiling, step_bytes
+from coda_jax import CausalLM, DecoderConfig, concat_rows, tree_bytes
 
 
 def main(argv=None) -> int:
