@@ -117,6 +117,29 @@ def test_the_figure_and_tables_come_from_the_json(results, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_full_cache_reads_a_document_in_the_models_framing_as_the_database_does(inputs):
+    """A chat model's documents are read inside its turn markers (document_prefix and
+    _suffix): the unbounded arm reads the same tokens as the database's ingest."""
+    import dataclasses
+
+    from coda_db.documents import read_document
+    from coda_db.model_source import open_model
+    from train.evaluation import retention_unbounded
+
+    model, _ = inputs
+    opened = open_model(str(model))
+    opened = dataclasses.replace(opened, settings=dataclasses.replace(
+        opened.settings, document_prefix="w1 w2 w3 ", document_suffix=" w4 w5"))
+    doc = {"text": "w7 w8 w9 w10 w11 w12", "questions": [{"question": "w13", "answer": "w14"}]}
+    rows = [{"doc": 0, "length": 16, "question": "w13"}]
+    answers, _, tokens = retention_unbounded.run_arm(
+        opened, [doc], rows, lengths=[16], max_length=64, batch_tokens=1 << 14,
+        progress=False)
+    assert answers[0] is not None
+    plain = len(opened.tokenizer.encode(doc["text"]).ids)
+    assert tokens[0] == read_document(opened, doc["text"]).meta["tokens"] > plain
+
+
 def test_scoring_counts_exact_matches_and_the_goals():
     rows = [{"length": n, "facts": f, "depth": 0.5, "question": "q", "expected": "Paris"}
             for n in (1024, 4096) for f in (1, 1, 4)]

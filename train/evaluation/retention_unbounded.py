@@ -243,13 +243,20 @@ def is_out_of_memory(err: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
+def framed(settings: Any, text: str) -> str:
+    """A document as the database reads it: inside the model's document framing (a
+    chat model's turn markers, ``document_prefix`` and ``document_suffix``; empty for a
+    plain model), so the full cache reads what the bounded state read."""
+    return settings.document_prefix + text + settings.document_suffix
+
+
 def cached_path_check(twin: CausalLM, opened: Any, doc: dict[str, Any],
                       tokens: int = CHECK_TOKENS) -> dict[str, Any]:
     """The cached path against the model's own forward, on this device and in
     the model's dtype: the first ``tokens`` tokens of ``doc``, then its first
     question in the prompt with the answer, padded (with token 0) to a
     multiple of ``SUFFIX_MULTIPLE`` as the arm pads its prompts."""
-    ids = opened.tokenizer.encode(doc["text"]).ids[:tokens]
+    ids = opened.tokenizer.encode(framed(opened.settings, doc["text"])).ids[:tokens]
     q = doc["questions"][0]
     suffix = opened.tokenizer.encode(
         opened.settings.prompt.replace("{question}", q["question"]) + " " + q["answer"],
@@ -293,7 +300,8 @@ def run_arm(opened: Any, docs: Sequence[dict[str, Any]], rows: Sequence[dict[str
         start = time.perf_counter()
         try:
             got, timings = answer_questions(
-                twin, opened.tokenizer, [docs[d]["text"] for d in doc_ids], questions,
+                twin, opened.tokenizer, [framed(settings, docs[d]["text"]) for d in doc_ids],
+                questions,
                 prompt=settings.prompt, stop_tokens=settings.stop_tokens,
                 max_new_tokens=settings.sampling.max_new_tokens, batch_tokens=batch_tokens,
                 progress=progress, desc=f"unbounded {length}")
