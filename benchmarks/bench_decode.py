@@ -149,10 +149,12 @@ def main(argv: list[str] | None = None) -> int:
                                         "stacked_share_of_bound":
                                             need / ceiling["bytes_per_s"] / stacked_s}
             del logits, state
+            row = entry["decode"][-1]
+            stacked = (f"; stacked {row['stacked_step_seconds'] * 1e3:.2f} ms"
+                       if "stacked_step_seconds" in row else "")
             print(f"{length} tokens, batch {batch}: {step_s * 1e3:.2f} ms/step, "
-                  f"{entry['decode'][-1]['share_of_bound']:.0%} of the bound, layers split "
-                  f"{split}; stacked {entry['decode'][-1].get('stacked_step_seconds', 0) * 1e3:.2f}"
-                  " ms", flush=True)
+                  f"{row['share_of_bound']:.0%} of the bound, layers split {split}{stacked}",
+                  flush=True)
         results["documents"].append(entry)
         write_results(args.out, model, results, tiny=tiny, steps=[short, long],
                       repeats=args.repeats, block=settings.block_size)  # kept if cut off
