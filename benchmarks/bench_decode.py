@@ -21,6 +21,8 @@ On a Mistral-7B-shaped bounded model with random bf16 weights (the bank of
 
     python benchmarks/bench_decode.py --out benchmarks/results/decode_h100.json
     python benchmarks/bench_decode.py --tiny --out /tmp/decode_tiny.json   # CPU check
+    python benchmarks/bench_decode.py --out q.json --doc-lengths 4096 --no-decode-steps
+        # ingest and query_many alone: the whole bench no longer fits a 10-minute call
 """
 
 from __future__ import annotations
@@ -102,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated document tokens (default 4096,32768)")
     parser.add_argument("--steps", default="8,40", help="SHORT,LONG greedy steps timed")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-decode-steps", action="store_true",
+                        help="skip the per-batch step timings (ingest and query_many only: "
+                        "each batch's steps compile twice, which a short call may not afford)")
     parser.add_argument("--stacked-baseline", action="store_true",
                         help="also time each step with generate(split_layers=False)")
     args = parser.parse_args(argv)
@@ -131,14 +136,15 @@ def main(argv: list[str] | None = None) -> int:
                                     "tokens_per_s": ids.shape[1] / prefill_s},
                  "ingest_over_prefill_time": ingest_s / prefill_s, "decode": []}
         prompt = answerer.prompt_ids(text_of(12, 1))
-        for batch in batches:
+        for batch in [] if args.no_decode_steps else batches:
             logits, state = answerer.read_prompts(concat_rows(*[document.state] * batch),
                                                   [prompt] * batch)
             split = split_fits(model, state)  # what generate decides by default
             step_s = decode_step_seconds(model, state, logits, short, long, args.repeats)
             need = step_bytes(model, row_bytes, batch)
             entry["decode"].append({
-                "batch": batch, "split_layers": split, "step_seconds": step_s, "tokens_per_s": batch / step_s,
+                "batch": batch, "split_layers": split, "step_seconds": step_s,
+                "tokens_per_s": batch / step_s,
                 "bytes_per_step": need, "achieved_bytes_per_s": need / step_s,
                 "bound_step_seconds": need / ceiling["bytes_per_s"],
                 "share_of_bound": need / ceiling["bytes_per_s"] / step_s})
