@@ -356,7 +356,8 @@ def eval_document(vocab: Vocabulary, filler: np.ndarray, phrasings: Phrasings, *
                   rng: np.random.Generator) -> dict[str, Any]:
     """One held-out document whose ingest string is ``length`` tokens: ``facts``
     facts spread over a band at ``depth`` and ``passages`` passage questions
-    near it, with their questions, answers and accepted answers."""
+    near it, with their questions, answers and accepted answers; ``text`` is the
+    document as a user pastes it, ``text_prefix`` the same in the chat framing."""
     drawn = draw_chat_facts(rng, phrasings, facts, retention.band_depths(depth, facts))
     n_doc = length - len(vocab.document_prefix) - len(vocab.document_suffix)
     n_filler = n_doc - sum(len(fact_tokens(vocab, f)[0]) for f in drawn)
@@ -370,8 +371,9 @@ def eval_document(vocab: Vocabulary, filler: np.ndarray, phrasings: Phrasings, *
         question, answer = passage_question(rng, phrasings, passage)
         questions.append({"question": question, "answer": answer, "accepted": [answer],
                           "kind": "passage", "depth": round(passage.depth, 3)})
-    prefix = CHAT.ingest(vocab.tok.decode(doc.ids.tolist()))
-    return {"text_prefix": prefix, "questions": questions, "length": length,
+    text = vocab.tok.decode(doc.ids.tolist())
+    prefix = CHAT.ingest(text)
+    return {"text": text, "text_prefix": prefix, "questions": questions, "length": length,
             "tokens": len(vocab.encode(prefix)), "facts": facts}
 
 

@@ -3,7 +3,9 @@ JSON's structure, its counts, the unbounded cache's skipped lengths and its cach
 path (the engine's K/V cache) against the forward, the figure and tables, the merge
 of parts, and that a document the window holds whole gets the same answers from the
 saved bounded and window-only states (loaded in a fresh process) as from the full KV
-cache; the exit codes of bad arguments."""
+cache; the base cache (a given base model: here the same weights' unbounded twin, so
+its answers must be the unbounded cache's); chat documents and their scoring by
+accepted answers; the exit codes of bad arguments."""
 
 from __future__ import annotations
 
@@ -39,7 +41,22 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def results(inputs, tmp_path_factory) -> dict:
+def base_model(inputs, tmp_path_factory) -> Path:
+    """A stand-in base: the model's own weights with full attention (its unbounded
+    twin), saved as a checkpoint with the model's tokenizer."""
+    import shutil
+
+    from coda_jax import load_model, save_model
+    from train.steps import unbounded_twin
+
+    out = save_model(tmp_path_factory.mktemp("base") / "model",
+                     unbounded_twin(load_model(inputs[0])))
+    shutil.copy(inputs[0] / "tokenizer.json", out / "tokenizer.json")
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(inputs, base_model, tmp_path_factory) -> dict:
     model, corpus = inputs
     out = tmp_path_factory.mktemp("out") / "results.json"
     printed = io.StringIO()
@@ -48,7 +65,8 @@ def results(inputs, tmp_path_factory) -> dict:
             "--model", str(model), "--corpus", str(corpus), "--out", str(out),
             "--lengths", ",".join(map(str, LENGTHS)), "--facts", ",".join(map(str, FACTS)),
             "--depths", ",".join(map(str, DEPTHS)), "--count", "1",
-            "--unbounded-max-length", "200", "--query-batch", "64", "--no-progress"])
+            "--unbounded-max-length", "200", "--query-batch", "64", "--no-progress",
+            "--caches", "bounded,window_only,unbounded,base", "--base-model", str(base_model)])
     assert code == 0, printed.getvalue()[-4000:]
     assert "| facts | cache |" in printed.getvalue()  # the table is printed
     return json.loads(out.read_text())
@@ -56,11 +74,13 @@ def results(inputs, tmp_path_factory) -> dict:
 
 def test_every_question_is_counted_once_per_cache(results):
     cfg = results["config"]
-    assert cfg["caches"] == ["bounded", "window_only", "unbounded"]
+    assert cfg["caches"] == ["bounded", "window_only", "unbounded", "base"]
+    assert cfg["task"] == "facts" and results["scoring"] == retention_scoring.EXACT_RULE
     per_length = len(FACTS) * len(DEPTHS) * 1
     questions = sum(FACTS) * len(DEPTHS) * len(LENGTHS)
     assert cfg["documents"] == per_length * len(LENGTHS) and cfg["questions_per_cache"] == questions
-    for cache, lengths in (("bounded", LENGTHS), ("window_only", LENGTHS), ("unbounded", (150,))):
+    for cache, lengths in (("bounded", LENGTHS), ("window_only", LENGTHS), ("unbounded", (150,)),
+                           ("base", (150,))):
         rows = [r for r in results["rows"] if r["cache"] == cache]
         assert sorted({(r["length"], r["facts"], r["depth"]) for r in rows}) == sorted(
             (n, f, d) for n in lengths for f in FACTS for d in DEPTHS)
@@ -85,6 +105,19 @@ def test_every_question_is_counted_once_per_cache(results):
         assert results["timings"]["bounded"][phase] > 0
     assert results["timings"]["bounded"]["worker"]["query_s"] > 0
     assert results["timings"]["unbounded"]["generate_s"] > 0
+    # The base given is the unbounded cache's own model: the same answers, cell by cell.
+    counts = {(r["cache"], r["length"], r["facts"], r["depth"]): r["correct"]
+              for r in results["rows"]}
+    assert {k[1:]: v for k, v in counts.items() if k[0] == "base"} == {
+        k[1:]: v for k, v in counts.items() if k[0] == "unbounded"}
+    base = {(s["question"], s["length"]): s["answer"] for s in results["samples"]
+            if s["cache"] == "base"}
+    assert base and all(base[k] == s["answer"] for s in results["samples"]
+                        if s["cache"] == "unbounded" and (k := (s["question"], s["length"]))
+                        in base)
+    assert results["base"]["skipped"] == results["unbounded"]["skipped"]
+    assert results["state_bytes"]["base_kv_cache_bytes"] == \
+        results["state_bytes"]["unbounded_kv_cache_bytes"]
 
 
 def test_state_sizes_agree_and_the_window_holds_a_short_document_whole(results):
@@ -162,6 +195,50 @@ def test_scoring_counts_exact_matches_and_the_goals():
     assert [(a["length"], a["same"], a["total"]) for a in same] == [(1024, 1, 3), (4096, 2, 2)]
 
 
+def test_a_chat_question_is_right_when_its_reply_names_an_accepted_answer():
+    from coda_db.scoring import SCORING_RULE
+
+    rows = [{"length": 1024, "facts": 1, "depth": 0.5, "question": "Who chairs it?",
+             "expected": "Mara Voss chairs it.", "accepted": ["Mara Voss", "Voss"]},
+            {"length": 1024, "facts": 1, "depth": 0.5, "question": "q", "expected": "Paris"}]
+    assert retention_scoring.is_correct("The committee is chaired by VOSS.", rows[0])
+    assert not retention_scoring.is_correct("Vossberg chairs it.", rows[0])  # whole words
+    assert retention_scoring.is_correct("Paris", rows[1])
+    assert not retention_scoring.is_correct("It is Paris.", rows[1])  # plain rows: exact
+    assert [c["correct"] for c in retention_scoring.cell_rows(
+        "bounded", rows, ["Voss, I think.", "Paris"])] == [2]
+    assert retention_scoring.scoring_rule(rows) == SCORING_RULE
+    assert retention_scoring.scoring_rule(rows[1:]) == retention_scoring.EXACT_RULE
+
+
+def test_chat_documents_are_pasted_text_with_free_form_questions(inputs, tmp_path):
+    """--task chat: the documents as a user pastes them (the database adds the chat
+    framing), every question with its accepted answers, a passage question each."""
+    import shutil
+
+    from train import data
+    from train.evaluation.retention_args import make_documents, question_rows
+    from train.retention_chat import CHAT
+
+    corpus = Path(shutil.copytree(inputs[1], tmp_path / "chat_corpus"))
+    tok = data.load_tokenizer(corpus / "tokenizer.json")
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])  # SmolLM2's turn markers
+    data.save_tokenizer(tok, corpus / "tokenizer.json")
+    docs, _ = make_documents(corpus, lengths=[300, 600], facts=[1, 4], depths=[0.5], count=1,
+                             seed=3, task="chat", passages=1)
+    assert [(d["length"], d["facts"]) for d in docs] == [(300, 1), (300, 4), (600, 1), (600, 4)]
+    for doc in docs:
+        assert "<|im_start|>" not in doc["text"] and doc["text_prefix"] == CHAT.ingest(doc["text"])
+        assert len(tok.encode(doc["text_prefix"]).ids) == doc["tokens"] == doc["length"]
+        assert len(doc["questions"]) == doc["facts"] + 1
+    rows = question_rows(docs)
+    assert all(r["accepted"] and r["kind"] for r in rows)
+    assert sum(r["kind"] == "passage" for r in rows) == len(docs)
+    with pytest.raises(retention_study.StudyError, match="<|im_end|>"):  # a plain tokenizer
+        make_documents(inputs[1], lengths=[300], facts=[1], depths=[0.5], count=1, seed=3,
+                       task="chat")
+
+
 def test_merged_parts_add_their_counts_and_must_share_a_model(results, tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(results))
@@ -234,7 +311,11 @@ def test_bad_arguments_are_refused_by_name(inputs, option, value, message, tmp_p
                                  option, value])
     assert code == 3 and message in capsys.readouterr().err
     assert retention_study.main(["--model", str(tmp_path), "--corpus", str(corpus), *out]) == 3
-    assert "is not a coda_jax model checkpoint" in capsys.readouterr().err
+    assert "is neither a coda_jax model checkpoint" in capsys.readouterr().err
+    # The base cache needs a base: a checkpoint names none.
+    assert retention_study.main(["--model", str(model), "--corpus", str(corpus), *out,
+                                 "--caches", "bounded,base"]) == 3
+    assert "the base cache needs --base-model" in capsys.readouterr().err
     assert retention_study.main(["--model", str(tmp_path / "nowhere"), "--corpus", str(corpus),
                                  *out]) == 2
     (tmp_path / "work").mkdir()

@@ -14,8 +14,13 @@ from ..cli import UsageParser
 
 DESCRIPTION = ("The retention study (issue #19, point 4): exact-match accuracy of a bounded "
                "model's saved document states against document length and fact depth.")
-CACHES = ("bounded", "window_only", "unbounded")
+# "base": the unmodified base model (an adapter bundle's pinned one, or --base-model) with
+# a full K/V cache, in the model's framing and prompt; asked for by name only.
+CACHES = ("bounded", "window_only", "unbounded", "base")
+DEFAULT_CACHES = ("bounded", "window_only", "unbounded")
 PRODUCT_CACHES = ("bounded", "window_only")
+FULL_CACHES = ("unbounded", "base")  # answered by retention_unbounded's worker
+TASKS = ("facts", "chat")
 DEFAULT_LENGTHS = "1024,4096,16384,65536"
 DEFAULT_DEPTHS = "0.05,0.25,0.5,0.75,0.95"
 
@@ -76,7 +81,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m train.evaluation retention", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a coda_jax bounded model checkpoint directory "
-                        "(tokenizer.json inside; default: the bundled model, if any)")
+                        "(tokenizer.json inside) or a bundle of adapters over a pinned base "
+                        "(python -m train.bundle; default: the bundled model, if any)")
+    parser.add_argument("--task", choices=TASKS, default="facts",
+                        help="facts: train.retention's documents, exact match (a plain "
+                        "model); chat: train.retention_chat's held-out documents and free-form "
+                        "questions, scored by coda_db.scoring's containment rule with each "
+                        "question's accepted answers (a chat model; default facts)")
+    parser.add_argument("--passages", type=int, default=1,
+                        help="passage questions per chat document (--task chat; default 1)")
+    parser.add_argument("--base-model",
+                        help="the unmodified base for the base cache: a coda_jax checkpoint "
+                        "(default for an adapter bundle: its pinned base)")
     parser.add_argument("--corpus", required=True,
                         help="a corpus of python -m train.corpus (heldout/, tokenizer.json)")
     parser.add_argument("--out", required=True, help="the results JSON")
@@ -90,8 +106,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=4,
                         help="documents per (length, facts, depth) cell (default 4)")
     parser.add_argument("--seed", type=int, default=1, help="documents' seed")
-    parser.add_argument("--caches", default=",".join(CACHES),
-                        help=f"some of {','.join(CACHES)} (default: all)")
+    parser.add_argument("--caches", default=",".join(DEFAULT_CACHES),
+                        help=f"some of {','.join(CACHES)} (default: "
+                        f"{','.join(DEFAULT_CACHES)})")
     parser.add_argument("--unbounded-max-length", type=int, default=65536,
                         help="the unbounded cache runs at lengths up to this")
     parser.add_argument("--query-batch", type=int, default=256,
@@ -114,7 +131,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("count", "query_batch", "unbounded_batch_tokens"):
         if getattr(args, name) < 1:
             raise StudyError(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("seed", "samples", "unbounded_max_length"):
+    for name in ("seed", "samples", "unbounded_max_length", "passages"):
         if getattr(args, name) < 0:
             raise StudyError(f"--{name.replace('_', '-')} must be >= 0")
     args.model = args.model or bundled_model_dir()
@@ -124,9 +141,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     model = Path(args.model)
     if not model.exists():
         raise FileNotFoundError(f"--model {model}: no such directory")
-    if not (model / "meta").is_dir() or not (model / "tokenizer.json").is_file():
-        raise StudyError(f"--model {model} is not a coda_jax model checkpoint with a "
-                         "tokenizer.json inside")
+    from coda_db.bundled import is_adapter_bundle
+
+    checkpoint = (model / "meta").is_dir() and (model / "tokenizer.json").is_file()
+    if not checkpoint and not is_adapter_bundle(model):
+        raise StudyError(f"--model {model} is neither a coda_jax model checkpoint with a "
+                         "tokenizer.json inside nor a bundle of adapters")
+    if args.base_model is not None:
+        if not Path(args.base_model).exists():
+            raise FileNotFoundError(f"--base-model {args.base_model}: no such directory")
+        if not (Path(args.base_model) / "meta").is_dir():
+            raise StudyError(f"--base-model {args.base_model} is not a coda_jax model "
+                             "checkpoint")
+    elif "base" in args.caches and checkpoint:
+        raise StudyError("the base cache needs --base-model (only an adapter bundle names "
+                         "its base)")
     work = Path(args.work) if args.work else None
     if work is not None and work.exists() and (not work.is_dir() or any(work.iterdir())):
         raise StudyError(f"--work {work} is not an empty directory")
@@ -141,24 +170,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------ documents
 def make_documents(corpus: Path, *, lengths: Sequence[int], facts: Sequence[int],
-                   depths: Sequence[float], count: int, seed: int
-                   ) -> tuple[list[dict[str, Any]], str]:
-    """The held-out documents of every cell (``train.retention.eval_documents``)
-    and the corpus tokenizer's fingerprint."""
-    from .. import data, retention
+                   depths: Sequence[float], count: int, seed: int, task: str = "facts",
+                   passages: int = 1) -> tuple[list[dict[str, Any]], str]:
+    """The held-out documents of every cell and the corpus tokenizer's fingerprint:
+    ``train.retention.eval_documents`` (task ``facts``) or
+    ``train.retention_chat.eval_documents`` with ``passages`` passage questions each
+    (task ``chat``: ``text`` the document as pasted, questions with accepted answers)."""
+    from .. import data, retention, retention_chat
 
     tok = data.load_tokenizer(corpus / "tokenizer.json")
     filler = data.read_tokens(corpus / "heldout")
     try:
-        docs = list(retention.eval_documents(tok, filler, lengths=lengths, facts_per_doc=facts,
-                                             depths=depths, count=count, seed=seed))
+        if task == "chat":
+            docs = list(retention_chat.eval_documents(
+                tok, filler, lengths=lengths, facts_per_doc=facts, depths=depths,
+                passages=passages, count=count, seed=seed))
+        else:
+            docs = list(retention.eval_documents(tok, filler, lengths=lengths,
+                                                 facts_per_doc=facts, depths=depths,
+                                                 count=count, seed=seed))
     except ValueError as err:
         raise StudyError(f"cannot build the documents: {err}") from None
     return docs, data.tokenizer_fingerprint(tok)
 
 
 def question_rows(docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per question: its document, cell, question and expected answer."""
+    """One row per question: its document, cell, question and expected answer (and,
+    for a chat document's question, its accepted answers and kind)."""
     return [{"doc": i, "length": d["length"], "facts": d["facts"], "depth": d["depth"],
              "question": q["question"], "expected": q["answer"]}
+            | {k: q[k] for k in ("accepted", "kind") if k in q}
             for i, d in enumerate(docs) for q in d["questions"]]

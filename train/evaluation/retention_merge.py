@@ -52,6 +52,7 @@ def merge(parts: Sequence[dict[str, Any]], *, mixed_devices: bool = False) -> di
     if not mixed_devices:
         _check_same(parts, "device", lambda p: p["device"]["kind"])
     _check_same(parts, "corpus tokenizer", lambda p: p["corpus"]["tokenizer_sha256"])
+    _check_same(parts, "scoring rule", lambda p: p.get("scoring", scoring.EXACT_RULE))
     cells: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     same: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     for part in parts:
@@ -80,18 +81,18 @@ def merge(parts: Sequence[dict[str, Any]], *, mixed_devices: bool = False) -> di
               "parts": configs}
     summary = scoring.summaries(rows, CACHES)
     state: dict[str, Any] = {}
-    kv: dict[str, int] = {}
+    kv: dict[str, dict[str, int]] = {}
     for part in parts:
         for cache, value in part["state_bytes"].items():
-            if cache == "unbounded_kv_cache_bytes":
-                kv |= value
+            if cache.endswith("_kv_cache_bytes"):  # a full cache's bytes per length
+                kv.setdefault(cache, {}).update(value)
             elif cache in state and state[cache]["model_cache_bytes"] != \
                     value["model_cache_bytes"]:
                 raise MergeError(f"the parts' {cache} states differ in size")
             else:
                 state.setdefault(cache, value)
-    if kv:
-        state["unbounded_kv_cache_bytes"] = dict(sorted(kv.items(), key=lambda kv: int(kv[0])))
+    for cache, sizes in kv.items():
+        state[cache] = dict(sorted(sizes.items(), key=lambda item: int(item[0])))
     ran = {length for p in parts for length in p.get("unbounded", {}).get("lengths", {})}
     unbounded = {
         "lengths": {k: v for p in parts for k, v in p.get("unbounded", {}).get("lengths",
@@ -105,7 +106,8 @@ def merge(parts: Sequence[dict[str, Any]], *, mixed_devices: bool = False) -> di
     device = first["device"] if len(kinds) == 1 else {"kind": " + ".join(kinds),
                                                       "parts": [p["device"] for p in parts]}
     return {"format": FORMAT, "device": device, "versions": first["versions"],
-            "model": first["model"], "corpus": first["corpus"], "config": config,
+            "model": first["model"], "corpus": first["corpus"],
+            "scoring": first.get("scoring", scoring.EXACT_RULE), "config": config,
             "rows": rows, "summaries": summary, "goals": scoring.goals(summary, lengths),
             "agreement_with_unbounded": [
                 {"cache": cache, "length": length, "same": s, "total": t, "fraction": s / t}

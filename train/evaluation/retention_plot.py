@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from ..cli import EXIT_REFUSED, UsageParser, run_reporting_errors
 
 CACHE_NAMES = {"bounded": "bounded (banks + window)", "window_only": "window only",
-               "unbounded": "unbounded (full KV)"}
+               "unbounded": "unbounded (full KV)", "base": "unmodified base (full KV)"}
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
@@ -74,10 +74,11 @@ def markdown_table(results: dict[str, Any]) -> str:
             size = state[cache]["model_cache_bytes"]
             lines.append(f"| {CACHE_NAMES[cache]} | " + " | ".join(_size(size) for _ in lengths)
                          + " |")
-    if "unbounded_kv_cache_bytes" in state:
-        kv = state["unbounded_kv_cache_bytes"]
-        lines.append(f"| {CACHE_NAMES['unbounded']} | "
-                     + " | ".join(_size(kv[str(n)]) for n in lengths) + " |")
+    for cache in ("unbounded", "base"):
+        kv = state.get(f"{cache}_kv_cache_bytes")
+        if kv:
+            lines.append(f"| {CACHE_NAMES[cache]} | "
+                         + " | ".join(_size(kv[str(n)]) for n in lengths) + " |")
     return "\n".join(lines)
 
 

@@ -150,19 +150,29 @@ def window_only_twin(model: Any, *, saveable: bool = True) -> Any:
 
 
 def window_only_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                      model: Any = None) -> Path:
+                      model: Any = None, tokenizer: Any = None) -> Path:
     """The model at ``model_dir`` (``model``: the same, already loaded) attending
-    over its window only (:func:`window_only_twin`), saved at ``out_dir`` with the
-    same ``database`` settings and tokenizer."""
+    over its window only (:func:`window_only_twin`), saved at ``out_dir`` as a
+    checkpoint with the same ``database`` settings and tokenizer. ``model_dir`` may
+    be a bundle of adapters (its card's settings; its opened ``model`` and
+    ``tokenizer`` are then needed, the bundle holding neither whole)."""
     from coda_jax import load_model, read_model_metadata, save_model
+    from coda_db.bundled import is_adapter_bundle, read_card
     from coda_db.settings import METADATA_KEY
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    meta = read_model_metadata(model_dir)
-    extra = {METADATA_KEY: meta[METADATA_KEY]} if METADATA_KEY in meta else {}
+    bundle = is_adapter_bundle(model_dir)
+    if bundle and (model is None or tokenizer is None):
+        raise ValueError(f"{model_dir} is a bundle of adapters: give its opened model and "
+                         "tokenizer")
+    meta = (read_card(model_dir) or {}) if bundle else read_model_metadata(model_dir)
+    extra = {METADATA_KEY: meta[METADATA_KEY]} if meta.get(METADATA_KEY) else {}
     model = load_model(model_dir) if model is None else model
     save_model(out_dir, window_only_twin(model), extra_meta=extra)
-    shutil.copy(model_dir / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
+    if bundle:
+        tokenizer.save(str(out_dir / TOKENIZER_FILE))
+    else:
+        shutil.copy(model_dir / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
     return out_dir
 
 

@@ -1,23 +1,40 @@
-"""Scoring the retention study: exact match per question, accuracy per cell and
+"""Scoring the retention study: per question right or wrong, accuracy per cell and
 length, the issue's goals, agreement between caches and sample answers.
 
 A *row* is one question (``length``, ``facts``, ``depth``, ``question``,
-``expected``); answers are aligned with the rows, ``None`` where a cache did
-not run (the unbounded cache above its maximum length).
+``expected``; a chat document's also ``accepted``); answers are aligned with the
+rows, ``None`` where a cache did not run (the unbounded cache above its maximum
+length). A row with accepted answers is scored by the database's containment rule
+(:func:`coda_db.scoring.is_right`: a free-form reply names the answer), any other by
+exact match (a plain model's completion is the answer itself).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
+
+from coda_db.scoring import SCORING_RULE, is_right
 
 GOAL_ONE_FACT = 0.95  # accuracy with one fact, at every length (bounded)
 GOAL_GAP_POINTS = 5.0  # bounded within this many points of unbounded, where it runs
 
 
-def is_correct(answer: str, expected: str) -> bool:
-    """Exact match after stripping surrounding whitespace."""
-    return answer.strip() == expected.strip()
+EXACT_RULE = "exact match after stripping surrounding whitespace"
+
+
+def is_correct(answer: str, row: Mapping[str, Any]) -> bool:
+    """Whether ``answer`` answers the question ``row``: one of its ``accepted``
+    answers contained in it (:func:`coda_db.scoring.is_right`) where the row has
+    them, else exact match after stripping surrounding whitespace."""
+    if "accepted" in row:
+        return is_right(answer, row["accepted"])
+    return answer.strip() == row["expected"].strip()
+
+
+def scoring_rule(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The rule :func:`is_correct` applies to ``rows``, in words."""
+    return SCORING_RULE if any("accepted" in r for r in rows) else EXACT_RULE
 
 
 def cell_rows(cache: str, rows: Sequence[dict[str, Any]], answers: Sequence[str]
@@ -26,7 +43,7 @@ def cell_rows(cache: str, rows: Sequence[dict[str, Any]], answers: Sequence[str]
     cells: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     for row, answer in zip(rows, answers, strict=True):
         cell = cells[row["length"], row["facts"], row["depth"]]
-        cell[0] += is_correct(answer, row["expected"])
+        cell[0] += is_correct(answer, row)
         cell[1] += 1
     return [{"cache": cache, "length": length, "facts": facts, "depth": depth,
              "correct": c, "total": t, "accuracy": c / t}
@@ -98,5 +115,5 @@ def sample_answers(cache: str, rows: Sequence[dict[str, Any]], answers: Sequence
         for i in picked[::step][:per_length]:
             out.append({"cache": cache, **{k: rows[i][k] for k in (
                 "length", "facts", "depth", "question", "expected")},
-                "answer": answers[i], "correct": is_correct(answers[i], rows[i]["expected"])})
+                "answer": answers[i], "correct": is_correct(answers[i], rows[i])})
     return out

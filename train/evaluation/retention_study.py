@@ -67,8 +67,8 @@ from typing import Any, Sequence  # noqa: E402
 from ..cli import EXIT_REFUSED, run_reporting_errors  # noqa: E402
 from . import retention_product as product  # noqa: E402
 from . import retention_scoring as scoring  # noqa: E402
-from .retention_args import (CACHES, PRODUCT_CACHES, StudyError, make_documents,  # noqa: E402
-                             parse_args, question_rows)
+from .retention_args import (CACHES, FULL_CACHES, PRODUCT_CACHES, StudyError,  # noqa: E402
+                             make_documents, parse_args, question_rows)
 from .retention_workers import finish_worker, start_worker, stop_worker, write_json  # noqa: E402
 
 FORMAT = "retention_study/1"
@@ -129,7 +129,7 @@ def product_arm(cache: str, args: argparse.Namespace, opened: Any, texts: Sequen
         model, model_dir = opened, Path(args.model)
     else:
         model_dir = product.window_only_model(args.model, work / "window_only_model",
-                                              opened.model)
+                                              opened.model, opened.tokenizer)
         model = open_model(model_dir)
     built = time.perf_counter() - start
     library = work / f"library_{cache}"
@@ -172,35 +172,40 @@ def finish_arm(cache: str, worker: Any, report: dict, timings: dict) -> list[str
 
 
 def unbounded_arm(args: argparse.Namespace, docs: Sequence[dict[str, Any]],
-                  rows: Sequence[dict[str, Any]], work: Path) -> Any:
-    """Write the documents and launch the unbounded cache's worker (a process of its
-    own: it compiles and tokenises while the product caches ingest) -> (process,
-    answers file, launch time)."""
+                  rows: Sequence[dict[str, Any]], work: Path, cache: str = "unbounded"
+                  ) -> Any:
+    """Write the documents and launch a full-cache worker (a process of its own: it
+    compiles and tokenises while the product caches ingest): the unbounded twin,
+    or for ``cache="base"`` the unmodified base (``--base-model``, else the
+    adapter bundle's pinned base) -> (process, answers file, launch time)."""
     from . import retention_unbounded as unbounded
 
     documents = work / "documents.json"
-    documents.write_text(json.dumps([{"text": d["text"], "questions": d["questions"]}
-                                     for d in docs]))
-    spec = unbounded.write_spec(work / "spec_unbounded.json", model=args.model,
+    if not documents.exists():
+        documents.write_text(json.dumps([{"text": d["text"], "questions": d["questions"]}
+                                         for d in docs]))
+    base = (args.base_model or "pinned") if cache == "base" else None
+    spec = unbounded.write_spec(work / f"spec_{cache}.json", model=args.model,
                                 documents=documents, rows=rows, lengths=args.lengths,
                                 max_length=args.unbounded_max_length,
                                 batch_tokens=args.unbounded_batch_tokens,
-                                progress=not args.no_progress)
-    out = work / "answers_unbounded.json"
+                                progress=not args.no_progress, base=base)
+    out = work / f"answers_{cache}.json"
     return start_worker(unbounded.WORKER_MODULE, spec, out), out, time.perf_counter()
 
 
-def finish_unbounded(worker: Any) -> tuple[list[str | None], dict[str, Any], dict[int, int],
-                                           dict[str, Any]]:
-    """Wait for the unbounded worker -> (answers, report, each document's tokens,
-    timings)."""
+def finish_unbounded(worker: Any, cache: str = "unbounded"
+                     ) -> tuple[list[str | None], dict[str, Any], dict[int, int],
+                                dict[str, Any]]:
+    """Wait for a full-cache worker (``cache``: unbounded or base) -> (answers,
+    report, each document's tokens, timings)."""
     process, out, launched = worker
-    result = finish_worker(process, out, "unbounded")
+    result = finish_worker(process, out, cache)
     timings = result["timings"] | {"collected_after_s": time.perf_counter() - launched}
     report = result["report"]
     ran = sorted(int(k) for k in report["lengths"])
     check = report["cached_path_check"]
-    print(f"unbounded: answered at lengths {ran} in a process of its own "
+    print(f"{cache}: answered at lengths {ran} in a process of its own "
           f"({_phases(result['timings'])}); cached path "
           f"against the forward: max |logit difference| {check['max_abs_difference']:.3g} of "
           f"{check['max_abs_logit']:.3g}, same greedy token "
@@ -216,7 +221,8 @@ def run_study(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     started = time.perf_counter()
     timings: dict[str, Any] = {}
     docs, corpus_tok = make_documents(Path(args.corpus), lengths=args.lengths, facts=args.facts,
-                                      depths=args.depths, count=args.count, seed=args.seed)
+                                      depths=args.depths, count=args.count, seed=args.seed,
+                                      task=args.task, passages=args.passages)
     rows = question_rows(docs)
     timings["documents_s"] = time.perf_counter() - started
     print(f"{len(docs)} documents, {len(rows)} questions ({timings['documents_s']:.1f} s)",
@@ -236,6 +242,9 @@ def run_study(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             if cache == "unbounded":
                 answers[cache], reports[cache], unbounded_tokens, timings[cache] = \
                     finish_unbounded(worker)
+            elif cache == "base":
+                answers[cache], reports[cache], _, timings[cache] = \
+                    finish_unbounded(worker, cache)
             else:
                 answers[cache] = finish_arm(cache, worker, reports[cache], timings[cache])
         except RuntimeError as err:
@@ -244,10 +253,10 @@ def run_study(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             reports.pop(cache, None)
 
     try:
-        if "unbounded" in args.caches:
-            workers["unbounded"] = unbounded_arm(args, docs, rows, work)
+        for cache in (c for c in args.caches if c in FULL_CACHES):
+            workers[cache] = unbounded_arm(args, docs, rows, work, cache)
             if args.serial:
-                finish("unbounded")
+                finish(cache)
         start = time.perf_counter()
         opened = open_model(args.model)
         timings["open_model_s"] = time.perf_counter() - start
@@ -289,16 +298,19 @@ def assemble(args: argparse.Namespace, opened: Any, corpus_tok: str,
         reports["unbounded"]["documents_tokenised_differently_from_the_database"] = sum(
             tokens != product_tokens[doc] for doc, tokens in unbounded_tokens.items())
     state = {cache: reports[cache]["state_bytes"] for cache in PRODUCT_CACHES if cache in reports}
-    if "unbounded" in reports:
-        state["unbounded_kv_cache_bytes"] = reports["unbounded"]["kv_cache_bytes"]
+    for cache in (c for c in FULL_CACHES if c in reports):
+        state[f"{cache}_kv_cache_bytes"] = reports[cache]["kv_cache_bytes"]
     return {"format": FORMAT, **environment(), "model": model_description(opened),
             "corpus": {"path": str(Path(args.corpus).absolute()),
                        "tokenizer_sha256": corpus_tok,
                        "same_tokenizer_as_model": corpus_tok == opened.tokenizer_sha256},
-            "config": {"lengths": args.lengths, "depths": args.depths, "facts": args.facts,
+            "scoring": scoring.scoring_rule(rows),
+            "config": {"task": args.task, "lengths": args.lengths, "depths": args.depths, "facts": args.facts,
                        "count": args.count, "seed": args.seed, "caches": caches,
                        "requested_caches": args.caches,
                        "unbounded_max_length": args.unbounded_max_length,
+                       "base_model": ((args.base_model or "the bundle's pinned base")
+                                      if "base" in caches else None),
                        "query_batch": args.query_batch,
                        "unbounded_batch_tokens": args.unbounded_batch_tokens,
                        "overlapped_workers": not args.serial,
@@ -309,8 +321,8 @@ def assemble(args: argparse.Namespace, opened: Any, corpus_tok: str,
             "goals": scoring.goals(summary, args.lengths),
             "agreement_with_unbounded": scoring.agreement(rows, answers, PRODUCT_CACHES),
             "state_bytes": state,
-            "unbounded": {k: v for k, v in reports.get("unbounded", {}).items()
-                          if k != "kv_cache_bytes"},
+            **{cache: {k: v for k, v in reports.get(cache, {}).items()
+                       if k != "kv_cache_bytes"} for cache in FULL_CACHES},
             "workers": {c: reports[c]["worker"] for c in PRODUCT_CACHES if c in reports},
             "timings": timings, "samples": kept}
 

@@ -15,6 +15,10 @@ positions (``prefill(..., lengths=..., last_only=True)``), and
 the cached path with the model's own forward (``CausalLM.__call__``); the arm
 runs that check on its device first (:func:`cached_path_check`).
 
+The study's ``base`` arm runs here too: the unmodified base model (an adapter
+bundle's pinned base, or a given checkpoint, :func:`open_base`) in place of the
+twin, with the model's framing, prompt and stop tokens.
+
 The study starts the worker (``retention_workers.start_worker``):
 
     python -m train.evaluation.retention_unbounded worker SPEC.json ANSWERS.json
@@ -268,18 +272,38 @@ def cached_path_check(twin: CausalLM, opened: Any, doc: dict[str, Any],
             "seconds": time.perf_counter() - start}
 
 
+def open_base(opened: Any, base: str) -> CausalLM:
+    """The unmodified base of ``opened``: ``"pinned"`` the pinned base of the adapter
+    bundle ``opened`` came from, else the coda_jax checkpoint at ``base``;
+    ``ValueError`` when its tokenizer is not ``opened``'s."""
+    from coda_jax import load_model
+    from coda_db.adapter_bundle import BasePin, load_base, read_adapter_card
+    from coda_db.model_source import load_tokenizer, tokenizer_fingerprint
+
+    if base == "pinned":
+        card = read_adapter_card(opened.path)
+        model, _ = load_base(BasePin.from_card(card, opened.path),
+                             expected_tokenizer=opened.tokenizer_sha256)
+        return model
+    if tokenizer_fingerprint(load_tokenizer(base)) != opened.tokenizer_sha256:
+        raise ValueError(f"the base model at {base} has another tokenizer than {opened.path}")
+    return load_model(base)
+
+
 def run_arm(opened: Any, docs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], *,
-            lengths: Sequence[int], max_length: int, batch_tokens: int, progress: bool
+            lengths: Sequence[int], max_length: int, batch_tokens: int, progress: bool,
+            model: CausalLM | None = None
             ) -> tuple[list[str | None], dict[str, Any], dict[int, int]]:
     """The study's unbounded cache: the greedy answers of ``opened``'s unbounded
-    twin to the ``rows`` (``doc``, ``length``, ``question``; None where a length
+    twin (or of ``model``, in ``opened``'s framing and prompt: the base arm) to
+    the ``rows`` (``doc``, ``length``, ``question``; None where a length
     was skipped: above ``max_length``, or at and after one that ran out of device
     memory or failed); the report (the cached path's check, per length its timings, the
     skipped lengths, the K/V cache's bytes per length); each document's tokens."""
     from ..steps import unbounded_twin
     from . import retention_product as product
 
-    twin = product.same_weights_twin(opened.model, unbounded_twin)
+    twin = product.same_weights_twin(opened.model, unbounded_twin) if model is None else model
     settings = opened.settings
     answers: list[str | None] = [None] * len(rows)
     report: dict[str, Any] = {"lengths": {}, "skipped": [],
@@ -328,10 +352,12 @@ def run_arm(opened: Any, docs: Sequence[dict[str, Any]], rows: Sequence[dict[str
 
 def write_spec(path: Path, *, model: str | os.PathLike, documents: str | os.PathLike,
                rows: Sequence[dict[str, Any]], lengths: Sequence[int], max_length: int,
-               batch_tokens: int, progress: bool) -> Path:
+               batch_tokens: int, progress: bool, base: str | None = None) -> Path:
     """The worker's instructions: ``documents`` is a JSON list of the study's
-    documents (``text``, ``questions``), ``rows`` its question rows."""
-    spec = {"format": WORKER_FORMAT, "model": str(model), "documents": str(documents),
+    documents (``text``, ``questions``), ``rows`` its question rows; ``base``
+    (:func:`open_base`) makes it the base arm."""
+    spec = {"format": WORKER_FORMAT, "model": str(model), "base": base,
+            "documents": str(documents),
             "rows": [{k: r[k] for k in ("doc", "length", "question")} for r in rows],
             "lengths": list(lengths), "max_length": int(max_length),
             "batch_tokens": int(batch_tokens), "progress": bool(progress)}
@@ -351,11 +377,12 @@ def run_worker(spec_path: str | os.PathLike, answers_path: str | os.PathLike) ->
         raise ValueError(f"{spec_path} is not an unbounded worker spec")
     docs = json.loads(Path(spec["documents"]).read_text())
     opened = open_model(spec["model"])
+    base = open_base(opened, spec["base"]) if spec.get("base") else None
     timings["open_s"] = time.perf_counter() - started
     answers, report, tokens = run_arm(opened, docs, spec["rows"], lengths=spec["lengths"],
                                       max_length=spec["max_length"],
                                       batch_tokens=spec["batch_tokens"],
-                                      progress=spec["progress"])
+                                      progress=spec["progress"], model=base)
     per_length = report["lengths"].values()
     timings |= {"prefill_s": sum(t["prefill_s"] for t in per_length),
                 "generate_s": sum(t["generate_s"] for t in per_length),
