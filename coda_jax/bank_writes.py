@@ -205,7 +205,6 @@ def _update_banks(layout: BankLayout, banks: Banks, pos: jax.Array, exact_fn, su
     """Run the bank updates given (None = that bank is absent or gets no
     candidates) and the pressure-gated expansion; ``pos`` (B,) is the position
     of the next token before this write. -> (banks, exact update, summary update)."""
-    cfg = layout.cfg
     zero = jnp.zeros_like(pos)
     if exact_fn is not None:
         exact = exact_fn(mem_k=banks.exact_k, mem_v=banks.exact_v, used=banks.exact_used,
@@ -220,29 +219,43 @@ def _update_banks(layout: BankLayout, banks: Banks, pos: jax.Array, exact_fn, su
         summary = summary_bank.SummaryUpdate(banks.summary_k, banks.summary_v,
                                              banks.summary_used, zero, zero, zero)
 
-    active_exact, active_summary = banks.active_exact, banks.active_summary
-    if not training:  # as the reference: training runs on fixed bank sizes
-        active_exact = _expand(active_exact, exact.frustrated, _ceiling(
-            cfg.min_landmarks_exact, layout.exact_thresholds, pos))
-        active_summary = _expand(active_summary, summary.frustrated, _ceiling(
-            cfg.min_landmarks_summary, layout.summary_thresholds, pos))
+    active_exact, active_summary = _grown(layout, banks.active_exact, banks.active_summary,
+                                          exact.frustrated, summary.frustrated, pos, training)
     new = Banks(exact.k, exact.v, exact.used, exact.last, summary.k, summary.v, summary.used,
                 active_exact, active_summary)
     return new, exact, summary
 
 
-def _count_metrics(metrics: BankMetrics | None, exact, summary, evictions, old: Banks,
-                   new: Banks) -> BankMetrics | None:
+def _grown(layout: BankLayout, active_exact: jax.Array, active_summary: jax.Array,
+           exact_frustrated: jax.Array, summary_frustrated: jax.Array, pos: jax.Array,
+           training: bool) -> tuple[jax.Array, jax.Array]:
+    """Both banks' active sizes after the pressure-gated expansion (none in
+    training: as the reference, training runs on fixed bank sizes)."""
+    if training:
+        return active_exact, active_summary
+    cfg = layout.cfg
+    return (_expand(active_exact, exact_frustrated, _ceiling(
+                cfg.min_landmarks_exact, layout.exact_thresholds, pos)),
+            _expand(active_summary, summary_frustrated, _ceiling(
+                cfg.min_landmarks_summary, layout.summary_thresholds, pos)))
+
+
+def _count_metrics(metrics: BankMetrics | None, exact, summary, evictions: jax.Array,
+                   grown_exact: jax.Array, grown_summary: jax.Array) -> BankMetrics | None:
+    """``metrics`` plus one write's counts: ``exact``/``summary`` are the banks'
+    updates (None: that bank is absent, counted as zero)."""
     if metrics is None:
         return None
+    zero = jnp.zeros_like(evictions)
+    ex = lambda name: zero if exact is None else getattr(exact, name)  # noqa: E731
+    su = lambda name: zero if summary is None else getattr(summary, name)  # noqa: E731
     return metrics.add(
-        total_evictions=evictions, tokens_gated_out=exact.gated_out,
-        exact_hits=exact.hits, exact_inserts=exact.inserts,
-        exact_overwrites=exact.overwrites, exact_frustrated=exact.frustrated,
-        summary_updates=summary.updates, summary_inserts=summary.inserts,
-        summary_frustrated=summary.frustrated,
-        expansions_exact=new.active_exact - old.active_exact,
-        expansions_summary=new.active_summary - old.active_summary)
+        total_evictions=evictions, tokens_gated_out=ex("gated_out"),
+        exact_hits=ex("hits"), exact_inserts=ex("inserts"),
+        exact_overwrites=ex("overwrites"), exact_frustrated=ex("frustrated"),
+        summary_updates=su("updates"), summary_inserts=su("inserts"),
+        summary_frustrated=su("frustrated"),
+        expansions_exact=grown_exact, expansions_summary=grown_summary)
 
 
 class Candidates(NamedTuple):
@@ -395,7 +408,9 @@ def write_segment(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.
         exact_fn, summary_fn = (_bank_update_fns(layout, block_cand, eta_logit)
                                 if block_cand is not None else (None, None))
         new, exact, summary = _update_banks(layout, banks, pos, exact_fn, summary_fn, training)
-        new_metrics = _count_metrics(metrics, exact, summary, n_evicted, banks, new)
+        new_metrics = _count_metrics(metrics, exact, summary, n_evicted,
+                                     new.active_exact - banks.active_exact,
+                                     new.active_summary - banks.active_summary)
         # Rows with nothing in this block keep their banks bit for bit.
         return where_rows(count > 0, (new, new_metrics), (banks, metrics), axis=0), banks
 
@@ -428,7 +443,10 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
     """Append one token per row (k/v (B, Hkv, Dh), gate (B,)).
 
     While the ring has room the token takes the next free slot; once full it
-    replaces the oldest entry, which is routed into both banks first.
+    replaces the oldest entry, which is routed into both banks first. Each
+    write is a scatter of one slot per row (the ring's, the exact bank's, the
+    summary bank's) into the state's buffers: a decode step reads the banks to
+    route but writes only the slots it changes.
     """
     cfg = layout.cfg
     w = cfg.window
@@ -443,36 +461,51 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
         ev_k, ev_v, ev_g = jax.lax.stop_gradient((ev_k, ev_v, ev_g))
     ev_pos = state.pos - w
 
-    def exact_fn(**bank):
-        return exact_bank.update_one(cfg, **bank, k=ev_k, v=ev_v, pos=ev_pos, gate=ev_g,
-                                     valid=full)
+    k_buf = state.k_buf.at[rows, slot].set(k.astype(state.k_buf.dtype))
+    v_buf = state.v_buf.at[rows, slot].set(v.astype(state.v_buf.dtype))
+    allowed = state.allowed.at[rows, slot].set(True)
+    zero = jnp.zeros_like(state.pos)
+    exact = summary = None
+    last = state.mem_last_exact
+    if cfg.num_exact:
+        ex = layout.exact_slice
+        exact = exact_bank.update_one(
+            cfg, mem_k=state.k_buf[:, ex], mem_v=state.v_buf[:, ex], used=state.allowed[:, ex],
+            last=last, active=state.active_exact, k=ev_k, v=ev_v, pos=ev_pos, gate=ev_g,
+            valid=full)
+        k_buf = k_buf.at[rows, ex.start + exact.idx].set(exact.k)
+        v_buf = v_buf.at[rows, ex.start + exact.idx].set(exact.v)
+        allowed = allowed.at[:, ex].set(exact.used)
+        last = exact.last
+    if cfg.num_summary:
+        su = layout.summary_slice
+        summary = summary_bank.update_one(
+            cfg, mem_k=state.k_buf[:, su], mem_v=state.v_buf[:, su], used=state.allowed[:, su],
+            active=state.active_summary, eta_logit=eta_logit, k=ev_k, v=ev_v, gate=ev_g,
+            valid=full, lf_dims=layout.lf_dims, energy_scale=layout.energy_scale)
+        k_buf = k_buf.at[rows, su.start + summary.idx].set(summary.k)
+        v_buf = v_buf.at[rows, su.start + summary.idx].set(summary.v)
+        allowed = allowed.at[:, su].set(summary.used)
+    active_exact, active_summary = _grown(
+        layout, state.active_exact, state.active_summary,
+        zero if exact is None else exact.frustrated,
+        zero if summary is None else summary.frustrated, state.pos, training)
 
-    def summary_fn(**bank):
-        return summary_bank.update_one(cfg, **bank, eta_logit=eta_logit, k=ev_k, v=ev_v,
-                                       gate=ev_g, valid=full, lf_dims=layout.lf_dims,
-                                       energy_scale=layout.energy_scale)
-
-    banks = _banks_of(layout, state)
-    new, exact, summary = _update_banks(
-        layout, banks, state.pos, exact_fn if cfg.num_exact else None,
-        summary_fn if cfg.num_summary else None, training)
-
-    ring = (state.k_buf[:, :w].at[rows, slot].set(k.astype(state.k_buf.dtype)),
-            state.v_buf[:, :w].at[rows, slot].set(v.astype(state.v_buf.dtype)),
-            state.allowed[:, :w].at[rows, slot].set(True))
     g_recent = state.g_recent.at[rows, slot].set(gate.astype(jnp.float32))
     for back in range(1, cfg.write_gate_lookahead + 1):  # the new gate raises those before it
         before = (slot - back) % w
         seen = back <= state.recent_filled
         g_recent = g_recent.at[rows, before].max(
             jnp.where(seen, gate.astype(jnp.float32), -jnp.inf))
-    return _assemble(
-        state, ring, new,
-        g_recent=g_recent,
+    metrics = _count_metrics(state.metrics, exact, summary, full.astype(jnp.int32),
+                             active_exact - state.active_exact,
+                             active_summary - state.active_summary)
+    return state.replace(
+        k_buf=k_buf, v_buf=v_buf, allowed=allowed, mem_last_exact=last,
+        active_exact=active_exact, active_summary=active_summary, g_recent=g_recent,
         recent_idx=jnp.where(full, (state.recent_idx + 1) % w, state.recent_idx),
         recent_filled=jnp.minimum(state.recent_filled + 1, w).astype(POSITION_DTYPE),
         pos=state.pos + 1,
         nonfinite=state.nonfinite | _any_nonfinite((k[:, None], v[:, None],
                                                     gate[:, None, None, None])),
-        metrics=_count_metrics(state.metrics, exact, summary, full.astype(jnp.int32),
-                               banks, new))
+        metrics=metrics)

@@ -44,6 +44,23 @@ class ExactUpdate(NamedTuple):
     gated_out: jax.Array    # (B,) int32 candidates below the write-gate threshold
 
 
+class ExactSlotWrite(NamedTuple):
+    """Decode's write of one token per row: the slot it goes to and that slot's
+    contents after the write (the rest of the bank is unchanged), so the caller
+    scatters one slot into the state instead of rewriting the bank."""
+
+    idx: jax.Array          # (B,) the slot
+    k: jax.Array            # (B, Hkv, Dh) the slot's key after the write
+    v: jax.Array
+    used: jax.Array         # (B, Me) bool
+    last: jax.Array         # (B, Me) LRU stamps
+    frustrated: jax.Array   # (B,) int32, as ExactUpdate
+    hits: jax.Array
+    inserts: jax.Array
+    overwrites: jax.Array
+    gated_out: jax.Array
+
+
 def routing_values(v: jax.Array) -> jax.Array:
     """What exact routing compares: values normalised per head, float32."""
     return l2_normalize(v)
@@ -160,8 +177,10 @@ def update_block(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: j
 
 def update_one(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: jax.Array,
                last: jax.Array, active: jax.Array, k: jax.Array, v: jax.Array,
-               pos: jax.Array, gate: jax.Array, valid: jax.Array) -> ExactUpdate:
-    """Route one evicted token per row (decode): k/v (B, Hkv, Dh), pos/gate/valid (B,)."""
+               pos: jax.Array, gate: jax.Array, valid: jax.Array) -> ExactSlotWrite:
+    """Route one evicted token per row (decode): k/v (B, Hkv, Dh), pos/gate/valid (B,).
+    The slot's new contents are ``old + write * (cand - old)``, as
+    :func:`_write_slots` computes them for the whole bank, bit for bit."""
     num_slots = mem_k.shape[1]
     slots = jnp.arange(num_slots)
     active_slot = slots[None, :] < active[:, None]
@@ -195,13 +214,16 @@ def update_one(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: jax
     if by_gate:  # a slot given a new token takes its key; a matched one keeps the larger
         new_stamp = jnp.where(novel[:, None], new_stamp, jnp.maximum(new_stamp, last))
     last = jnp.where(onehot & keep[:, None], new_stamp, last).astype(last.dtype)
-    mem_k = _write_slots(mem_k, onehot[:, None], idx[:, None], overwrite[:, None], k[:, None])
-    mem_v = _write_slots(mem_v, onehot[:, None], idx[:, None], overwrite[:, None], v[:, None])
-    used = used | (onehot & overwrite[:, None])
+    rows = jnp.arange(idx.shape[0])
 
+    def slot_after(mem: jax.Array, cand: jax.Array) -> jax.Array:
+        old = mem[rows, idx]
+        return old + overwrite[:, None, None].astype(mem.dtype) * (cand.astype(mem.dtype) - old)
+
+    used = used | (onehot & overwrite[:, None])
     as_int = lambda m: m.astype(jnp.int32)  # noqa: E731
-    return ExactUpdate(
-        k=mem_k, v=mem_v, used=used, last=last,
+    return ExactSlotWrite(
+        idx=idx, k=slot_after(mem_k, k), v=slot_after(mem_v, v), used=used, last=last,
         frustrated=as_int(novel & keep & ~free_exists), hits=as_int(hit & keep),
         inserts=as_int(novel & keep), overwrites=as_int(overwrite),
         gated_out=as_int(valid & ~keep))

@@ -31,6 +31,19 @@ class SummaryUpdate(NamedTuple):
     inserts: jax.Array     # (B,) int32 slots written for the first time
 
 
+class SummarySlotWrite(NamedTuple):
+    """Decode's blend of one token per row: the slot routed to and its contents
+    after the blend (the other slots are unchanged)."""
+
+    idx: jax.Array         # (B,) the slot
+    k: jax.Array           # (B, Hkv, Dh) the slot's key after the blend
+    v: jax.Array
+    used: jax.Array        # (B, Ms) bool
+    frustrated: jax.Array  # (B,) int32, as SummaryUpdate
+    updates: jax.Array
+    inserts: jax.Array
+
+
 def band_mask(lf_dims: np.ndarray, head_dim: int) -> np.ndarray:
     """Boolean (head_dim,) mask of the LF band (static, host-side)."""
     return np.isin(np.arange(head_dim), lf_dims)
@@ -57,7 +70,8 @@ def _route(cand_unit, mem_k, active, lf_dims) -> jax.Array:
 def _blend(mem_k, mem_v, target_k, target_v, eta, lf_mask, energy_scale):
     """EMA step toward the targets on the LF key band and the whole value, in float32.
 
-    ``eta`` broadcasts to (B, Ms, Hkv, 1); eta == 0 leaves a slot unchanged.
+    ``eta`` broadcasts to the slots' (B, Ms, Hkv, 1), or (B, Hkv, 1) with one slot per
+    row; eta == 0 leaves a slot unchanged.
     """
     k32, v32 = mem_k.astype(jnp.float32), mem_v.astype(jnp.float32)
     k_lf = k32 + eta * (target_k * energy_scale - k32)
@@ -111,8 +125,9 @@ def update_block(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: j
 def update_one(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: jax.Array,
                active: jax.Array, eta_logit: jax.Array, k: jax.Array, v: jax.Array,
                gate: jax.Array, valid: jax.Array, lf_dims: np.ndarray,
-               energy_scale: float) -> SummaryUpdate:
-    """Blend one evicted token per row (decode); the write gate scales eta."""
+               energy_scale: float) -> SummarySlotWrite:
+    """Blend one evicted token per row (decode) into the slot it routes to; the
+    write gate scales eta. The slot's new contents are :func:`_blend`'s for it."""
     num_slots = mem_k.shape[1]
     keep = valid & (gate >= cfg.write_gate_threshold_summary) if cfg.gated else valid
     idx = _route(routing_keys(k[:, None], lf_dims), mem_k, active, lf_dims)[:, 0]  # (B,)
@@ -124,15 +139,15 @@ def update_one(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: jax
     is_new = ~jnp.any(onehot & used, axis=-1)
     if cfg.summary_overwrite_on_insert:
         eta = jnp.where(is_new[:, None], 1.0, eta)
-    eta = eta * keep[:, None]                                               # (B, Hkv)
-    eta = jnp.where(onehot[:, :, None], eta[:, None, :], 0.0)[..., None]    # (B, Ms, Hkv, 1)
+    eta = (eta * keep[:, None])[..., None]                                  # (B, Hkv, 1)
     eta, keep, is_new = materialise(eta, keep, is_new)
 
-    new_k, new_v = _blend(mem_k, mem_v, k[:, None].astype(jnp.float32),
-                          v[:, None].astype(jnp.float32), eta,
+    rows = jnp.arange(idx.shape[0])
+    new_k, new_v = _blend(mem_k[rows, idx], mem_v[rows, idx], k.astype(jnp.float32),
+                          v.astype(jnp.float32), eta,
                           band_mask(lf_dims, mem_k.shape[-1]), energy_scale)
     used = used | (onehot & keep[:, None])
     as_int = lambda m: m.astype(jnp.int32)  # noqa: E731
-    return SummaryUpdate(k=new_k, v=new_v, used=used,
+    return SummarySlotWrite(idx=idx, k=new_k, v=new_v, used=used,
                          frustrated=_frustrated(used, active, keep),
                          updates=as_int(keep), inserts=as_int(keep & is_new))
