@@ -3,8 +3,9 @@
     python -m train.evaluation retention-plot results.json heatmap.png   # the figure
     python -m train.evaluation retention-plot results.json --table       # markdown tables
 
-The figure has one panel per (cache, facts per document): exact-match
-accuracy over document length (x) and fact depth (y), grey where the cache
+The figure has one panel per (cache, facts per document): accuracy (exact
+match, or a chat study's containment rule) over document length (x) and fact
+depth (y), grey where the cache
 did not run. The tables (for the README) give accuracy per cache, facts and
 length, and the state size per document. The table needs no matplotlib.
 Exit codes: 0 done, 1 usage, 2 a results file not found, 3 not a results file
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..cli import EXIT_REFUSED, UsageParser, run_reporting_errors
+from .retention_scoring import EXACT_RULE
 
 CACHE_NAMES = {"bounded": "bounded (banks + window)", "window_only": "window only",
                "unbounded": "unbounded (full KV)", "base": "unmodified base (full KV)"}
@@ -126,7 +128,9 @@ def heatmap(results: dict[str, Any], out: str | Path) -> Path:
     model = Path(results["model"]["path"]).name
     count = cfg["count"] if cfg.get("count_max", cfg["count"]) == cfg["count"] else \
         f"{cfg['count']}-{cfg['count_max']}"  # a merged study's cells may differ
-    fig.suptitle(f"Exact-match retention: {model} on {results['device']['kind']} "
+    rule = ("exact match" if results.get("scoring", EXACT_RULE) == EXACT_RULE
+            else "answer named in the reply")
+    fig.suptitle(f"Retention ({rule}): {model} on {results['device']['kind']} "
                  f"({count} documents per cell)", fontsize=10)
     fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy (%)")
     out = Path(out)
