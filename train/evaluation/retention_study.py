@@ -239,12 +239,11 @@ def run_study(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         nonlocal unbounded_tokens
         worker = workers.pop(cache)
         try:
-            if cache == "unbounded":
-                answers[cache], reports[cache], unbounded_tokens, timings[cache] = \
-                    finish_unbounded(worker)
-            elif cache == "base":
-                answers[cache], reports[cache], _, timings[cache] = \
+            if cache in FULL_CACHES:
+                answers[cache], reports[cache], tokens, timings[cache] = \
                     finish_unbounded(worker, cache)
+                if cache == "unbounded":  # checked against the database's tokenisation
+                    unbounded_tokens = tokens
             else:
                 answers[cache] = finish_arm(cache, worker, reports[cache], timings[cache])
         except RuntimeError as err:
