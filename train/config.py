@@ -109,6 +109,11 @@ class Phase2Section:
     # After that fit, each layer's gate bias lowered until at most this share of the
     # unmarked tokens pass (the exact bank keeps its latest writes); 0: no cap.
     fit_write_gates_false_positives: float = 0.0
+    # Weight of self-distillation: the KL divergence from the same weights' full-attention
+    # next-token distribution (no gradient) to the bounded one, at every position past
+    # the window. The answers' loss teaches reading the banks once per sequence; this
+    # at every token that lost context to eviction. 0: none.
+    distill: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +169,9 @@ class TrainConfig:
         if fit and (self.stage != "phase2" or not self.data.write_targets):
             raise ValueError("phase2.fit_write_gates fits the write gates to "
                              "data.write_targets: stage phase2 with write targets only")
+        if _check_weight("phase2.distill", self.phase2.distill) and self.stage != "phase2":
+            raise ValueError("phase2.distill teaches a bounded model its own full-attention "
+                             "predictions: stage phase2 only")
         cap = self.phase2.fit_write_gates_false_positives
         if not isinstance(cap, (int, float)) or isinstance(cap, bool) or not 0 <= cap < 1:
             raise ValueError("phase2.fit_write_gates_false_positives must be a share in "

@@ -198,6 +198,19 @@ def write_gate_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
             + jnp.sum(bce * neg) / jnp.maximum(jnp.sum(neg), 1.0))
 
 
+def self_distillation(model: CausalLM, inputs: jax.Array, logits: jax.Array) -> jax.Array:
+    """Mean KL divergence, over the positions past the bounded ``model``'s window,
+    from its unbounded twin's next-token distribution on ``inputs`` (the same
+    weights with full attention; no gradient) to ``logits`` (B, L, V): where the
+    bounded model predicts from its banks, what the whole context predicts."""
+    teacher, _ = unbounded_twin(model)(inputs)
+    target = jax.nn.log_softmax(jax.lax.stop_gradient(teacher).astype(jnp.float32), axis=-1)
+    student = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    kl = jnp.sum(jnp.exp(target) * (target - student), axis=-1)                # (B, L)
+    past = (jnp.arange(inputs.shape[1]) >= model.spec.bank.window).astype(jnp.float32)
+    return jnp.sum(kl * past) / jnp.maximum(jnp.sum(past) * inputs.shape[0], 1.0)
+
+
 def loss_fn(cfg: TrainConfig, model: CausalLM, tokens: jax.Array,
             key: jax.Array | None = None, span: LossSpan | None = None,
             write_targets: jax.Array | None = None) -> jax.Array:
@@ -206,9 +219,10 @@ def loss_fn(cfg: TrainConfig, model: CausalLM, tokens: jax.Array,
     over the rows that hold no span start, where that weight is set); ``key``
     draws the active bank sizes in phase 2 (none: the banks' initial sizes);
     ``write_targets`` (B, L + 1), in phase 2, adds ``phase2.write_gate_loss`` x
-    :func:`write_gate_loss`."""
+    :func:`write_gate_loss`; ``phase2.distill`` adds that weight x
+    :func:`self_distillation`."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    gate_term = jnp.float32(0.0)
+    aux_terms = jnp.float32(0.0)
     if cfg.stage == "phase2":
         state = model.init_state(inputs.shape[0], jnp.dtype(cfg.optim.compute_dtype),
                                  mem_init="zeros")
@@ -220,15 +234,17 @@ def loss_fn(cfg: TrainConfig, model: CausalLM, tokens: jax.Array,
                                     write_logits=write_targets is not None)
         logits = out[0]
         if write_targets is not None:
-            gate_term = cfg.phase2.write_gate_loss * write_gate_loss(
+            aux_terms = cfg.phase2.write_gate_loss * write_gate_loss(
                 out[2], write_targets[:, :-1].astype(jnp.float32))
+        if cfg.phase2.distill:
+            aux_terms += cfg.phase2.distill * self_distillation(model, inputs, logits)
     else:
         logits, _ = model(inputs)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     if span is None:
-        return nll.mean() + gate_term
+        return nll.mean() + aux_terms
     weights = span_weights(tokens, span)
-    loss = jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0) + gate_term
+    loss = jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0) + aux_terms
     if cfg.data.plain_text_loss:
         plain = jnp.broadcast_to(~start_ends(tokens, span).any(axis=1, keepdims=True),
                                  nll.shape).astype(jnp.float32)

@@ -381,3 +381,59 @@ def test_the_loss_can_count_answer_spans_only(tmp_path):
     import optax
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
     np.testing.assert_allclose(float(only), float(nll[:, 11:15].mean()), rtol=1e-5)
+
+
+def test_phase2_self_distillation_is_the_kl_past_the_window_and_trains_the_attention(tmp_path):
+    """phase2.distill: the KL divergence from the same weights' full-attention
+    predictions to the bounded ones, averaged over the positions past the window
+    (checked against numpy on the two models' logits), added to the loss with its
+    weight; its gradient reaches the attention."""
+    tokens = jax.random.randint(jax.random.key(3), (2, 33), 0, VOCAB)
+    inputs = tokens[:, :-1]
+
+    def built(distill):
+        cfg = _config(tmp_path, stage="phase2", attention=dict(kind="coda_bounded",
+                                                               options=BANKS),
+                      phase2=dict(distill=distill))
+        model, _ = steps.build_model(cfg)
+        return cfg, *nnx.split(model)
+
+    cfg, graphdef, params = built(0.5)
+    model = nnx.merge(graphdef, params)
+    bounded = _bounded_logits(cfg, model, inputs)
+    full, _ = steps.unbounded_twin(model)(inputs)
+    def log_softmax(x):
+        x = np.asarray(x, np.float64)
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    log_p, log_q = log_softmax(full), log_softmax(bounded)
+    kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)           # (B, L)
+    past = np.arange(inputs.shape[1]) >= BANKS["window"]
+    assert np.all(np.abs(kl[:, ~past]) < 1e-5)  # the window holds every earlier token
+    expected = kl[:, past].mean()
+    assert expected > 1e-4
+    term = float(jax.jit(steps.self_distillation)(model, inputs, bounded))
+    assert term == pytest.approx(expected, rel=1e-4)
+
+    loss = lambda c, g: jax.jit(lambda p: steps.loss_fn(c, nnx.merge(g, p), tokens))  # noqa: E731
+    cfg0, graphdef0, _ = built(0.0)
+    assert float(loss(cfg, graphdef)(params)) == pytest.approx(
+        float(loss(cfg0, graphdef0)(params)) + 0.5 * expected, rel=1e-4)
+    grads = [jax.jit(jax.grad(lambda p, c=c, g=g: steps.loss_fn(c, nnx.merge(g, p), tokens)))(
+        params) for c, g in ((cfg, graphdef), (cfg0, graphdef0))]
+    q = [g["layers"]["self_attn"]["q_proj"]["kernel"][...] for g in grads]
+    assert float(jnp.abs(q[0] - q[1]).max()) > 0
+    with pytest.raises(ValueError, match="phase2.distill teaches"):
+        _config(tmp_path, stage="phase1", attention=dict(kind="coda"), phase2=dict(distill=1.0))
+    with pytest.raises(ValueError, match="phase2.distill must be a number"):
+        _config(tmp_path, stage="phase2", attention=dict(kind="coda_bounded", options=BANKS),
+                phase2=dict(distill=-1.0))
+
+
+def _bounded_logits(cfg, model, inputs):
+    """The bounded model's logits as loss_fn computes them in phase 2."""
+    state = model.init_state(inputs.shape[0], jnp.float32, mem_init="zeros")
+    lengths = jnp.full((inputs.shape[0],), inputs.shape[1], jnp.int32)
+    return model.prefill_segment(inputs, lengths, state, block_size=cfg.phase2.block_size,
+                                 training=True, unroll=1)[0]
