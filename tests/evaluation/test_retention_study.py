@@ -92,6 +92,9 @@ def test_every_question_is_counted_once_per_cache(results):
     assert results["unbounded"]["skipped"] == [
         {"length": 400, "reason": "longer than --unbounded-max-length 200"}]
     assert results["unbounded"]["documents_tokenised_differently_from_the_database"] == 0
+    # No --unbounded-batch-tokens: the worker chose (and recorded) what the memory holds.
+    assert results["config"]["unbounded_batch_tokens"] is None
+    assert 1 <= results["unbounded"]["batch_tokens"] <= 1 << 21
     check = results["unbounded"]["cached_path_check"]  # the cached path is the forward's
     assert check["max_abs_difference"] < 1e-4 and check["same_argmax_fraction"] == 1.0
     assert results["workers"]["bounded"]["batch_size"] == cfg["questions_per_cache"]  # one batch
@@ -193,6 +196,23 @@ def test_scoring_counts_exact_matches_and_the_goals():
     same = retention_scoring.agreement(rows, {"bounded": bounded, "unbounded": unbounded},
                                        ["bounded"])
     assert [(a["length"], a["same"], a["total"]) for a in same] == [(1024, 1, 3), (4096, 2, 2)]
+
+
+def test_the_full_cache_calls_default_to_what_the_devices_memory_holds(inputs):
+    """Without --unbounded-batch-tokens a call's K/V fits an eighth of the memory
+    (the default 2M tokens of SmolLM2's float32 K/V is 96 GB), capped at 2M tokens."""
+    from coda_jax import load_model
+    from train.evaluation import retention_unbounded as unbounded
+
+    model = load_model(inputs[0])
+    per_token = unbounded.kv_cache_bytes(model, 1)
+    for memory in (24 << 30, 80 << 30, 1 << 20):
+        tokens = unbounded.default_batch_tokens(model, memory)
+        assert 1 <= tokens <= unbounded.MAX_BATCH_TOKENS
+        assert tokens * per_token <= max(memory // 8, per_token)
+        assert tokens == unbounded.MAX_BATCH_TOKENS or (tokens + 1) * per_token > memory // 8
+    assert unbounded.default_batch_tokens(model) >= 1  # this machine's memory
+    assert unbounded.device_memory_bytes() > 1 << 30
 
 
 def test_a_chat_question_is_right_when_its_reply_names_an_accepted_answer():

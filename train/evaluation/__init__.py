@@ -51,6 +51,7 @@ _EXPORTS = {
     "retention_unbounded": ("Question", "UnboundedAnswer", "kv_cache_bytes", "model_dtype",
                             "round_up", "read_document",
                             "suffix_logits", "compare_with_forward", "check_against_forward",
+                            "MAX_BATCH_TOKENS", "device_memory_bytes", "default_batch_tokens",
                             "rows_per_batch", "answer_questions", "is_out_of_memory",
                             "cached_path_check", "open_base", "run_arm"),
     "retention_workers": ("write_json", "worker_main", "start_worker", "finish_worker",

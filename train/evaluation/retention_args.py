@@ -113,8 +113,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="the unbounded cache runs at lengths up to this")
     parser.add_argument("--query-batch", type=int, default=256,
                         help="questions per query_many call")
-    parser.add_argument("--unbounded-batch-tokens", type=int, default=1 << 21,
-                        help="document tokens of K/V per unbounded generation call")
+    parser.add_argument("--unbounded-batch-tokens", type=int, default=None,
+                        help="document tokens of K/V per full-cache generation call "
+                        "(default: what an eighth of the device's memory holds, at most 2M)")
     parser.add_argument("--samples", type=int, default=3,
                         help="sample answers kept per (cache, length)")
     parser.add_argument("--plot", help="also draw the heat maps into this PNG")
@@ -129,7 +130,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.depths = _depth_list(args.depths)
     args.caches = _cache_list(args.caches)
     for name in ("count", "query_batch", "unbounded_batch_tokens"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise StudyError(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("seed", "samples", "unbounded_max_length", "passages"):
         if getattr(args, name) < 0:

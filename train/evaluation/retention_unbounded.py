@@ -154,6 +154,27 @@ def check_against_forward(model: CausalLM, document: Sequence[int], suffix: Sequ
     return compare_with_forward(model, document, suffix)["max_abs_difference"]
 
 
+MAX_BATCH_TOKENS = 1 << 21  # document tokens of K/V per call at most (a GPU's default)
+MEMORY_SHARE = 8  # the default keeps a call's K/V within 1/MEMORY_SHARE of the memory
+
+
+def device_memory_bytes() -> int:
+    """The first device's memory: a GPU's allocator limit, else the host's RAM."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_batch_tokens(model: CausalLM, memory_bytes: int | None = None) -> int:
+    """Document tokens of K/V per call whose cache fits in 1/``MEMORY_SHARE`` of
+    ``memory_bytes`` (default :func:`device_memory_bytes`), at most
+    ``MAX_BATCH_TOKENS``: a CPU host gets calls its RAM holds (SmolLM2's float32 K/V
+    at 2M tokens is 96 GB; the system kills a process that asks for it)."""
+    memory = device_memory_bytes() if memory_bytes is None else memory_bytes
+    return max(1, min(MAX_BATCH_TOKENS, memory // MEMORY_SHARE // kv_cache_bytes(model, 1)))
+
+
 def rows_per_batch(padded_length: int, batch_tokens: int, most: int = 64) -> int:
     """Question rows per compiled call: the K/V of ``batch_tokens`` document tokens
     at most (each row carries its document's cache), between 1 and ``most``."""
@@ -162,7 +183,7 @@ def rows_per_batch(padded_length: int, batch_tokens: int, most: int = 64) -> int
 
 def answer_questions(model: CausalLM, tokenizer: Any, documents: Sequence[str],
                      questions: Sequence[Question], *, prompt: str, stop_tokens: Sequence[int],
-                     max_new_tokens: int, batch_tokens: int = 1 << 21,
+                     max_new_tokens: int, batch_tokens: int = MAX_BATCH_TOKENS,
                      progress: bool = True, desc: str = "unbounded"
                      ) -> tuple[list[UnboundedAnswer], dict[str, float]]:
     """Greedy answers of the unbounded ``model`` to ``questions`` (in their order)
@@ -291,7 +312,7 @@ def open_base(opened: Any, base: str) -> CausalLM:
 
 
 def run_arm(opened: Any, docs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], *,
-            lengths: Sequence[int], max_length: int, batch_tokens: int, progress: bool,
+            lengths: Sequence[int], max_length: int, batch_tokens: int | None, progress: bool,
             model: CausalLM | None = None
             ) -> tuple[list[str | None], dict[str, Any], dict[int, int]]:
     """The study's unbounded cache: the greedy answers of ``opened``'s unbounded
@@ -304,9 +325,10 @@ def run_arm(opened: Any, docs: Sequence[dict[str, Any]], rows: Sequence[dict[str
     from . import retention_product as product
 
     twin = product.same_weights_twin(opened.model, unbounded_twin) if model is None else model
+    batch_tokens = batch_tokens or default_batch_tokens(twin)
     settings = opened.settings
     answers: list[str | None] = [None] * len(rows)
-    report: dict[str, Any] = {"lengths": {}, "skipped": [],
+    report: dict[str, Any] = {"lengths": {}, "skipped": [], "batch_tokens": batch_tokens,
                               "cached_path_check": cached_path_check(twin, opened, docs[0])}
     doc_tokens: dict[int, int] = {}
     too_long = False
@@ -352,7 +374,7 @@ def run_arm(opened: Any, docs: Sequence[dict[str, Any]], rows: Sequence[dict[str
 
 def write_spec(path: Path, *, model: str | os.PathLike, documents: str | os.PathLike,
                rows: Sequence[dict[str, Any]], lengths: Sequence[int], max_length: int,
-               batch_tokens: int, progress: bool, base: str | None = None) -> Path:
+               batch_tokens: int | None, progress: bool, base: str | None = None) -> Path:
     """The worker's instructions: ``documents`` is a JSON list of the study's
     documents (``text``, ``questions``), ``rows`` its question rows; ``base``
     (:func:`open_base`) makes it the base arm."""
@@ -360,7 +382,7 @@ def write_spec(path: Path, *, model: str | os.PathLike, documents: str | os.Path
             "documents": str(documents),
             "rows": [{k: r[k] for k in ("doc", "length", "question")} for r in rows],
             "lengths": list(lengths), "max_length": int(max_length),
-            "batch_tokens": int(batch_tokens), "progress": bool(progress)}
+            "batch_tokens": batch_tokens and int(batch_tokens), "progress": bool(progress)}
     path.write_text(json.dumps(spec))
     return path
 
