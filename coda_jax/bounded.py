@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import bank_writes, runner
+from . import bank_layout, bank_writes, runner
 from .config import (AttentionConfig, BankConfig, ExactEviction, HeadNormMode, LfBand, MemInit,
                      WritePolicy)
 from .primitives import materialise
@@ -96,8 +96,8 @@ class CoDAGQALandmark(AttentionCore):
 
     # ------------------------------------------------------------------ state
     @property
-    def layout(self) -> bank_writes.BankLayout:
-        return bank_writes.bank_layout(self.bank_cfg, self.num_kv_heads, self.head_dim,
+    def layout(self) -> bank_layout.BankLayout:
+        return bank_layout.bank_layout(self.bank_cfg, self.num_kv_heads, self.head_dim,
                                   self.attn_cfg.rope_interleaved)
 
     @property
@@ -110,13 +110,13 @@ class CoDAGQALandmark(AttentionCore):
 
         ``mem_init`` overrides the layer's (the reference's trainer uses ``"zeros"``).
         """
-        bank_writes.check_state_request(batch_size, dtype)
-        return bank_writes.init_state(self.layout, int(batch_size), dtype, key,
+        bank_layout.check_state_request(batch_size, dtype)
+        return bank_layout.init_state(self.layout, int(batch_size), dtype, key,
                                  mem_init or self.bank_cfg.mem_init)
 
     def cache_bytes(self, *, batch_size: int, dtype=jnp.bfloat16) -> int:
         """Bytes of the whole state (every leaf) for ``batch_size`` documents."""
-        shapes = bank_writes.state_shapes(self.layout, int(batch_size), jnp.dtype(dtype))
+        shapes = bank_layout.state_shapes(self.layout, int(batch_size), jnp.dtype(dtype))
         return tree_bytes(shapes)
 
     def check_room(self, state: BankState, needed, *, what: str) -> None:
@@ -127,7 +127,7 @@ class CoDAGQALandmark(AttentionCore):
         if not isinstance(state, BankState):
             raise ValueError(f"expected a BankState, got {type(state).__name__}")
         batch = state.batch_size if batch_size is None else batch_size
-        expected = bank_writes.state_shapes(self.layout, int(batch), jnp.dtype(state.k_buf.dtype))
+        expected = bank_layout.state_shapes(self.layout, int(batch), jnp.dtype(state.k_buf.dtype))
         exp_leaves = jax.tree_util.tree_leaves_with_path(expected)
         got_leaves = jax.tree.leaves(state)
         if len(exp_leaves) != len(got_leaves):

@@ -23,7 +23,7 @@ from flax import nnx
 
 from . import orbax_io
 from .bounded import CoDAGQALandmark
-from .bank_writes import stack_shapes, state_shapes
+from .bank_layout import stack_shapes, state_shapes
 from .config import AttentionConfig, BankConfig
 from .state import BankMetrics, BankState
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import bank_writes, kv_cache, runner
+from . import bank_layout, kv_cache, runner
 from .bounded import CoDAGQALandmark
 from .kv_cache import KVCache
 from .model_config import AttentionKind, AttentionSpec, DecoderConfig
@@ -254,7 +254,7 @@ class CausalLM(nnx.Module):
         ``max_length`` positions per row (prompt plus generated tokens; required)
         for an unbounded one. ``key`` and ``mem_init`` seed and fill a bounded
         model's banks; an unbounded cache starts empty (``key`` is unused)."""
-        bank_writes.check_state_request(batch_size, dtype)
+        bank_layout.check_state_request(batch_size, dtype)
         if not self.bounded:
             return self._init_cache(int(batch_size), dtype, max_length, mem_init)
         if max_length is not None:
@@ -262,7 +262,7 @@ class CausalLM(nnx.Module):
                              "cache; a bounded model's state has a fixed size (its window "
                              "and landmarks) whatever the length: leave max_length out")
         attn = self.layers.self_attn  # configuration only: the same for every layer
-        return bank_writes.init_layers_state(attn.layout, int(batch_size), jnp.dtype(dtype), key,
+        return bank_layout.init_layers_state(attn.layout, int(batch_size), jnp.dtype(dtype), key,
                                              mem_init or attn.bank_cfg.mem_init,
                                              self.cfg.num_layers)
 
@@ -362,9 +362,9 @@ class CausalLM(nnx.Module):
                              "needs its stacked state (layers, batch, ...) from "
                              "model.init_state")
         # Cached shapes, not a trace of init_state: this runs on every step call.
-        layer = bank_writes.state_shapes(self.layers.self_attn.layout, int(batch_size),
+        layer = bank_layout.state_shapes(self.layers.self_attn.layout, int(batch_size),
                                     jnp.dtype(state.k_buf.dtype))
-        expected = bank_writes.stack_shapes([layer] * self.cfg.num_layers)
+        expected = bank_layout.stack_shapes([layer] * self.cfg.num_layers)
         want = jax.tree.map(lambda a: a.shape, expected)
         got = jax.tree.map(lambda a: a.shape, state)
         if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
