@@ -131,7 +131,7 @@ def unroll_decode_layers() -> bool:
     """Whether bounded decode runs its layers unrolled: on a GPU. In a rolled scan each
     layer's weights are a dynamic slice of the stacked arrays, copied before every
     matmul (7B shape on an H100, one step called alone at batch 1: 18.6 ms rolled,
-    9.2 ms unrolled; benchmarks/results/decode_layer_loop_h100.json). Inside
+    9.2 ms unrolled; decode_layer_loop_h100.json in git history at ab3f98f). Inside
     ``generate``'s token loop they would still be sliced every step: there it
     slices them once, before the loop (``generate(split_layers=...)``). On a CPU the
     copy is small beside the matmuls and a rolled scan compiles faster."""
