@@ -138,6 +138,11 @@ def unroll_decode_layers() -> bool:
     return jax.default_backend() == "gpu"
 
 
+@jax.jit
+def _forward_logits_jit(model, tokens):
+    return model(tokens)[0]
+
+
 class CausalLM(nnx.Module):
     """A decoder language model: embeddings, a stack of layers, final norm, LM head.
 
@@ -245,6 +250,11 @@ class CausalLM(nnx.Module):
         h, cache = jax.lax.scan(jax.checkpoint(body) if remat else body, h,
                                 (self.layers, cache))
         return self.logits(h), cache
+
+    def forward_logits(self, tokens: jax.Array) -> jax.Array:
+        """Logits (B, L, V) of ``tokens`` (B, L) with no cache, compiled once per
+        model structure and shape: calling the model from Python runs it op by op."""
+        return _forward_logits_jit(self, self.check_input(tokens))
 
     # ------------------------------------------------- states of any kind
     def init_state(self, batch_size: int, dtype=jnp.float32, *, key: jax.Array | None = None,

@@ -65,7 +65,7 @@ def token_nll(model: CausalLM, seqs: np.ndarray, *, bounded: bool, block_size: i
                 per_row = np.asarray(getattr(state.metrics, field.name)).sum(axis=0)
                 counters.setdefault(field.name, []).extend(per_row.tolist())
         else:
-            logits, _ = runner(batch)
+            logits = runner.forward_logits(batch)
         nll = optax.softmax_cross_entropy_with_integer_labels(
             logits[:, :-1].astype(jnp.float32), batch[:, 1:])
         rows.append(np.asarray(nll, np.float32))

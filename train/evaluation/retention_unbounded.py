@@ -128,18 +128,13 @@ def suffix_logits(model: CausalLM, document: Sequence[int], suffix: Sequence[int
     return np.asarray(logits[0, :len(suffix)])
 
 
-@jax.jit
-def _forward_logits(model: CausalLM, tokens: jax.Array) -> jax.Array:
-    return model(tokens)[0]
-
-
 def compare_with_forward(model: CausalLM, document: Sequence[int], suffix: Sequence[int]
                          ) -> dict[str, float]:
     """:func:`suffix_logits` against the model's own forward over document + suffix
     at the suffix's positions: the largest absolute difference, the largest
     absolute logit of the forward (the scale), and whether both pick the same
     greedy token at every position."""
-    full = _forward_logits(model, jnp.asarray([list(document) + list(suffix)], jnp.int32))
+    full = model.forward_logits(jnp.asarray([list(document) + list(suffix)], jnp.int32))
     want = np.asarray(full[0, len(document):], np.float32)
     got = np.asarray(suffix_logits(model, document, suffix), np.float32)
     return {"max_abs_difference": float(np.max(np.abs(got - want))),
