@@ -168,24 +168,24 @@ def _bank_update_fns(layout: BankLayout, cand, eta_logit: jax.Array):
     n_exact = min(cfg.exact_candidates_per_block, cand.gate.shape[-1]) if cfg.num_exact else 0
     n_summary = (min(cfg.summary_candidates_per_block, cand.gate.shape[-1])
                  if cfg.num_summary else 0)
-    exact_fn = summary_fn = None
-    if n_exact > 0:
-        def exact_fn(**bank):
-            return exact_bank.update_block(
-                cfg, **bank, cand_k=cand.k[:, :n_exact], cand_v=cand.v[:, :n_exact],
-                cand_unit=cand.v_unit[:, :n_exact], cand_pos=cand.pos[:, :n_exact],
-                cand_gate=cand.gate[:, :n_exact], cand_valid=cand.valid[:, :n_exact])
-    if n_summary > 0:
-        def summary_fn(**bank):
-            g, ok = cand.gate[:, :n_summary], cand.valid[:, :n_summary]
-            if cfg.gated:
-                ok = ok & (g >= cfg.write_gate_threshold_summary)
-            return summary_bank.update_block(
-                cfg, **bank, eta_logit=eta_logit, cand_k=cand.k[:, :n_summary],
-                cand_v=cand.v[:, :n_summary], cand_unit=cand.k_lf_unit[:, :n_summary],
-                weight=jnp.where(ok, g, 0.0),
-                lf_dims=layout.lf_dims, energy_scale=layout.energy_scale)
-    return exact_fn, summary_fn
+
+    def exact_fn(**bank):
+        return exact_bank.update_block(
+            cfg, **bank, cand_k=cand.k[:, :n_exact], cand_v=cand.v[:, :n_exact],
+            cand_unit=cand.v_unit[:, :n_exact], cand_pos=cand.pos[:, :n_exact],
+            cand_gate=cand.gate[:, :n_exact], cand_valid=cand.valid[:, :n_exact])
+
+    def summary_fn(**bank):
+        g, ok = cand.gate[:, :n_summary], cand.valid[:, :n_summary]
+        if cfg.gated:
+            ok = ok & (g >= cfg.write_gate_threshold_summary)
+        return summary_bank.update_block(
+            cfg, **bank, eta_logit=eta_logit, cand_k=cand.k[:, :n_summary],
+            cand_v=cand.v[:, :n_summary], cand_unit=cand.k_lf_unit[:, :n_summary],
+            weight=jnp.where(ok, g, 0.0),
+            lf_dims=layout.lf_dims, energy_scale=layout.energy_scale)
+
+    return (exact_fn if n_exact > 0 else None, summary_fn if n_summary > 0 else None)
 
 
 def _look_ahead(ring_g: jax.Array, seg_g: jax.Array, filled: jax.Array, lengths: jax.Array,
@@ -324,7 +324,8 @@ def write_segment(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.
 
 
 def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Array,
-              gate: jax.Array, eta_logit: jax.Array, training: bool) -> BankState:
+              gate: jax.Array, eta_logit: jax.Array, training: bool,
+              hold: jax.Array | None = None) -> BankState:
     """Append one token per row (k/v (B, Hkv, Dh), gate (B,)).
 
     While the ring has room the token takes the next free slot; once full it
@@ -332,7 +333,16 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
     write is a scatter of one slot per row (the ring's, the exact bank's, the
     summary bank's) into the state's buffers: a decode step reads the banks to
     route but writes only the slots it changes.
+
+    ``hold`` (B,) bool marks rows whose state stays as it was (a row of
+    ``generate`` that has stopped): their slots are written back with what they
+    held and their other fields keep their values. The result equals
+    ``where_rows(hold, state, written)`` without a select over every row's buffers.
     """
+    def slot_contents(buf: jax.Array, idx: jax.Array, new: jax.Array) -> jax.Array:
+        new = new.astype(buf.dtype)
+        return new if hold is None else jnp.where(hold[:, None, None], buf[rows, idx], new)
+
     cfg = layout.cfg
     w = cfg.window
     batch = gate.shape[0]
@@ -346,8 +356,8 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
         ev_k, ev_v, ev_g = jax.lax.stop_gradient((ev_k, ev_v, ev_g))
     ev_pos = state.pos - w
 
-    k_buf = state.k_buf.at[rows, slot].set(k.astype(state.k_buf.dtype))
-    v_buf = state.v_buf.at[rows, slot].set(v.astype(state.v_buf.dtype))
+    k_buf = state.k_buf.at[rows, slot].set(slot_contents(state.k_buf, slot, k))
+    v_buf = state.v_buf.at[rows, slot].set(slot_contents(state.v_buf, slot, v))
     allowed = state.allowed.at[rows, slot].set(True)
     zero = jnp.zeros_like(state.pos)
     exact = summary = None
@@ -358,8 +368,9 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
             cfg, mem_k=state.k_buf[:, ex], mem_v=state.v_buf[:, ex], used=state.allowed[:, ex],
             last=last, active=state.active_exact, k=ev_k, v=ev_v, pos=ev_pos, gate=ev_g,
             valid=full)
-        k_buf = k_buf.at[rows, ex.start + exact.idx].set(exact.k)
-        v_buf = v_buf.at[rows, ex.start + exact.idx].set(exact.v)
+        at = ex.start + exact.idx
+        k_buf = k_buf.at[rows, at].set(slot_contents(state.k_buf, at, exact.k))
+        v_buf = v_buf.at[rows, at].set(slot_contents(state.v_buf, at, exact.v))
         allowed = allowed.at[:, ex].set(exact.used)
         last = exact.last
     if cfg.num_summary:
@@ -368,8 +379,9 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
             cfg, mem_k=state.k_buf[:, su], mem_v=state.v_buf[:, su], used=state.allowed[:, su],
             active=state.active_summary, eta_logit=eta_logit, k=ev_k, v=ev_v, gate=ev_g,
             valid=full, lf_dims=layout.lf_dims, energy_scale=layout.energy_scale)
-        k_buf = k_buf.at[rows, su.start + summary.idx].set(summary.k)
-        v_buf = v_buf.at[rows, su.start + summary.idx].set(summary.v)
+        at = su.start + summary.idx
+        k_buf = k_buf.at[rows, at].set(slot_contents(state.k_buf, at, summary.k))
+        v_buf = v_buf.at[rows, at].set(slot_contents(state.v_buf, at, summary.v))
         allowed = allowed.at[:, su].set(summary.used)
     active_exact, active_summary = _grown(
         layout, state.active_exact, state.active_summary,
@@ -385,8 +397,8 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
     metrics = _count_metrics(state.metrics, exact, summary, full.astype(jnp.int32),
                              active_exact - state.active_exact,
                              active_summary - state.active_summary)
-    return state.replace(
-        k_buf=k_buf, v_buf=v_buf, allowed=allowed, mem_last_exact=last,
+    small = dict(
+        allowed=allowed, mem_last_exact=last,
         active_exact=active_exact, active_summary=active_summary, g_recent=g_recent,
         recent_idx=jnp.where(full, (state.recent_idx + 1) % w, state.recent_idx),
         recent_filled=jnp.minimum(state.recent_filled + 1, w).astype(POSITION_DTYPE),
@@ -394,3 +406,7 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
         nonfinite=state.nonfinite | _any_nonfinite((k[:, None], v[:, None],
                                                     gate[:, None, None, None])),
         metrics=metrics)
+    if hold is not None:  # the held rows' fields as they were (the buffers' slots are)
+        small = {name: where_rows(hold, getattr(state, name), value, axis=0)
+                 for name, value in small.items()}
+    return state.replace(k_buf=k_buf, v_buf=v_buf, **small)

@@ -226,10 +226,11 @@ class CoDAGQALandmark(AttentionCore):
             y = jnp.take_along_axis(y, last[:, None, None], axis=1)
         return y, state
 
-    def decode_step(self, x: jax.Array, state: BankState, *, training: bool = False
-                    ) -> tuple[jax.Array, BankState]:
+    def decode_step(self, x: jax.Array, state: BankState, *, training: bool = False,
+                    hold: jax.Array | None = None) -> tuple[jax.Array, BankState]:
         """One token per row x (B, 1, D) -> (y (B, 1, D), new state). Pure: what
-        generation scans over."""
+        generation scans over. Rows ``hold`` (B,) bool keep their state as it was
+        (their outputs are computed and meaningless)."""
         positions = state.pos[:, None]
         # With one token the projections are vector-matrix products, which XLA
         # may rewrite as multiply-reduce and fuse into the buffer writes,
@@ -237,7 +238,7 @@ class CoDAGQALandmark(AttentionCore):
         q, k, v = materialise(self.project_q(x, positions), *self.project_kv(x, positions))
         state = bank_writes.write_one(
             self.layout, state, k=k[:, 0], v=v[:, 0], gate=self._write_gate(x)[:, 0],
-            eta_logit=self.summary_eta_logit[...], training=training)
+            eta_logit=self.summary_eta_logit[...], training=training, hold=hold)
         y = self.attend(x, q, state.k_buf.astype(q.dtype), state.v_buf.astype(q.dtype),
                         key_mask=self._visible(state.allowed), fused=False)
         return y, state

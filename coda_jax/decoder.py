@@ -111,9 +111,9 @@ class DecoderLayer(nnx.Module):
         """The bounded attention's write-gate logits (B, L) for the layer input h."""
         return self.self_attn.write_gate_logit(self.input_layernorm(h))
 
-    def decode_step(self, h, state, *, training):
+    def decode_step(self, h, state, *, training, hold=None):
         out, state = self.self_attn.decode_step(self.input_layernorm(h), state,
-                                                training=training)
+                                                training=training, hold=hold)
         return self.mlp_residual(h + out), state
 
 
@@ -330,30 +330,35 @@ class CausalLM(nnx.Module):
             return self.logits(h), state, gates
         return self.logits(h), state
 
-    def decode_step(self, token: jax.Array, state: State, *, training: bool = False
-                    ) -> tuple[jax.Array, State]:
+    def decode_step(self, token: jax.Array, state: State, *, training: bool = False,
+                    hold: jax.Array | None = None) -> tuple[jax.Array, State]:
         """One token per row (B, 1) through every layer -> (logits (B, 1, V), state).
-        Pure: what generation scans over."""
+        Pure: what generation scans over. Rows ``hold`` (B,) bool keep their state
+        as it was, without a select over every row's state (their logits are
+        meaningless): what ``generate`` does with a row that has stopped."""
         if not self.bounded:
-            return kv_cache.decode_step(self, token, state)
+            if hold is None:
+                return kv_cache.decode_step(self, token, state)
+            logits, written = kv_cache.decode_step(self, token, kv_cache.hold_rows(state, hold))
+            return logits, kv_cache.release_rows(hold, state, written)
         h = self.embed(token)
 
         def body(h, inputs):
             layer, st = inputs
-            return layer.decode_step(h, st, training=training)
+            return layer.decode_step(h, st, training=training, hold=hold)
 
         h, state = jax.lax.scan(body, h, (self.layers, state), unroll=unroll_decode_layers())
         return self.logits(h), state
 
-    def decode_step_unstacked(self, token: jax.Array, layers: list, states: list
-                              ) -> tuple[jax.Array, list]:
+    def decode_step_unstacked(self, token: jax.Array, layers: list, states: list,
+                              hold: jax.Array | None = None) -> tuple[jax.Array, list]:
         """:meth:`decode_step` of a bounded model over its layers and their states
         already sliced apart (:func:`unstack` of ``self.layers`` and of the state): no
         slice is taken in the step, so a loop over steps reads each weight in place."""
         h = self.embed(token)
         new_states = []
         for layer, st in zip(layers, states, strict=True):
-            h, st = layer.decode_step(h, st, training=False)
+            h, st = layer.decode_step(h, st, training=False, hold=hold)
             new_states.append(st)
         return self.logits(h), new_states
 

@@ -18,11 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import kv_cache, runner
+from . import runner
 from .checkpoint import nonfinite_rows
 from .decoder import CausalLM, State, stack_modules, unroll_decode_layers, unstack
-from .kv_cache import KVCache
-from .state import tree_bytes, where_rows
+from .state import tree_bytes
 from .validation import check_integer, check_number
 
 
@@ -140,18 +139,15 @@ def _generate_jit(model, state, logits, key, temperature, top_p, *, max_new_toke
             token = sample_logits(logits, step_key, temperature=temperature, top_k=top_k,
                                   top_p=top_p).astype(jnp.int32)
         emitted = jnp.where(done, pad_id, token)
-        # Stopped rows step on their (valid) sampled token; the result is discarded.
-        if isinstance(state, KVCache):  # their writes dropped: no copy of the cache
-            new_logits, new_state = model.decode_step(
-                token[:, None], kv_cache.hold_rows(state, done), training=False)
-            state = kv_cache.release_rows(done, state, new_state)
-        elif split_layers:
-            new_logits, new_state = model.decode_step_unstacked(token[:, None], layers, state)
-            state = ([where_rows(done, old, new) for old, new in zip(state, new_state)]
-                     if keep_state else new_state)
+        # Stopped rows step on their (valid) sampled token, their state held as it was
+        # (with keep_state) and their logits discarded.
+        hold = done if keep_state else None
+        if split_layers:
+            new_logits, state = model.decode_step_unstacked(token[:, None], layers, state,
+                                                            hold=hold)
         else:
-            new_logits, new_state = model.decode_step(token[:, None], state, training=False)
-            state = where_rows(done, state, new_state) if keep_state else new_state
+            new_logits, state = model.decode_step(token[:, None], state, training=False,
+                                                  hold=hold)
         live = ~done
         done = done | jnp.isin(token, stops)
         return (state, new_logits[:, 0], done), (emitted, live)

@@ -113,6 +113,42 @@ def test_every_row_of_a_batch_generates_what_it_generates_alone(model, lengths):
         assert (np.asarray(out[row, n:]) == -1).all()
 
 
+
+@pytest.mark.parametrize("options", [
+    OPTIONS,
+    OPTIONS | dict(exact_eviction="gate", write_gate_lookahead=2, collect_metrics=True),
+    OPTIONS | dict(num_landmarks_exact=0),
+    OPTIONS | dict(num_landmarks_summary=0),
+    None,  # an unbounded model and its KVCache
+], ids=["lru", "gate-lookahead-metrics", "no-exact", "no-summary-bf16-state", "unbounded"])
+def test_held_rows_keep_their_state_bit_for_bit(options, request):
+    """decode_step(hold=...) equals where_rows(hold, old, stepped) exactly, step after
+    step (the ring fills and evicts into both banks), without selecting over the buffers:
+    what generate does with a row that has stopped."""
+    if options is None:
+        net = CausalLM(CFG, attention="gqa", rngs=nnx.Rngs(5))
+        state = net.init_state(3, max_length=24)
+    else:
+        net = CausalLM(CFG, attention="coda_bounded", attention_options=options,
+                       rngs=nnx.Rngs(5))
+        dtype = jnp.bfloat16 if "bf16" in request.node.callspec.id else jnp.float32
+        state = net.init_state(3, dtype, key=jax.random.key(1))
+    tokens = jax.random.randint(jax.random.key(2), (3, 5), 0, CFG.vocab_size)
+    _, state = net.prefill(tokens, state, block_size=4, lengths=[5, 3, 4])
+    step = jax.jit(lambda st, tok, hold: net.decode_step(tok, st, hold=hold))
+    free = jax.jit(lambda st, tok: net.decode_step(tok, st))
+    for i in range(9):
+        hold = jnp.array([i % 2 == 1, i >= 3, False])
+        tok = jax.random.randint(jax.random.key(10 + i), (3, 1), 0, CFG.vocab_size)
+        _, held = step(state, tok, hold)
+        _, stepped = free(state, tok)
+        want = where_rows(~hold, stepped, state)
+        for got_leaf, want_leaf in zip(jax.tree.leaves(held), jax.tree.leaves(want),
+                                       strict=True):
+            np.testing.assert_array_equal(np.asarray(got_leaf), np.asarray(want_leaf))
+        state = held
+
+
 def test_stack_states_is_the_older_name_of_concat_rows():
     from coda_jax import stack_states
 
