@@ -14,6 +14,8 @@
 # tree for those calls (not git rm), and back before committing.
 #
 #   bash train/stage_smollm2_gpu.sh WORK_DIR     # WORK_DIR keeps the corpora (reused)
+# It reads the text packages of docs/training.md's corpus (apt-get install ...) and
+# Debian's debian-handbook (the second held-out source); a missing one is an error.
 set -euo pipefail
 work=${1:?usage: $0 WORK_DIR}
 mkdir -p "$work"
