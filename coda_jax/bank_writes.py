@@ -406,7 +406,7 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
         nonfinite=state.nonfinite | _any_nonfinite((k[:, None], v[:, None],
                                                     gate[:, None, None, None])),
         metrics=metrics)
-    if hold is not None:  # the held rows' fields as they were (the buffers' slots are)
+    if hold is not None:  # held rows: every field as it was (their slots were rewritten)
         small = {name: where_rows(hold, getattr(state, name), value, axis=0)
                  for name, value in small.items()}
     return state.replace(k_buf=k_buf, v_buf=v_buf, **small)

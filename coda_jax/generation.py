@@ -62,7 +62,7 @@ def generate(model: CausalLM, state: State, logits: jax.Array, *, max_new_tokens
     state stays as it was after the stop token. Returns (tokens (B,
     max_new_tokens), number of tokens per row up to and including its stop
     token, final state). ``return_state=False`` returns None for the state, and a
-    stopped row's state is then not kept each step (a select over every row's state).
+    stopped row's state is then not held (its writes go on, unread).
 
     ``split_layers`` (bounded models; default: on a GPU, where :func:`split_fits`)
     slices the stacked layer weights and state apart once, before the token loop,
