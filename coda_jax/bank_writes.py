@@ -323,6 +323,16 @@ def write_segment(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.
     return new, views
 
 
+def _write_slots(buf: jax.Array, rows: jax.Array, at: jax.Array, new: jax.Array,
+                 hold: jax.Array | None) -> jax.Array:
+    """``buf`` (B, S, ...) with each row's slots ``at`` (B, n) set to ``new`` (B, n, ...);
+    rows ``hold`` (B,) get back what those slots held."""
+    new = new.astype(buf.dtype)
+    if hold is not None:
+        new = jnp.where(hold.reshape((-1,) + (1,) * (new.ndim - 1)), buf[rows[:, None], at], new)
+    return buf.at[rows[:, None], at].set(new)
+
+
 def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Array,
               gate: jax.Array, eta_logit: jax.Array, training: bool,
               hold: jax.Array | None = None) -> BankState:
@@ -339,10 +349,6 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
     held and their other fields keep their values. The result equals
     ``where_rows(hold, state, written)`` without a select over every row's buffers.
     """
-    def slot_contents(buf: jax.Array, idx: jax.Array, new: jax.Array) -> jax.Array:
-        new = new.astype(buf.dtype)
-        return new if hold is None else jnp.where(hold[:, None, None], buf[rows, idx], new)
-
     cfg = layout.cfg
     w = cfg.window
     batch = gate.shape[0]
@@ -356,8 +362,11 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
         ev_k, ev_v, ev_g = jax.lax.stop_gradient((ev_k, ev_v, ev_g))
     ev_pos = state.pos - w
 
-    k_buf = state.k_buf.at[rows, slot].set(slot_contents(state.k_buf, slot, k))
-    v_buf = state.v_buf.at[rows, slot].set(slot_contents(state.v_buf, slot, v))
+    # Every slot this token changes (the ring's, then the exact and summary banks'),
+    # routed from the buffers as they were, then written by one scatter per buffer
+    # whose slots and contents depend on the reads: a write between the reads cost a
+    # copy of the buffers per step (docs/results.md, the decode profile).
+    slots, new_k, new_v = [slot], [k], [v]
     allowed = state.allowed.at[rows, slot].set(True)
     zero = jnp.zeros_like(state.pos)
     exact = summary = None
@@ -368,9 +377,9 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
             cfg, mem_k=state.k_buf[:, ex], mem_v=state.v_buf[:, ex], used=state.allowed[:, ex],
             last=last, active=state.active_exact, k=ev_k, v=ev_v, pos=ev_pos, gate=ev_g,
             valid=full)
-        at = ex.start + exact.idx
-        k_buf = k_buf.at[rows, at].set(slot_contents(state.k_buf, at, exact.k))
-        v_buf = v_buf.at[rows, at].set(slot_contents(state.v_buf, at, exact.v))
+        slots.append(ex.start + exact.idx)
+        new_k.append(exact.k)
+        new_v.append(exact.v)
         allowed = allowed.at[:, ex].set(exact.used)
         last = exact.last
     if cfg.num_summary:
@@ -379,10 +388,13 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
             cfg, mem_k=state.k_buf[:, su], mem_v=state.v_buf[:, su], used=state.allowed[:, su],
             active=state.active_summary, eta_logit=eta_logit, k=ev_k, v=ev_v, gate=ev_g,
             valid=full, lf_dims=layout.lf_dims, energy_scale=layout.energy_scale)
-        at = su.start + summary.idx
-        k_buf = k_buf.at[rows, at].set(slot_contents(state.k_buf, at, summary.k))
-        v_buf = v_buf.at[rows, at].set(slot_contents(state.v_buf, at, summary.v))
+        slots.append(su.start + summary.idx)
+        new_k.append(summary.k)
+        new_v.append(summary.v)
         allowed = allowed.at[:, su].set(summary.used)
+    at = jnp.stack(slots, axis=1)                                       # (B, writes)
+    k_buf = _write_slots(state.k_buf, rows, at, jnp.stack(new_k, axis=1), hold)
+    v_buf = _write_slots(state.v_buf, rows, at, jnp.stack(new_v, axis=1), hold)
     active_exact, active_summary = _grown(
         layout, state.active_exact, state.active_summary,
         zero if exact is None else exact.frustrated,
