@@ -1,0 +1,54 @@
+"""Bounded decode updates the state's K/V buffers in place: a loop of decode steps over
+split layers (what ``generate`` runs on a GPU) compiles without copying them.
+
+Each copy of those buffers moves every row's whole state once a step; the decode
+profile on an H100 (docs/results.md) found two per buffer and layer before
+``bank_writes.write_one`` wrote its slots with one scatter per buffer."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from coda_jax import CausalLM, DecoderConfig
+from coda_jax.decoder import unstack
+
+CFG = DecoderConfig(family="llama", vocab_size=64, hidden_size=64, intermediate_size=128,
+                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+
+
+@pytest.mark.parametrize("hold", [False, True])
+@pytest.mark.parametrize("banks", [dict(num_landmarks_exact=8, num_landmarks_summary=4,
+                                        exact_eviction="gate", write_gate_lookahead=2),
+                                   dict(num_landmarks_exact=8, num_landmarks_summary=0)])
+def test_a_decode_loop_does_not_copy_the_state_buffers(hold, banks):
+    model = CausalLM(CFG, attention="coda_bounded",
+                     attention_options=dict(window=16, **banks), rngs=nnx.Rngs(0))
+    batch = 3
+    states = unstack(model.init_state(batch, key=jax.random.key(0)), CFG.num_layers)
+    graphdef, params = nnx.split(model)
+
+    def loop(params, states, token):
+        merged = nnx.merge(graphdef, params)
+        layers = unstack(merged.layers, CFG.num_layers)
+
+        def body(_, carry):
+            token, states, done = carry
+            logits, states = merged.decode_step_unstacked(token, layers, states,
+                                                          hold=done if hold else None)
+            token = jnp.argmax(logits[:, -1], -1)[:, None].astype(token.dtype)
+            return token, states, done | (token[:, 0] == 3)
+
+        return jax.lax.fori_loop(0, 4, body, (token, states, jnp.zeros((batch,), bool)))
+
+    compiled = jax.jit(loop, donate_argnums=1).lower(
+        params, states, jnp.zeros((batch, 1), jnp.int32)).compile()
+    buffer = states[0].k_buf
+    shape = re.escape(f"{jnp.dtype(buffer.dtype).name[0]}{jnp.dtype(buffer.dtype).itemsize * 8}"
+                      f"[{','.join(map(str, buffer.shape))}]")
+    copies = re.findall(rf"= {shape}\S* copy\(", compiled.as_text())
+    assert copies == []
