@@ -60,6 +60,9 @@ VARIANTS = {"bundle": {}, "threshold 0.1": {"write_gate_threshold_exact": 0.1},
             "exact 512": {"num_landmarks_exact": 512}, "exact 1024": {"num_landmarks_exact": 1024},
             "lru eviction": {"exact_eviction": "lru"}, "window 1024": {"window": 1024},
             "window 2048": {"window": 2048},
+            # The sixth run's bank (train/configs/smollm2_phase2.yaml).
+            "window 1024 exact 512 summary 64": {"window": 1024, "num_landmarks_exact": 512,
+                                                 "num_landmarks_summary": 64},
             # A gate raised to the next tokens': the words before a salient token written too.
             "lookahead 8": {"write_gate_lookahead": 8},
             "exact 4096 lookahead 8": {"num_landmarks_exact": 4096, "write_gate_lookahead": 8},
@@ -69,6 +72,11 @@ VARIANTS = {"bundle": {}, "threshold 0.1": {"write_gate_threshold_exact": 0.1},
             "gate eviction lookahead 8 window 64 exact 320": {
                 "exact_eviction": "gate", "write_gate_lookahead": 8, "window": 64,
                 "num_landmarks_exact": 320},
+            # A document's first tokens kept for good (attention sinks).
+            "sinks 4": {"sink_tokens": 4},
+            "window 1024 exact 512 summary 64 sinks 4": {
+                "window": 1024, "num_landmarks_exact": 512, "num_landmarks_summary": 64,
+                "sink_tokens": 4},
             "window 4096": {"window": 4096}}
 
 

@@ -173,7 +173,9 @@ def _bank_update_fns(layout: BankLayout, cand, eta_logit: jax.Array):
         return exact_bank.update_block(
             cfg, **bank, cand_k=cand.k[:, :n_exact], cand_v=cand.v[:, :n_exact],
             cand_unit=cand.v_unit[:, :n_exact], cand_pos=cand.pos[:, :n_exact],
-            cand_gate=cand.gate[:, :n_exact], cand_valid=cand.valid[:, :n_exact])
+            cand_gate=exact_bank.sink_gate(cand.gate[:, :n_exact], cand.pos[:, :n_exact],
+                                           cfg.sink_tokens),
+            cand_valid=cand.valid[:, :n_exact])
 
     def summary_fn(**bank):
         g, ok = cand.gate[:, :n_summary], cand.valid[:, :n_summary]
@@ -269,8 +271,11 @@ def write_segment(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.
         ev_pos = ring_start[:-1][..., None] + jnp.arange(block_size)   # (n, B, T)
         ev_valid = jnp.arange(block_size) < evicted[..., None]
         ev_g = _take_per_block(stream_g, source(ev_pos))
-        rank = jnp.argsort(jnp.where(ev_valid, -ev_g, jnp.inf), axis=-1,
-                           stable=True)[..., :num_cand]
+        # Sinks (cfg.sink_tokens) rank first; the exact bank sees their sink gate.
+        ev_abs = (state.pos - filled0)[None, :, None] + ev_pos
+        rank = jnp.argsort(jnp.where(ev_valid, -exact_bank.sink_gate(ev_g, ev_abs,
+                                                                     cfg.sink_tokens), jnp.inf),
+                           axis=-1, stable=True)[..., :num_cand]
         cand_stream = ring_start[:-1][..., None] + rank
         cand_src = source(cand_stream)
         cand_k, cand_v = _take_per_block(stream_k, cand_src), _take_per_block(stream_v, cand_src)
@@ -375,8 +380,8 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
         ex = layout.exact_slice
         exact = exact_bank.update_one(
             cfg, mem_k=state.k_buf[:, ex], mem_v=state.v_buf[:, ex], used=state.allowed[:, ex],
-            last=last, active=state.active_exact, k=ev_k, v=ev_v, pos=ev_pos, gate=ev_g,
-            valid=full)
+            last=last, active=state.active_exact, k=ev_k, v=ev_v, pos=ev_pos,
+            gate=exact_bank.sink_gate(ev_g, ev_pos, cfg.sink_tokens), valid=full)
         slots.append(ex.start + exact.idx)
         new_k.append(exact.k)
         new_v.append(exact.v)

@@ -33,7 +33,9 @@ class CoDAGQALandmark(AttentionCore):
     either pairing), ``write_gate_lookahead`` (0 as the reference; N: a token's write
     gate, when it is evicted, is the largest of its own and the next N tokens'),
     ``exact_eviction`` (``"lru"`` as the reference; ``"gate"``: a novel token replaces
-    the exact slot of lowest write gate, if its own is higher) and ``implementation`` (``"xla"``, ``"cudnn"``, ``"pallas"`` or
+    the exact slot of lowest write gate, if its own is higher), ``sink_tokens`` (0 as
+    the reference; N: a document's first N tokens stay in the exact bank for good,
+    with ``exact_eviction="gate"``) and ``implementation`` (``"xla"``, ``"cudnn"``, ``"pallas"`` or
     None: Pallas on GPU, XLA elsewhere).
     """
 
@@ -57,7 +59,7 @@ class CoDAGQALandmark(AttentionCore):
                  head_norm_mode: HeadNormMode = "full", rope_interleaved: bool = True,
                  head_dim: int | None = None, differential: bool = True,
                  lf_band: LfBand = "reference", write_gate_lookahead: int = 0,
-                 exact_eviction: ExactEviction = "lru",
+                 exact_eviction: ExactEviction = "lru", sink_tokens: int = 0,
                  qkv_bias: bool = False, o_bias: bool = False,
                  rope_scaling: dict | None = None, qk_norm: bool = False,
                  qk_norm_eps: float = 1e-6, param_dtype=jnp.float32,
@@ -84,7 +86,8 @@ class CoDAGQALandmark(AttentionCore):
             max_landmarks_summary=max_landmarks_summary, expansion_t_max=expansion_t_max,
             mem_init=mem_init, mask_unused_memory=mask_unused_memory,
             detach_evicted=detach_evicted, collect_metrics=collect_metrics, lf_band=lf_band,
-            write_gate_lookahead=write_gate_lookahead, exact_eviction=exact_eviction)
+            write_gate_lookahead=write_gate_lookahead, exact_eviction=exact_eviction,
+            sink_tokens=sink_tokens)
         super().__init__(attn_cfg, lambda_init_bias=lambda_init_bias, theta_init=theta_init,
                          param_dtype=param_dtype, implementation=implementation, rngs=rngs)
         self.write_proj = linear(

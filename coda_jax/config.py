@@ -120,6 +120,10 @@ class BankConfig:
     # only if the newcomer's gate is higher, so the bank keeps a document's most
     # salient tokens, not its last writes.
     exact_eviction: ExactEviction = "lru"
+    # Not the reference's (0 there): the first N tokens of a document go to the exact
+    # bank with a gate above any other (exact_eviction="gate" then never replaces them):
+    # attention sinks, which a window that slides past them loses (StreamingLLM).
+    sink_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not _is_int(self.window) or self.window <= 0:
@@ -147,6 +151,12 @@ class BankConfig:
                              f"({self.window - 1}), got {self.write_gate_lookahead!r}")
         if self.num_landmarks_exact < 0 or self.num_landmarks_summary < 0:
             raise ValueError("num_landmarks_exact and num_landmarks_summary must be >= 0")
+        if not _is_int(self.sink_tokens) or not 0 <= self.sink_tokens <= self.num_landmarks_exact:
+            raise ValueError(f"sink_tokens must be an integer from 0 to num_landmarks_exact "
+                             f"({self.num_landmarks_exact}), got {self.sink_tokens!r}")
+        if self.sink_tokens and self.exact_eviction != "gate":
+            raise ValueError("sink_tokens needs exact_eviction='gate' (under 'lru' newer "
+                             f"writes would push the sinks out), got {self.exact_eviction!r}")
         _check_choice("write_policy", self.write_policy, ("gated", "none"))
         _check_choice("mem_init", self.mem_init, ("random_normal", "zeros"))
         _check_choice("lf_band", self.lf_band, ("reference", "frequency"))

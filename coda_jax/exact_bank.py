@@ -24,12 +24,18 @@ from .primitives import einsum_f32, l2_normalize, materialise
 STAMP_MAX = jnp.iinfo(jnp.int32).max
 STAMP_MIN = -STAMP_MAX
 GATE_KEY_SCALE = 1 << 24  # a write gate in [0, 1] as an integer slot key
+SINK_GATE = 2.0  # an attention sink's gate (sink_tokens): above any write gate's
+
+
+def sink_gate(gate: jax.Array, pos: jax.Array, sink_tokens: int) -> jax.Array:
+    """``gate`` with the tokens at positions below ``sink_tokens`` given :data:`SINK_GATE`."""
+    return jnp.where(pos < sink_tokens, SINK_GATE, gate) if sink_tokens else gate
 
 
 def gate_key(gate: jax.Array) -> jax.Array:
     """``exact_eviction="gate"``: the key a slot keeps (in the state's LRU stamps,
     ``mem_last_exact``) for the write gate of the token it holds."""
-    return jnp.round(jnp.clip(gate, 0.0, 1.0) * GATE_KEY_SCALE).astype(jnp.int32)
+    return jnp.round(jnp.clip(gate, 0.0, SINK_GATE) * GATE_KEY_SCALE).astype(jnp.int32)
 
 
 class ExactUpdate(NamedTuple):

@@ -24,7 +24,7 @@ def _layer(seed: int = 0, **kw) -> CoDAGQALandmark:
     """A JAX layer with weights moved off their init (via a perturbed reference)."""
     cfg = SMALL | dict(window=8, num_landmarks_exact=4, num_landmarks_summary=4) | kw
     overrides = {k: cfg.pop(k) for k in ("lf_band", "differential", "write_gate_lookahead",
-                                         "exact_eviction") if k in cfg}
+                                         "exact_eviction", "sink_tokens") if k in cfg}
     return from_reference(reference_landmark(seed, **cfg), **overrides)
 
 
@@ -245,6 +245,49 @@ def test_gate_eviction_keeps_the_highest_gates(path):
         assert_close(bank[np.lexsort(bank.T)], tokens[np.lexsort(tokens.T)], what="keys")
     assert not np.array_equal(np.asarray(lru_state.mem_last_exact),
                               np.asarray(gate_state.mem_last_exact))
+
+
+def test_sink_tokens_stay_in_the_exact_bank_by_prefill_and_by_steps():
+    """sink_tokens=2 (not in the reference): the first two tokens' keys are in the
+    exact bank after 40 tokens through a 4-token window, keyed above any gate, by
+    prefill in blocks and by token-by-token steps alike; without sinks they are not."""
+    opts = dict(window=4, num_landmarks_exact=3, num_landmarks_summary=2,
+                exact_eviction="gate", exact_novelty_threshold=1.01)
+    x = _x(12, 2, 40)
+    wide = _layer(13, **(opts | dict(window=64)))
+    _, whole = wide.prefill(x, wide.init_state(2, mem_init="zeros"), block_size=4)
+    first = np.asarray(whole.k_buf[:, :2], np.float64)               # tokens 0 and 1
+
+    def bank_rows(state):
+        return np.asarray(state.k_buf[:, 4:7], np.float64)
+
+    def holds_first(state, row):
+        bank = bank_rows(state)[row].reshape(3, -1)
+        return [bool(np.any(np.all(np.isclose(bank, t.reshape(1, -1), atol=1e-6), axis=1)))
+                for t in first[row]]
+
+    sinks, plain = _layer(13, sink_tokens=2, **opts), _layer(13, **opts)
+    _, prefilled = sinks.prefill(x, sinks.init_state(2, mem_init="zeros"), block_size=4)
+    stepped = sinks.init_state(2, mem_init="zeros")
+    for t in range(40):
+        _, stepped = sinks.step(x[:, t:t + 1], stepped)
+    _, without = plain.prefill(x, plain.init_state(2, mem_init="zeros"), block_size=4)
+    for row in range(2):
+        assert holds_first(prefilled, row) == [True, True]
+        assert holds_first(stepped, row) == [True, True]
+        assert holds_first(without, row) != [True, True]
+    key = 2 * (1 << 24)  # a sink's slot key: its gate of 2
+    assert (np.asarray(prefilled.mem_last_exact) == key).sum(axis=1).tolist() == [2, 2]
+    assert (np.asarray(stepped.mem_last_exact) == key).sum(axis=1).tolist() == [2, 2]
+
+
+@pytest.mark.parametrize("bad", [dict(sink_tokens=2, exact_eviction="lru"),
+                                 dict(sink_tokens=5, exact_eviction="gate"),
+                                 dict(sink_tokens=-1, exact_eviction="gate")])
+def test_sink_tokens_are_checked(bad):
+    with pytest.raises(ValueError, match="sink_tokens"):
+        CoDAGQALandmark(**SMALL, window=8, num_landmarks_exact=4, num_landmarks_summary=4,
+                        rngs=nnx.Rngs(0), **bad)
 
 
 def test_non_differential_switch_is_gqa_over_the_same_buffer():
