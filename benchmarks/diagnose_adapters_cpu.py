@@ -77,6 +77,17 @@ VARIANTS = {"bundle": {}, "threshold 0.1": {"write_gate_threshold_exact": 0.1},
             "window 1024 exact 512 summary 64 sinks 4": {
                 "window": 1024, "num_landmarks_exact": 512, "num_landmarks_summary": 64,
                 "sink_tokens": 4},
+            # Every token that leaves the window a candidate: the exact slots keep the
+            # highest gates of all of them, none left empty for want of a gate above 0.5.
+            "window 1024 exact 512 summary 64 sinks 4 threshold 0 novelty off": {
+                "window": 1024, "num_landmarks_exact": 512, "num_landmarks_summary": 64,
+                "sink_tokens": 4, "write_gate_threshold_exact": 0.0,
+                "exact_novelty_threshold": 1.01},
+            # No summary slots: the exact bank and the window alone.
+            "window 1024 exact 512 summary 0 sinks 4": {
+                "window": 1024, "num_landmarks_exact": 512, "num_landmarks_summary": 0,
+                "sink_tokens": 4},
+            "summary 0 sinks 4": {"num_landmarks_summary": 0, "sink_tokens": 4},
             "window 4096": {"window": 4096}}
 
 
