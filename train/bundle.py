@@ -1,7 +1,8 @@
 """The default model's export made into the package's bundled model.
 
     python -m train.bundle EXPORT_DIR [--out coda_db/default_model]
-                           [--retention RESULTS.json]
+                           [--retention RESULTS.json] [--bank KEY=VALUE ...]
+                           [--heldout DIAGNOSIS.json]
 
 Two kinds of export make the two bundle formats of :mod:`coda_db.bundled`:
 
@@ -31,6 +32,15 @@ adds the measured retention to the card (``"retention"``: the file, device,
 cells, per-length summaries, the issue's goals and state sizes) from a
 results file of ``python -m train.evaluation retention`` run on these very
 weights (its fingerprint must be the bundle's).
+
+``--bank KEY=VALUE`` (repeatable; an adapter export only) ships the weights under
+another bank than the one they were trained with (``window=1024``,
+``num_landmarks_summary=0``, ``sink_tokens=4``, ...; any ``BankConfig`` field):
+the bundle's ``export.json`` and card carry the new bank, and the card records
+the trained one (``"bank_changed"``). The weights, and so their fingerprint, are
+the export's. ``--heldout`` quotes, in the card (``"heldout"``), the answers of
+``benchmarks/diagnose_adapters_cpu.py`` on these weights under the bundle's bank
+(the file must hold a variant with exactly that bank).
 
 Refused, with nothing written or replaced: an ``EXPORT_DIR`` that is not such
 an export, a bundle over its limit, an adapter export whose base is not the
@@ -127,14 +137,63 @@ def retention_card(results_path: str | Path) -> dict[str, Any]:
                          f"({type(err).__name__}: {err})") from None
 
 
+def heldout_card(results_path: str | Path, bank: dict[str, Any]) -> dict[str, Any]:
+    """What a model card quotes of ``benchmarks/diagnose_adapters_cpu.py``'s results:
+    the variant run under ``bank`` (a ``BankConfig`` as a dict)."""
+    path = Path(results_path)
+    try:
+        results = json.loads(path.read_text())
+        matching = [(name, v) for name, v in results["variants"].items() if v["bank"] == bank]
+        quoted = {"results": path.name, "questions": Path(results["questions"]).name,
+                  "scoring": results["scoring"], "device": results["device"],
+                  "weights_sha256": results["weights_sha256"]}
+    except OSError as err:
+        raise FileNotFoundError(f"cannot read the held-out results {path}: {err}") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a results file of benchmarks/diagnose_adapters_cpu.py "
+                         f"({type(err).__name__}: {err})") from None
+    if not matching:
+        raise ValueError(f"{path} has no variant run under the bundle's bank; nothing was "
+                         "written")
+    name, variant = matching[-1]
+    return quoted | {"variant": name, "right": variant["right"], "asked": variant["asked"],
+                     "state_bytes": variant["state_bytes"]}
+
+
+def parse_bank(pairs: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as bank changes (values read as JSON: numbers, strings
+    in quotes or bare, true/false); ``ValueError`` names a malformed pair or an
+    unknown field."""
+    import dataclasses
+
+    from coda_jax.config import BankConfig
+
+    fields = {f.name for f in dataclasses.fields(BankConfig)}
+    changes: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key or not text:
+            raise ValueError(f"--bank {pair!r}: expected KEY=VALUE")
+        if key not in fields:
+            raise ValueError(f"--bank {key}: not a bank field (one of {', '.join(sorted(fields))})")
+        try:
+            changes[key] = json.loads(text)
+        except ValueError:
+            changes[key] = text
+    return changes
+
+
 def bundle(export_dir: str | Path, out: str | Path = DEFAULT_OUT, *,
            retention: str | Path | None = None, max_bytes: int | None = None,
-           base: BasePin | None = None, log: Callable[[str], None] = print) -> Path:
+           base: BasePin | None = None, bank: dict[str, Any] | None = None,
+           heldout: str | Path | None = None, log: Callable[[str], None] = print) -> Path:
     """Write the bundle of ``export_dir`` at ``out`` (see the module's description),
     with ``retention`` (a retention study's results file of the same weights) in its
     card, at most ``max_bytes`` (default: the format's limit); returns ``out``.
     ``base`` is the :class:`coda_db.adapter_bundle.BasePin` a base-relative export
-    was written against (default: SmolLM2's; only its dtype is found here)."""
+    was written against (default: SmolLM2's; only its dtype is found here). ``bank``
+    (bank changes, adapter exports only) and ``heldout`` (held-out answers under the
+    bundle's bank, quoted in the card): see the module's description."""
     from coda_jax import safe_paths
     from coda_db.bundled import is_bundle
 
@@ -149,11 +208,13 @@ def bundle(export_dir: str | Path, out: str | Path = DEFAULT_OUT, *,
     meta = _base_relative(export)
     if meta is not None:
         return _bundle_adapters(export, out, meta, measured=measured, base=base, log=log,
+                                bank=bank or {}, heldout=heldout,
                                 limit=MAX_ADAPTER_BUNDLE_BYTES if max_bytes is None
                                 else max_bytes)
-    if base is not None:
-        raise ValueError(f"{export} is a whole model's export: a base applies only to a "
-                         "base-relative export")
+    for given, what in ((base, "a base"), (bank, "--bank"), (heldout, "--heldout")):
+        if given:
+            raise ValueError(f"{export} is a whole model's export: {what} applies only to a "
+                             "base-relative export")
     return _bundle_checkpoint(export, out, measured=measured, log=log,
                               limit=MAX_BUNDLE_BYTES if max_bytes is None else max_bytes)
 
@@ -217,9 +278,15 @@ def _bundle_checkpoint(export: Path, out: Path, *, measured: dict[str, Any] | No
 
 def _bundle_adapters(export: Path, out: Path, meta: dict[str, Any], *,
                      measured: dict[str, Any] | None, base: BasePin | None, limit: int,
+                     bank: dict[str, Any], heldout: str | Path | None,
                      log: Callable[[str], None]) -> Path:
     """A base-relative export as an adapter bundle (``coda_db.adapter_bundle/1``)."""
+    import dataclasses
+
     from coda_jax import safe_paths
+    from coda_jax.model_io import describe_model
+
+    from .steps import with_bank
     from coda_jax.checkpoint import weights_fingerprint
     from coda_db.adapter_bundle import ASSEMBLED_DTYPE, SMOLLM2, apply_export
     from coda_db.bundled import ADAPTER_BUNDLE_FORMAT, CARD_FILE, is_bundle
@@ -246,15 +313,37 @@ def _bundle_adapters(export: Path, out: Path, meta: dict[str, Any], *,
     pin, base_model, tok = _matching_base(base or SMOLLM2, meta["base"]["fingerprint"], export,
                                           log)
 
+    trained = apply_export(export, base_model)
+    # Refuses a bad bank (BankConfig's own checks) before anything is written.
+    shipped = with_bank(trained, **bank) if bank else trained
+    shipped_bank = dataclasses.asdict(shipped.spec.bank)
+    quoted = heldout_card(heldout, shipped_bank) if heldout is not None else None
+
     def write(staging: Path) -> None:
         staging.mkdir()
         for file in files:
             shutil.copyfile(export / file, staging / file)
-        fingerprint = weights_fingerprint([apply_export(staging, base_model)])  # read back
+        if bank:
+            (staging / INDEX).write_text(json.dumps(
+                meta | {"attention_spec": describe_model(shipped)["attention_spec"]}, indent=1))
+        assembled = apply_export(staging, base_model)  # read back
+        fingerprint = weights_fingerprint([assembled])
+        if dataclasses.asdict(assembled.spec.bank) != shipped_bank:
+            raise ValueError("the bundle's bank differs from the one asked for")
         info = {"format": ADAPTER_BUNDLE_FORMAT, "export": str(export),
                 "dtype": ASSEMBLED_DTYPE}
-        stamped = _stamp(card, info, fingerprint, tokenizer_fingerprint(tok),
-                         measured) | {"base": pin.to_card()}
+        extra: dict[str, Any] = {"base": pin.to_card()}
+        if bank:
+            options = dict(card.get("attention", {}).get("options", {}))
+            extra["attention"] = {"kind": "coda_bounded", "options": options | bank}
+            extra["bank_changed"] = {"trained_with": options, "changes": bank}
+        if quoted is not None:
+            if quoted["weights_sha256"] != fingerprint:
+                raise ValueError(f"the held-out results {quoted['results']} were measured on "
+                                 f"other weights ({quoted['weights_sha256'][:12]}, this "
+                                 f"bundle's are {fingerprint[:12]}); nothing was written")
+            extra["heldout"] = quoted
+        stamped = _stamp(card, info, fingerprint, tokenizer_fingerprint(tok), measured) | extra
         (staging / CARD_FILE).write_text(json.dumps(stamped, indent=1))
         total = _check_size(staging, limit, "adapters and card")
         log(f"bundle: {total / 1e6:.1f} MB over {pin.file} ({pin.dtype}), weights "
@@ -291,10 +380,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the bundle's directory (default: %(default)s)")
     parser.add_argument("--retention", metavar="RESULTS.json",
                         help="a retention study's results on these weights, quoted in the card")
+    parser.add_argument("--bank", action="append", default=[], metavar="KEY=VALUE",
+                        help="ship an adapter export under another bank (repeatable; e.g. "
+                             "window=1024 num_landmarks_summary=0 sink_tokens=4)")
+    parser.add_argument("--heldout", metavar="DIAGNOSIS.json",
+                        help="held-out answers of benchmarks/diagnose_adapters_cpu.py on these "
+                             "weights under the bundle's bank, quoted in the card")
     args = parser.parse_args(argv)
 
     def run() -> int:
-        out = bundle(args.export, args.out, retention=args.retention)
+        out = bundle(args.export, args.out, retention=args.retention,
+                     bank=parse_bank(args.bank), heldout=args.heldout)
         print(f"wrote {out}")
         return 0
 

@@ -11,6 +11,7 @@ in bf16 (as the GPU study writes them), then bundled by ``train.bundle``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -284,6 +285,49 @@ def test_the_bundler_refuses_an_export_of_another_base_or_with_a_tokenizer(world
                                             log=lambda _: None), ValueError)
     assert "takes its tokenizer from its base's GGUF file" in message
     assert not (tmp_path / "b").exists()
+
+
+def test_a_bundle_ships_its_weights_under_another_bank_and_quotes_its_held_out_answers(
+        world, tmp_path):
+    """``--bank``: the weights as trained (same fingerprint) under the bank asked for,
+    which the card states beside the one they were trained with; ``--heldout`` quotes
+    the diagnosis run under exactly that bank, on exactly these weights."""
+    changes = bundle.parse_bank(["num_landmarks_summary=0", "exact_eviction=gate",
+                                 "sink_tokens=2"])
+    assert changes == {"num_landmarks_summary": 0, "exact_eviction": "gate", "sink_tokens": 2}
+    trained = open_model(world["bundle"])
+    trained_bank = dataclasses.asdict(trained.model.spec.bank)
+    shipped_bank = trained_bank | changes | {"min_landmarks_summary": 0,
+                                             "max_landmarks_summary": 0}
+    diagnosis = tmp_path / "diagnosis.json"
+    variant = {"bank": shipped_bank, "right": 3, "asked": 4, "state_bytes": 123}
+    diagnosis.write_text(json.dumps({
+        "questions": "x/heldout.json", "scoring": "containment", "device": "cpu",
+        "weights_sha256": trained.model_sha256,
+        "variants": {"trained bank": variant | {"bank": trained_bank, "right": 0},
+                     "shipped": variant}}))
+    made = bundle.bundle(world["export"], tmp_path / "rebanked", base=world["pin"],
+                         bank=changes, heldout=diagnosis, log=lambda _: None)
+    opened, card = open_model(made), bundled.read_card(made)
+    assert opened.model_sha256 == card["weights_sha256"] == trained.model_sha256
+    bank = opened.model.spec.bank
+    assert (bank.num_summary, bank.sink_tokens, bank.exact_eviction) == (0, 2, "gate")
+    assert bank.window == BANKS["window"]
+    assert card["attention"]["options"]["num_landmarks_summary"] == 0
+    assert card["bank_changed"] == {"trained_with": {}, "changes": changes}  # CARD has none
+    assert card["heldout"]["variant"] == "shipped"
+    assert (card["heldout"]["right"], card["heldout"]["asked"]) == (3, 4)
+    # Refused, nothing written: a bad bank, an unknown field, a malformed pair, results
+    # of another bank.
+    for bad, words in ((["sink_tokens=2"], "sink_tokens"), (["windw=3"], "not a bank field"),
+                       (["window"], "expected KEY=VALUE")):
+        with pytest.raises(ValueError, match=words):
+            bundle.bundle(world["export"], tmp_path / "refused", base=world["pin"],
+                          bank=bundle.parse_bank(bad), log=lambda _: None)
+    with pytest.raises(ValueError, match="no variant run under the bundle's bank"):
+        bundle.bundle(world["export"], tmp_path / "refused", base=world["pin"],
+                      bank={"window": 3}, heldout=diagnosis, log=lambda _: None)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_the_adapter_format_fits_the_package_limit():

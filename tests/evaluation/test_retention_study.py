@@ -316,6 +316,12 @@ def test_the_window_only_twins_attend_as_the_model_without_banks(inputs):
         state = twin.init_state(1, np.float32, key=jax.random.key(0))
         logits.append(np.asarray(twin.prefill(ids, state, block_size=64, chunks_per_call=5)[0]))
     np.testing.assert_allclose(logits[0], logits[1], atol=1e-5)
+    # A model whose bank keeps attention sinks (in the exact bank) has window-only
+    # twins too: without the sinks (the default model's bank has 4).
+    sinks = with_bank(model, exact_eviction="gate", sink_tokens=2)
+    for saveable in (True, False):
+        twin = retention_product.window_only_twin(sinks, saveable=saveable)
+        assert twin.spec.bank.sink_tokens == 0
 
 
 @pytest.mark.parametrize("option, value, message", [

@@ -105,9 +105,10 @@ def ingest_library(model: Any, library: str | os.PathLike, texts: Sequence[str],
 # banks, so the window-only model keeps one slot per bank that nothing is ever
 # written to (no write candidates): masked as unused, it attends over the window
 # alone, as with_bank(model, num_landmarks_exact=0, num_landmarks_summary=0) does.
-WINDOW_ONLY_BANK = dict(num_landmarks_exact=1, num_landmarks_summary=1,
+# No attention sinks either: they live in the exact bank.
+WINDOW_ONLY_BANK = dict(num_landmarks_exact=1, num_landmarks_summary=1, sink_tokens=0,
                         exact_candidates_per_block=0, summary_candidates_per_block=0)
-NO_BANKS = dict(num_landmarks_exact=0, num_landmarks_summary=0)
+NO_BANKS = dict(num_landmarks_exact=0, num_landmarks_summary=0, sink_tokens=0)
 
 
 def same_weights_twin(model: Any, build: Any) -> Any:
