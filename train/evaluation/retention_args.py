@@ -111,8 +111,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         f"{','.join(DEFAULT_CACHES)})")
     parser.add_argument("--unbounded-max-length", type=int, default=65536,
                         help="the unbounded cache runs at lengths up to this")
-    parser.add_argument("--query-batch", type=int, default=256,
-                        help="questions per query_many call")
+    parser.add_argument("--query-batch", type=int, default=None,
+                        help="questions per query_many call (default: 256 on a GPU, 8 on a "
+                        "CPU, where 256 states of the default model's bank overrun the host's "
+                        "memory)")
     parser.add_argument("--unbounded-batch-tokens", type=int, default=None,
                         help="document tokens of K/V per full-cache generation call "
                         "(default: what an eighth of the device's memory holds, at most 2M)")
@@ -135,6 +137,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("seed", "samples", "unbounded_max_length", "passages"):
         if getattr(args, name) < 0:
             raise StudyError(f"--{name.replace('_', '-')} must be >= 0")
+    if args.query_batch is None:
+        import jax
+
+        args.query_batch = 256 if jax.default_backend() == "gpu" else 8
     args.model = args.model or bundled_model_dir()
     if args.model is None:
         raise StudyError("give --model (a bounded model checkpoint directory): no bundled "

@@ -80,7 +80,9 @@ def markdown_table(results: dict[str, Any]) -> str:
         kv = state.get(f"{cache}_kv_cache_bytes")
         if kv:
             lines.append(f"| {CACHE_NAMES[cache]} | "
-                         + " | ".join(_size(kv[str(n)]) for n in lengths) + " |")
+                         # merged parts: a full cache may not run at every length
+                         + " | ".join(_size(kv[str(n)]) if str(n) in kv else ""
+                                      for n in lengths) + " |")
     return "\n".join(lines)
 
 
