@@ -117,11 +117,24 @@ def _base_relative(export: Path) -> dict[str, Any] | None:
     return meta if isinstance(meta.get("base"), dict) else None
 
 
+def _quote_results(path: Path, producer: str, quote: Callable[[dict[str, Any]], dict[str, Any]]
+                   ) -> dict[str, Any]:
+    """``quote`` of the results JSON at ``path``, written by ``producer``: a file that
+    cannot be read is ``FileNotFoundError``, one that ``quote`` cannot read ``ValueError``."""
+    try:
+        return quote(json.loads(path.read_text()))
+    except OSError as err:
+        raise FileNotFoundError(f"cannot read the results {path}: {err}") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a results file of {producer} "
+                         f"({type(err).__name__}: {err})") from None
+
+
 def retention_card(results_path: str | Path) -> dict[str, Any]:
     """What a model card quotes of a retention study's results file."""
     path = Path(results_path)
-    try:
-        results = json.loads(path.read_text())
+
+    def quote(results: dict[str, Any]) -> dict[str, Any]:
         config = results["config"]
         return {"results": path.name, "device": results["device"]["kind"],
                 "weights_sha256": results["model"]["weights_sha256"],
@@ -130,34 +143,31 @@ def retention_card(results_path: str | Path) -> dict[str, Any]:
                                           config.get("count_max", config.get("count"))]},
                 "summaries": results["summaries"], "goals": results["goals"],
                 "state_bytes": results["state_bytes"]}
-    except OSError as err:
-        raise FileNotFoundError(f"cannot read the retention results {path}: {err}") from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a results file of python -m train.evaluation retention "
-                         f"({type(err).__name__}: {err})") from None
+
+    return _quote_results(path, "python -m train.evaluation retention", quote)
 
 
 def heldout_card(results_path: str | Path, bank: dict[str, Any]) -> dict[str, Any]:
     """What a model card quotes of ``benchmarks/diagnose_adapters_cpu.py``'s results:
     the variant run under ``bank`` (a ``BankConfig`` as a dict)."""
     path = Path(results_path)
-    try:
-        results = json.loads(path.read_text())
+
+    def quote(results: dict[str, Any]) -> dict[str, Any]:
         matching = [(name, v) for name, v in results["variants"].items() if v["bank"] == bank]
-        quoted = {"results": path.name, "questions": Path(results["questions"]).name,
-                  "scoring": results["scoring"], "device": results["device"],
-                  "weights_sha256": results["weights_sha256"]}
-    except OSError as err:
-        raise FileNotFoundError(f"cannot read the held-out results {path}: {err}") from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a results file of benchmarks/diagnose_adapters_cpu.py "
-                         f"({type(err).__name__}: {err})") from None
-    if not matching:
+        if not matching:
+            raise LookupError
+        name, variant = matching[-1]
+        return {"results": path.name, "questions": Path(results["questions"]).name,
+                "scoring": results["scoring"], "device": results["device"],
+                "weights_sha256": results["weights_sha256"], "variant": name,
+                "right": variant["right"], "asked": variant["asked"],
+                "state_bytes": variant["state_bytes"]}
+
+    try:
+        return _quote_results(path, "benchmarks/diagnose_adapters_cpu.py", quote)
+    except LookupError:
         raise ValueError(f"{path} has no variant run under the bundle's bank; nothing was "
-                         "written")
-    name, variant = matching[-1]
-    return quoted | {"variant": name, "right": variant["right"], "asked": variant["asked"],
-                     "state_bytes": variant["state_bytes"]}
+                         "written") from None
 
 
 def parse_bank(pairs: Sequence[str]) -> dict[str, Any]:
