@@ -2,7 +2,7 @@
 
     python -m train.bundle EXPORT_DIR [--out coda_db/default_model]
                            [--retention RESULTS.json] [--bank KEY=VALUE ...]
-                           [--heldout DIAGNOSIS.json]
+                           [--heldout DIAGNOSIS.json] [--name NAME]
 
 Two kinds of export make the two bundle formats of :mod:`coda_db.bundled`:
 
@@ -40,7 +40,8 @@ the bundle's ``export.json`` and card carry the new bank, and the card records
 the trained one (``"bank_changed"``). The weights, and so their fingerprint, are
 the export's. ``--heldout`` quotes, in the card (``"heldout"``), the answers of
 ``benchmarks/diagnose_adapters_cpu.py`` on these weights under the bundle's bank
-(the file must hold a variant with exactly that bank).
+(the file must hold a variant with exactly that bank). ``--name`` renames the
+model in its card (what ``coda-db`` and the page show).
 
 Refused, with nothing written or replaced: an ``EXPORT_DIR`` that is not such
 an export, a bundle over its limit, an adapter export whose base is not the
@@ -196,14 +197,16 @@ def parse_bank(pairs: Sequence[str]) -> dict[str, Any]:
 def bundle(export_dir: str | Path, out: str | Path = DEFAULT_OUT, *,
            retention: str | Path | None = None, max_bytes: int | None = None,
            base: BasePin | None = None, bank: dict[str, Any] | None = None,
-           heldout: str | Path | None = None, log: Callable[[str], None] = print) -> Path:
+           heldout: str | Path | None = None, name: str | None = None,
+           log: Callable[[str], None] = print) -> Path:
     """Write the bundle of ``export_dir`` at ``out`` (see the module's description),
     with ``retention`` (a retention study's results file of the same weights) in its
     card, at most ``max_bytes`` (default: the format's limit); returns ``out``.
     ``base`` is the :class:`coda_db.adapter_bundle.BasePin` a base-relative export
     was written against (default: SmolLM2's; only its dtype is found here). ``bank``
     (bank changes, adapter exports only) and ``heldout`` (held-out answers under the
-    bundle's bank, quoted in the card): see the module's description."""
+    bundle's bank, quoted in the card) and ``name`` (the card's name for people, which
+    the commands and the page show): see the module's description."""
     from coda_jax import safe_paths
     from coda_db.bundled import is_bundle
 
@@ -218,10 +221,11 @@ def bundle(export_dir: str | Path, out: str | Path = DEFAULT_OUT, *,
     meta = _base_relative(export)
     if meta is not None:
         return _bundle_adapters(export, out, meta, measured=measured, base=base, log=log,
-                                bank=bank or {}, heldout=heldout,
+                                bank=bank or {}, heldout=heldout, name=name,
                                 limit=MAX_ADAPTER_BUNDLE_BYTES if max_bytes is None
                                 else max_bytes)
-    for given, what in ((base, "a base"), (bank, "--bank"), (heldout, "--heldout")):
+    for given, what in ((base, "a base"), (bank, "--bank"), (heldout, "--heldout"),
+                        (name, "--name")):
         if given:
             raise ValueError(f"{export} is a whole model's export: {what} applies only to a "
                              "base-relative export")
@@ -288,7 +292,7 @@ def _bundle_checkpoint(export: Path, out: Path, *, measured: dict[str, Any] | No
 
 def _bundle_adapters(export: Path, out: Path, meta: dict[str, Any], *,
                      measured: dict[str, Any] | None, base: BasePin | None, limit: int,
-                     bank: dict[str, Any], heldout: str | Path | None,
+                     bank: dict[str, Any], heldout: str | Path | None, name: str | None,
                      log: Callable[[str], None]) -> Path:
     """A base-relative export as an adapter bundle (``coda_db.adapter_bundle/1``)."""
     import dataclasses
@@ -342,7 +346,7 @@ def _bundle_adapters(export: Path, out: Path, meta: dict[str, Any], *,
             raise ValueError("the bundle's bank differs from the one asked for")
         info = {"format": ADAPTER_BUNDLE_FORMAT, "export": str(export),
                 "dtype": ASSEMBLED_DTYPE}
-        extra: dict[str, Any] = {"base": pin.to_card()}
+        extra: dict[str, Any] = {"base": pin.to_card()} | ({"name": name} if name else {})
         if bank:
             options = dict(card.get("attention", {}).get("options", {}))
             extra["attention"] = {"kind": "coda_bounded", "options": options | bank}
@@ -396,11 +400,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--heldout", metavar="DIAGNOSIS.json",
                         help="held-out answers of benchmarks/diagnose_adapters_cpu.py on these "
                              "weights under the bundle's bank, quoted in the card")
+    parser.add_argument("--name", help="the card's name for the model (an adapter export; "
+                        "default: the export card's)")
     args = parser.parse_args(argv)
 
     def run() -> int:
         out = bundle(args.export, args.out, retention=args.retention,
-                     bank=parse_bank(args.bank), heldout=args.heldout)
+                     bank=parse_bank(args.bank), heldout=args.heldout, name=args.name)
         print(f"wrote {out}")
         return 0
 

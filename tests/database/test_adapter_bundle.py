@@ -307,8 +307,10 @@ def test_a_bundle_ships_its_weights_under_another_bank_and_quotes_its_held_out_a
         "variants": {"trained bank": variant | {"bank": trained_bank, "right": 0},
                      "shipped": variant}}))
     made = bundle.bundle(world["export"], tmp_path / "rebanked", base=world["pin"],
-                         bank=changes, heldout=diagnosis, log=lambda _: None)
+                         bank=changes, heldout=diagnosis, name="tiny chat, rebanked",
+                         log=lambda _: None)
     opened, card = open_model(made), bundled.read_card(made)
+    assert card["name"] == opened.name == "tiny chat, rebanked"
     assert opened.model_sha256 == card["weights_sha256"] == trained.model_sha256
     bank = opened.model.spec.bank
     assert (bank.num_summary, bank.sink_tokens, bank.exact_eviction) == (0, 2, "gate")
