@@ -327,23 +327,22 @@ def _bundle_adapters(export: Path, out: Path, meta: dict[str, Any], *,
     pin, base_model, tok = _matching_base(base or SMOLLM2, meta["base"]["fingerprint"], export,
                                           log)
 
-    trained = apply_export(export, base_model)
-    # Refuses a bad bank (BankConfig's own checks) before anything is written.
-    shipped = with_bank(trained, **bank) if bank else trained
-    shipped_bank = dataclasses.asdict(shipped.spec.bank)
-    quoted = heldout_card(heldout, shipped_bank) if heldout is not None else None
+    # A new bank's spec (BankConfig refuses a bad one here, before anything is written).
+    spec = (describe_model(with_bank(apply_export(export, base_model), **bank))["attention_spec"]
+            if bank else None)
 
     def write(staging: Path) -> None:
         staging.mkdir()
         for file in files:
             shutil.copyfile(export / file, staging / file)
-        if bank:
-            (staging / INDEX).write_text(json.dumps(
-                meta | {"attention_spec": describe_model(shipped)["attention_spec"]}, indent=1))
+        if spec is not None:
+            (staging / INDEX).write_text(json.dumps(meta | {"attention_spec": spec}, indent=1))
         assembled = apply_export(staging, base_model)  # read back
         fingerprint = weights_fingerprint([assembled])
-        if dataclasses.asdict(assembled.spec.bank) != shipped_bank:
+        if spec is not None and assembled.spec.to_dict() != spec:
             raise ValueError("the bundle's bank differs from the one asked for")
+        quoted = (heldout_card(heldout, dataclasses.asdict(assembled.spec.bank))
+                  if heldout is not None else None)
         info = {"format": ADAPTER_BUNDLE_FORMAT, "export": str(export),
                 "dtype": ASSEMBLED_DTYPE}
         extra: dict[str, Any] = {"base": pin.to_card()} | ({"name": name} if name else {})
