@@ -290,6 +290,17 @@ def test_merged_parts_add_their_counts_and_must_share_a_model(results, tmp_path)
                                                              "NVIDIA H200"]
 
 
+def test_the_table_leaves_blank_the_lengths_a_full_cache_did_not_run():
+    """Merged parts: the full cache ran at 8K only, the window at 8K and 16K."""
+    results = {"config": {"lengths": [8192, 16384], "facts": [1], "caches": ["unbounded"]},
+               "summaries": [{"cache": "unbounded", "length": 8192, "facts": 1,
+                              "accuracy": 0.5, "correct": 1, "total": 2}],
+               "state_bytes": {"unbounded_kv_cache_bytes": {"8192": 3 << 20}}}
+    table = retention_plot.markdown_table(results)
+    assert "| 1 | unbounded (full KV) | 50% (1/2) | n/a |" in table
+    assert "| unbounded (full KV) | 3.0 MiB |  |" in table
+
+
 def test_the_window_only_twins_attend_as_the_model_without_banks(inputs):
     import jax
     from flax import nnx
