@@ -21,7 +21,7 @@ import numpy as np
 
 from coda_jax.generation import generate, sample_logits
 from coda_jax.runner import bind_weights
-from coda_jax.state import BankState, concat_rows
+from coda_jax import BankState, concat_rows, widen_buffers
 from .model_source import OpenModel
 from .settings import Sampling, read_block
 
@@ -38,14 +38,17 @@ class Answer:
     stopped: bool
 
 
-def _next_token(model, state, logits, key, temperature, top_p, *, greedy: bool, top_k: int):
-    """Sample one token per row from ``logits`` and step every layer on it."""
+def _next_token(model, state, logits, key, temperature, top_p, *, greedy: bool, top_k: int,
+                storage_dtype):
+    """Sample one token per row from ``logits`` and step every layer on it (a state
+    widened from ``storage_dtype``: :func:`~coda_jax.state.widen_buffers`)."""
     if greedy:
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
         token = sample_logits(logits, key, temperature=temperature, top_k=top_k,
                               top_p=top_p).astype(jnp.int32)
-    new_logits, state = model.decode_step(token[:, None], state, training=False)
+    new_logits, state = model.decode_step(token[:, None], state, training=False,
+                                          storage_dtype=storage_dtype)
     return token, new_logits[:, 0], state
 
 
@@ -54,7 +57,7 @@ class Answerer:
 
     def __init__(self, opened: OpenModel):
         self.opened = opened
-        self._steps: dict[tuple[bool, int], object] = {}
+        self._steps: dict[tuple, object] = {}
 
     # ------------------------------------------------------------ prompt
     def prompt_ids(self, question: str) -> np.ndarray:
@@ -89,7 +92,8 @@ class Answerer:
         sampling = sampling.checked(model.cfg.vocab_size)
         stops = set(self.opened.settings.stop_tokens)
         logits, st = self.read_prompts(state, [self.prompt_ids(question)])
-        step = self._step(sampling.temperature == 0, sampling.top_k)
+        st, storage_dtype = widen_buffers(st)  # the step writes in place (a CPU)
+        step = self._step(sampling.temperature == 0, sampling.top_k, storage_dtype)
         key = jax.random.key(sampling.seed)
         temperature = jnp.float32(max(sampling.temperature, 1e-6))
         top_p = jnp.float32(sampling.top_p)
@@ -113,11 +117,12 @@ class Answerer:
             yield text[len(shown):]
         return Answer(text=text, tokens=ids, stopped=stopped)
 
-    def _step(self, greedy: bool, top_k: int):
-        if (greedy, top_k) not in self._steps:
-            self._steps[greedy, top_k] = bind_weights(
-                self.opened.model, functools.partial(_next_token, greedy=greedy, top_k=top_k))
-        return self._steps[greedy, top_k]
+    def _step(self, greedy: bool, top_k: int, storage_dtype):
+        if (greedy, top_k, storage_dtype) not in self._steps:
+            self._steps[greedy, top_k, storage_dtype] = bind_weights(
+                self.opened.model, functools.partial(_next_token, greedy=greedy, top_k=top_k,
+                                                     storage_dtype=storage_dtype))
+        return self._steps[greedy, top_k, storage_dtype]
 
     def many(self, states: Sequence[BankState], questions: Sequence[str], sampling: Sampling
              ) -> list[Answer]:

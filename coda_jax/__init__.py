@@ -14,8 +14,8 @@ from .generation import generate, sample_logits, split_fits
 from .kv_cache import KVCache
 from .model_config import AttentionSpec, DecoderConfig
 from .model_io import load_model, read_model_metadata, save_model
-from .state import (BankMetrics, BankState, batch_axis, concat_rows, row_axes, select_rows,
-                    stack_states, tree_bytes, where_rows)
+from .state import (BankMetrics, BankState, batch_axis, concat_rows, narrow_buffers, row_axes,
+                    select_rows, stack_states, tree_bytes, where_rows, widen_buffers)
 from .unbounded import BaselineGQA, CoDAGQA
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "lf_band_dims",
     "load_model",
     "load_state",
+    "narrow_buffers",
     "nonfinite_rows",
     "read_model_metadata",
     "read_state_metadata",
@@ -49,4 +50,5 @@ __all__ = [
     "stack_states",
     "tree_bytes",
     "where_rows",
+    "widen_buffers",
 ]

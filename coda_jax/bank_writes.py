@@ -328,19 +328,29 @@ def write_segment(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.
     return new, views
 
 
-def _write_slots(buf: jax.Array, rows: jax.Array, at: jax.Array, new: jax.Array,
-                 hold: jax.Array | None) -> jax.Array:
-    """``buf`` (B, S, ...) with each row's slots ``at`` (B, n) set to ``new`` (B, n, ...);
-    rows ``hold`` (B,) get back what those slots held."""
-    new = new.astype(buf.dtype)
+class SlotWrites(NamedTuple):
+    """The K/V slots one decode write changes: ``at`` (B, n) and their contents
+    (B, n, Hkv, Dh) in the buffers' dtype (a held row's: what its slots held)."""
+
+    at: jax.Array
+    k: jax.Array
+    v: jax.Array
+
+
+def _slot_contents(buf: jax.Array, rows: jax.Array, at: jax.Array, new: jax.Array,
+                   hold: jax.Array | None, storage_dtype) -> jax.Array:
+    """What each row's slots ``at`` (B, n) of ``buf`` (B, S, ...) are to hold: ``new``
+    (B, n, ...) rounded to ``storage_dtype`` (None: the buffer's), or for rows
+    ``hold`` (B,) what they held."""
+    new = new.astype(storage_dtype or buf.dtype).astype(buf.dtype)
     if hold is not None:
         new = jnp.where(hold.reshape((-1,) + (1,) * (new.ndim - 1)), buf[rows[:, None], at], new)
-    return buf.at[rows[:, None], at].set(new)
+    return new
 
 
 def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Array,
               gate: jax.Array, eta_logit: jax.Array, training: bool,
-              hold: jax.Array | None = None) -> BankState:
+              hold: jax.Array | None = None, storage_dtype=None) -> BankState:
     """Append one token per row (k/v (B, Hkv, Dh), gate (B,)).
 
     While the ring has room the token takes the next free slot; once full it
@@ -353,16 +363,54 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
     ``generate`` that has stopped): their slots are written back with what they
     held and their other fields keep their values. The result equals
     ``where_rows(hold, state, written)`` without a select over every row's buffers.
+
+    ``storage_dtype`` rounds the written keys and values to that dtype first: a
+    state widened for a decode loop (:func:`~coda_jax.state.widen_buffers`) then
+    holds exactly what the state in ``storage_dtype`` would.
     """
+    writes, state = route_one(layout, state, k=k, v=v, gate=gate, eta_logit=eta_logit,
+                              training=training, hold=hold, storage_dtype=storage_dtype)
+    rows = jnp.arange(writes.at.shape[0])[:, None]
+    return state.replace(k_buf=state.k_buf.at[rows, writes.at].set(writes.k),
+                         v_buf=state.v_buf.at[rows, writes.at].set(writes.v))
+
+
+def write_one_in_stack(layout: BankLayout, stack: BankState, index: jax.Array, **write
+                       ) -> BankState:
+    """:func:`write_one` (same keywords) on layer ``index`` of a stacked state (L, B,
+    ...): of that layer's K/V buffers only the written slots change in ``stack``.
+    A loop over layers whose output is each layer's whole new state copies every
+    slot of every layer once a token (on a CPU, most of a decode step's time)."""
+    layer = jax.tree.map(lambda whole: whole[index], stack)
+    writes, layer = route_one(layout, layer, **write)
+    rows = jnp.arange(writes.at.shape[0])[:, None]
+    no_kv = dict(k_buf=None, v_buf=None)
+    placed = jax.tree.map(lambda whole, part: whole.at[index].set(part),
+                          stack.replace(**no_kv), layer.replace(**no_kv))
+    return placed.replace(k_buf=stack.k_buf.at[index, rows, writes.at].set(writes.k),
+                          v_buf=stack.v_buf.at[index, rows, writes.at].set(writes.v))
+
+
+def route_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Array,
+              gate: jax.Array, eta_logit: jax.Array, training: bool,
+              hold: jax.Array | None = None, storage_dtype=None
+              ) -> tuple[SlotWrites, BankState]:
+    """:func:`write_one`'s routing: (the K/V slots it writes, the state with every
+    other field written; its K/V buffers as they were). With ``storage_dtype`` the
+    routing reads the buffers in that dtype, so it computes what it would on a
+    state kept in it."""
     cfg = layout.cfg
     w = cfg.window
     batch = gate.shape[0]
     rows = jnp.arange(batch)
     full = state.recent_filled >= w
     slot = jnp.where(full, state.recent_idx, state.recent_filled)
+    stored = (lambda a: a) if storage_dtype is None else (  # noqa: E731
+        lambda a: a.astype(storage_dtype))
 
     ev = state.recent_idx
-    ev_k, ev_v, ev_g = state.k_buf[rows, ev], state.v_buf[rows, ev], state.g_recent[rows, ev]
+    ev_k, ev_v = stored(state.k_buf[rows, ev]), stored(state.v_buf[rows, ev])
+    ev_g = state.g_recent[rows, ev]
     if cfg.detach_evicted:
         ev_k, ev_v, ev_g = jax.lax.stop_gradient((ev_k, ev_v, ev_g))
     ev_pos = state.pos - w
@@ -379,7 +427,8 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
     if cfg.num_exact:
         ex = layout.exact_slice
         exact = exact_bank.update_one(
-            cfg, mem_k=state.k_buf[:, ex], mem_v=state.v_buf[:, ex], used=state.allowed[:, ex],
+            cfg, mem_k=stored(state.k_buf[:, ex]), mem_v=stored(state.v_buf[:, ex]),
+            used=state.allowed[:, ex],
             last=last, active=state.active_exact, k=ev_k, v=ev_v, pos=ev_pos,
             gate=exact_bank.sink_gate(ev_g, ev_pos, cfg.sink_tokens), valid=full)
         slots.append(ex.start + exact.idx)
@@ -390,7 +439,8 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
     if cfg.num_summary:
         su = layout.summary_slice
         summary = summary_bank.update_one(
-            cfg, mem_k=state.k_buf[:, su], mem_v=state.v_buf[:, su], used=state.allowed[:, su],
+            cfg, mem_k=stored(state.k_buf[:, su]), mem_v=stored(state.v_buf[:, su]),
+            used=state.allowed[:, su],
             active=state.active_summary, eta_logit=eta_logit, k=ev_k, v=ev_v, gate=ev_g,
             valid=full, lf_dims=layout.lf_dims, energy_scale=layout.energy_scale)
         slots.append(su.start + summary.idx)
@@ -398,8 +448,9 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
         new_v.append(summary.v)
         allowed = allowed.at[:, su].set(summary.used)
     at = jnp.stack(slots, axis=1)                                       # (B, writes)
-    k_buf = _write_slots(state.k_buf, rows, at, jnp.stack(new_k, axis=1), hold)
-    v_buf = _write_slots(state.v_buf, rows, at, jnp.stack(new_v, axis=1), hold)
+    writes = SlotWrites(at, *(_slot_contents(buf, rows, at, jnp.stack(new, axis=1), hold,
+                                             storage_dtype)
+                              for buf, new in ((state.k_buf, new_k), (state.v_buf, new_v))))
     active_exact, active_summary = _grown(
         layout, state.active_exact, state.active_summary,
         zero if exact is None else exact.frustrated,
@@ -426,4 +477,4 @@ def write_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
     if hold is not None:  # held rows: every field as it was (their slots were rewritten)
         small = {name: where_rows(hold, getattr(state, name), value, axis=0)
                  for name, value in small.items()}
-    return state.replace(k_buf=k_buf, v_buf=v_buf, **small)
+    return writes, state.replace(**small)

@@ -230,21 +230,47 @@ class CoDAGQALandmark(AttentionCore):
         return y, state
 
     def decode_step(self, x: jax.Array, state: BankState, *, training: bool = False,
-                    hold: jax.Array | None = None) -> tuple[jax.Array, BankState]:
+                    hold: jax.Array | None = None, storage_dtype=None
+                    ) -> tuple[jax.Array, BankState]:
         """One token per row x (B, 1, D) -> (y (B, 1, D), new state). Pure: what
         generation scans over. Rows ``hold`` (B,) bool keep their state as it was
-        (their outputs are computed and meaningless)."""
+        (their outputs are computed and meaningless). ``storage_dtype``: the state
+        is a widened one (:func:`~coda_jax.state.widen_buffers`) of that dtype."""
+        def write(**token):
+            written = bank_writes.write_one(self.layout, state, **token)
+            return written, written
+
+        return self._decode(x, state, write, training=training, hold=hold,
+                            storage_dtype=storage_dtype)
+
+    def decode_step_in_stack(self, x: jax.Array, stack: BankState, index: jax.Array, *,
+                             training: bool = False, hold: jax.Array | None = None,
+                             storage_dtype=None) -> tuple[jax.Array, BankState]:
+        """:meth:`decode_step` of layer ``index`` of a stacked state (L, B, ...) ->
+        (y, the stack with that layer stepped): a loop over layers carries the
+        stack and changes only the slots each layer writes."""
+        def write(**token):
+            written = bank_writes.write_one_in_stack(self.layout, stack, index, **token)
+            return written, jax.tree.map(lambda whole: whole[index], written)
+
+        layer = jax.tree.map(lambda whole: whole[index], stack)
+        return self._decode(x, layer, write, training=training, hold=hold,
+                            storage_dtype=storage_dtype)
+
+    def _decode(self, x, state, write, *, training, hold, storage_dtype):
+        """One token: project it at ``state``'s positions, ``write`` it (-> (what to
+        return, this layer's state after the write)), attend over that state."""
         positions = state.pos[:, None]
         # With one token the projections are vector-matrix products, which XLA
         # may rewrite as multiply-reduce and fuse into the buffer writes,
         # recomputing them per written element (measured 40x slower): compute them once.
         q, k, v = materialise(self.project_q(x, positions), *self.project_kv(x, positions))
-        state = bank_writes.write_one(
-            self.layout, state, k=k[:, 0], v=v[:, 0], gate=self._write_gate(x)[:, 0],
-            eta_logit=self.summary_eta_logit[...], training=training, hold=hold)
-        y = self.attend(x, q, state.k_buf.astype(q.dtype), state.v_buf.astype(q.dtype),
-                        key_mask=self._visible(state.allowed), fused=False)
-        return y, state
+        written, after = write(k=k[:, 0], v=v[:, 0], gate=self._write_gate(x)[:, 0],
+                               eta_logit=self.summary_eta_logit[...], training=training,
+                               hold=hold, storage_dtype=storage_dtype)
+        y = self.attend(x, q, after.k_buf.astype(q.dtype), after.v_buf.astype(q.dtype),
+                        key_mask=self._visible(after.allowed), fused=False)
+        return y, written
 
     # ------------------------------------------------------------ public API
     def prefill(self, x: jax.Array, state: BankState, *, block_size: int = 256,

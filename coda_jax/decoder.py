@@ -116,6 +116,13 @@ class DecoderLayer(nnx.Module):
                                                 training=training, hold=hold)
         return self.mlp_residual(h + out), state
 
+    def decode_step_in_stack(self, h, stack, index, *, training, hold=None, storage_dtype=None):
+        """:meth:`decode_step` of layer ``index`` of a stacked bounded state."""
+        out, stack = self.self_attn.decode_step_in_stack(self.input_layernorm(h), stack, index,
+                                                         training=training, hold=hold,
+                                                         storage_dtype=storage_dtype)
+        return self.mlp_residual(h + out), stack
+
 
 def stack_modules(modules: list):
     """Identical modules (or pytrees) -> one whose leaves lead with a stacking axis."""
@@ -331,11 +338,14 @@ class CausalLM(nnx.Module):
         return self.logits(h), state
 
     def decode_step(self, token: jax.Array, state: State, *, training: bool = False,
-                    hold: jax.Array | None = None) -> tuple[jax.Array, State]:
+                    hold: jax.Array | None = None, storage_dtype=None
+                    ) -> tuple[jax.Array, State]:
         """One token per row (B, 1) through every layer -> (logits (B, 1, V), state).
         Pure: what generation scans over. Rows ``hold`` (B,) bool keep their state
         as it was, without a select over every row's state (their logits are
-        meaningless): what ``generate`` does with a row that has stopped."""
+        meaningless): what ``generate`` does with a row that has stopped.
+        ``storage_dtype`` (bounded models): ``state`` is a widened state of that
+        dtype (:func:`~coda_jax.state.widen_buffers`), written as that dtype would be."""
         if not self.bounded:
             if hold is None:
                 return kv_cache.decode_step(self, token, state)
@@ -343,11 +353,17 @@ class CausalLM(nnx.Module):
             return logits, kv_cache.release_rows(hold, state, written)
         h = self.embed(token)
 
-        def body(h, inputs):
-            layer, st = inputs
-            return layer.decode_step(h, st, training=training, hold=hold)
+        # The loop carries the whole stacked state, so each layer changes only the
+        # slots it writes (as layer outputs, every slot would be copied each step).
+        def body(carry, inputs):
+            h, stack = carry
+            layer, index = inputs
+            return layer.decode_step_in_stack(h, stack, index, training=training, hold=hold,
+                                              storage_dtype=storage_dtype), None
 
-        h, state = jax.lax.scan(body, h, (self.layers, state), unroll=unroll_decode_layers())
+        layers = jnp.arange(self.cfg.num_layers)
+        (h, state), _ = jax.lax.scan(body, (h, state), (self.layers, layers),
+                                     unroll=unroll_decode_layers())
         return self.logits(h), state
 
     def decode_step_unstacked(self, token: jax.Array, layers: list, states: list,

@@ -21,7 +21,7 @@ from flax import nnx
 from . import runner
 from .checkpoint import nonfinite_rows
 from .decoder import CausalLM, State, stack_modules, unroll_decode_layers, unstack
-from .state import tree_bytes
+from .state import narrow_buffers, tree_bytes, widen_buffers
 from .validation import check_integer, check_number
 
 
@@ -127,18 +127,23 @@ def _generate_jit(model, state, logits, key, temperature, top_p, *, max_new_toke
     runner.count_trace("generate", model)
     batch = logits.shape[0]
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
+    storage_dtype = None
     if split_layers:
         layers = unstack(model.layers, model.cfg.num_layers)
         state = unstack(state, model.cfg.num_layers)
+    elif model.bounded:
+        state, storage_dtype = widen_buffers(state)
+    keys = jax.random.split(key, max_new_tokens)
 
-    def body(carry, step_key):
-        state, logits, done = carry
+    def body(carry):
+        t, state, logits, done, tokens, live = carry
         if greedy:
             token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         else:
-            token = sample_logits(logits, step_key, temperature=temperature, top_k=top_k,
+            token = sample_logits(logits, keys[t], temperature=temperature, top_k=top_k,
                                   top_p=top_p).astype(jnp.int32)
-        emitted = jnp.where(done, pad_id, token)
+        tokens = tokens.at[t].set(jnp.where(done, pad_id, token))
+        live = live.at[t].set(~done)
         # Stopped rows step on their (valid) sampled token, their state held as it was
         # (with keep_state) and their logits discarded.
         hold = done if keep_state else None
@@ -147,15 +152,21 @@ def _generate_jit(model, state, logits, key, temperature, top_p, *, max_new_toke
                                                             hold=hold)
         else:
             new_logits, state = model.decode_step(token[:, None], state, training=False,
-                                                  hold=hold)
-        live = ~done
+                                                  hold=hold, storage_dtype=storage_dtype)
         done = done | jnp.isin(token, stops)
-        return (state, new_logits[:, 0], done), (emitted, live)
+        return t + 1, state, new_logits[:, 0], done, tokens, live
 
-    init = (state, logits, jnp.zeros((batch,), jnp.bool_))
-    (state, _, _), (tokens, live) = jax.lax.scan(body, init,
-                                                 jax.random.split(key, max_new_tokens))
+    # The loop ends once every row has stopped: the steps left would only emit pad_id.
+    def going(carry):
+        t, _, _, done, _, _ = carry
+        return (t < max_new_tokens) & ~jnp.all(done)
+
+    init = (jnp.int32(0), state, logits, jnp.zeros((batch,), jnp.bool_),
+            jnp.full((max_new_tokens, batch), pad_id, jnp.int32),
+            jnp.zeros((max_new_tokens, batch), jnp.bool_))
+    _, state, _, _, tokens, live = jax.lax.while_loop(going, body, init)
     if split_layers and keep_state:
         state = stack_modules(state)
+    state = narrow_buffers(state, storage_dtype)
     # Tokens per row: those emitted while live, up to and including the stop token.
     return tokens.T, jnp.sum(live, axis=0, dtype=jnp.int32), state if keep_state else None

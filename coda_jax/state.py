@@ -147,6 +147,30 @@ def _concat_other(states):
     return jax.tree.map(lambda ax, *leaves: jnp.concatenate(leaves, axis=ax), axes, *states)
 
 
+def widen_buffers(state):
+    """For a decode loop: on a CPU, (a bounded ``state`` whose K/V buffers are a
+    16-bit float, with them in float32; that dtype); else (``state``, None).
+
+    XLA's CPU backend writes a slot into a 16-bit float buffer by converting the
+    whole buffer to float32 and back; a loop over a widened state writes in place.
+    Its steps take the dtype as ``storage_dtype`` and round what they write to it,
+    so :func:`narrow_buffers` gives back what the loop on ``state`` itself would.
+    """
+    dtype = state.k_buf.dtype if isinstance(state, BankState) else None
+    if (dtype is None or dtype.itemsize != 2 or not jnp.issubdtype(dtype, jnp.floating)
+            or jax.default_backend() != "cpu"):
+        return state, None
+    return state.replace(k_buf=state.k_buf.astype(jnp.float32),
+                         v_buf=state.v_buf.astype(jnp.float32)), dtype
+
+
+def narrow_buffers(state, dtype):
+    """:func:`widen_buffers` undone: the K/V buffers back in ``dtype`` (None: as is)."""
+    if dtype is None:
+        return state
+    return state.replace(k_buf=state.k_buf.astype(dtype), v_buf=state.v_buf.astype(dtype))
+
+
 # The name of earlier releases (it concatenates rows; it does not stack).
 stack_states = concat_rows
 

@@ -3,6 +3,7 @@
 
     python benchmarks/investigations/bank_options_gpu.py NAME   # one configuration
     python benchmarks/investigations/bank_options_gpu.py all    # each in a child process
+    ROWS=256 python benchmarks/investigations/bank_options_gpu.py all   # the query batch
 
 A SmolLM2-shaped bounded model (2 layers, random bf16 weights) reads a 3,000-token
 document block by block (128), then prefills a 24-token question over the state
@@ -11,6 +12,7 @@ and decodes 8 tokens, as the database's ingest and query do; ``ok`` or the error
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -37,8 +39,8 @@ def run(name: str) -> None:
     model = CausalLM(DecoderConfig(**shape), attention="coda_bounded",
                      attention_options=CONFIGS[name], param_dtype=jnp.bfloat16,
                      rngs=nnx.Rngs(0))
-    rows = 4
-    doc = jax.random.randint(jax.random.key(1), (rows, 3000), 0, 2048)
+    rows = int(os.environ.get("ROWS", "4"))
+    doc = jax.random.randint(jax.random.key(1), (rows, int(os.environ.get("DOC", "3000"))), 0, 2048)
     _, state = model.prefill(doc, model.init_state(rows, jnp.bfloat16, key=jax.random.key(3)), block_size=128)
     question = jax.random.randint(jax.random.key(2), (rows, 24), 0, 2048)
     logits, state = model.prefill(question, state, block_size=128)

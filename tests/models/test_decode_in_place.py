@@ -51,3 +51,24 @@ def test_a_decode_loop_does_not_copy_the_state_buffers(hold, banks):
     dims = ",".join(map(str, states[0].k_buf.shape))
     copies = re.findall(rf"= \w+\[{dims}\]\S* copy\(", compiled.as_text())
     assert copies == []
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_a_stacked_decode_step_writes_only_its_slots(hold):
+    """The rolled loop over layers (a CPU's decode) carries the stacked state: no
+    array of the stacked K/V buffers' shape is copied, converted or rewritten by a
+    dynamic-update-slice; only scattered into. Before, each layer's whole new buffer
+    was written into the stack every step (most of a CPU decode step)."""
+    model = CausalLM(CFG, attention="coda_bounded",
+                     attention_options=dict(window=16, num_landmarks_exact=8,
+                                            num_landmarks_summary=4), rngs=nnx.Rngs(0))
+    state = model.init_state(3, jnp.float32, key=jax.random.key(0))
+    hold_rows = jnp.array([False, True, False]) if hold else None
+    step = jax.jit(lambda m, s, t: m.decode_step(t, s, hold=hold_rows), donate_argnums=1)
+    text = step.lower(model, state, jnp.zeros((3, 1), jnp.int32)).compile().as_text()
+    dims = ",".join(map(str, state.k_buf.shape))
+    made = re.findall(rf"= f32\[{dims}\]\S* (\w[\w-]*)\(", text)
+    assert made and set(made) <= {"scatter", "fusion", "parameter", "get-tuple-element",
+                                  "bitcast", "tuple"}
+    fused = re.findall(rf"%([\w.-]+) = f32\[{dims}\]\S* fusion\(", text)
+    assert all("scatter" in name for name in fused), fused

@@ -12,6 +12,7 @@ from coda_jax.runner import compile_counts
 from coda_jax.decoder import CausalLM
 from coda_jax.generation import generate, sample_logits
 from coda_jax.model_config import DecoderConfig
+from coda_jax.state import widen_buffers
 
 CFG = DecoderConfig(family="llama", vocab_size=53, hidden_size=32, intermediate_size=48,
                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
@@ -202,3 +203,29 @@ def test_generation_from_a_poisoned_state_warns(model):
                                   last_only=True)  # 99: outside the vocabulary, on device
     with pytest.warns(UserWarning, match=r"row\(s\) \[1\] of the state hold NaN or Inf"):
         generate(model, state, logits, max_new_tokens=2)
+
+
+def test_a_16_bit_state_decodes_widened_as_in_its_own_dtype(model):
+    """On a CPU, generate widens a bfloat16 state to float32 for its token loop
+    (widen_buffers) and rounds what it writes: the tokens and the final state equal
+    a loop of decode steps on the bfloat16 state itself, bit for bit, and a loop
+    whose rows have all stopped ends with the same result."""
+    state = model.init_state(3, jnp.bfloat16, key=jax.random.key(7))
+    logits, state = model.prefill(_prompt(8, batch=3, length=11), state, block_size=4,
+                                  last_only=True)
+    assert widen_buffers(state)[0].k_buf.dtype == jnp.float32
+    step = jax.jit(lambda st, tok, hold: model.decode_step(tok, st, hold=hold))
+    free = generate(model, state, logits, max_new_tokens=9)[0]
+    stops = (int(free[0, 1]), int(free[1, 2]), int(free[2, 3]))
+    tokens, counts, final = generate(model, state, logits, max_new_tokens=9, stop_tokens=stops)
+    assert int(counts.max()) < 9  # every row stopped before the last step
+    st, lg = state, logits[:, -1]
+    done = jnp.zeros((3,), bool)
+    for _ in range(9):
+        tok = jnp.argmax(lg, axis=-1).astype(jnp.int32)
+        lg, st = step(st, tok[:, None], done)
+        lg = lg[:, -1]
+        done = done | jnp.isin(tok, jnp.asarray(stops))
+    assert final.k_buf.dtype == jnp.bfloat16
+    for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(st)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
