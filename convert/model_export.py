@@ -147,12 +147,10 @@ def export_model(model: CausalLM, out_dir: str | os.PathLike, *, dtype=jnp.bfloa
                                        what="model export")
 
 
-def load_export(path: str | os.PathLike, *, dtype: Any = None,
-                base: CausalLM | None = None) -> CausalLM:
-    """Rebuild a model from :func:`export_model`'s directory (checksums verified), its
-    weights in ``dtype`` (default: the exported dtype). A base-relative export
-    needs its ``base`` (the same weights it was written against: fingerprint
-    checked)."""
+def check_export(path: str | os.PathLike) -> dict[str, Any]:
+    """The index of :func:`export_model`'s directory, after checking that every file
+    it lists is there with its checksum (``ValueError`` naming the damage;
+    ``FileNotFoundError`` when there is no export)."""
     path = Path(path)
     if not (path / INDEX).is_file():
         raise FileNotFoundError(f"no model export at {path} (no {INDEX})")
@@ -165,6 +163,17 @@ def load_export(path: str | os.PathLike, *, dtype: Any = None,
         if hashlib.sha256((path / file).read_bytes()).hexdigest() != digest:
             raise ValueError(f"the model export at {path} is damaged: {file} does not match "
                              "its checksum")
+    return meta
+
+
+def load_export(path: str | os.PathLike, *, dtype: Any = None,
+                base: CausalLM | None = None) -> CausalLM:
+    """Rebuild a model from :func:`export_model`'s directory (checksums verified), its
+    weights in ``dtype`` (default: the exported dtype). A base-relative export
+    needs its ``base`` (the same weights it was written against: fingerprint
+    checked)."""
+    path = Path(path)
+    meta = check_export(path)
     dtype = jnp.dtype(dtype or meta["dtype"])
     model = nnx.eval_shape(lambda: CausalLM(
         DecoderConfig.from_dict(meta["config"]),

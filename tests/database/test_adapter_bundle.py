@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from coda_db import NeuralDatabase, bundled, demo
+from coda_db import NeuralDatabase, adapter_bundle, bundled, demo
 from coda_db.adapter_bundle import SMOLLM2, BasePin, base_tokenizer, cache_dir
 from coda_db.cli import EXIT_WRONG_ANSWERS, main
 from coda_db.errors import NotFoundError, RefusedError
@@ -33,6 +33,8 @@ from coda_db.model_source import open_model
 from converters.gguf_files import write_model
 from convert import export_model, load_gguf_model
 from convert.gguf import GGUFFile
+from coda_jax import load_model, save_model
+from coda_jax.checkpoint import weights_fingerprint
 from train import bundle
 
 from conftest import BANKS, snapshot
@@ -168,6 +170,31 @@ def test_the_tokenizer_is_cached_by_the_files_sha256_and_rebuilt_when_damaged(wo
     message = refusal(lambda: base_tokenizer(GGUFFile(gguf), pin.sha256, expected="0" * 64,
                                              log=said.append))
     assert "not the one the model was made with" in message
+
+
+@pytest.mark.parametrize("damage", ["another model", "damaged files"])
+def test_the_assembled_model_is_cached_by_its_fingerprint_and_rebuilt_when_damaged(
+        world, damage):
+    made = world["bundle"]
+    card = bundled.read_card(made)
+    index = hashlib.sha256((made / "export.json").read_bytes()).hexdigest()
+    cached = cache_dir() / "models" / f"{card['weights_sha256'][:32]}-{index[:32]}"
+    open_model(made)
+    assert (cached / "meta").is_dir()
+    with pytest.MonkeyPatch.context() as mp:  # opened from the cache: the base is not read
+        mp.setattr(adapter_bundle, "load_base", lambda *a, **k: pytest.fail("base read"))
+        assert open_model(made).model_sha256 == card["weights_sha256"]
+    if damage == "another model":
+        save_model(cached, load_gguf_model(world["gguf"], attention="coda_bounded",
+                                           attention_options=BANKS, progress=False),
+                   overwrite=True)
+    else:
+        for file in (cached / "tree").rglob("*"):
+            if file.is_file():
+                file.write_bytes(b"damaged")
+    opened = open_model(made)
+    assert opened.model_sha256 == card["weights_sha256"]
+    assert weights_fingerprint([load_model(cached)]) == card["weights_sha256"]  # cached again
 
 
 def test_a_document_saved_then_read_back_in_a_fresh_process_answers_the_same(world, tmp_path):
