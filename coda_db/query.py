@@ -93,6 +93,9 @@ class Answerer:
         stops = set(self.opened.settings.stop_tokens)
         logits, st = self.read_prompts(state, [self.prompt_ids(question)])
         st, storage_dtype = widen_buffers(st)  # the step writes in place (a CPU)
+        # The steps donate the state they step: copied once here, no array of it can
+        # be one of ``state``'s (a compiled call may pass an input through as an output).
+        st = jax.tree.map(jnp.copy, st)
         step = self._step(sampling.temperature == 0, sampling.top_k, storage_dtype)
         key = jax.random.key(sampling.seed)
         temperature = jnp.float32(max(sampling.temperature, 1e-6))
@@ -119,9 +122,12 @@ class Answerer:
 
     def _step(self, greedy: bool, top_k: int, storage_dtype):
         if (greedy, top_k, storage_dtype) not in self._steps:
+            # The stepped state is donated: the loop in stream never reuses it, and
+            # a copy of it each token cost a third of a CPU step.
             self._steps[greedy, top_k, storage_dtype] = bind_weights(
                 self.opened.model, functools.partial(_next_token, greedy=greedy, top_k=top_k,
-                                                     storage_dtype=storage_dtype))
+                                                     storage_dtype=storage_dtype),
+                donate_args=(0,))
         return self._steps[greedy, top_k, storage_dtype]
 
     def many(self, states: Sequence[BankState], questions: Sequence[str], sampling: Sampling

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from coda_jax.runner import compile_counts
+from coda_jax.runner import bind_weights, compile_counts
 from coda_jax.decoder import CausalLM
 from coda_jax.generation import generate, sample_logits
 from coda_jax.model_config import DecoderConfig
@@ -195,6 +195,21 @@ def test_bound_step_functions_equal_step_and_keep_their_weights():
     assert not np.allclose(np.asarray(model.step(token, state)[0]), np.asarray(logits_before))
     with pytest.raises(ValueError):
         bound(jnp.zeros((3, 1), jnp.int32), state)
+
+
+def test_a_bound_function_donates_the_arguments_it_is_told_to(model):
+    """bind_weights(donate_args=...): the donated state is consumed by the call (its
+    buffers reused for the output), the others are kept; the results are the same."""
+    state = model.init_state(2, key=jax.random.key(0))
+    token = jnp.array([[5], [7]], jnp.int32)
+    step = lambda m, st, tok: m.decode_step(tok, st)  # noqa: E731
+    kept, donating = bind_weights(model, step), bind_weights(model, step, donate_args=(0,))
+    want = kept(state, token)
+    given = jax.tree.map(jnp.copy, state)
+    got = donating(given, token)
+    assert given.k_buf.is_deleted() and not token.is_deleted() and not state.k_buf.is_deleted()
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_generation_from_a_poisoned_state_warns(model):
