@@ -26,6 +26,10 @@ from .model_source import OpenModel
 from .settings import Sampling, read_block
 
 MAX_CHUNKS_PER_CALL = 16
+# Rows of one batched answer call: on an H100, 256 rows faulted in the question's
+# prefill (CUDA_ERROR_ILLEGAL_ADDRESS, cause not found yet) where 64 ran
+# (docs/results.md); more questions are answered 64 at a time.
+MAX_ROWS_PER_CALL = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,19 +137,31 @@ class Answerer:
     def many(self, states: Sequence[BankState], questions: Sequence[str], sampling: Sampling
              ) -> list[Answer]:
         """Row i answers ``questions[i]`` from ``states[i]`` (each a batch of one),
-        all rows in one compiled decode."""
-        model = self.opened.model
-        sampling = sampling.checked(model.cfg.vocab_size)
+        up to :data:`MAX_ROWS_PER_CALL` rows in one compiled decode (the rows of a
+        later call sample from ``jax.random.fold_in`` of the seed's key)."""
+        sampling = sampling.checked(self.opened.model.cfg.vocab_size)
         if len(states) != len(questions) or not states:
             raise ValueError(f"one state per question: got {len(states)} state(s) and "
                              f"{len(questions)} question(s)")
+        key = jax.random.key(sampling.seed)
+        answers = []
+        for call, start in enumerate(range(0, len(states), MAX_ROWS_PER_CALL)):
+            rows = slice(start, start + MAX_ROWS_PER_CALL)
+            answers += self._answer_rows(states[rows], questions[rows], sampling,
+                                         key if call == 0 else jax.random.fold_in(key, call))
+        return answers
+
+    def _answer_rows(self, states: Sequence[BankState], questions: Sequence[str],
+                     sampling: Sampling, key: jax.Array) -> list[Answer]:
+        """:meth:`many`'s rows of one compiled decode."""
+        model = self.opened.model
         prompts = [self.prompt_ids(q) for q in questions]
         logits, state = self.read_prompts(concat_rows(*states), prompts)
         stops = self.opened.settings.stop_tokens
         tokens, counts, _ = generate(
-            model, state, logits, max_new_tokens=sampling.max_new_tokens,
-            key=jax.random.key(sampling.seed), temperature=sampling.temperature,
-            top_k=sampling.top_k, top_p=sampling.top_p, stop_tokens=stops, return_state=False)
+            model, state, logits, max_new_tokens=sampling.max_new_tokens, key=key,
+            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+            stop_tokens=stops, return_state=False)
         answers = []
         for row, count in zip(np.asarray(tokens), np.asarray(counts)):
             ids = row[:count].tolist()

@@ -107,7 +107,9 @@ def init_state(layout: BankLayout, batch_size: int, dtype, key: jax.Array | None
         active_exact=vec(cfg.min_landmarks_exact if cfg.num_exact > 0 else 0),
         active_summary=vec(cfg.min_landmarks_summary if cfg.num_summary > 0 else 0),
         nonfinite=jnp.zeros((batch_size,), jnp.bool_),
-        metrics=BankMetrics.zeros(batch_size) if cfg.collect_metrics else None)
+        metrics=BankMetrics.zeros(batch_size) if cfg.collect_metrics else None,
+        exact_pos=(None if cfg.max_key_distance is None
+                   else jnp.zeros((batch_size, cfg.num_exact), POSITION_DTYPE)))
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "batch_size", "dtype", "mem_init",

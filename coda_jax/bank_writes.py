@@ -66,13 +66,15 @@ class Banks(NamedTuple):
     summary_used: jax.Array    # (B, Ms) bool
     active_exact: jax.Array    # (B,)
     active_summary: jax.Array  # (B,)
+    exact_pos: jax.Array | None  # (B, Me) token positions (BankState.exact_pos)
 
 
 def _banks_of(layout: BankLayout, state: BankState) -> Banks:
     ex, su = layout.exact_slice, layout.summary_slice
     return Banks(state.k_buf[:, ex], state.v_buf[:, ex], state.allowed[:, ex],
                  state.mem_last_exact, state.k_buf[:, su], state.v_buf[:, su],
-                 state.allowed[:, su], state.active_exact, state.active_summary)
+                 state.allowed[:, su], state.active_exact, state.active_summary,
+                 state.exact_pos)
 
 
 def _assemble(state: BankState, ring, banks: Banks, **fields) -> BankState:
@@ -82,7 +84,8 @@ def _assemble(state: BankState, ring, banks: Banks, **fields) -> BankState:
     allowed = jnp.concatenate([ring[2], banks.exact_used, banks.summary_used], axis=1)
     return state.replace(k_buf=k, v_buf=v, allowed=allowed, mem_last_exact=banks.exact_last,
                          active_exact=banks.active_exact,
-                         active_summary=banks.active_summary, **fields)
+                         active_summary=banks.active_summary, exact_pos=banks.exact_pos,
+                         **fields)
 
 
 def _update_banks(layout: BankLayout, banks: Banks, pos: jax.Array, exact_fn, summary_fn,
@@ -93,10 +96,12 @@ def _update_banks(layout: BankLayout, banks: Banks, pos: jax.Array, exact_fn, su
     zero = jnp.zeros_like(pos)
     if exact_fn is not None:
         exact = exact_fn(mem_k=banks.exact_k, mem_v=banks.exact_v, used=banks.exact_used,
-                         last=banks.exact_last, active=banks.active_exact)
+                         last=banks.exact_last, active=banks.active_exact,
+                         mem_pos=banks.exact_pos)
     else:
         exact = exact_bank.ExactUpdate(banks.exact_k, banks.exact_v, banks.exact_used,
-                                       banks.exact_last, zero, zero, zero, zero, zero)
+                                       banks.exact_last, zero, zero, zero, zero, zero,
+                                       banks.exact_pos)
     if summary_fn is not None:
         summary = summary_fn(mem_k=banks.summary_k, mem_v=banks.summary_v,
                              used=banks.summary_used, active=banks.active_summary)
@@ -107,7 +112,7 @@ def _update_banks(layout: BankLayout, banks: Banks, pos: jax.Array, exact_fn, su
     active_exact, active_summary = _grown(layout, banks.active_exact, banks.active_summary,
                                           exact.frustrated, summary.frustrated, pos, training)
     new = Banks(exact.k, exact.v, exact.used, exact.last, summary.k, summary.v, summary.used,
-                active_exact, active_summary)
+                active_exact, active_summary, exact.pos)
     return new, exact, summary
 
 
@@ -228,7 +233,8 @@ def write_segment(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.
     reads the banks left by the previous block, runs block by block.
 
     Returns the state after the segment and, per block, the buffer it
-    attends to: (k (B, n, Lbuf, Hkv, Dh), v, allowed (B, n, Lbuf)), with the
+    attends to: (k (B, n, Lbuf, Hkv, Dh), v, allowed (B, n, Lbuf), the exact
+    slots' token positions (B, n, Me) or None without ``exact_pos``), with the
     ring in time order. A row with no valid tokens keeps its state bit for bit.
     """
     cfg = layout.cfg
@@ -324,7 +330,8 @@ def write_segment(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.
     views = (jnp.concatenate([by_row(seen_k), by_row(seen.exact_k), by_row(seen.summary_k)], 2),
              jnp.concatenate([by_row(seen_v), by_row(seen.exact_v), by_row(seen.summary_v)], 2),
              jnp.concatenate([by_row(seen_valid), by_row(seen.exact_used),
-                              by_row(seen.summary_used)], 2))
+                              by_row(seen.summary_used)], 2),
+             None if seen.exact_pos is None else by_row(seen.exact_pos))
     return new, views
 
 
@@ -423,19 +430,20 @@ def route_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
     allowed = state.allowed.at[rows, slot].set(True)
     zero = jnp.zeros_like(state.pos)
     exact = summary = None
-    last = state.mem_last_exact
+    last, exact_pos = state.mem_last_exact, state.exact_pos
     if cfg.num_exact:
         ex = layout.exact_slice
         exact = exact_bank.update_one(
             cfg, mem_k=stored(state.k_buf[:, ex]), mem_v=stored(state.v_buf[:, ex]),
             used=state.allowed[:, ex],
             last=last, active=state.active_exact, k=ev_k, v=ev_v, pos=ev_pos,
-            gate=exact_bank.sink_gate(ev_g, ev_pos, cfg.sink_tokens), valid=full)
+            gate=exact_bank.sink_gate(ev_g, ev_pos, cfg.sink_tokens), valid=full,
+            mem_pos=state.exact_pos)
         slots.append(ex.start + exact.idx)
         new_k.append(exact.k)
         new_v.append(exact.v)
         allowed = allowed.at[:, ex].set(exact.used)
-        last = exact.last
+        last, exact_pos = exact.last, exact.pos
     if cfg.num_summary:
         su = layout.summary_slice
         summary = summary_bank.update_one(
@@ -466,7 +474,7 @@ def route_one(layout: BankLayout, state: BankState, *, k: jax.Array, v: jax.Arra
                              active_exact - state.active_exact,
                              active_summary - state.active_summary)
     small = dict(
-        allowed=allowed, mem_last_exact=last,
+        allowed=allowed, mem_last_exact=last, exact_pos=exact_pos,
         active_exact=active_exact, active_summary=active_summary, g_recent=g_recent,
         recent_idx=jnp.where(full, (state.recent_idx + 1) % w, state.recent_idx),
         recent_filled=jnp.minimum(state.recent_filled + 1, w).astype(POSITION_DTYPE),

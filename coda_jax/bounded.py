@@ -17,7 +17,7 @@ from flax import nnx
 from . import bank_layout, bank_writes, runner
 from .config import (AttentionConfig, BankConfig, ExactEviction, HeadNormMode, LfBand, MemInit,
                      WritePolicy)
-from .primitives import materialise
+from .primitives import apply_rope, materialise
 from .projections import AttentionCore, linear
 from .state import POSITION_DTYPE, BankState, tree_bytes
 
@@ -35,7 +35,9 @@ class CoDAGQALandmark(AttentionCore):
     ``exact_eviction`` (``"lru"`` as the reference; ``"gate"``: a novel token replaces
     the exact slot of lowest write gate, if its own is higher), ``sink_tokens`` (0 as
     the reference; N: a document's first N tokens stay in the exact bank for good,
-    with ``exact_eviction="gate"``) and ``implementation`` (``"xla"``, ``"cudnn"``, ``"pallas"`` or
+    with ``exact_eviction="gate"``), ``max_key_distance`` (None as the reference; N:
+    exact-bank keys more than N positions before the query are read as if exactly N
+    away, for documents longer than the model's training positions) and ``implementation`` (``"xla"``, ``"cudnn"``, ``"pallas"`` or
     None: Pallas on GPU, XLA elsewhere).
     """
 
@@ -60,7 +62,7 @@ class CoDAGQALandmark(AttentionCore):
                  head_dim: int | None = None, differential: bool = True,
                  lf_band: LfBand = "reference", write_gate_lookahead: int = 0,
                  exact_eviction: ExactEviction = "lru", sink_tokens: int = 0,
-                 qkv_bias: bool = False, o_bias: bool = False,
+                 max_key_distance: int | None = None, qkv_bias: bool = False, o_bias: bool = False,
                  rope_scaling: dict | None = None, qk_norm: bool = False,
                  qk_norm_eps: float = 1e-6, param_dtype=jnp.float32,
                  implementation: str | None = None, rngs: nnx.Rngs):
@@ -87,7 +89,7 @@ class CoDAGQALandmark(AttentionCore):
             mem_init=mem_init, mask_unused_memory=mask_unused_memory,
             detach_evicted=detach_evicted, collect_metrics=collect_metrics, lf_band=lf_band,
             write_gate_lookahead=write_gate_lookahead, exact_eviction=exact_eviction,
-            sink_tokens=sink_tokens)
+            sink_tokens=sink_tokens, max_key_distance=max_key_distance)
         super().__init__(attn_cfg, lambda_init_bias=lambda_init_bias, theta_init=theta_init,
                          param_dtype=param_dtype, implementation=implementation, rngs=rngs)
         self.write_proj = linear(
@@ -136,8 +138,10 @@ class CoDAGQALandmark(AttentionCore):
         if len(exp_leaves) != len(got_leaves):
             raise ValueError(
                 "state does not match this layer: "
-                f"collect_metrics={self.bank_cfg.collect_metrics} but the state "
-                f"{'has' if state.metrics is not None else 'lacks'} metrics")
+                f"collect_metrics={self.bank_cfg.collect_metrics} and max_key_distance="
+                f"{self.bank_cfg.max_key_distance}, but the state "
+                f"{'has' if state.metrics is not None else 'lacks'} metrics and "
+                f"{'has' if state.exact_pos is not None else 'lacks'} exact_pos")
         for (path, exp), got in zip(exp_leaves, got_leaves):
             if tuple(exp.shape) != tuple(got.shape):
                 name = jax.tree_util.keystr(path)
@@ -169,6 +173,23 @@ class CoDAGQALandmark(AttentionCore):
         bias = jnp.concatenate([lam.bias[...], write.bias[...]])
         logits = jax.nn.sigmoid((x @ kernel + bias).astype(jnp.float32))
         return logits[..., :-1], logits[..., -1]
+
+    def _near_keys(self, keys: jax.Array, exact_pos: jax.Array | None, query_pos: jax.Array
+                   ) -> jax.Array:
+        """``keys`` (B, ..., Lbuf, Hkv, Dh) of a buffer whose exact slots hold tokens at
+        ``exact_pos`` (B, ..., Me), read from ``query_pos`` (B, ...): with
+        ``max_key_distance``, each exact key farther away than that is rotated forward
+        to that distance (RoPE's rotations compose: rotating a key at position p by d
+        gives it at p + d); ``keys`` unchanged otherwise."""
+        limit = self.bank_cfg.max_key_distance
+        if limit is None or exact_pos is None:
+            return keys
+        exact = self.layout.exact_slice
+        shift = jnp.maximum(query_pos[..., None] - limit - exact_pos, 0)
+        moved = apply_rope(keys[..., exact, :, :], shift, self.inv_freq,
+                           interleaved=self.attn_cfg.rope_interleaved)
+        return jnp.concatenate([keys[..., :exact.start, :, :], moved,
+                                keys[..., exact.stop:, :, :]], axis=-3)
 
     def _visible(self, allowed: jax.Array) -> jax.Array:
         """Key mask of buffer slots (B, ..., S): the used ones, or every slot when
@@ -203,7 +224,8 @@ class CoDAGQALandmark(AttentionCore):
         # The bank writes never read attention outputs: write the whole
         # segment first, keeping the buffer each block saw; then every block's
         # attention is one batched call (one kernel launch, the full GPU).
-        state, (seen_k, seen_v, seen_allowed) = bank_writes.write_segment(
+        before = state.pos
+        state, (seen_k, seen_v, seen_allowed, seen_exact_pos) = bank_writes.write_segment(
             self.layout, state, k=k, v=v, gate=write_gate, lengths=lengths,
             block_size=block_size, eta_logit=self.summary_eta_logit[...], training=training,
             unroll=unroll)
@@ -214,6 +236,10 @@ class CoDAGQALandmark(AttentionCore):
         as_rows = lambda a: a.reshape(rows, -1, *a.shape[3:])  # noqa: E731  (B, n, T, ...)
         by_block = lambda a: a.reshape(batch, n_blocks, block_size, *a.shape[2:])  # noqa: E731
         valid = jnp.arange(seg_len)[None, :] < lengths[:, None]                 # (B, L)
+        # Each block reads the bank from its last valid token.
+        block_ends = jnp.minimum(block_size * jnp.arange(1, n_blocks + 1)[None, :],
+                                 lengths[:, None])
+        seen_k = self._near_keys(seen_k, seen_exact_pos, before[:, None] + block_ends - 1)
         keys = as_rows(jnp.concatenate([seen_k, by_block(k).astype(seen_k.dtype)], axis=2))
         values = as_rows(jnp.concatenate([seen_v, by_block(v).astype(seen_v.dtype)], axis=2))
         key_mask = as_rows(jnp.concatenate([self._visible(seen_allowed), by_block(valid)], axis=2))
@@ -268,7 +294,8 @@ class CoDAGQALandmark(AttentionCore):
         written, after = write(k=k[:, 0], v=v[:, 0], gate=self._write_gate(x)[:, 0],
                                eta_logit=self.summary_eta_logit[...], training=training,
                                hold=hold, storage_dtype=storage_dtype)
-        y = self.attend(x, q, after.k_buf.astype(q.dtype), after.v_buf.astype(q.dtype),
+        keys = self._near_keys(after.k_buf.astype(q.dtype), after.exact_pos, state.pos)
+        y = self.attend(x, q, keys, after.v_buf.astype(q.dtype),
                         key_mask=self._visible(after.allowed), fused=False)
         return y, written
 

@@ -124,6 +124,15 @@ class BankConfig:
     # bank with a gate above any other (exact_eviction="gate" then never replaces them):
     # attention sinks, which a window that slides past them loses (StreamingLLM).
     sink_tokens: int = 0
+    # Not the reference's (None there): when attention reads the exact bank, a key more
+    # than this many positions before the query is rotated to exactly this distance
+    # (ReRoPE's clamp), so a document longer than the model's training positions shows
+    # it no rotary distance it never saw; nothing changes at shorter distances. The
+    # window's keys are never moved: they are at most window + block positions away
+    # (more than window is required); the summary bank's prototypes, averaged over
+    # tokens at many positions, are not moved either. The state then records each
+    # exact slot's position (``BankState.exact_pos``).
+    max_key_distance: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.window) or self.window <= 0:
@@ -157,6 +166,10 @@ class BankConfig:
         if self.sink_tokens and self.exact_eviction != "gate":
             raise ValueError("sink_tokens needs exact_eviction='gate' (under 'lru' newer "
                              f"writes would push the sinks out), got {self.exact_eviction!r}")
+        if self.max_key_distance is not None and (
+                not _is_int(self.max_key_distance) or self.max_key_distance <= self.window):
+            raise ValueError(f"max_key_distance must be None or an integer above window "
+                             f"({self.window}), got {self.max_key_distance!r}")
         _check_choice("write_policy", self.write_policy, ("gated", "none"))
         _check_choice("mem_init", self.mem_init, ("random_normal", "zeros"))
         _check_choice("lf_band", self.lf_band, ("reference", "frequency"))

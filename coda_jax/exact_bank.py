@@ -48,6 +48,7 @@ class ExactUpdate(NamedTuple):
     inserts: jax.Array      # (B,) int32 novel candidates written
     overwrites: jax.Array   # (B,) int32 slot writes (inserts + refreshes)
     gated_out: jax.Array    # (B,) int32 candidates below the write-gate threshold
+    pos: jax.Array | None = None  # (B, Me) each slot's token position (given mem_pos)
 
 
 class ExactSlotWrite(NamedTuple):
@@ -65,6 +66,7 @@ class ExactSlotWrite(NamedTuple):
     inserts: jax.Array
     overwrites: jax.Array
     gated_out: jax.Array
+    pos: jax.Array | None = None  # (B, Me) each slot's token position (given mem_pos)
 
 
 def routing_values(v: jax.Array) -> jax.Array:
@@ -118,9 +120,11 @@ def nth_in_stable_order(key: jax.Array, n: jax.Array) -> jax.Array:
 def update_block(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: jax.Array,
                  last: jax.Array, active: jax.Array, cand_k: jax.Array, cand_v: jax.Array,
                  cand_unit: jax.Array, cand_pos: jax.Array, cand_gate: jax.Array,
-                 cand_valid: jax.Array) -> ExactUpdate:
+                 cand_valid: jax.Array, mem_pos: jax.Array | None = None) -> ExactUpdate:
     """Route T candidates (sorted by gate, descending) into the bank at once (prefill);
-    ``cand_unit`` is ``routing_values(cand_v)``."""
+    ``cand_unit`` is ``routing_values(cand_v)``. With ``mem_pos`` (B, M), the slots'
+    token positions, the update's ``pos`` gives them after it (a slot written by
+    several candidates at once: the latest)."""
     num_slots = mem_k.shape[1]
     slots = jnp.arange(num_slots)
     inactive = slots[None, :] >= active[:, None]                         # (B, M)
@@ -171,22 +175,30 @@ def update_block(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: j
 
     mem_k = _write_slots(mem_k, onehot, idx, overwrite, cand_k)
     mem_v = _write_slots(mem_v, onehot, idx, overwrite, cand_v)
-    used = used | jnp.any(onehot & overwrite[:, :, None], axis=1)
+    written = onehot & overwrite[:, :, None]                              # (B, T, M)
+    used = used | jnp.any(written, axis=1)
+    if mem_pos is not None:
+        mem_pos = jnp.where(jnp.any(written, axis=1), jnp.max(
+            jnp.where(written, cand_pos[:, :, None], STAMP_MIN), axis=1), mem_pos)
 
     count = lambda m: jnp.sum(m, axis=-1, dtype=jnp.int32)  # noqa: E731
     return ExactUpdate(
         k=mem_k, v=mem_v, used=used, last=last,
         frustrated=count(novel_keep & ~novel_cap), hits=count(hit & keep),
         inserts=count(novel_cap), overwrites=count(overwrite),
-        gated_out=count(cand_valid & ~keep))
+        gated_out=count(cand_valid & ~keep),
+        pos=None if mem_pos is None else mem_pos.astype(cand_pos.dtype))
 
 
 def update_one(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: jax.Array,
                last: jax.Array, active: jax.Array, k: jax.Array, v: jax.Array,
-               pos: jax.Array, gate: jax.Array, valid: jax.Array) -> ExactSlotWrite:
+               pos: jax.Array, gate: jax.Array, valid: jax.Array,
+               mem_pos: jax.Array | None = None) -> ExactSlotWrite:
     """Route one evicted token per row (decode): k/v (B, Hkv, Dh), pos/gate/valid (B,).
     The slot's new contents are ``old + write * (cand - old)``, as
-    :func:`_write_slots` computes them for the whole bank, bit for bit."""
+    :func:`_write_slots` computes them for the whole bank, bit for bit. With
+    ``mem_pos`` (B, M), the slots' token positions, the write's ``pos`` gives them
+    after it."""
     num_slots = mem_k.shape[1]
     slots = jnp.arange(num_slots)
     active_slot = slots[None, :] < active[:, None]
@@ -226,10 +238,13 @@ def update_one(cfg: BankConfig, *, mem_k: jax.Array, mem_v: jax.Array, used: jax
         old = mem[rows, idx]
         return old + overwrite[:, None, None].astype(mem.dtype) * (cand.astype(mem.dtype) - old)
 
-    used = used | (onehot & overwrite[:, None])
+    written = onehot & overwrite[:, None]
+    used = used | written
+    if mem_pos is not None:
+        mem_pos = jnp.where(written, pos[:, None].astype(mem_pos.dtype), mem_pos)
     as_int = lambda m: m.astype(jnp.int32)  # noqa: E731
     return ExactSlotWrite(
         idx=idx, k=slot_after(mem_k, k), v=slot_after(mem_v, v), used=used, last=last,
         frustrated=as_int(novel & keep & ~free_exists), hits=as_int(hit & keep),
         inserts=as_int(novel & keep), overwrites=as_int(overwrite),
-        gated_out=as_int(valid & ~keep))
+        gated_out=as_int(valid & ~keep), pos=mem_pos)

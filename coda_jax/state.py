@@ -75,6 +75,9 @@ class BankState:
     active_summary: jax.Array  # (B,) summary slots in use by routing
     nonfinite: jax.Array       # (B,) bool: a NaN or Inf reached this row's buffer
     metrics: BankMetrics | None = None
+    # (B, Me) int32: the position of the token each exact slot holds; kept only under
+    # BankConfig.max_key_distance, which reads it (None otherwise).
+    exact_pos: jax.Array | None = None
 
     @property
     def batch_size(self) -> int:

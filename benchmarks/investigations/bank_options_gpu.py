@@ -4,8 +4,10 @@
     python benchmarks/investigations/bank_options_gpu.py NAME   # one configuration
     python benchmarks/investigations/bank_options_gpu.py all    # each in a child process
     ROWS=256 python benchmarks/investigations/bank_options_gpu.py all   # the query batch
+    DTYPE=float32 ...                                                   # weights and state
+    IMPL=xla ...                                                        # attention kernels
 
-A SmolLM2-shaped bounded model (2 layers, random bf16 weights) reads a 3,000-token
+A SmolLM2-shaped bounded model (2 layers, random weights, bf16 unless DTYPE says) reads a 3,000-token
 document block by block (128), then prefills a 24-token question over the state
 and decodes 8 tokens, as the database's ingest and query do; ``ok`` or the error.
 """
@@ -34,14 +36,16 @@ def run(name: str) -> None:
 
     from coda_jax import CausalLM, DecoderConfig
 
+    dtype = jnp.dtype(os.environ.get("DTYPE", "bfloat16"))
     shape = dict(family="llama", vocab_size=2048, hidden_size=576, intermediate_size=1536,
                  num_layers=2, num_heads=9, num_kv_heads=3, head_dim=64)
     model = CausalLM(DecoderConfig(**shape), attention="coda_bounded",
-                     attention_options=CONFIGS[name], param_dtype=jnp.bfloat16,
+                     attention_options=CONFIGS[name] | dict(implementation=os.environ.get("IMPL")),
+                     param_dtype=dtype,
                      rngs=nnx.Rngs(0))
     rows = int(os.environ.get("ROWS", "4"))
     doc = jax.random.randint(jax.random.key(1), (rows, int(os.environ.get("DOC", "3000"))), 0, 2048)
-    _, state = model.prefill(doc, model.init_state(rows, jnp.bfloat16, key=jax.random.key(3)), block_size=128)
+    _, state = model.prefill(doc, model.init_state(rows, dtype, key=jax.random.key(3)), block_size=128)
     question = jax.random.randint(jax.random.key(2), (rows, 24), 0, 2048)
     logits, state = model.prefill(question, state, block_size=128)
     token = jnp.argmax(logits[:, -1], -1)[:, None]

@@ -288,6 +288,14 @@ def test_merged_parts_add_their_counts_and_must_share_a_model(results, tmp_path)
     assert mixed["device"]["kind"] == f"{results['device']['kind']} + NVIDIA H200"
     assert [p["device"]["kind"] for p in mixed["parts"]] == [results["device"]["kind"],
                                                              "NVIDIA H200"]
+    # A cache that failed in one part and was measured in another is not failed.
+    failed = results | {"rows": [r for r in results["rows"] if r["cache"] != "bounded"],
+                        "failures": {"bounded": "the bounded query worker failed"}}
+    assert retention_merge.merge([failed, results])["failures"] == {}
+    assert retention_merge.merge([failed])["failures"] == {
+        "bounded": "the bounded query worker failed (lengths "
+                   f"{', '.join(map(str, LENGTHS))})"}
+    assert len(retention_merge.merge([failed, results])["parts"][0]["failures"]) == 1
 
 
 def test_the_table_leaves_blank_the_lengths_a_full_cache_did_not_run():

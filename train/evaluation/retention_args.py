@@ -112,9 +112,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--unbounded-max-length", type=int, default=65536,
                         help="the unbounded cache runs at lengths up to this")
     parser.add_argument("--query-batch", type=int, default=None,
-                        help="questions per query_many call (default: 256 on a GPU, 8 on a "
-                        "CPU, where 256 states of the default model's bank overrun the host's "
-                        "memory)")
+                        help="questions per query_many call (default: 64 on a GPU, which "
+                        "answers at most coda_db.query.MAX_ROWS_PER_CALL rows per call, 8 on "
+                        "a CPU, where many states of the default model's bank overrun the "
+                        "host's memory)")
     parser.add_argument("--unbounded-batch-tokens", type=int, default=None,
                         help="document tokens of K/V per full-cache generation call "
                         "(default: what an eighth of the device's memory holds, at most 2M)")
@@ -140,7 +141,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.query_batch is None:
         import jax
 
-        args.query_batch = 256 if jax.default_backend() == "gpu" else 8
+        from coda_db.query import MAX_ROWS_PER_CALL
+
+        args.query_batch = MAX_ROWS_PER_CALL if jax.default_backend() == "gpu" else 8
     args.model = args.model or bundled_model_dir()
     if args.model is None:
         raise StudyError("give --model (a bounded model checkpoint directory): no bundled "

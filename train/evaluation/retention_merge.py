@@ -41,6 +41,22 @@ def _check_same(parts: Sequence[dict[str, Any]], what: str, get) -> Any:
     return values[0]
 
 
+def _open_failures(parts: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]
+                   ) -> dict[str, str]:
+    """The parts' failures that no other part made up for: a cache that failed in a
+    part stays failed unless another part measured it at every length of that part
+    (each part keeps its own failures under ``parts``)."""
+    measured = {(r["cache"], r["length"]) for r in rows}
+    failures: dict[str, str] = {}
+    for part in parts:
+        lengths = part["config"]["lengths"]
+        for cache, why in part.get("failures", {}).items():
+            missing = [n for n in lengths if (cache, n) not in measured]
+            if missing:
+                failures[cache] = f"{why} (lengths {', '.join(map(str, missing))})"
+    return failures
+
+
 def merge(parts: Sequence[dict[str, Any]], *, mixed_devices: bool = False) -> dict[str, Any]:
     """One results dict from the ``parts`` (``MergeError`` when they disagree;
     their device kinds may differ with ``mixed_devices``)."""
@@ -118,7 +134,7 @@ def merge(parts: Sequence[dict[str, Any]], *, mixed_devices: bool = False) -> di
                        "timings": p["timings"], "workers": p.get("workers", {}),
                        "unbounded": p.get("unbounded", {}),
                        "failures": p.get("failures", {})} for p in parts],
-            "failures": {k: v for p in parts for k, v in p.get("failures", {}).items()},
+            "failures": _open_failures(parts, rows),
             "timings": {"total_s": sum(p["timings"]["total_s"] for p in parts)},
             "samples": [s for p in parts for s in p.get("samples", [])]}
 
