@@ -186,10 +186,15 @@ class CoDAGQALandmark(AttentionCore):
             return keys
         exact = self.layout.exact_slice
         shift = jnp.maximum(query_pos[..., None] - limit - exact_pos, 0)
-        moved = apply_rope(keys[..., exact, :, :], shift, self.inv_freq,
-                           interleaved=self.attn_cfg.rope_interleaved)
-        return jnp.concatenate([keys[..., :exact.start, :, :], moved,
-                                keys[..., exact.stop:, :, :]], axis=-3)
+
+        def moved(keys):
+            turned = apply_rope(keys[..., exact, :, :], shift, self.inv_freq,
+                                interleaved=self.attn_cfg.rope_interleaved)
+            return jnp.concatenate([keys[..., :exact.start, :, :], turned,
+                                    keys[..., exact.stop:, :, :]], axis=-3)
+
+        # Documents shorter than the limit (most) skip the copy of the keys.
+        return jax.lax.cond(jnp.any(shift > 0), moved, lambda keys: keys, keys)
 
     def _visible(self, allowed: jax.Array) -> jax.Array:
         """Key mask of buffer slots (B, ..., S): the used ones, or every slot when
