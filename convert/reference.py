@@ -194,7 +194,12 @@ _METRIC_NAMES = tuple(BankMetrics.__dataclass_fields__)
 
 
 def state_from_reference(ref_state: Any, layer: CoDAGQALandmark, *, dtype=None) -> BankState:
-    """Convert a reference ``CoDAGQALandmarkStatePerf2`` for ``layer`` (same config)."""
+    """Convert a reference ``CoDAGQALandmarkStatePerf2`` for ``layer`` (same config;
+    the reference keeps no exact slot's position, so not a layer with
+    ``max_key_distance``)."""
+    if layer.bank_cfg.max_key_distance is not None:
+        raise ValueError("the reference's state keeps no exact slot's position: it cannot "
+                         "become the state of a layer with max_key_distance")
     k = to_numpy(ref_state.k_buf)
     batch = k.shape[0]
     dtype = dtype or jnp.float32
@@ -236,6 +241,9 @@ def state_to_reference(state: BankState, layer: CoDAGQALandmark, *, dtype=None):
 
     if layer.bank_cfg.lf_band != "reference":
         raise ValueError("the reference only knows lf_band='reference'")
+    if layer.bank_cfg.max_key_distance is not None:
+        raise ValueError("the reference has no max_key_distance: it would read far keys "
+                         "where they are, so the state would answer otherwise there")
     scalars = {}
     for name in ("recent_idx", "recent_filled", "pos", "active_exact", "active_summary"):
         values = np.unique(np.asarray(getattr(state, name)))

@@ -112,3 +112,8 @@ def test_states_convert_both_ways_and_continue_in_the_reference():
     uneven = state.replace(pos=jnp.array([5, 6], jnp.int32))
     with pytest.raises(ValueError, match="rows differ in pos"):
         state_to_reference(uneven, layer)
+    far = from_reference(ref, max_key_distance=64)
+    with pytest.raises(ValueError, match="no max_key_distance"):
+        state_to_reference(far.init_state(2, key=jax.random.key(0)), far)
+    with pytest.raises(ValueError, match="keeps no exact slot's position"):
+        state_from_reference(ref_state, far)
