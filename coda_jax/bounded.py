@@ -37,8 +37,9 @@ class CoDAGQALandmark(AttentionCore):
     the reference; N: a document's first N tokens stay in the exact bank for good,
     with ``exact_eviction="gate"``), ``max_key_distance`` (None as the reference; N:
     exact-bank keys more than N positions before the query are read as if exactly N
-    away, for documents longer than the model's training positions) and ``implementation`` (``"xla"``, ``"cudnn"``, ``"pallas"`` or
-    None: Pallas on GPU, XLA elsewhere).
+    away, for documents longer than the model's training positions) and
+    ``implementation`` (``"xla"``, ``"cudnn"``, ``"pallas"`` or None: Pallas on GPU, XLA
+    elsewhere).
     """
 
     def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int, window: int,

@@ -7,9 +7,9 @@
     DTYPE=float32 ...                                                   # weights and state
     IMPL=xla ...                                                        # attention kernels
 
-A SmolLM2-shaped bounded model (2 layers, random weights, bf16 unless DTYPE says) reads a 3,000-token
-document block by block (128), then prefills a 24-token question over the state
-and decodes 8 tokens, as the database's ingest and query do; ``ok`` or the error.
+A SmolLM2-shaped bounded model (2 layers, random weights, bf16 unless DTYPE says)
+reads a 3,000-token document block by block (128), then prefills a 24-token question
+over the state and decodes 8 tokens, as the database's ingest and query do; ``ok`` or the error.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def run(name: str) -> None:
                      rngs=nnx.Rngs(0))
     rows = int(os.environ.get("ROWS", "4"))
     doc = jax.random.randint(jax.random.key(1), (rows, int(os.environ.get("DOC", "3000"))), 0, 2048)
-    _, state = model.prefill(doc, model.init_state(rows, dtype, key=jax.random.key(3)), block_size=128)
+    _, state = model.prefill(doc, model.init_state(rows, dtype, key=jax.random.key(3)),
+                             block_size=128)
     question = jax.random.randint(jax.random.key(2), (rows, 24), 0, 2048)
     logits, state = model.prefill(question, state, block_size=128)
     token = jnp.argmax(logits[:, -1], -1)[:, None]
