@@ -34,12 +34,23 @@ split for ``eval``; a split shorter than a document is read round again from its
 start) starting at a sentence, with the corpus's document separators turned
 into line breaks, and one sentence per fact inserted at the sentence end (else
 word start) nearest the fact's depth. Facts are of the kinds of
-``data_files/retention_chat_facts.json`` (read by ``train.chat_facts``: a home
-town, a birthplace, a birth year, a profession, an employer, an access code, a phone extension, a wedding
-date, a count of things, a price, a colour, the name of a pet, a ship or a
-company, a founding year, a street address), each about a different person,
-stated in one of several sentences and asked in one of several questions, the
-answer a short sentence holding the value. Besides facts there are passage
+``data_files/retention_chat_facts.json`` (read by ``train.chat_facts``), each
+about a different subject, stated in one of several sentences and asked in one
+of several questions, the answer a short sentence holding the value: about a
+person (a home town, a birthplace, a birth year, a profession, an employer, an
+access code, a phone extension, a wedding date, a count of things, a price, a
+colour, the name of a pet, a ship or a company, a founding year, a street
+address), about an organisation (who chaired its meeting, who was appointed to
+a role, who founded it, its members, its subscription, what an event raised,
+its guest speaker, who won its prize, its next meeting), a town (the year of an
+event, its population, its mayor, its twin town), a product (what to do at an
+error code, a setting as supplied, its tank, its warranty, its weight) or a
+building (its architect, its opening year, how long its repairs took). The
+held-out documents of ``eval`` draw only the person kinds
+(``Phrasings.study_kinds``: the retention study's documents stay as measured).
+A training document also states up to ``DISTRACTORS`` facts that no question
+asks, half the time of the asked facts' kinds, so that an answer is found by
+its subject and not by its kind. Besides facts there are passage
 questions: which 4 to 8 words follow a quoted run of 4 to 6 words of the
 filler (a run found once in the document), answered with those words.
 
@@ -103,6 +114,8 @@ PASSAGE_RESERVE = 160     # tokens a training sequence holds back per passage qu
 PASSAGE_TRIES = 64        # start words tried per passage question
 SNAP_REACH = 48           # tokens a fact or the document's start moves to sit at a sentence
 MIN_FILLER = 64           # filler tokens a training document keeps at least
+DISTRACTORS = 6           # unasked facts a training document states, at most
+SAME_KIND_SHARE = 0.5     # chance that they are of the asked facts' kinds
 
 
 @dataclass(frozen=True)
@@ -309,6 +322,16 @@ def passage_question(rng: np.random.Generator, phrasings: Phrasings, passage: Pa
             str(rng.choice(phrasings.passage_answers)).format(value=passage.answer))
 
 
+def draw_distractors(rng: np.random.Generator, phrasings: Phrasings,
+                     asked: Sequence[ChatFact]) -> list[ChatFact]:
+    """Up to ``DISTRACTORS`` facts the document states and no question asks, about
+    other subjects; with probability ``SAME_KIND_SHARE`` of the asked facts' kinds,
+    so that an answer has to be found by its subject, not by its kind."""
+    kinds = [f.kind for f in asked] if rng.random() < SAME_KIND_SHARE else None
+    return draw_chat_facts(rng, phrasings, int(rng.integers(0, DISTRACTORS + 1)), kinds=kinds,
+                           taken={f.subject for f in asked})
+
+
 def training_sequence(vocab: Vocabulary, filler: np.ndarray, phrasings: Phrasings, *,
                       seq_len: int, max_facts: int, rng: np.random.Generator
                       ) -> tuple[np.ndarray, np.ndarray]:
@@ -319,6 +342,7 @@ def training_sequence(vocab: Vocabulary, filler: np.ndarray, phrasings: Phrasing
     n_passages = int(rng.binomial(n - 1, PASSAGE_SHARE))  # one fact at least
     facts = draw_chat_facts(rng, phrasings, n - n_passages)
     turns = [vocab.encode(CHAT.turn(f.question, f.answer)) for f in facts]
+    facts += draw_distractors(rng, phrasings, facts)
     framing = len(vocab.document_prefix) + len(vocab.document_suffix)
     limit = total - framing - sum(map(len, turns)) - n_passages * PASSAGE_RESERVE
     n_filler = limit - sum(len(fact_tokens(vocab, f)[0]) for f in facts)
@@ -358,7 +382,8 @@ def eval_document(vocab: Vocabulary, filler: np.ndarray, phrasings: Phrasings, *
     facts spread over a band at ``depth`` and ``passages`` passage questions
     near it, with their questions, answers and accepted answers; ``text`` is the
     document as a user pastes it, ``text_prefix`` the same in the chat framing."""
-    drawn = draw_chat_facts(rng, phrasings, facts, retention.band_depths(depth, facts))
+    drawn = draw_chat_facts(rng, phrasings, facts, retention.band_depths(depth, facts),
+                            kinds=phrasings.study_kinds)
     n_doc = length - len(vocab.document_prefix) - len(vocab.document_suffix)
     n_filler = n_doc - sum(len(fact_tokens(vocab, f)[0]) for f in drawn)
     if n_filler < 1:

@@ -84,6 +84,79 @@ def test_facts_state_and_answer_their_value():
     assert chat_facts.accepted_forms("count", "12") == ("12", "twelve")
 
 
+def test_facts_have_subjects_of_their_kinds_and_forms_of_their_slots():
+    phrasings = rc.load_phrasings("train")
+    rng = np.random.default_rng(5)
+    facts = chat_facts.draw_chat_facts(rng, phrasings, 400)
+    subjects = [f.subject for f in facts]
+    assert len(set(subjects)) == len(subjects)  # every fact is about another subject
+    seen = {phrasings.kinds[f.kind].subject for f in facts}
+    assert seen == set(chat_facts.SUBJECTS)
+    types = {"organisation": phrasings.pools["organisation_types"],
+             "building": phrasings.pools["building_types"],
+             "product": phrasings.pools["product_types"]}
+    for f in facts:
+        subject = phrasings.kinds[f.kind].subject
+        assert f.subject in f.sentence and f.subject in f.question
+        if subject in types:
+            assert any(f.subject.endswith(" " + t) for t in types[subject])
+        if subject == "product":
+            assert re.fullmatch(r"\w+ [A-Z]{2}-\d\d .+", f.subject)
+        if subject == "town":
+            assert f.subject in phrasings.pools["places"]
+        if f.kind == "town_event":  # a pool of forms: the statement's and the question's
+            event = next(e for e in phrasings.pools["town_events"] if e["did"] in f.sentence)
+            assert event["do"] in f.question and event["did"] not in f.question
+    taken = set(subjects[:50])
+    more = chat_facts.draw_chat_facts(rng, phrasings, 50, kinds=["chair", "mayor"], taken=taken)
+    assert {f.kind for f in more} == {"chair", "mayor"}
+    assert not {f.subject for f in more} & taken
+    assert chat_facts.accepted_forms("person", "Ada Lark") == ("Ada Lark", "Lark")
+    assert chat_facts.accepted_forms("pounds", "1,250 pounds") == ("1,250 pounds", "1,250", "1250")
+    with pytest.raises(ValueError, match="subject"):
+        chat_facts.draw_subject(rng, phrasings.pools, "planet", set())
+
+
+def test_the_study_documents_draw_only_the_study_kinds():
+    held_out = rc.load_phrasings("eval")
+    assert set(held_out.study_kinds) < set(held_out.kinds)
+    assert all(held_out.kinds[k].subject == "person" for k in held_out.study_kinds)
+    rng = np.random.default_rng(6)
+    facts = chat_facts.draw_chat_facts(rng, held_out, 200, kinds=held_out.study_kinds)
+    assert {f.kind for f in facts} == set(held_out.study_kinds)
+
+
+def test_distractors_are_stated_and_not_asked(tok, corpus, monkeypatch):
+    vocab, phrasings = rc.vocabulary(tok), rc.load_phrasings("train")
+    rng = np.random.default_rng(7)
+    asked = chat_facts.draw_chat_facts(rng, phrasings, 2)
+    drawn = [rc.draw_distractors(rng, phrasings, asked) for _ in range(200)]
+    assert max(map(len, drawn)) == rc.DISTRACTORS and min(map(len, drawn)) == 0
+    kinds = {f.kind for f in asked}
+    same = [d for d in drawn if len(d) >= 3 and {f.kind for f in d} <= kinds]
+    assert 40 < len(same) < 160  # about SAME_KIND_SHARE of them
+    assert all(f.subject not in {a.subject for a in asked} for d in drawn for f in d)
+    stated = []
+
+    def recorded(*args):
+        stated[:] = draw(*args)
+        return stated
+
+    draw = rc.draw_distractors
+    monkeypatch.setattr(rc, "draw_distractors", recorded)
+    filler = data.read_tokens(corpus / "train")
+    for seed in range(20):
+        ids, _ = rc.training_sequence(vocab, filler, phrasings, seq_len=1535, max_facts=1,
+                                      rng=np.random.default_rng(seed))
+        if stated:
+            break
+    text = tok.decode(ids.tolist(), skip_special_tokens=False)
+    document, *turns = re.findall(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", text, re.S)
+    assert len(turns) == 1 and stated
+    for f in stated:
+        assert f.sentence.strip() in document and f.subject not in turns[0]
+
+
 def test_documents_mark_names_values_and_passage_sources(tok, corpus):
     vocab = rc.vocabulary(tok)
     filler = data.read_tokens(corpus / "train")
