@@ -51,6 +51,7 @@ from convert.model_export import INDEX as EXPORT_INDEX
 from convert.model_export import check_export, load_export
 from convert.smollm2 import FILE_NAME, PACKAGE, SHA256, VERSION, wheel_file
 from .bundled import ADAPTER_BUNDLE_FORMAT, CARD_FILE
+from .cache import cache_dir
 from .errors import NotFoundError, RefusedError
 from .model_source import load_tokenizer, tokenizer_fingerprint
 
@@ -104,12 +105,6 @@ class BasePin:
 
 # The base of the default model (coda_db/default_model once its adapters are trained).
 SMOLLM2 = BasePin(PACKAGE, VERSION, FILE_NAME, SHA256)
-
-
-def cache_dir() -> Path:
-    """coda-db's cache: ``$XDG_CACHE_HOME/coda-db``, else ``~/.cache/coda-db``."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "coda-db"
 
 
 def _stderr(message: str) -> None:

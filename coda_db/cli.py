@@ -31,6 +31,7 @@ import time
 import warnings
 from typing import Any, Sequence
 
+from .cache import enable_compilation_cache
 from .errors import NotFoundError, RefusedError
 
 EXIT_OK, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -260,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(done.code or 0)
     warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}",
                                                               file=sys.stderr)
+    enable_compilation_cache()  # a later command loads what this one compiles
     try:
         code = COMMANDS[args.command](args)
     except UsageError as err:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .bundled import DEMO_FORMAT_V2, bundled_model_path, demo_documents_for, read_demo_documents
+from .cache import child_environment
 from .errors import NotFoundError, RefusedError
 from .scoring import accepted_answers, is_right
 
@@ -185,7 +186,7 @@ def _ask_in_new_process(model: str, library: Path, documents: str, labels: list[
     if untrained:
         command.append("--untrained")
     run = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         timeout=WORKER_TIMEOUT_S, check=False)
+                         timeout=WORKER_TIMEOUT_S, check=False, env=child_environment())
     results: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
     other = []
     for line in run.stdout.splitlines():

@@ -49,8 +49,8 @@ building (its architect, its opening year, how long its repairs took). The
 held-out documents of ``eval`` draw only the person kinds
 (``Phrasings.study_kinds``: the retention study's documents stay as measured).
 A training document also states up to ``DISTRACTORS`` facts that no question
-asks, half the time of the asked facts' kinds, so that an answer is found by
-its subject and not by its kind. Besides facts there are passage
+asks (as many as fit in half of its filler), half the time of the asked facts'
+kinds, so that an answer is found by its subject and not by its kind. Besides facts there are passage
 questions: which 4 to 8 words follow a quoted run of 4 to 6 words of the
 filler (a run found once in the document), answered with those words.
 
@@ -342,10 +342,15 @@ def training_sequence(vocab: Vocabulary, filler: np.ndarray, phrasings: Phrasing
     n_passages = int(rng.binomial(n - 1, PASSAGE_SHARE))  # one fact at least
     facts = draw_chat_facts(rng, phrasings, n - n_passages)
     turns = [vocab.encode(CHAT.turn(f.question, f.answer)) for f in facts]
-    facts += draw_distractors(rng, phrasings, facts)
     framing = len(vocab.document_prefix) + len(vocab.document_suffix)
     limit = total - framing - sum(map(len, turns)) - n_passages * PASSAGE_RESERVE
     n_filler = limit - sum(len(fact_tokens(vocab, f)[0]) for f in facts)
+    room = n_filler // 2  # distractors take at most half of the filler's tokens
+    for extra in draw_distractors(rng, phrasings, facts):
+        size = len(fact_tokens(vocab, extra)[0])
+        if size <= room:
+            facts.append(extra)
+            room, n_filler = room - size, n_filler - size
     if n_filler < MIN_FILLER:
         raise ValueError(f"{n} questions leave {n_filler} filler tokens in a {seq_len}-token "
                          "sequence: lower --max-facts or raise --seq-len")
