@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import orbax_io
+from .abstract_model import abstract_model
 from .decoder import CausalLM
 from .model_config import AttentionSpec, DecoderConfig
 from .state import tree_bytes
@@ -67,7 +68,7 @@ def load_model(path: str | os.PathLike) -> CausalLM:
     dtype = jnp.dtype(meta["dtype"])
     spec = (AttentionSpec.from_dict(meta["attention_spec"]) if "attention_spec" in meta
             else AttentionSpec.from_options(meta["attention"], meta["attention_options"]))
-    abstract = nnx.eval_shape(lambda: CausalLM(
+    abstract = abstract_model(lambda: CausalLM(
         cfg, attention=spec, reference_compat=meta["reference_compat"], param_dtype=dtype,
         rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)

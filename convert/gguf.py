@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from coda_jax import safe_paths
+from coda_jax.abstract_model import abstract_model
 from coda_jax.decoder import CausalLM
 from coda_jax.model_config import DecoderConfig
 
@@ -333,7 +334,7 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, *, attention: str = "gqa
     source.forget_metadata()  # only the config and the tensors are needed from here
     weights, reference_compat = read_adapters_for(source.config, adapters, attention,
                                                   source.path, reference_compat)
-    model = nnx.eval_shape(lambda: CausalLM(
+    model = abstract_model(lambda: CausalLM(
         source.config, attention=attention, attention_options=attention_options,
         reference_compat=reference_compat, param_dtype=dtype, rngs=nnx.Rngs(seed)))
     ignored: tuple[str, ...] = ()

@@ -24,6 +24,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from coda_jax import safe_paths
+from coda_jax.abstract_model import abstract_model
 from coda_jax.decoder import CausalLM
 from coda_jax.model_config import DecoderConfig
 
@@ -237,7 +238,7 @@ def load_hf_model(model_dir: str | os.PathLike, *, attention: str = "gqa",
     weights, reference_compat = read_adapters_for(cfg, adapters, attention, model_dir,
                                                   reference_compat)
     # Built abstractly: parameters are allocated as their weights are read.
-    model = nnx.eval_shape(lambda: CausalLM(
+    model = abstract_model(lambda: CausalLM(
         cfg, attention=attention, attention_options=attention_options,
         reference_compat=bool(reference_compat), param_dtype=dtype, rngs=nnx.Rngs(seed)))
     load_hf_weights(model, model_dir, progress=progress)

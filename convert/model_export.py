@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from coda_jax import AttentionSpec, CausalLM, DecoderConfig, safe_paths
+from coda_jax.abstract_model import abstract_model
 from coda_jax.model_io import describe_model
 
 from .safetensors_io import SafetensorsFile
@@ -175,7 +176,7 @@ def load_export(path: str | os.PathLike, *, dtype: Any = None,
     path = Path(path)
     meta = check_export(path)
     dtype = jnp.dtype(dtype or meta["dtype"])
-    model = nnx.eval_shape(lambda: CausalLM(
+    model = abstract_model(lambda: CausalLM(
         DecoderConfig.from_dict(meta["config"]),
         attention=AttentionSpec.from_dict(meta["attention_spec"]),
         reference_compat=meta["reference_compat"], param_dtype=dtype, rngs=nnx.Rngs(0)))
