@@ -18,6 +18,7 @@ from . import retention
 
 FACTS_FILE = Path(__file__).parent / "data_files" / "retention_chat_facts.json"
 SUBJECTS = ("person", "organisation", "town", "product", "building")
+INTEGERS = {"year": (1850, 2016), "count": (2, 100), "level": (1, 10), "members": (20, 1000)}
 NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve "
                 "thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty").split()
 
@@ -99,27 +100,20 @@ def fill(template: str, slots: Mapping[str, object], marked: Sequence[str]
 def draw_chat_value(rng: np.random.Generator, pools: Mapping[str, Sequence[str]],
                     value_type: str) -> str:
     """A random value of a kind's value type (see the facts file's ``value``)."""
-    pick = {"profession": "professions", "colour": "colours", "given_name": "first_names"}
+    pick = {"profession": "professions", "colour": "colours", "given_name": "first_names",
+            "action": "actions"}
     if value_type in ("place", "code", "number", "date"):
         return retention.draw_value(rng, pools, value_type)
     if value_type in pick:
         return str(rng.choice(pools[pick[value_type]]))
+    if value_type in INTEGERS:
+        return str(int(rng.integers(*INTEGERS[value_type])))
     if value_type == "person":
         return f"{rng.choice(pools['first_names'])} {rng.choice(pools['last_names'])}"
-    if value_type == "level":
-        return str(int(rng.integers(1, 10)))
-    if value_type == "members":
-        return str(int(rng.integers(20, 1000)))
     if value_type == "population":
         return f"{int(rng.integers(1000, 90000)):,}"
     if value_type == "pounds":
         return f"{int(rng.integers(5, 5000)):,} pounds"
-    if value_type == "action":
-        return str(rng.choice(pools["actions"]))
-    if value_type == "year":
-        return str(int(rng.integers(1850, 2016)))
-    if value_type == "count":
-        return str(int(rng.integers(2, 100)))
     if value_type == "price":
         return f"${int(rng.integers(20, 50000)):,}"
     if value_type == "company":
