@@ -165,7 +165,8 @@ def draw_subject(rng: np.random.Generator, pools: Mapping[str, Sequence[str]], s
             drawn = str(rng.choice(pools["places"]))
         elif subject == "product":
             code = "".join(rng.choice(list(string.ascii_uppercase), 2))
-            drawn = f"{last} {code}-{int(rng.integers(10, 100))} {rng.choice(pools['product_types'])}"
+            number = int(rng.integers(10, 100))
+            drawn = f"{last} {code}-{number} {rng.choice(pools['product_types'])}"
         elif subject == "building":
             drawn = f"{last} {rng.choice(pools['building_types'])}"
         else:

@@ -50,9 +50,10 @@ held-out documents of ``eval`` draw only the person kinds
 (``Phrasings.study_kinds``: the retention study's documents stay as measured).
 A training document also states up to ``DISTRACTORS`` facts that no question
 asks (as many as fit in half of its filler), half the time of the asked facts'
-kinds, so that an answer is found by its subject and not by its kind. Besides facts there are passage
-questions: which 4 to 8 words follow a quoted run of 4 to 6 words of the
-filler (a run found once in the document), answered with those words.
+kinds, so that an answer is found by its subject and not by its kind. Besides
+facts there are passage questions: which 4 to 8 words follow a quoted run of 4
+to 6 words of the filler (a run found once in the document), answered with
+those words.
 
 Held out: the sentence and question phrasings of each kind (and of the passage
 questions) are split into a training part and an evaluation part, as the names

@@ -67,9 +67,9 @@ def main() -> int:
         done = subprocess.run([sys.executable, __file__, *name.split()], capture_output=True,
                               text=True)
         lines = [l for l in done.stderr.splitlines() if "Error" in l or "error" in l]
+        error = lines[-1][:300] if lines and done.returncode else ""
         print(f"{name}: {'ok' if done.returncode == 0 else 'FAILED'} "
-              f"({time.perf_counter() - start:.0f} s) {lines[-1][:300] if lines and done.returncode else ''}",
-              flush=True)
+              f"({time.perf_counter() - start:.0f} s) {error}", flush=True)
     return 0
 
 
