@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from coda_jax.generation import generate, sample_logits
+from coda_jax.layer_steps import LayerSteps, steps_by_layer
 from coda_jax.runner import bind_weights
 from coda_jax import BankState, concat_rows, widen_buffers
 from .model_source import OpenModel
@@ -42,15 +43,19 @@ class Answer:
     stopped: bool
 
 
+def _choose_token(logits, key, temperature, top_p, *, greedy: bool, top_k: int) -> jax.Array:
+    """One token per row (B,) int32 from ``logits`` (B, V): greedy, or sampled."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return sample_logits(logits, key, temperature=temperature, top_k=top_k,
+                         top_p=top_p).astype(jnp.int32)
+
+
 def _next_token(model, state, logits, key, temperature, top_p, *, greedy: bool, top_k: int,
                 storage_dtype):
     """Sample one token per row from ``logits`` and step every layer on it (a state
     widened from ``storage_dtype``: :func:`~coda_jax.state.widen_buffers`)."""
-    if greedy:
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    else:
-        token = sample_logits(logits, key, temperature=temperature, top_k=top_k,
-                              top_p=top_p).astype(jnp.int32)
+    token = _choose_token(logits, key, temperature, top_p, greedy=greedy, top_k=top_k)
     new_logits, state = model.decode_step(token[:, None], state, training=False,
                                           storage_dtype=storage_dtype)
     return token, new_logits[:, 0], state
@@ -62,6 +67,8 @@ class Answerer:
     def __init__(self, opened: OpenModel):
         self.opened = opened
         self._steps: dict[tuple, object] = {}
+        self._choosers: dict[tuple, object] = {}
+        self._layer_steps: LayerSteps | None = None
 
     # ------------------------------------------------------------ prompt
     def prompt_ids(self, question: str) -> np.ndarray:
@@ -96,21 +103,14 @@ class Answerer:
         sampling = sampling.checked(model.cfg.vocab_size)
         stops = set(self.opened.settings.stop_tokens)
         logits, st = self.read_prompts(state, [self.prompt_ids(question)])
-        st, storage_dtype = widen_buffers(st)  # the step writes in place (a CPU)
-        # The steps donate the state they step: copied once here, no array of it can
-        # be one of ``state``'s (a compiled call may pass an input through as an output).
-        st = jax.tree.map(jnp.copy, st)
-        step = self._step(sampling.temperature == 0, sampling.top_k, storage_dtype)
+        next_token = self._token_source(st, logits, sampling)
         key = jax.random.key(sampling.seed)
-        temperature = jnp.float32(max(sampling.temperature, 1e-6))
-        top_p = jnp.float32(sampling.top_p)
         ids: list[int] = []
         shown = ""
         stopped = False
         for _ in range(sampling.max_new_tokens):
             key, sub = jax.random.split(key)
-            token, logits, st = step(st, logits, sub, temperature, top_p)
-            token = int(token[0])
+            token = next_token(sub)
             if token in stops:
                 stopped = True
                 break
@@ -123,6 +123,48 @@ class Answerer:
         if len(text) > len(shown):
             yield text[len(shown):]
         return Answer(text=text, tokens=ids, stopped=stopped)
+
+    def _token_source(self, state: BankState, logits: jax.Array, sampling: Sampling
+                      ) -> Callable[[jax.Array], int]:
+        """``next_token(key) -> id``: a token sampled (with ``key``) from the logits
+        after ``state`` and the tokens before it. On a CPU the model steps a layer per
+        call (:class:`~coda_jax.layer_steps.LayerSteps`: its weights read in place, not
+        copied out of the stacked arrays), and only when a next token is asked for."""
+        greedy, top_k = sampling.temperature == 0, sampling.top_k
+        temperature = jnp.float32(max(sampling.temperature, 1e-6))
+        top_p = jnp.float32(sampling.top_p)
+        if steps_by_layer():
+            if self._layer_steps is None:
+                self._layer_steps = LayerSteps(self.opened.model)
+            steps, choose = self._layer_steps, self._choose(greedy, top_k)
+            # Split copies: stepping them in place leaves ``state`` as it was.
+            carry = [logits, steps.start(state), None]   # logits, states, last token
+
+            def next_token(key: jax.Array) -> int:
+                logits, states, last = carry
+                if last is not None:
+                    logits, states = steps(last, states)
+                carry[:] = [logits, states, choose(logits, key, temperature, top_p)]
+                return int(carry[2][0])
+
+            return next_token
+        st, storage_dtype = widen_buffers(state)  # the step writes in place (a CPU)
+        # The steps donate the state they step: copied once here, no array of it can
+        # be one of ``state``'s (a compiled call may pass an input through as an output).
+        carry = [jax.tree.map(jnp.copy, st), logits]
+        step = self._step(greedy, top_k, storage_dtype)
+
+        def next_token(key: jax.Array) -> int:
+            token, carry[1], carry[0] = step(carry[0], carry[1], key, temperature, top_p)
+            return int(token[0])
+
+        return next_token
+
+    def _choose(self, greedy: bool, top_k: int):
+        if (greedy, top_k) not in self._choosers:
+            self._choosers[greedy, top_k] = jax.jit(
+                functools.partial(_choose_token, greedy=greedy, top_k=top_k))
+        return self._choosers[greedy, top_k]
 
     def _step(self, greedy: bool, top_k: int, storage_dtype):
         if (greedy, top_k, storage_dtype) not in self._steps:

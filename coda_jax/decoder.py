@@ -111,9 +111,10 @@ class DecoderLayer(nnx.Module):
         """The bounded attention's write-gate logits (B, L) for the layer input h."""
         return self.self_attn.write_gate_logit(self.input_layernorm(h))
 
-    def decode_step(self, h, state, *, training, hold=None):
+    def decode_step(self, h, state, *, training, hold=None, storage_dtype=None):
         out, state = self.self_attn.decode_step(self.input_layernorm(h), state,
-                                                training=training, hold=hold)
+                                                training=training, hold=hold,
+                                                storage_dtype=storage_dtype)
         return self.mlp_residual(h + out), state
 
     def decode_step_in_stack(self, h, stack, index, *, training, hold=None, storage_dtype=None):
