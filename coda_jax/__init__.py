@@ -12,6 +12,7 @@ from .config import AttentionConfig, BankConfig, lf_band_dims
 from .decoder import CausalLM
 from .generation import generate, sample_logits, split_fits
 from .kv_cache import KVCache
+from .layer_steps import LayerStates, LayerSteps, steps_by_layer
 from .model_config import AttentionSpec, DecoderConfig
 from .model_io import load_model, read_model_metadata, save_model
 from .state import (BankMetrics, BankState, batch_axis, concat_rows, narrow_buffers, row_axes,
@@ -30,6 +31,8 @@ __all__ = [
     "CoDAGQALandmark",
     "DecoderConfig",
     "KVCache",
+    "LayerStates",
+    "LayerSteps",
     "batch_axis",
     "check_finite",
     "concat_rows",
@@ -48,6 +51,7 @@ __all__ = [
     "select_rows",
     "split_fits",
     "stack_states",
+    "steps_by_layer",
     "tree_bytes",
     "where_rows",
     "widen_buffers",
