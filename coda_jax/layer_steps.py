@@ -65,6 +65,8 @@ class LayerSteps:
             return layer.decode_step(h, state, training=False, storage_dtype=storage_dtype)
 
         self._layer_step = layer_step
+        self._hidden = model.cfg.hidden_size
+        self._hidden_dtype = model.embed_tokens.embedding[...].dtype
         self._embed = bind_weights(model, lambda m, token: m.embed(token[:, None]))
         self._logits = bind_weights(model, lambda m, h: m.logits(h)[:, 0])
 
@@ -82,6 +84,14 @@ class LayerSteps:
             h, state = self._layer_step(weights, h, state, storage_dtype=states.storage_dtype)
             stepped.append(state)
         return self._logits(h), LayerStates(stepped, states.storage_dtype)
+
+    def lower_layer(self, states: LayerStates, index: int = 0) -> jax.stages.Lowered:
+        """Layer ``index``'s step lowered for these states (to read its compiled program:
+        ``.compile().as_text()``); nothing is run or donated."""
+        hidden = jax.ShapeDtypeStruct((states.layers[index].batch_size, 1, self._hidden),
+                                      self._hidden_dtype)
+        return self._layer_step.lower(self._layers[index], hidden, states.layers[index],
+                                      storage_dtype=states.storage_dtype)
 
     def finish(self, states: LayerStates) -> BankState:
         """The per-layer states stacked back into a model state, in its own dtype."""

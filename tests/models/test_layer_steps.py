@@ -53,6 +53,18 @@ def test_layer_steps_equal_the_models_steps(model, dtype):
         np.testing.assert_array_equal(np.asarray(a), b)
 
 
+def test_a_layer_step_updates_its_state_in_place(model):
+    """The layer's compiled step aliases its state's K/V buffers from input to output
+    (the state is donated): a token writes its slots, not a copy of the buffers."""
+    state = model.init_state(2, jnp.bfloat16, key=jax.random.key(0))
+    steps = LayerSteps(model)
+    hlo = steps.lower_layer(steps.start(state), index=1).compile().as_text()
+    header = hlo.splitlines()[0]
+    assert "input_output_alias" in header
+    # Every state leaf (the buffers included) is an output aliased to an input.
+    assert header.count("may-alias") >= len(jax.tree.leaves(state))
+
+
 def test_layer_steps_need_a_bounded_model():
     full = CausalLM(CFG, attention="gqa", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="coda_bounded"):
