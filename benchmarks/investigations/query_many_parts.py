@@ -69,8 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     def text():
         return [opened.tokenizer.decode(ids, skip_special_tokens=True) for ids in rows]
 
+    def generate_of(new_tokens: int, split: bool):
+        return lambda: jax.block_until_ready(generate(
+            opened.model, state, logits, max_new_tokens=new_tokens, return_state=False,
+            split_layers=split))
+
     parts = {"concat_rows": join, "read_prompts": read, "generate": decode, "text": text,
              "many": lambda: answerer.many(states, questions, sampling)}
+    # generate's cost apart from its steps: no stop tokens, 1 and the full count of steps,
+    # the layers split apart before the loop (the GPU's default) and not.
+    for split in (True, False):
+        for n in (1, args.new_tokens):
+            parts[f"generate_{n}_tokens_split_{split}"] = generate_of(n, split)
     seconds = {}
     for name, fn in parts.items():
         seconds[name] = timed(fn, args.repeats)
