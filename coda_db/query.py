@@ -26,10 +26,13 @@ from .model_source import OpenModel
 from .settings import Sampling, read_block
 
 MAX_CHUNKS_PER_CALL = 16
-# Rows of one batched answer call: on an H100, 256 rows faulted in the question's
-# prefill (CUDA_ERROR_ILLEGAL_ADDRESS, cause not found yet) where 64 ran
-# (docs/results.md); more questions are answered 64 at a time.
-MAX_ROWS_PER_CALL = 64
+# Rows of one batched answer. On an H100, 192 rows or more faulted in the question's
+# prefill under the default model's bank (CUDA_ERROR_ILLEGAL_ADDRESS, cause not found
+# yet) where 128 ran, prefill and decode (docs/results.md): questions are read 64 rows
+# at a time, and up to 128 rows decode in one loop, whose steps each read the weights
+# once for all of them.
+PROMPT_ROWS_PER_CALL = 64
+MAX_ROWS_PER_CALL = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +182,8 @@ class Answerer:
              ) -> list[Answer]:
         """Row i answers ``questions[i]`` from ``states[i]`` (each a batch of one),
         up to :data:`MAX_ROWS_PER_CALL` rows in one compiled decode (the rows of a
-        later call sample from ``jax.random.fold_in`` of the seed's key)."""
+        later call sample from ``jax.random.fold_in`` of the seed's key), their
+        questions read :data:`PROMPT_ROWS_PER_CALL` rows at a time."""
         sampling = sampling.checked(self.opened.model.cfg.vocab_size)
         if len(states) != len(questions) or not states:
             raise ValueError(f"one state per question: got {len(states)} state(s) and "
@@ -197,7 +201,13 @@ class Answerer:
         """:meth:`many`'s rows of one compiled decode."""
         model = self.opened.model
         prompts = [self.prompt_ids(q) for q in questions]
-        logits, state = self.read_prompts(concat_rows(*states), prompts)
+        read = [self.read_prompts(concat_rows(*states[start:start + PROMPT_ROWS_PER_CALL]),
+                                  prompts[start:start + PROMPT_ROWS_PER_CALL])
+                for start in range(0, len(prompts), PROMPT_ROWS_PER_CALL)]
+        logits, state = read[0] if len(read) == 1 else (
+            jnp.concatenate([part_logits for part_logits, _ in read]),
+            concat_rows(*[part_state for _, part_state in read]))
+        del read  # the parts' states: the joined one replaces them
         stops = self.opened.settings.stop_tokens
         tokens, counts, _ = generate(
             model, state, logits, max_new_tokens=sampling.max_new_tokens, key=key,

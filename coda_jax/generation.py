@@ -94,7 +94,8 @@ def generate(model: CausalLM, state: State, logits: jax.Array, *, max_new_tokens
     key = jax.random.key(0) if key is None else key
     model.check_room(state, max_new_tokens, what=f"max_new_tokens={max_new_tokens}")
     if split_layers is None:
-        split_layers = unroll_decode_layers() and split_fits(model, state)
+        split_layers = unroll_decode_layers() and split_fits(model, state,
+                                                             keep_state=return_state)
     poisoned = nonfinite_rows(state)  # a few bools: the loop would wait for the state anyway
     if poisoned:
         warnings.warn(f"row(s) {poisoned} of the state hold NaN or Inf values (a non-finite "
@@ -106,16 +107,17 @@ def generate(model: CausalLM, state: State, logits: jax.Array, *, max_new_tokens
         split_layers=bool(split_layers) and model.bounded)
 
 
-def split_fits(model: CausalLM, state: State) -> bool:
+def split_fits(model: CausalLM, state: State, *, keep_state: bool = True) -> bool:
     """Whether the device holding the weights has room, beyond what is in use, for
     ``generate(split_layers=True)``'s copies: the layer weights once and the state
-    three times (sliced apart, the loop's next state, stacked back), with a 10%
-    margin. False where the device reports no memory figures (a CPU)."""
+    three times (sliced apart, the loop's next state, stacked back; twice without
+    ``keep_state``, where nothing is stacked back), with a 10% margin. False where
+    the device reports no memory figures (a CPU)."""
     weights = jax.tree.leaves(nnx.state(model.layers))
     stats = weights[0].devices().pop().memory_stats() if weights else None
     if not stats or "bytes_limit" not in stats:
         return False
-    need = tree_bytes(weights) + 3 * tree_bytes(state)
+    need = tree_bytes(weights) + (3 if keep_state else 2) * tree_bytes(state)
     return need * 1.1 <= stats["bytes_limit"] - stats.get("bytes_in_use", 0)
 
 

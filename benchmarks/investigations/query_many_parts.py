@@ -25,7 +25,7 @@ from bench_database import random_model, text_of, timed  # noqa: E402
 from coda_db.documents import read_document  # noqa: E402
 from coda_db.query import Answerer  # noqa: E402
 from coda_db.settings import Sampling  # noqa: E402
-from coda_jax import concat_rows, generate  # noqa: E402
+from coda_jax import concat_rows, generate, split_fits  # noqa: E402
 from train.evaluation.retention_workers import write_json  # noqa: E402
 
 
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             opened.model, state, logits, max_new_tokens=args.new_tokens,
             stop_tokens=opened.settings.stop_tokens, return_state=False))
 
+    split_default = split_fits(opened.model, state, keep_state=False)  # generate's default
+    memory = jax.devices()[0].memory_stats() or {}
     tokens, counts, _ = decode()
     rows = [row[:count].tolist() for row, count in zip(np.asarray(tokens), np.asarray(counts))]
 
@@ -91,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         "device": device.device_kind, "jax": jax.__version__, "batch": batch,
         "document_tokens": length, "new_tokens": args.new_tokens,
         "tokens_generated_per_row": np.asarray(counts).tolist()[:8],
+        "generate_splits_layers_by_default": split_default,
+        "memory_at_generate": {k: memory[k] for k in ("bytes_in_use", "bytes_limit")
+                               if k in memory},
         "seconds": seconds,
         "parts_over_many": {k: v / seconds["many"] for k, v in seconds.items() if k != "many"}})
     return 0

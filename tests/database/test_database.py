@@ -69,14 +69,17 @@ def test_query_many_answers_more_rows_than_one_call_takes(db, monkeypatch):
     docs = [db.ingest(TEXT[:n]) for n in (300, 900)]
     questions = ["Who wrote?", "How many seals were in the bay that morning?", "Why?"] * 2
     whole = db.query_many(questions, docs * 3, **GREEDY)
-    calls = []
-    answer_rows = query.Answerer._answer_rows
+    calls, reads = [], []
+    answer_rows, read_prompts = query.Answerer._answer_rows, query.Answerer.read_prompts
     monkeypatch.setattr(query, "MAX_ROWS_PER_CALL", 4)
+    monkeypatch.setattr(query, "PROMPT_ROWS_PER_CALL", 3)
     monkeypatch.setattr(query.Answerer, "_answer_rows", lambda self, states, *rest: (
         calls.append(len(states)), answer_rows(self, states, *rest))[1])
+    monkeypatch.setattr(query.Answerer, "read_prompts", lambda self, state, prompts: (
+        reads.append(len(prompts)), read_prompts(self, state, prompts))[1])
     assert [a.tokens for a in db.query_many(questions, docs * 3, **GREEDY)] == [
         a.tokens for a in whole]
-    assert calls == [4, 2]
+    assert calls == [4, 2] and reads == [3, 1, 2]
 
 
 def test_library_lists_newest_first_and_reports_what_it_cannot_read(db):

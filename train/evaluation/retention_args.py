@@ -112,8 +112,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--unbounded-max-length", type=int, default=65536,
                         help="the unbounded cache runs at lengths up to this")
     parser.add_argument("--query-batch", type=int, default=None,
-                        help="questions per query_many call (default: 64 on a GPU, which "
-                        "answers at most coda_db.query.MAX_ROWS_PER_CALL rows per call, 8 on "
+                        help="questions per query_many call (default on a GPU: "
+                        "coda_db.query.MAX_ROWS_PER_CALL, the rows of one decode; 8 on "
                         "a CPU, where many states of the default model's bank overrun the "
                         "host's memory)")
     parser.add_argument("--unbounded-batch-tokens", type=int, default=None,
