@@ -37,7 +37,7 @@ from coda_jax import load_model, save_model
 from coda_jax.checkpoint import weights_fingerprint
 from train import bundle
 
-from conftest import BANKS, snapshot
+from database_fixtures import BANKS, snapshot
 
 PACKAGE, VERSION, FILE = "tiny-base", "0.1", "tiny.gguf"
 # Lower-case words and digits: all the tiny GGUF vocabulary spells.

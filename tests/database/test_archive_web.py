@@ -14,7 +14,7 @@ import pytest
 from coda_db import NeuralDatabase, RefusedError
 from coda_db.web import make_server
 
-from conftest import TEXT, snapshot
+from database_fixtures import TEXT, snapshot
 
 
 def _tar(members: list[tuple[tarfile.TarInfo, bytes]]) -> io.BytesIO:

@@ -17,7 +17,7 @@ import pytest
 
 from coda_db.web import make_server
 
-from conftest import TEXT
+from database_fixtures import TEXT
 
 QUESTIONS = ["How many gulls were on the rocks?", "Who kept the light?"]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -29,7 +29,7 @@ from coda_db.library import Library
 from train import bundle, data, demo_documents
 from train.retention import FACTS, load_pools
 
-from conftest import BANKS, CFG, SETTINGS, TEXT, snapshot
+from database_fixtures import BANKS, CFG, SETTINGS, TEXT, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_BUNDLE = "this installation has no bundled default model (python -m train.bundle makes one)"

@@ -8,7 +8,7 @@ import pytest
 
 from coda_db.cli import main
 
-from conftest import TEXT, make_model_dir, snapshot
+from database_fixtures import TEXT, make_model_dir, snapshot
 
 
 def _run(capsys, *argv):

@@ -14,7 +14,7 @@ import pytest
 from coda_db import NeuralDatabase, NotFoundError, RefusedError, library
 from coda_db.settings import QuerySettings, read_block
 
-from conftest import SETTINGS, TEXT, make_model_dir, snapshot
+from database_fixtures import SETTINGS, TEXT, make_model_dir, snapshot
 
 GREEDY = dict(temperature=0.0, max_new_tokens=6)
 
@@ -376,7 +376,7 @@ def test_a_chat_model_reads_its_documents_inside_its_turn_markers(model_dir, tmp
     """document_prefix/document_suffix (a model's settings) frame every document: the
     state is the one of prefix + text + suffix read as one text, here where the
     tokenizer splits the joins the same either way."""
-    from conftest import SETTINGS
+    from database_fixtures import SETTINGS
 
     framed = make_model_dir(tmp_path / "framed", settings=SETTINGS | dict(
         document_prefix="The log:\n", document_suffix="\nEnd of the log."))

@@ -11,7 +11,7 @@ import pytest
 
 from coda_db import NeuralDatabase
 
-from conftest import TEXT
+from database_fixtures import TEXT
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

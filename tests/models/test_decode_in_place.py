@@ -19,6 +19,9 @@ from coda_jax.decoder import unstack
 
 CFG = DecoderConfig(family="llama", vocab_size=64, hidden_size=64, intermediate_size=128,
                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+# What the package compiles with: the suite's faster CPU compile (tests/conftest.py)
+# emits fusions otherwise, and a one-slot scatter there becomes a dynamic-update-slice.
+PACKAGE_COMPILE = {"xla_cpu_use_fusion_emitters": True}
 
 
 @pytest.mark.parametrize("hold", [False, True])
@@ -46,7 +49,7 @@ def test_a_decode_loop_does_not_copy_the_state_buffers(hold, banks):
         return jax.lax.fori_loop(0, 4, body, (token, states, jnp.zeros((batch,), bool)))
 
     compiled = jax.jit(loop, donate_argnums=1).lower(
-        params, states, jnp.zeros((batch, 1), jnp.int32)).compile()
+        params, states, jnp.zeros((batch, 1), jnp.int32)).compile(PACKAGE_COMPILE)
     # A copy of any array of the K/V buffers' shape, whatever its dtype.
     dims = ",".join(map(str, states[0].k_buf.shape))
     copies = re.findall(rf"= \w+\[{dims}\]\S* copy\(", compiled.as_text())
@@ -65,7 +68,8 @@ def test_a_stacked_decode_step_writes_only_its_slots(hold):
     state = model.init_state(3, jnp.float32, key=jax.random.key(0))
     hold_rows = jnp.array([False, True, False]) if hold else None
     step = jax.jit(lambda m, s, t: m.decode_step(t, s, hold=hold_rows), donate_argnums=1)
-    text = step.lower(model, state, jnp.zeros((3, 1), jnp.int32)).compile().as_text()
+    text = step.lower(model, state, jnp.zeros((3, 1), jnp.int32)).compile(
+        PACKAGE_COMPILE).as_text()
     dims = ",".join(map(str, state.k_buf.shape))
     made = re.findall(rf"= f32\[{dims}\]\S* (\w[\w-]*)\(", text)
     assert made and set(made) <= {"scatter", "fusion", "parameter", "get-tuple-element",

@@ -1,0 +1,18 @@
+"""Compile fast on CPU-only machines: the suite's tiny shapes run in milliseconds, and
+on 2 cores about four fifths of its time was XLA compiling them (a bounded tiny
+model's ``generate``: 2.1 s; its prefill: 3.0 s). LLVM at optimisation level 0 with
+XLA's older fusion emitters compiles them 2-2.5x faster (1.1 s and 1.2 s). This changes
+how XLA generates machine code, not what a program computes; the benchmarks and the
+package run XLA's defaults. Set before JAX starts its backend (subprocesses inherit
+it); flags the caller set in ``XLA_FLAGS`` come after, so they win, and a machine with
+an NVIDIA GPU keeps the defaults."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+FAST_CPU_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+
+if shutil.which("nvidia-smi") is None:
+    os.environ["XLA_FLAGS"] = f"{FAST_CPU_COMPILE} {os.environ.get('XLA_FLAGS', '')}".strip()
