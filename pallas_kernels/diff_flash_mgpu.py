@@ -58,8 +58,9 @@ class MosaicConfig(NamedTuple):
 
 
 def heavy_first_pays(q_len: int) -> bool:
-    """Measured on an H100 (benchmarks/results/tune_mosaic_h100.json): longest tiles
-    first gains 2% at L=8192 and 1% at 32768 but loses 20% at 2048."""
+    """Measured on an H100 (benchmarks/results/tune_mosaic_h100.json, in git history
+    at 2d86af9; NOTES.md lists it): longest tiles first gains 2% at L=8192 and 1% at
+    32768 but loses 20% at 2048."""
     return q_len >= 4096
 
 
