@@ -29,6 +29,7 @@ import numpy as np
 
 from coda_db.model_source import open_model
 from coda_jax import LayerSteps
+from train.evaluation.retention_workers import write_json
 
 # Profiler bookkeeping, not work: the executor's spans enclose the thunks.
 NOT_WORK = ("ThunkExecutor", "PjRt", "CommonPjRt", "Pjit", "$", "ParseArguments", "Handle inputs")
@@ -83,10 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "thunks_ms_per_token_sum": sum(total.values()) / args.steps / 1e3,
         "thunks": thunks}
-    text = json.dumps(result, indent=1)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, result)
     for t in thunks[:20]:
         print(f"{t['ms_per_token']:7.2f} ms  x{t['calls_per_token']:4.0f}  {t['name']:28s} "
               f"{t['hlo'][:90]}")
