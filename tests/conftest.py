@@ -1,7 +1,8 @@
 """Compile fast on CPU-only machines: the suite's tiny shapes run in milliseconds, and
-on 2 cores about four fifths of its time was XLA compiling them (a bounded tiny
-model's ``generate``: 2.1 s; its prefill: 3.0 s). LLVM at optimisation level 0 with
-XLA's older fusion emitters compiles them 2-2.5x faster (1.1 s and 1.2 s). This changes
+on 2 cores about four fifths of its time was XLA compiling them. LLVM at optimisation
+level 0 with XLA's older fusion emitters compiles them faster (a tiny bounded model's
+first ``generate`` 1.4 s instead of 5.4, its prefill 1.2 s instead of 2.9:
+benchmarks/results/test_compile_flags_cpu.json). This changes
 how XLA generates machine code, not what a program computes; the benchmarks and the
 package run XLA's defaults. Set before JAX starts its backend (subprocesses inherit
 it); flags the caller set in ``XLA_FLAGS`` come after, so they win, and a machine with
