@@ -5,7 +5,7 @@ Each setting runs in a fresh process (XLA reads ``XLA_FLAGS`` once): the first c
 of ``generate`` (5 tokens) and of ``prefill`` (32 tokens) of a 2-layer, D=32 bounded
 model, which is compile time almost entirely. Written with the suite's times:
 
-    python benchmarks/investigations/test_compile_flags.py --out results.json
+    python benchmarks/investigations/suite_compile_flags.py --out results.json
 """
 
 from __future__ import annotations
