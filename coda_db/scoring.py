@@ -13,13 +13,22 @@ import re
 from typing import Any, Mapping, Sequence
 
 SCORING_RULE = ("a reply is right when one of the accepted answers, normalised, is contained "
-                "in the normalised reply as whole words (normalised: lower case, every run of "
-                "characters other than letters and digits made one space)")
+                "in the normalised reply as whole words (normalised: lower case, a number's "
+                "thousands separators removed and its decimal point kept, so that 45,000 is "
+                "one word and not 45; every other run of characters other than letters and "
+                "digits made one space)")
+
+# A comma between a digit and exactly three more: "45,000" is 45000, "1,2" stays two numbers.
+_THOUSANDS_SEPARATOR = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+# A word: a decimal number ("3.5"), else a run of letters and digits.
+_WORD = re.compile(r"\d+(?:\.\d+)+|[^\W_]+")
 
 
 def normalise(text: str) -> str:
-    """Lower case, every run of characters other than letters and digits one space."""
-    return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
+    """Lower case; a number's thousands separators removed and its decimal point kept
+    (a reply of "$45,000" does not contain the answer "45"); every other run of
+    characters other than letters and digits one space."""
+    return " ".join(_WORD.findall(_THOUSANDS_SEPARATOR.sub("", text.lower())))
 
 
 def is_right(reply: str, accepted: str | Sequence[str]) -> bool:

@@ -22,6 +22,13 @@ from train.evaluation.ask import read_questions
     ("", "Saltmere", False),
     ("anything at all", ["--", "Saltmere"], False),  # a form that normalises to nothing
     ("The hopper holds 250 grams.", ["250 grams", "250"], True),
+    ("The rent is $45,000.", ["45 pounds", "45"], False),  # a number is one word
+    ("It raised 318,000 pounds", "318", False),
+    ("The court awarded 6,475 pounds.", "6,475", True),    # separators on both sides
+    ("The court awarded 6475 pounds.", "6,475", True),
+    ("Use 3.5 litres.", "3.5", True),
+    ("Use 3.5 litres.", "3", False),                       # the decimal point is kept
+    ("Items 1,2 and 3", "2", True),                        # not a thousands separator
 ])
 def test_the_scoring_rule(reply, expected, right):
     assert is_right(reply, expected) is right
@@ -29,6 +36,16 @@ def test_the_scoring_rule(reply, expected, right):
 
 def test_normalise():
     assert normalise("  Café—déjà_vu!! 42 ") == "café déjà vu 42"
+    assert normalise("$1,800, then 2.5%.") == "1800 then 2.5"
+
+
+def test_bundled_question_files_state_the_rule_they_are_scored_by():
+    from pathlib import Path
+
+    from coda_db.scoring import SCORING_RULE
+    root = Path(__file__).resolve().parents[2]
+    for path in ("coda_db/demo_documents_v2.json", "train/data_files/freeform_heldout.json"):
+        assert json.loads((root / path).read_text())["scoring"] == SCORING_RULE, path
 
 
 def test_accepted_answers():

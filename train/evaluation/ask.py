@@ -15,8 +15,8 @@ every equivalent form; any one of them contained in the reply is right).
 Each question is asked in a fresh conversation (the document, then the
 question, in one user turn; greedy). The scoring rule is
 :mod:`coda_db.scoring`'s (the demo's): an answer is right when an expected
-form, normalised, is contained in the reply, normalised, as whole words (lower
-case, every run of characters other than letters and digits made one space).
+form, normalised, is contained in the reply, normalised, as whole words
+(:data:`coda_db.scoring.SCORING_RULE` says how text is normalised).
 The results JSON records every reply, the totals, the model, the
 device and the versions. Exit codes: 0 done, 1 usage, 2 a path not found, 3
 refused or invalid.
