@@ -3,6 +3,7 @@
     python -m train.bundle EXPORT_DIR [--out coda_db/default_model]
                            [--retention RESULTS.json] [--bank KEY=VALUE ...]
                            [--heldout DIAGNOSIS.json] [--name NAME]
+                           [--rank PATTERN=RANK ...]
 
 Two kinds of export make the two bundle formats of :mod:`coda_db.bundled`:
 
@@ -41,7 +42,11 @@ the trained one (``"bank_changed"``). The weights, and so their fingerprint, are
 the export's. ``--heldout`` quotes, in the card (``"heldout"``), the answers of
 ``benchmarks/diagnose_adapters_cpu.py`` on these weights under the bundle's bank
 (the file must hold a variant with exactly that bank). ``--name`` renames the
-model in its card (what ``coda-db`` and the page show).
+model in its card (what ``coda-db`` and the page show). ``--rank 'layers.mlp.*=32'``
+(adapter exports) exports the weights again with the matching parameters'
+differences as their best rank-32 factors (``convert.model_export``), so trained MLPs
+fit the limit; the card records the ranks (``"export_ranks"``) and the fingerprint is
+that of the weights so stored.
 
 Refused, with nothing written or replaced: an ``EXPORT_DIR`` that is not such
 an export, a bundle over its limit, an adapter export whose base is not the
@@ -198,7 +203,7 @@ def bundle(export_dir: str | Path, out: str | Path = DEFAULT_OUT, *,
            retention: str | Path | None = None, max_bytes: int | None = None,
            base: BasePin | None = None, bank: dict[str, Any] | None = None,
            heldout: str | Path | None = None, name: str | None = None,
-           log: Callable[[str], None] = print) -> Path:
+           ranks: dict[str, int] | None = None, log: Callable[[str], None] = print) -> Path:
     """Write the bundle of ``export_dir`` at ``out`` (see the module's description),
     with ``retention`` (a retention study's results file of the same weights) in its
     card, at most ``max_bytes`` (default: the format's limit); returns ``out``.
@@ -206,7 +211,8 @@ def bundle(export_dir: str | Path, out: str | Path = DEFAULT_OUT, *,
     was written against (default: SmolLM2's; only its dtype is found here). ``bank``
     (bank changes, adapter exports only) and ``heldout`` (held-out answers under the
     bundle's bank, quoted in the card) and ``name`` (the card's name for people, which
-    the commands and the page show): see the module's description."""
+    the commands and the page show) and ``ranks`` (parameter-name patterns whose
+    differences are stored as factors of that rank): see the module's description."""
     from coda_jax import safe_paths
     from coda_db.bundled import is_bundle
 
@@ -222,10 +228,11 @@ def bundle(export_dir: str | Path, out: str | Path = DEFAULT_OUT, *,
     if meta is not None:
         return _bundle_adapters(export, out, meta, measured=measured, base=base, log=log,
                                 bank=bank or {}, heldout=heldout, name=name,
+                                ranks=dict(ranks or {}),
                                 limit=MAX_ADAPTER_BUNDLE_BYTES if max_bytes is None
                                 else max_bytes)
     for given, what in ((base, "a base"), (bank, "--bank"), (heldout, "--heldout"),
-                        (name, "--name")):
+                        (name, "--name"), (ranks, "--rank")):
         if given:
             raise ValueError(f"{export} is a whole model's export: {what} applies only to a "
                              "base-relative export")
@@ -293,12 +300,16 @@ def _bundle_checkpoint(export: Path, out: Path, *, measured: dict[str, Any] | No
 def _bundle_adapters(export: Path, out: Path, meta: dict[str, Any], *,
                      measured: dict[str, Any] | None, base: BasePin | None, limit: int,
                      bank: dict[str, Any], heldout: str | Path | None, name: str | None,
-                     log: Callable[[str], None]) -> Path:
+                     ranks: dict[str, int], log: Callable[[str], None]) -> Path:
     """A base-relative export as an adapter bundle (``coda_db.adapter_bundle/1``)."""
     import dataclasses
+    import tempfile
+
+    import jax.numpy as jnp
 
     from coda_jax import safe_paths
     from coda_jax.model_io import describe_model
+    from convert.model_export import export_model
 
     from .steps import with_bank
     from coda_jax.checkpoint import weights_fingerprint
@@ -320,12 +331,20 @@ def _bundle_adapters(export: Path, out: Path, meta: dict[str, Any], *,
     missing = [f for f in files if not (export / f).is_file()]
     if missing:
         raise ValueError(f"the model export at {export} is damaged: {missing[0]} is missing")
-    size = sum((export / f).stat().st_size for f in files + [CARD_FILE])
+    pin, base_model, tok = _matching_base(base or SMOLLM2, meta["base"]["fingerprint"], export,
+                                          log)
+    scratch = Path(tempfile.mkdtemp(prefix="coda-bundle-")) if ranks else None
+    if scratch is not None:  # the same weights exported again, the matching differences as factors
+        compact = scratch / "export"
+        export_model(apply_export(export, base_model), compact, base=base_model, ranks=ranks,
+                     dtype=jnp.dtype(meta["dtype"]))
+        export, meta = compact, json.loads((compact / INDEX).read_text())
+        files = [INDEX, *meta["sha256"]]
+        card = card | {"export_ranks": ranks}
+    size = sum((export / f).stat().st_size for f in files) + len(json.dumps(card))
     if size > limit:
         raise ValueError(f"the export's files are {size:,} bytes, over the limit of {limit:,} "
                          "for a bundle of adapters; nothing was written")
-    pin, base_model, tok = _matching_base(base or SMOLLM2, meta["base"]["fingerprint"], export,
-                                          log)
 
     # A new bank's spec (BankConfig refuses a bad one here, before anything is written).
     spec = (describe_model(with_bank(apply_export(export, base_model), **bank))["attention_spec"]
@@ -362,8 +381,12 @@ def _bundle_adapters(export: Path, out: Path, meta: dict[str, Any], *,
         log(f"bundle: {total / 1e6:.1f} MB over {pin.file} ({pin.dtype}), weights "
             f"{fingerprint[:12]}")
 
-    return safe_paths.write_atomically(out, write, overwrite=True, is_ours=is_bundle,
-                                       what="default-model bundle")
+    try:
+        return safe_paths.write_atomically(out, write, overwrite=True, is_ours=is_bundle,
+                                           what="default-model bundle")
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _matching_base(pin: BasePin, fingerprint: str, export: Path, log: Callable[[str], None]
@@ -401,11 +424,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "weights under the bundle's bank, quoted in the card")
     parser.add_argument("--name", help="the card's name for the model (an adapter export; "
                         "default: the export card's)")
+    parser.add_argument("--rank", action="append", default=[], metavar="PATTERN=RANK",
+                        help="store the differences of the parameters matching PATTERN (e.g. "
+                             "'layers.mlp.*') as factors of this rank (repeatable)")
     args = parser.parse_args(argv)
 
     def run() -> int:
+        from convert.model_export import parse_ranks
+
         out = bundle(args.export, args.out, retention=args.retention,
-                     bank=parse_bank(args.bank), heldout=args.heldout, name=args.name)
+                     bank=parse_bank(args.bank), heldout=args.heldout, name=args.name,
+                     ranks=parse_ranks(args.rank))
         print(f"wrote {out}")
         return 0
 

@@ -14,10 +14,12 @@ import dataclasses
 import json
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 Stage = Literal["pretrain", "phase1", "phase2"]
-Trainable = Literal["attention", "all"]
+# What the optimizer updates: the attention (the reference's adapters), the attention and
+# the MLPs (all else frozen: embeddings, norms), or every parameter.
+Trainable = Literal["attention", "attention_mlp", "all"]
 ComputeDtype = Literal["float32", "bfloat16"]
 
 
@@ -279,6 +281,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"{path} is not valid YAML: {err}") from None
+    return TrainConfig.from_dict(apply_overrides(data, overrides))
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``data`` (a config as nested dicts, changed in place) with each ``key=value``
+    of ``overrides`` set (:func:`parse_override`)."""
     for text in overrides:
         keys, value = parse_override(text)
         node = data
@@ -287,7 +295,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             if not isinstance(node, dict):
                 raise ValueError(f"--set {text}: {key} is not a section")
         node[keys[-1]] = value
-    return TrainConfig.from_dict(data)
+    return data
 
 
 def config_differences(saved: Mapping[str, Any], now: TrainConfig) -> list[str]:

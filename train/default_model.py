@@ -3,6 +3,7 @@
     python -m train.default_model --corpus CORPUS --out OUT_DIR [--base MODEL_OR_EXPORT]
                                   [--from-stage NAME [--stage-model NAME=DIR ...]]
                                   [--recipe YAML] [--workers N] [--checks CACHES|none]
+                                  [--set KEY=VALUE ...] [--export-rank PATTERN=RANK ...]
                                   [--time-limit-s SECONDS] [--tiny] [--no-progress]
 
 A recipe is a YAML file of ``configs/``: ``default_model.yaml`` (the bundled
@@ -13,7 +14,11 @@ query settings. Running the same command again resumes it: the data and the
 finished stages are kept, an interrupted stage resumes from its last checkpoint.
 With ``--time-limit-s`` a stage stops at its first update after that many seconds
 (with a checkpoint) and the command exits 4: run it again to go on (what a
-machine lent 10 minutes at a time needs).
+machine lent 10 minutes at a time needs). ``--set`` changes every trained
+stage's config (``optim.trainable=attention_mlp`` trains the MLPs beside the
+attention); ``--export-rank 'layers.mlp.*=64'`` exports those parameters'
+differences from a pretrained base as rank-64 factors (the recipe's
+``export_ranks``), so a bundle of them stays small. Both are recorded in the card.
 
 1. the base: ``--base`` (a model checkpoint or a ``convert pack`` export, e.g.
    the 2x2 study's), else pretrained here from the recipe's ``base`` config; a
@@ -101,7 +106,9 @@ def load_recipe(path: str | Path = RECIPE) -> dict[str, Any]:
     ``plain_share``, the share of plain corpus text, in [0, 1) and > 0 exactly
     where the config sets ``data.plain_text_loss``; or ``average``: earlier
     stages whose models it averages, the last of them giving the bank
-    configuration) and the quick check's cells (the task's ``quick_keys``)."""
+    configuration), the quick check's cells (the task's ``quick_keys``) and, for a
+    pretrained base, optional ``export_ranks``: glob patterns of parameter names and
+    the rank their differences are exported at (``convert.model_export``)."""
     from .recipe_tasks import TASKS
 
     recipe = yaml.safe_load(Path(path).read_text())
@@ -144,6 +151,12 @@ def load_recipe(path: str | Path = RECIPE) -> dict[str, Any]:
             raise ValueError(f"{path}: stage {stage['name']}: plain_share must be a number in "
                              "[0, 1), above 0 exactly where its config sets "
                              f"data.plain_text_loss, got {share!r}")
+    ranks = recipe.setdefault("export_ranks", {})
+    if not isinstance(ranks, dict) or any(
+            not isinstance(k, str) or isinstance(r, bool) or not isinstance(r, int) or r < 1
+            for k, r in ranks.items()) or (ranks and base not in PRETRAINED_BASES):
+        raise ValueError(f"{path}: export_ranks must map parameter-name patterns to ranks "
+                         f">= 1, with a pretrained base, got {ranks!r}")
     quick = recipe.get("quick_check") or {}
     keys = TASKS[recipe["task"]].quick_keys
     if set(quick) != keys:
@@ -321,7 +334,7 @@ def build(args) -> int:
 
     from . import data
     from .average import average_models
-    from .config import TrainConfig
+    from .config import TrainConfig, apply_overrides, load_config
     from .evaluation.retention_workers import write_json
     from .loop import run
     from .plots import read_metrics
@@ -340,6 +353,13 @@ def build(args) -> int:
     configs = {s["name"]: _config(s["config"]) for s in recipe["stages"] if "config" in s}
     if args.tiny:
         configs = {name: _tiny(cfg, task.tiny_seq_len) for name, cfg in configs.items()}
+    load_config(None, args.overrides)  # --set's fields and values, checked before any work
+    for cfg in configs.values():
+        apply_overrides(cfg, args.overrides)
+    recipe["export_ranks"] = recipe["export_ranks"] | dict(args.export_ranks)
+    if recipe["export_ranks"] and not pretrained:
+        raise ValueError("--export-rank: ranks apply to an export relative to a pretrained "
+                         "base; this recipe trains from scratch")
     running = stages_to_run(recipe, args.from_stage)
     names = [s["name"] for s in recipe["stages"]]
     first = names.index(running[0]["name"])
@@ -402,7 +422,8 @@ def build(args) -> int:
     # runs out of memory leaves the trained model written (what a lent machine
     # sends home); the card then gains the check's rows.
     base_model = load_model(base) if pretrained else None
-    export = export_model(model, out / "export", overwrite=True, base=base_model)
+    export = export_model(model, out / "export", overwrite=True, base=base_model,
+                          ranks=recipe["export_ranks"] if base_model is not None else None)
     if base_model is None:  # an adapter export takes its tokenizer from the base's file
         shutil.copy(corpus / "tokenizer.json", export / "tokenizer.json")
     card = {"name": "coda-jax default model", "architecture": json.loads(
@@ -437,6 +458,15 @@ def _stage_model(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _export_rank(text: str) -> tuple[str, int]:
+    from convert.model_export import parse_ranks
+
+    try:
+        return next(iter(parse_ranks([text]).items()))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line, checked (``SystemExit`` with a message when wrong)."""
     parser = argparse.ArgumentParser(prog="python -m train.default_model", description=__doc__,
@@ -464,6 +494,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--time-limit-s", type=float, metavar="SECONDS",
                         help="stop a stage at its first update after this many seconds, "
                              "with a checkpoint, and exit 4 (run again to go on)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="a config change for every trained stage "
+                        "(e.g. optim.trainable=attention_mlp); repeatable")
+    parser.add_argument("--export-rank", dest="export_ranks", action="append", default=[],
+                        type=_export_rank, metavar="PATTERN=RANK",
+                        help="export the differences of the parameters matching PATTERN "
+                             "(e.g. 'layers.mlp.*') at this rank (the recipe's export_ranks); "
+                             "repeatable")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized (tests)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -17,6 +17,8 @@
 #                                             # say "exit 0" (touch $work/study.done or
 #                                             # $work/default_model.done to skip one)
 #   STUDY_ARGS="--banks large" bash ... run     # options for train.study (one bank's study)
+#   DM_ARGS="--set optim.trainable=attention_mlp --export-rank layers.mlp.*=64" bash ... run
+#                                             # options for train.default_model
 #   DM_MEM_FRACTION=0.88 bash ... run          # the recipe alone (study.done): its share of
 #                                             # GPU memory (0.4 beside the study; the recipe's
 #                                             # phase 1 step has run out of memory at 0.4)
@@ -61,7 +63,7 @@ case "${1:-}" in
       XLA_PYTHON_CLIENT_MEM_FRACTION=${DM_MEM_FRACTION:-0.4} timeout $(( left + 60 )) python3 -m train.default_model \
           --recipe train/configs/default_model_smollm2.yaml --base "$work/smollm2" \
           --corpus "$work/corpus" --out "$work/default_model" --time-limit-s "$left" \
-          --checks "${DM_CHECKS:-bounded,unbounded,window_only}" --no-progress \
+          --checks "${DM_CHECKS:-bounded,unbounded,window_only}" --no-progress ${DM_ARGS:-} \
           >> "$work/default_model.log" 2>&1 &
       recipe=$!
     fi

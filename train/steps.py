@@ -78,7 +78,8 @@ def param_label(path: tuple[str, ...], trainable: str) -> str:
     in_attention = path[:2] == ("layers", "self_attn")
     if in_attention and any(name in path for name in GATE_NAMES):
         return "gates"
-    if in_attention or trainable == "all":
+    if in_attention or trainable == "all" or (trainable == "attention_mlp"
+                                              and path[:2] == ("layers", "mlp")):
         return "weights"
     return "frozen"
 

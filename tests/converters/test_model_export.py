@@ -74,3 +74,36 @@ def test_pack_and_unpack_commands_round_trip_and_refuse_what_is_not_theirs(tmp_p
     assert main(["unpack", str(tmp_path / "absent"), str(tmp_path / "x")]) == 2
     assert main(["pack", str(ckpt), str(tmp_path / "p2"), "--max-shard-mib", "0"]) == 1
     assert "--max-shard-mib" in capsys.readouterr().err
+
+
+def test_low_rank_differences_from_a_base_load_back_to_their_best_approximation(tmp_path):
+    base = CausalLM(CFG, attention="coda", rngs=nnx.Rngs(0))
+    model = CausalLM(CFG, attention="coda", rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    mlp = model.layers.mlp
+    kernel = np.asarray(mlp.up_proj.kernel[...])            # (layers, in, out)
+    rank_two = rng.normal(size=kernel.shape[:-1] + (2,)) @ rng.normal(
+        size=kernel.shape[:1] + (2, kernel.shape[-1]))
+    mlp.up_proj.kernel[...] = jnp.asarray(kernel + 0.01 * rank_two, jnp.float32)
+    full = rng.normal(size=mlp.down_proj.kernel[...].shape) * 0.01
+    mlp.down_proj.kernel[...] = mlp.down_proj.kernel[...] + jnp.asarray(full, jnp.float32)
+    ranks = {"layers.mlp.*": 2}
+    out = export_model(model, tmp_path / "e", base=base, dtype=jnp.float32, ranks=ranks)
+    storage = json.loads((out / "export.json").read_text())["base"]["storage"]
+    assert storage["layers.mlp.up_proj.kernel"] == "lowrank_delta"
+    assert storage["layers.mlp.gate_proj.kernel"] == "base"        # unchanged: not stored
+    back = load_export(out, base=base)
+    # a rank-2 difference comes back exactly (float32 factors), a full-rank one as its
+    # best rank-2 approximation, layer by layer
+    np.testing.assert_allclose(np.asarray(back.layers.mlp.up_proj.kernel[...]),
+                               np.asarray(mlp.up_proj.kernel[...]), atol=1e-5)
+    u, s, vt = np.linalg.svd(full, full_matrices=False)
+    best = (u[..., :2] * s[..., None, :2]) @ vt[..., :2, :]
+    np.testing.assert_allclose(np.asarray(back.layers.mlp.down_proj.kernel[...]),
+                               np.asarray(base.layers.mlp.down_proj.kernel[...]) + best,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="ranks apply to differences from a base"):
+        export_model(model, tmp_path / "f", ranks=ranks)
+    with pytest.raises(ValueError, match="positive integers"):
+        export_model(model, tmp_path / "f", base=base, ranks={"layers.mlp.*": 0})
+    assert not (tmp_path / "f").exists()

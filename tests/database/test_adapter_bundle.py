@@ -359,6 +359,32 @@ def test_a_bundle_ships_its_weights_under_another_bank_and_quotes_its_held_out_a
     assert not (tmp_path / "refused").exists()
 
 
+def test_a_bundle_stores_the_differences_asked_for_as_low_rank_factors(world, tmp_path):
+    """``--rank``: the export written again with the matching differences as their
+    best factors of that rank; the card records the ranks and these weights' fingerprint."""
+    ranks = {"layers.self_attn.q_proj.*": 1}
+    made = bundle.bundle(world["export"], tmp_path / "compact", base=world["pin"],
+                         ranks=ranks, log=lambda _: None)
+    storage = json.loads((made / "export.json").read_text())["base"]["storage"]
+    assert storage["layers.self_attn.q_proj.kernel"] == "lowrank_delta"
+    assert storage["layers.self_attn.k_proj.kernel"] == "int8_delta"
+    card, opened = bundled.read_card(made), open_model(made)
+    assert card["export_ranks"] == ranks and opened.model_sha256 == card["weights_sha256"]
+    full = open_model(world["bundle"]).model
+    assert opened.model_sha256 != weights_fingerprint([full])
+    base = load_gguf_model(world["gguf"], dtype=jnp.bfloat16, progress=False)
+    kernel = lambda m: np.asarray(m.layers.self_attn.q_proj.kernel[...], np.float32)  # noqa: E731
+    delta = kernel(full) - kernel(base)
+    u, sv, vt = np.linalg.svd(delta, full_matrices=False)
+    best = (u[..., :1] * sv[..., None, :1]) @ vt[..., :1, :]
+    np.testing.assert_allclose(kernel(opened.model) - kernel(base), best,
+                               atol=1e-2 * np.abs(best).max())
+    whole = export_model(base, tmp_path / "whole")  # not relative to a base
+    with pytest.raises(ValueError, match="--rank applies only to a base-relative export"):
+        bundle.bundle(whole, tmp_path / "x", ranks=ranks)
+    assert not (tmp_path / "x").exists()
+
+
 def test_the_adapter_format_fits_the_package_limit():
     assert bundle.MAX_ADAPTER_BUNDLE_BYTES == 30_000_000
     docs = sum(p.stat().st_size for p in (bundled.DEMO_DOCUMENTS, bundled.DEMO_DOCUMENTS_V2)

@@ -56,10 +56,16 @@ def base(corpus, tok, tmp_path_factory):
                       CausalLM(cfg, attention="gqa", rngs=nnx.Rngs(3)))
 
 
+# The run trains the MLPs too and exports one of them as low-rank factors, the rest
+# of the changes as int8 (the command line's --set and --export-rank).
+LOW_RANK = 4
+
+
 def _run_args(corpus: Path, base: Path, out: Path) -> list[str]:
     return ["--recipe", str(RECIPE), "--base", str(base), "--corpus", str(corpus), "--out",
             str(out), "--tiny", "--no-progress", "--workers", "1", "--checks",
-            "bounded,unbounded"]
+            "bounded,unbounded", "--set", "optim.trainable=attention_mlp",
+            "--export-rank", f"layers.mlp.up_proj.*={LOW_RANK}"]
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +146,10 @@ def test_the_stages_run_and_the_quick_check_asks_in_the_chat(run):
 def test_the_export_is_relative_to_the_base(run, base):
     export = run / "export"
     storage = json.loads((export / "export.json").read_text())["base"]["storage"]
-    assert storage["layers.mlp.up_proj.kernel"] == storage["embed_tokens.embedding"] == "base"
+    assert storage["embed_tokens.embedding"] == storage["norm.weight"] == "base"
     assert storage["layers.self_attn.q_proj.kernel"] == "int8_delta"
+    assert storage["layers.mlp.down_proj.kernel"] == "int8_delta"   # trained (--set)
+    assert storage["layers.mlp.up_proj.kernel"] == "lowrank_delta"  # --export-rank
     assert storage["layers.self_attn.theta"] == "whole"
     with pytest.raises(ValueError, match="pass the base"):
         load_export(export)
@@ -159,6 +167,12 @@ def test_the_export_is_relative_to_the_base(run, base):
         if storage[name] == "int8_delta":  # within half a step of its column
             step = np.abs(params[name] - before[name]).max(axis=-2, keepdims=True) / 127
             assert (np.abs(got - params[name]) <= step / 2 + 1e-6).all(), name
+        elif storage[name] == "lowrank_delta":  # the best approximation, in bf16 factors
+            u, s, vt = np.linalg.svd(params[name] - before[name], full_matrices=False)
+            best = (u[..., :LOW_RANK] * s[..., None, :LOW_RANK]) @ vt[..., :LOW_RANK, :]
+            scale = np.abs(best).max()
+            np.testing.assert_allclose(got - before[name], best, atol=2e-2 * scale, err_msg=name)
+            assert np.abs(got - params[name]).max() > 0  # a real truncation: rank 4 of 256
         elif storage[name] == "whole":  # stored in bf16
             np.testing.assert_allclose(got, params[name], rtol=1e-2, atol=1e-6, err_msg=name)
         else:
@@ -195,6 +209,14 @@ def test_a_pretrained_base_is_required_and_pinned(corpus, base, tmp_path):
         "source": {"sha256": "0" * 64}})
     with pytest.raises(ValueError, match="not the pinned smollm2"):
         default_model.build(default_model.parse_args(args + ["--base", str(other)]))
+    fresh = args[:-1] + [str(tmp_path / "fresh")]
+    with pytest.raises(ValueError, match="optim.trainable"):  # before any data is made
+        default_model.build(default_model.parse_args(fresh + [
+            "--base", str(base), "--set", "optim.trainable=everything"]))
+    assert not (tmp_path / "fresh" / "data").exists()
+    for bad in ("layers.mlp.*=0", "layers.mlp.*", "=4"):
+        with pytest.raises(SystemExit):
+            default_model.parse_args(args + ["--export-rank", bad])
 
 
 def test_a_failed_quick_check_keeps_the_trained_export(run, corpus, base, monkeypatch):

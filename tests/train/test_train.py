@@ -133,11 +133,17 @@ def test_frozen_weights_get_no_weight_gradient_matmuls(tmp_path):
         return jax.grad(loss)(params), jaxpr.count("dot_general")
 
     attention_grads, attention_dots = grads_and_dots("attention")
+    mlp_grads, mlp_dots = grads_and_dots("attention_mlp")
     _, all_dots = grads_and_dots("all")
-    assert attention_dots < all_dots
+    assert attention_dots < mlp_dots < all_dots
     for name in ("embed_tokens", "lm_head", "norm"):
-        assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(attention_grads[name]))
+        for grads in (attention_grads, mlp_grads):
+            assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads[name]))
     assert float(jnp.abs(attention_grads["layers"]["mlp"]["up_proj"]["kernel"][...]).max()) == 0
+    for proj in ("gate_proj", "up_proj", "down_proj"):  # attention_mlp: the MLPs train too
+        assert float(jnp.abs(mlp_grads["layers"]["mlp"][proj]["kernel"][...]).max()) > 0
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        assert float(jnp.abs(mlp_grads["layers"][norm]["weight"][...]).max()) == 0
 
 
 @pytest.mark.parametrize("tied", [False, True])
