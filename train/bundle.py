@@ -242,12 +242,17 @@ def bundle(export_dir: str | Path, out: str | Path = DEFAULT_OUT, *,
 
 def _stamp(card: dict[str, Any], bundle_info: dict[str, Any], fingerprint: str,
            tokenizer_sha256: str, measured: dict[str, Any] | None) -> dict[str, Any]:
-    """The bundle's card: the export's, its format, fingerprints and measured retention."""
+    """The bundle's card: the export's, its format, fingerprints and measured retention.
+    Results the card quotes of other weights (a bundle bundled again, say with
+    ``--rank``) are left out: a card quotes only what was measured on its weights."""
     if measured is not None and measured["weights_sha256"] != fingerprint:
         raise ValueError(f"the retention results {measured['results']} were measured on other "
                          f"weights ({measured['weights_sha256'][:12]}, this bundle's "
                          f"are {fingerprint[:12]}); nothing was written")
-    stamped = dict(card) | {"bundle": bundle_info | {
+    stamped = {key: value for key, value in card.items()
+               if not (isinstance(value, dict) and "weights_sha256" in value
+                       and value["weights_sha256"] != fingerprint)}
+    stamped |= {"bundle": bundle_info | {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, "weights_sha256": fingerprint,
         "tokenizer_sha256": tokenizer_sha256}
     if measured is not None:

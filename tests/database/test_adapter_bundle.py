@@ -370,6 +370,15 @@ def test_a_bundle_stores_the_differences_asked_for_as_low_rank_factors(world, tm
     assert storage["layers.self_attn.k_proj.kernel"] == "int8_delta"
     card, opened = bundled.read_card(made), open_model(made)
     assert card["export_ranks"] == ranks and opened.model_sha256 == card["weights_sha256"]
+    # Bundled again from this bundle: what its card quotes of these weights stays, what
+    # it quotes of other weights (the fingerprint changes with the ranks) is left out.
+    quoted = {"results": "x.json", "weights_sha256": card["weights_sha256"], "right": 1}
+    (made / "card.json").write_text(json.dumps(card | {"heldout": quoted}))
+    again = bundle.bundle(made, tmp_path / "again", base=world["pin"], log=lambda _: None)
+    assert bundled.read_card(again)["heldout"] == quoted
+    smaller = bundle.bundle(made, tmp_path / "smaller", base=world["pin"],
+                            ranks={"layers.self_attn.k_proj.*": 1}, log=lambda _: None)
+    assert "heldout" not in bundled.read_card(smaller)
     full = open_model(world["bundle"]).model
     assert opened.model_sha256 != weights_fingerprint([full])
     base = load_gguf_model(world["gguf"], dtype=jnp.bfloat16, progress=False)
