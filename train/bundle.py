@@ -373,7 +373,10 @@ def _bundle_adapters(export: Path, out: Path, meta: dict[str, Any], *,
         if bank:
             options = dict(card.get("attention", {}).get("options", {}))
             extra["attention"] = {"kind": "coda_bounded", "options": options | bank}
-            extra["bank_changed"] = {"trained_with": options, "changes": bank}
+            # A bundle banked again: the bank trained with stays the first one.
+            earlier = card.get("bank_changed", {"trained_with": options, "changes": {}})
+            extra["bank_changed"] = {"trained_with": earlier["trained_with"],
+                                     "changes": earlier["changes"] | bank}
         if quoted is not None:
             if quoted["weights_sha256"] != fingerprint:
                 raise ValueError(f"the held-out results {quoted['results']} were measured on "

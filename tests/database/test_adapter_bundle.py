@@ -346,6 +346,11 @@ def test_a_bundle_ships_its_weights_under_another_bank_and_quotes_its_held_out_a
     assert card["bank_changed"] == {"trained_with": {}, "changes": changes}  # CARD has none
     assert card["heldout"]["variant"] == "shipped"
     assert (card["heldout"]["right"], card["heldout"]["asked"]) == (3, 4)
+    # Banked again: the bank it was trained with stays the first one, the changes add up.
+    again = bundle.bundle(made, tmp_path / "again", base=world["pin"],
+                          bank={"max_key_distance": 64}, log=lambda _: None)
+    assert bundled.read_card(again)["bank_changed"] == {
+        "trained_with": {}, "changes": changes | {"max_key_distance": 64}}
     # Refused, nothing written: a bad bank, an unknown field, a malformed pair, results
     # of another bank.
     for bad, words in ((["sink_tokens=2"], "sink_tokens"), (["windw=3"], "not a bank field"),
