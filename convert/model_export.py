@@ -102,6 +102,18 @@ def low_rank_factors(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarr
     return u[..., :rank] * root[..., None, :], root[..., :, None] * vt[..., :rank, :]
 
 
+def check_ranks(ranks: Any) -> dict[str, int]:
+    """``ranks`` as a dict, after a ``ValueError`` unless it maps parameter-name
+    patterns (strings) to integers >= 1."""
+    bad = (not isinstance(ranks, Mapping)
+           or any(not isinstance(p, str) or isinstance(r, bool) or not isinstance(r, int) or r < 1
+                  for p, r in ranks.items()))
+    if bad:
+        raise ValueError(f"ranks must map parameter-name patterns to positive integers, "
+                         f"got {ranks!r}")
+    return dict(ranks)
+
+
 def parse_ranks(pairs: Sequence[str]) -> dict[str, int]:
     """``PATTERN=RANK`` pairs as ``ranks`` for :func:`export_model` (``ValueError``
     naming a malformed one)."""
@@ -153,13 +165,9 @@ def export_model(model: CausalLM, out_dir: str | os.PathLike, *, dtype=jnp.bfloa
 
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    ranks = dict(ranks or {})
+    ranks = check_ranks(ranks or {})
     if ranks and base is None:
         raise ValueError("ranks apply to differences from a base: pass base=")
-    bad = {p: r for p, r in ranks.items() if isinstance(r, bool) or not isinstance(r, int)
-           or r < 1}
-    if bad:
-        raise ValueError(f"ranks must be positive integers, got {bad}")
     base_params = _params(base) if base is not None else None
     pieces, storage = [], {}
     for name, var in _params(model).items():

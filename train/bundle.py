@@ -306,22 +306,15 @@ def _bundle_adapters(export: Path, out: Path, meta: dict[str, Any], *,
                      measured: dict[str, Any] | None, base: BasePin | None, limit: int,
                      bank: dict[str, Any], heldout: str | Path | None, name: str | None,
                      ranks: dict[str, int], log: Callable[[str], None]) -> Path:
-    """A base-relative export as an adapter bundle (``coda_db.adapter_bundle/1``)."""
-    import dataclasses
+    """A base-relative export as an adapter bundle (``coda_db.adapter_bundle/1``), with
+    the differences ``ranks`` names exported again as low-rank factors."""
     import tempfile
 
     import jax.numpy as jnp
 
-    from coda_jax import safe_paths
-    from coda_jax.model_io import describe_model
-    from convert.model_export import export_model
-
-    from .steps import with_bank
-    from coda_jax.checkpoint import weights_fingerprint
-    from coda_db.adapter_bundle import ASSEMBLED_DTYPE, SMOLLM2, apply_export
-    from coda_db.bundled import ADAPTER_BUNDLE_FORMAT, CARD_FILE, is_bundle
-    from coda_db.model_source import tokenizer_fingerprint
-    from convert.model_export import INDEX
+    from coda_db.adapter_bundle import SMOLLM2, apply_export
+    from coda_db.bundled import CARD_FILE
+    from convert.model_export import INDEX, export_model
 
     if meta.get("attention") != "coda_bounded":
         raise ValueError(f"the model at {export} has attention={meta.get('attention')!r}: the "
@@ -338,14 +331,43 @@ def _bundle_adapters(export: Path, out: Path, meta: dict[str, Any], *,
         raise ValueError(f"the model export at {export} is damaged: {missing[0]} is missing")
     pin, base_model, tok = _matching_base(base or SMOLLM2, meta["base"]["fingerprint"], export,
                                           log)
-    scratch = Path(tempfile.mkdtemp(prefix="coda-bundle-")) if ranks else None
-    if scratch is not None:  # the same weights exported again, the matching differences as factors
+    if not ranks:
+        return _write_adapter_bundle(export, out, meta, card, files, measured=measured,
+                                     pin=pin, base_model=base_model, tok=tok, limit=limit,
+                                     bank=bank, heldout=heldout, name=name, log=log)
+    scratch = Path(tempfile.mkdtemp(prefix="coda-bundle-"))
+    try:  # the same weights exported again, the matching differences as factors
         compact = scratch / "export"
         export_model(apply_export(export, base_model), compact, base=base_model, ranks=ranks,
                      dtype=jnp.dtype(meta["dtype"]))
-        export, meta = compact, json.loads((compact / INDEX).read_text())
-        files = [INDEX, *meta["sha256"]]
-        card = card | {"export_ranks": ranks}
+        meta = json.loads((compact / INDEX).read_text())
+        return _write_adapter_bundle(compact, out, meta, card | {"export_ranks": ranks},
+                                     [INDEX, *meta["sha256"]], measured=measured, pin=pin,
+                                     base_model=base_model, tok=tok, limit=limit, bank=bank,
+                                     heldout=heldout, name=name, log=log)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_adapter_bundle(export: Path, out: Path, meta: dict[str, Any], card: dict[str, Any],
+                          files: list[str], *, measured: dict[str, Any] | None, pin: Any,
+                          base_model: Any, tok: Any, limit: int, bank: dict[str, Any],
+                          heldout: str | Path | None, name: str | None,
+                          log: Callable[[str], None]) -> Path:
+    """The adapter bundle of the export at ``export`` (its ``files`` and ``card``), checked
+    against ``limit``, written atomically at ``out``."""
+    import dataclasses
+
+    from coda_jax import safe_paths
+    from coda_jax.checkpoint import weights_fingerprint
+    from coda_jax.model_io import describe_model
+    from coda_db.adapter_bundle import ASSEMBLED_DTYPE, apply_export
+    from coda_db.bundled import ADAPTER_BUNDLE_FORMAT, CARD_FILE, is_bundle
+    from coda_db.model_source import tokenizer_fingerprint
+    from convert.model_export import INDEX
+
+    from .steps import with_bank
+
     size = sum((export / f).stat().st_size for f in files) + len(json.dumps(card))
     if size > limit:
         raise ValueError(f"the export's files are {size:,} bytes, over the limit of {limit:,} "
@@ -389,12 +411,8 @@ def _bundle_adapters(export: Path, out: Path, meta: dict[str, Any], *,
         log(f"bundle: {total / 1e6:.1f} MB over {pin.file} ({pin.dtype}), weights "
             f"{fingerprint[:12]}")
 
-    try:
-        return safe_paths.write_atomically(out, write, overwrite=True, is_ours=is_bundle,
-                                           what="default-model bundle")
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+    return safe_paths.write_atomically(out, write, overwrite=True, is_ours=is_bundle,
+                                       what="default-model bundle")
 
 
 def _matching_base(pin: BasePin, fingerprint: str, export: Path, log: Callable[[str], None]

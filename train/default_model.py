@@ -110,6 +110,8 @@ def load_recipe(path: str | Path = RECIPE) -> dict[str, Any]:
     configuration), the quick check's cells (the task's ``quick_keys``) and, for a
     pretrained base, optional ``export_ranks``: glob patterns of parameter names and
     the rank their differences are exported at (``convert.model_export``)."""
+    from convert.model_export import check_ranks
+
     from .recipe_tasks import TASKS
 
     recipe = yaml.safe_load(Path(path).read_text())
@@ -152,12 +154,13 @@ def load_recipe(path: str | Path = RECIPE) -> dict[str, Any]:
             raise ValueError(f"{path}: stage {stage['name']}: plain_share must be a number in "
                              "[0, 1), above 0 exactly where its config sets "
                              f"data.plain_text_loss, got {share!r}")
-    ranks = recipe.setdefault("export_ranks", {})
-    if not isinstance(ranks, dict) or any(
-            not isinstance(k, str) or isinstance(r, bool) or not isinstance(r, int) or r < 1
-            for k, r in ranks.items()) or (ranks and base not in PRETRAINED_BASES):
-        raise ValueError(f"{path}: export_ranks must map parameter-name patterns to ranks "
-                         f">= 1, with a pretrained base, got {ranks!r}")
+    try:
+        recipe["export_ranks"] = check_ranks(recipe.get("export_ranks") or {})
+    except ValueError as err:
+        raise ValueError(f"{path}: export_ranks: {err}") from None
+    if recipe["export_ranks"] and base not in PRETRAINED_BASES:
+        raise ValueError(f"{path}: export_ranks apply to an export relative to a pretrained "
+                         f"base, not to {base!r}")
     quick = recipe.get("quick_check") or {}
     keys = TASKS[recipe["task"]].quick_keys
     if set(quick) != keys:
