@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from coda_jax.segments import default_chunks_per_call
+from coda_jax.segments import long_chunks_per_call
 from coda_jax.state import BankState, tree_bytes
 from .errors import NotFoundError, RefusedError
 from .model_source import OpenModel
@@ -132,9 +132,9 @@ def read_document(opened: OpenModel, text: str | None = None, *,
 def _read(opened: OpenModel, pieces: Iterator[str], name: str, size: int,
           progress: bool) -> DocumentState:
     model, block = opened.model, opened.settings.block_size
-    # The engine's call size: 4 blocks of 1024 on a GPU, one on a CPU (where a
-    # longer call only pads a short document).
-    chunks = default_chunks_per_call(block)
+    # The engine's long call (segments.long_chunks_per_call): the document streams
+    # through in whole long calls; what is left goes in the engine's short ones.
+    chunks = long_chunks_per_call(block)
     segment = block * chunks
     state = empty_state(opened)
     pending = np.zeros((0,), np.int32)
@@ -165,9 +165,9 @@ def _read(opened: OpenModel, pieces: Iterator[str], name: str, size: int,
                 # holds it.
                 size_block, rest_chunks = read_block(block, len(pending)), 1
             else:
-                # The rest in one padded segment: the same compiled call as every whole
-                # segment (padding changes nothing), not one more per remainder length.
-                size_block, rest_chunks = block, chunks
+                # The rest in the engine's short calls, the last padded (padding changes
+                # nothing): one more compiled call, not one per remainder length.
+                size_block, rest_chunks = block, None
             _, state = model.prefill(pending[None], state, block_size=size_block,
                                      last_only=True, chunks_per_call=rest_chunks)
             tokens += len(pending)

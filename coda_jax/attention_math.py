@@ -193,16 +193,17 @@ def visible_keys_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.A
         return heads_first_attention(q, k, v, mask, bias)
     keys = k.shape[2]
     seen = jnp.any(mask, axis=(0, 1))                                   # (Lk,)
-    order = jnp.argsort(jnp.where(seen, 0, 1).astype(jnp.int8), stable=True)
     sizes = list(range(KEY_CHUNK, keys, KEY_CHUNK)) + [keys]
 
     def attend_first(size):
         if size == keys:
             return lambda: heads_first_attention(q, k, v, mask, bias)
-        index = order[:size]
-        return lambda: heads_first_attention(
-            q, k[:, :, index], v[:, :, index], mask[..., index],
-            None if bias is None else bias[..., index])
+
+        def gathered():  # sorted only in a branch that gathers (a tile seeing all does not)
+            index = jnp.argsort(jnp.where(seen, 0, 1).astype(jnp.int8), stable=True)[:size]
+            return heads_first_attention(q, k[:, :, index], v[:, :, index], mask[..., index],
+                                         None if bias is None else bias[..., index])
+        return gathered
 
     which = jnp.minimum((jnp.sum(seen) + KEY_CHUNK - 1) // KEY_CHUNK, len(sizes)) - 1
     return jax.lax.switch(jnp.maximum(which, 0), [attend_first(size) for size in sizes])

@@ -202,14 +202,22 @@ class CoDAGQALandmark(AttentionCore):
         ``mask_unused_memory=False``."""
         return allowed if self.bank_cfg.mask_unused_memory else jnp.ones_like(allowed)
 
-    def segment_projections(self, x: jax.Array, state: BankState
-                             ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None,
-                                        jax.Array]:
+    @staticmethod
+    def segment_positions(pos: jax.Array, length: int) -> jax.Array:
+        """Positions (B, L) of a segment of ``length`` tokens read into a state at
+        ``pos`` (B,): a row's valid tokens sit at pos, pos + 1, ..."""
+        return pos[:, None] + jnp.arange(length, dtype=POSITION_DTYPE)[None, :]
+
+    def segment_projections(self, x: jax.Array, state: BankState,
+                            rope: tuple[jax.Array, jax.Array] | None = None
+                            ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None,
+                                       jax.Array]:
         """(q, k, v, lambda, write gate) of a whole segment at once (large matmuls,
-        fewer kernels per block); valid tokens of a row sit at pos, pos + 1, ..."""
-        positions = state.pos[:, None] + jnp.arange(x.shape[1], dtype=POSITION_DTYPE)[None, :]
-        q = self.project_q(x, positions)
-        k, v = self.project_kv(x, positions)
+        fewer kernels per block); ``rope``: the tables of its
+        :meth:`segment_positions` (:meth:`rope`), else computed here."""
+        positions = self.segment_positions(state.pos, x.shape[1])
+        q = self.project_q(x, positions, rope)
+        k, v = self.project_kv(x, positions, rope)
         lam, write_gate = self._gates(x)
         return q, k, v, lam, write_gate
 
@@ -220,13 +228,16 @@ class CoDAGQALandmark(AttentionCore):
 
     def prefill_segment(self, x: jax.Array, lengths: jax.Array, state: BankState, *,
                         block_size: int, training: bool, unroll: int | bool,
-                        last_only: bool = False) -> tuple[jax.Array, BankState]:
+                        last_only: bool = False,
+                        rope: tuple[jax.Array, jax.Array] | None = None
+                        ) -> tuple[jax.Array, BankState]:
         """One segment of whole blocks x (B, L, D), its first ``lengths`` (B,) tokens
         valid: -> (y (B, L, D), or (B, 1, D) at each row's last valid token with
-        ``last_only``; the state after it). Pure: what training differentiates."""
+        ``last_only``; the state after it). ``rope`` as for
+        :meth:`segment_projections`. Pure: what training differentiates."""
         batch, seg_len, _ = x.shape
         n_blocks = seg_len // block_size
-        q, k, v, lam, write_gate = self.segment_projections(x, state)
+        q, k, v, lam, write_gate = self.segment_projections(x, state, rope)
         # The bank writes never read attention outputs: write the whole
         # segment first, keeping the buffer each block saw; then every block's
         # attention is one batched call (one kernel launch, the full GPU).
@@ -314,8 +325,9 @@ class CoDAGQALandmark(AttentionCore):
         ``lengths`` (B,) marks rows shorter than L (their tail is padding: no
         output, no state change); host values are range-checked, device arrays
         are clipped to [0, L] rather than read back. The compiled unit is ``chunks_per_call``
-        blocks (default: ``segments.default_chunks_per_call``), so prompts of any
-        length reuse one compilation per block size; ``unroll`` blocks of a call
+        blocks (default: ``segments.segment_sizes``' long calls, then short ones for
+        the rest), so prompts of any length reuse one or two compilations per block
+        size; ``unroll`` blocks of a call
         run as straight-line code (default: ``runner.default_unroll()``).
         ``training=True`` freezes bank expansion, as the reference does in
         training mode. The input state is not modified. All blocks of a call

@@ -105,9 +105,11 @@ def rotate_pairs(x: jax.Array, cos: jax.Array, sin: jax.Array, *, interleaved: b
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, *,
-               interleaved: bool) -> jax.Array:
-    """RoPE for ``x`` (B, L, H, Dh) at integer ``positions`` (B, L) or (L,)."""
-    cos, sin = rope_tables(positions, inv_freq)
+               interleaved: bool, tables: tuple[jax.Array, jax.Array] | None = None
+               ) -> jax.Array:
+    """RoPE for ``x`` (B, L, H, Dh) at integer ``positions`` (B, L) or (L,);
+    ``tables``: their :func:`rope_tables`, when the caller has them already."""
+    cos, sin = rope_tables(positions, inv_freq) if tables is None else tables
     return rotate_pairs(x, cos[..., None, :], sin[..., None, :], interleaved=interleaved)
 
 

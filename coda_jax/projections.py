@@ -17,7 +17,8 @@ from flax import nnx
 
 from .attention_math import differential_attention, resolve_implementation
 from .config import AttentionConfig
-from .primitives import HeadwiseRMSNorm, apply_rope, givens_rotate, rope_inv_freq
+from .primitives import (HeadwiseRMSNorm, apply_rope, givens_rotate, rope_inv_freq,
+                         rope_tables)
 
 
 def linear(cfg_in: int, cfg_out: int, *, bias: bool, param_dtype, rngs: nnx.Rngs,
@@ -104,23 +105,35 @@ class AttentionCore(nnx.Module):
             raise ValueError(f"{what} has an empty batch (shape {tuple(x.shape)})")
         return x
 
-    def project_q(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """RoPE'd queries (B, L, H, Dh) for tokens at integer ``positions`` (B, L)."""
+    def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """RoPE's (cos, sin) tables at integer ``positions`` (B, L), each (B, L, Dh/2):
+        what :meth:`project_q` and :meth:`project_kv` take as ``rope``."""
+        return rope_tables(positions, self.inv_freq)
+
+    def project_q(self, x: jax.Array, positions: jax.Array,
+                  rope: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """RoPE'd queries (B, L, H, Dh) for tokens at integer ``positions`` (B, L)
+        (``rope``: their tables from :meth:`rope`, else computed here)."""
         b, length, _ = x.shape
         q = self.q_proj(x).reshape(b, length, self.attn_cfg.num_heads, self.attn_cfg.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        return apply_rope(q, positions, self.inv_freq, interleaved=self.attn_cfg.rope_interleaved)
+        return apply_rope(q, positions, self.inv_freq, interleaved=self.attn_cfg.rope_interleaved,
+                          tables=rope)
 
-    def project_kv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """RoPE'd keys and raw values, each (B, L, Hkv, Dh)."""
+    def project_kv(self, x: jax.Array, positions: jax.Array,
+                   rope: tuple[jax.Array, jax.Array] | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+        """RoPE'd keys and raw values, each (B, L, Hkv, Dh) (``rope`` as for
+        :meth:`project_q`)."""
         b, length, _ = x.shape
         shape = (b, length, self.attn_cfg.num_kv_heads, self.attn_cfg.head_dim)
         k = self.k_proj(x).reshape(shape)
         if self.k_norm is not None:
             k = self.k_norm(k)
         v = self.v_proj(x).reshape(shape)
-        k = apply_rope(k, positions, self.inv_freq, interleaved=self.attn_cfg.rope_interleaved)
+        k = apply_rope(k, positions, self.inv_freq, interleaved=self.attn_cfg.rope_interleaved,
+                       tables=rope)
         return k, v
 
     def cancellation_gate(self, x: jax.Array) -> jax.Array | None:

@@ -2,7 +2,9 @@
 
 Every prefill call runs one compiled program per segment of
 ``block_size * chunks_per_call`` tokens; the prompt is padded to whole
-segments, so prompts of any length share one compilation per block size.
+segments, so prompts of any length share one compilation per block size (two
+on a CPU by default: long calls for the bulk of a prompt, short ones for its
+rest).
 """
 
 from __future__ import annotations
@@ -45,11 +47,11 @@ def default_chunks_per_call(block_size: int, batch_size: int = 1) -> int:
 
     On a GPU each call costs host work (and, where the block loop stays
     rolled, a while loop's start): on an H100, 16 blocks of 256 per call
-    prefill 1.35-1.7x faster than 4 (benchmarks/results/NOTES.md). A CPU has
-    no such cost to spread (SmolLM2, 4096 tokens in blocks of 1024 on 2
-    cores: one block per call as fast as four), so a call is one block of
-    the usual sizes and a prompt is padded to whole blocks only, not to a
-    4096-token call. The cap bounds the padding a short prompt pays; sharing
+    prefill 1.35-1.7x faster than 4 (benchmarks/results/NOTES.md). On a CPU
+    this is the short call that reads what a prompt's long calls
+    (:func:`long_chunks_per_call`) leave, so a prompt is padded to whole short
+    calls only, not to a 4096-token call. The cap bounds the padding a short
+    prompt pays; sharing
     the budget over the rows bounds a call's memory (the attention scores
     grow with rows x blocks: 128 rows of a 4096-token call on the Mistral-7B
     shape asked for 104 GiB)."""
@@ -59,34 +61,66 @@ def default_chunks_per_call(block_size: int, batch_size: int = 1) -> int:
     return max(1, per_row // max(batch_size, 1))
 
 
-def split_segments(x: jax.Array, lengths: jax.Array | np.ndarray, *, block_size: int,
-                   chunks_per_call: int | None) -> list[tuple[jax.Array, jax.Array]]:
-    """Pad x (B, L, ...) to whole segments -> [(x_segment, valid lengths in it)].
+def long_chunks_per_call(block_size: int, batch_size: int = 1) -> int:
+    """Blocks per call for the whole long calls of a prompt when the caller does
+    not say: on a CPU 1,024 tokens' worth (at least 1 block, at most 16, shared
+    out over the rows, never fewer than :func:`default_chunks_per_call`); on a
+    GPU :func:`default_chunks_per_call`'s.
 
-    ``chunks_per_call=None`` takes :func:`default_chunks_per_call`. A prompt of
-    exactly one segment is passed through untouched: on a GPU every eager pad or
-    slice is a kernel launch paid on each call.
-    """
-    if chunks_per_call is None:
-        chunks_per_call = default_chunks_per_call(block_size, x.shape[0])
-    for value in (block_size, chunks_per_call):
+    Each CPU call copies every layer's weights out of the stacked arrays and
+    widens and narrows a bfloat16 state: the bundled model (blocks of 128) read
+    4,096 tokens in 10.5 s in calls of 256 tokens and in 8.3 s in calls of 1,024
+    (2 cores; 8.8 s in calls of 512, 8.6 s in one call of 4,096)."""
+    short = default_chunks_per_call(block_size, batch_size)
+    if jax.default_backend() == "gpu":
+        return short
+    per_row = min(16, max(1, 1024 // max(block_size, 1)))
+    return max(short, per_row // max(batch_size, 1))
+
+
+def segment_sizes(length: int, *, block_size: int, batch_size: int,
+                  chunks_per_call: int | None) -> list[int]:
+    """Tokens of each compiled call over a prompt of ``length`` tokens: calls of
+    ``block_size * chunks_per_call``; with ``chunks_per_call=None`` as many
+    calls of :func:`long_chunks_per_call` blocks as the prompt fills, then its
+    rest in calls of :func:`default_chunks_per_call` blocks (the last padded)."""
+    checked = (block_size,) if chunks_per_call is None else (block_size, chunks_per_call)
+    for value in checked:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise ValueError("block_size and chunks_per_call must be positive integers, got "
                              f"{block_size!r} and {chunks_per_call!r}")
+    if chunks_per_call is not None:
+        seg = block_size * chunks_per_call
+        return [seg] * -(-length // seg)
+    long = block_size * long_chunks_per_call(block_size, batch_size)
+    short = block_size * default_chunks_per_call(block_size, batch_size)
+    whole = length // long
+    return [long] * whole + [short] * -(-(length - whole * long) // short)
+
+
+def split_segments(x: jax.Array, lengths: jax.Array | np.ndarray, *, block_size: int,
+                   chunks_per_call: int | None) -> list[tuple[jax.Array, jax.Array]]:
+    """Pad x (B, L, ...) to whole segments (:func:`segment_sizes`) -> [(x_segment,
+    valid lengths in it)]. A prompt of exactly one segment is passed through
+    untouched: on a GPU every eager pad or slice is a kernel launch paid on each
+    call.
+    """
     length = x.shape[1]
-    seg = block_size * chunks_per_call
-    n_seg = -(-length // seg)
-    if n_seg * seg != length:
-        x = jnp.pad(x, [(0, 0), (0, n_seg * seg - length)] + [(0, 0)] * (x.ndim - 2))
+    sizes = segment_sizes(length, block_size=block_size, batch_size=x.shape[0],
+                          chunks_per_call=chunks_per_call)
+    starts = np.cumsum([0] + sizes).tolist()
+    if starts[-1] != length:
+        x = jnp.pad(x, [(0, 0), (0, starts[-1] - length)] + [(0, 0)] * (x.ndim - 2))
     if isinstance(lengths, np.ndarray):
-        def segment_lengths(i):
-            return _on_device(tuple(np.clip(lengths - i * seg, 0, seg).tolist()))
+        def segment_lengths(start, size):
+            return _on_device(tuple(np.clip(lengths - start, 0, size).tolist()))
     else:
-        def segment_lengths(i):
-            return jnp.clip(lengths - i * seg, 0, seg)
-    if n_seg == 1:
-        return [(x, segment_lengths(0))]
-    return [(x[:, i * seg:(i + 1) * seg], segment_lengths(i)) for i in range(n_seg)]
+        def segment_lengths(start, size):
+            return jnp.clip(lengths - start, 0, size)
+    if len(sizes) == 1:
+        return [(x, segment_lengths(0, sizes[0]))]
+    return [(x[:, start:start + size], segment_lengths(start, size))
+            for start, size in zip(starts, sizes)]
 
 
 @functools.lru_cache(maxsize=256)

@@ -14,6 +14,7 @@ from flax import nnx
 
 from coda_jax import CoDAGQA, CoDAGQALandmark, select_rows, concat_rows
 from coda_jax.runner import compile_counts
+from coda_jax.segments import segment_sizes
 from convert import from_reference, load_reference_weights, reference_state_dict
 from oracle import assert_close, reference_landmark, sorted_reference_topk, to_jnp
 
@@ -93,6 +94,28 @@ def test_bound_prefill_equals_prefill_compiles_once_and_keeps_its_weights():
                            np.asarray(before))
     with pytest.raises(ValueError, match="lengths"):
         bound(x, state, [21, 3])
+
+
+def test_long_calls_then_short_ones_read_as_one_block_per_call():
+    """By default a CPU reads a long prompt in calls of 1,024 tokens and the rest in
+    calls of 256 (one more compiled program, padding bounded by the short call); the
+    outputs and the state equal those of a prompt read one block per call."""
+    sizes = segment_sizes(1324, block_size=64, batch_size=1, chunks_per_call=None)
+    on_cpu = jax.default_backend() == "cpu"
+    assert sizes == ([1024, 256, 256] if on_cpu else [1024, 1024])
+    assert segment_sizes(1324, block_size=64, batch_size=1, chunks_per_call=3) == [192] * 7
+    assert segment_sizes(1324, block_size=1024, batch_size=1, chunks_per_call=None) == (
+        [1024, 1024] if on_cpu else [4096])
+    layer = _layer(window=16)
+    x = _x(3, 1, 1324)
+    state = layer.init_state(1, key=jax.random.key(0))
+    before = compile_counts()
+    y, got = layer.prefill(x, state, block_size=64)
+    assert _new_traces(before) == {"prefill:CoDAGQALandmark": 2 if on_cpu else 1}
+    y_blocks, want = layer.prefill(x, state, block_size=64, chunks_per_call=1)
+    assert_close(y, y_blocks, what="outputs")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert_close(a, b, what="state")
 
 
 def test_decode_loop_equals_repeated_steps():
