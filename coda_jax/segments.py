@@ -51,10 +51,9 @@ def default_chunks_per_call(block_size: int, batch_size: int = 1) -> int:
     this is the short call that reads what a prompt's long calls
     (:func:`long_chunks_per_call`) leave, so a prompt is padded to whole short
     calls only, not to a 4096-token call. The cap bounds the padding a short
-    prompt pays; sharing
-    the budget over the rows bounds a call's memory (the attention scores
-    grow with rows x blocks: 128 rows of a 4096-token call on the Mistral-7B
-    shape asked for 104 GiB)."""
+    prompt pays; sharing the budget over the rows bounds a call's memory (the
+    attention scores grow with rows x blocks: 128 rows of a 4096-token call on
+    the Mistral-7B shape asked for 104 GiB)."""
     gpu = jax.default_backend() == "gpu"
     tokens, least = (4096, 4) if gpu else (256, 1)
     per_row = min(16, max(least, tokens // max(block_size, 1)))
@@ -69,8 +68,9 @@ def long_chunks_per_call(block_size: int, batch_size: int = 1) -> int:
 
     Each CPU call copies every layer's weights out of the stacked arrays and
     widens and narrows a bfloat16 state: the bundled model (blocks of 128) read
-    4,096 tokens in 10.5 s in calls of 256 tokens and in 8.3 s in calls of 1,024
-    (2 cores; 8.8 s in calls of 512, 8.6 s in one call of 4,096)."""
+    4,096 tokens in 9.7-9.9 s in calls of 256 tokens and in 8.3 s in calls of
+    1,024 on 2 cores (8.8 s in calls of 512, 8.6 s in one call of 4,096;
+    docs/results.md, "Reading in long calls")."""
     short = default_chunks_per_call(block_size, batch_size)
     if jax.default_backend() == "gpu":
         return short
