@@ -28,7 +28,7 @@ and a layer per compiled call from the host, the token read back each step
     python benchmarks/bench_bounded_cpu.py --out benchmarks/results/smollm2/bounded_cpu.json \
         --plot benchmarks/results/smollm2/bounded_cpu.png
     python benchmarks/bench_bounded_cpu.py --banks "" --no-gqa --lengths 1024,4096 \
-        --recipe-bf16-state --out benchmarks/results/smollm2/state_dtype_cpu.json
+        --recipe-bf16-state --out state_dtype_cpu.json
 """
 
 from __future__ import annotations
