@@ -18,7 +18,7 @@ from . import bank_layout, bank_writes, runner
 from .config import (AttentionConfig, BankConfig, ExactEviction, HeadNormMode, LfBand, MemInit,
                      WritePolicy)
 from .primitives import apply_rope, materialise
-from .projections import AttentionCore, linear
+from .projections import AttentionCore, join_linears, joined_products, linear
 from .state import POSITION_DTYPE, BankState, tree_bytes
 
 
@@ -160,20 +160,26 @@ class CoDAGQALandmark(AttentionCore):
         return self.write_proj(x)[..., 0].astype(jnp.float32)
 
     def _write_gate(self, x: jax.Array) -> jax.Array:
+        return self._write_gate_of(self.write_proj(x))
+
+    def _write_gate_of(self, logits: jax.Array) -> jax.Array:
+        """The write gate (B, L) from ``write_proj``'s output (B, L, 1)."""
         if not self.bank_cfg.gated:
-            return jnp.ones(x.shape[:-1], jnp.float32)
-        return jax.nn.sigmoid(self.write_gate_logit(x))
+            return jnp.ones(logits.shape[:-1], jnp.float32)
+        return self.gate_of(logits[..., 0])
+
+    def input_linears(self) -> list[nnx.Linear]:
+        """q, k, v, the cancellation gate's projection, then the write gate's."""
+        return [*super().input_linears(), self.write_proj]
 
     def _gates(self, x: jax.Array) -> tuple[jax.Array | None, jax.Array]:
         """(lambda (B, L, H) or None, write gate (B, L)), float32. With both
         projections present, one matmul reads the prompt once instead of twice."""
         if self.lambda_proj is None or not self.bank_cfg.gated:
             return self.cancellation_gate(x), self._write_gate(x)
-        lam, write = self.lambda_proj, self.write_proj
-        kernel = jnp.concatenate([lam.kernel[...], write.kernel[...]], axis=1)
-        bias = jnp.concatenate([lam.bias[...], write.bias[...]])
-        logits = jax.nn.sigmoid((x @ kernel + bias).astype(jnp.float32))
-        return logits[..., :-1], logits[..., -1]
+        gates = [self.lambda_proj, self.write_proj]
+        lam, write = joined_products(x, gates, join_linears(gates))
+        return self.gate_of(lam), self.gate_of(write[..., 0])
 
     def _near_keys(self, keys: jax.Array, exact_pos: jax.Array | None, query_pos: jax.Array
                    ) -> jax.Array:
@@ -273,18 +279,21 @@ class CoDAGQALandmark(AttentionCore):
         return y, state
 
     def decode_step(self, x: jax.Array, state: BankState, *, training: bool = False,
-                    hold: jax.Array | None = None, storage_dtype=None
+                    hold: jax.Array | None = None, storage_dtype=None,
+                    joined: tuple[jax.Array, jax.Array] | None = None
                     ) -> tuple[jax.Array, BankState]:
         """One token per row x (B, 1, D) -> (y (B, 1, D), new state). Pure: what
         generation scans over. Rows ``hold`` (B,) bool keep their state as it was
         (their outputs are computed and meaningless). ``storage_dtype``: the state
-        is a widened one (:func:`~coda_jax.state.widen_buffers`) of that dtype."""
+        is a widened one (:func:`~coda_jax.state.widen_buffers`) of that dtype.
+        ``joined``: this layer's :meth:`joined_inputs` (one product for every
+        projection of x), else one product each."""
         def write(**token):
             written = bank_writes.write_one(self.layout, state, **token)
             return written, written
 
         return self._decode(x, state, write, training=training, hold=hold,
-                            storage_dtype=storage_dtype)
+                            storage_dtype=storage_dtype, joined=joined)
 
     def decode_step_in_stack(self, x: jax.Array, stack: BankState, index: jax.Array, *,
                              training: bool = False, hold: jax.Array | None = None,
@@ -300,21 +309,24 @@ class CoDAGQALandmark(AttentionCore):
         return self._decode(x, layer, write, training=training, hold=hold,
                             storage_dtype=storage_dtype)
 
-    def _decode(self, x, state, write, *, training, hold, storage_dtype):
+    def _decode(self, x, state, write, *, training, hold, storage_dtype, joined=None):
         """One token: project it at ``state``'s positions, ``write`` it (-> (what to
         return, this layer's state after the write)), attend over that state."""
         positions = state.pos[:, None]
+        q, k, v, *gates = self.input_products(x, joined)
+        lam = self.gate_of(gates[0]) if self.attn_cfg.differential else None
         # With one token the projections are vector-matrix products, which XLA
         # may rewrite as multiply-reduce and fuse into the buffer writes,
         # recomputing them per written element (measured 40x slower): compute them once.
-        q, k, v = materialise(self.project_q(x, positions), *self.project_kv(x, positions))
-        written, after = write(k=k[:, 0], v=v[:, 0], gate=self._write_gate(x)[:, 0],
+        q, k, v = materialise(self.rope_queries(q, positions),
+                              *self.rope_keys_values(k, v, positions))
+        written, after = write(k=k[:, 0], v=v[:, 0], gate=self._write_gate_of(gates[-1])[:, 0],
                                eta_logit=self.summary_eta_logit[...], training=training,
                                hold=hold, storage_dtype=storage_dtype)
         keys = self._near_keys(after.k_buf.astype(q.dtype), after.exact_pos, state.pos)
-        y = self.attend(x, q, keys, after.v_buf.astype(q.dtype),
-                        key_mask=self._visible(after.allowed), fused=False)
-        return y, written
+        heads = self.mix_heads(q, keys, after.v_buf.astype(q.dtype), lam,
+                               key_mask=self._visible(after.allowed), fused=False)
+        return self.merge_heads(heads, x.dtype), written
 
     # ------------------------------------------------------------ public API
     def prefill(self, x: jax.Array, state: BankState, *, block_size: int = 256,

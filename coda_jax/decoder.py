@@ -111,10 +111,10 @@ class DecoderLayer(nnx.Module):
         """The bounded attention's write-gate logits (B, L) for the layer input h."""
         return self.self_attn.write_gate_logit(self.input_layernorm(h))
 
-    def decode_step(self, h, state, *, training, hold=None, storage_dtype=None):
+    def decode_step(self, h, state, *, training, hold=None, storage_dtype=None, joined=None):
         out, state = self.self_attn.decode_step(self.input_layernorm(h), state,
                                                 training=training, hold=hold,
-                                                storage_dtype=storage_dtype)
+                                                storage_dtype=storage_dtype, joined=joined)
         return self.mlp_residual(h + out), state
 
     def decode_step_in_stack(self, h, stack, index, *, training, hold=None, storage_dtype=None):
@@ -374,14 +374,18 @@ class CausalLM(nnx.Module):
         return self.logits(h), state
 
     def decode_step_unstacked(self, token: jax.Array, layers: list, states: list,
-                              hold: jax.Array | None = None) -> tuple[jax.Array, list]:
+                              hold: jax.Array | None = None, joined: list | None = None
+                              ) -> tuple[jax.Array, list]:
         """:meth:`decode_step` of a bounded model over its layers and their states
         already sliced apart (:func:`unstack` of ``self.layers`` and of the state): no
-        slice is taken in the step, so a loop over steps reads each weight in place."""
+        slice is taken in the step, so a loop over steps reads each weight in place.
+        ``joined``: each layer's attention's ``joined_inputs()``, made before the loop
+        (each layer's input projections then one product)."""
         h = self.embed(token)
         new_states = []
-        for layer, st in zip(layers, states, strict=True):
-            h, st = layer.decode_step(h, st, training=False, hold=hold)
+        for i, (layer, st) in enumerate(zip(layers, states, strict=True)):
+            h, st = layer.decode_step(h, st, training=False, hold=hold,
+                                      joined=None if joined is None else joined[i])
             new_states.append(st)
         return self.logits(h), new_states
 

@@ -133,6 +133,8 @@ def _generate_jit(model, state, logits, key, temperature, top_p, *, max_new_toke
     if split_layers:
         layers = unstack(model.layers, model.cfg.num_layers)
         state = unstack(state, model.cfg.num_layers)
+        # Each layer's input projections joined once here, not in every step.
+        joined = [layer.self_attn.joined_inputs() for layer in layers]
     elif model.bounded:
         state, storage_dtype = widen_buffers(state)
     keys = jax.random.split(key, max_new_tokens)
@@ -151,7 +153,7 @@ def _generate_jit(model, state, logits, key, temperature, top_p, *, max_new_toke
         hold = done if keep_state else None
         if split_layers:
             new_logits, state = model.decode_step_unstacked(token[:, None], layers, state,
-                                                            hold=hold)
+                                                            hold=hold, joined=joined)
         else:
             new_logits, state = model.decode_step(token[:, None], state, training=False,
                                                   hold=hold, storage_dtype=storage_dtype)

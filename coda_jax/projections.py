@@ -13,6 +13,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .attention_math import differential_attention, resolve_implementation
@@ -32,6 +33,34 @@ def linear(cfg_in: int, cfg_out: int, *, bias: bool, param_dtype, rngs: nnx.Rngs
     return nnx.Linear(cfg_in, cfg_out, use_bias=bias, param_dtype=param_dtype,
                       kernel_init=kernel_init or uniform, bias_init=bias_init or uniform,
                       rngs=rngs)
+
+
+def join_linears(linears: list[nnx.Linear], *, align: int = 1
+                 ) -> tuple[jax.Array, jax.Array]:
+    """The kernels of ``linears`` (same input) side by side (D, N) and their biases
+    (N,) (zeros where one has none), N padded with zero columns to a multiple of
+    ``align``: what :func:`joined_products` takes."""
+    kernel = jnp.concatenate([lin.kernel[...] for lin in linears], axis=1)
+    bias = jnp.concatenate([jnp.zeros((lin.out_features,), kernel.dtype) if lin.bias is None
+                            else lin.bias[...].astype(kernel.dtype) for lin in linears])
+    pad = -kernel.shape[1] % align
+    return jnp.pad(kernel, ((0, 0), (0, pad))), jnp.pad(bias, (0, pad))
+
+
+def joined_products(x: jax.Array, linears: list[nnx.Linear],
+                    joined: tuple[jax.Array, jax.Array]) -> list[jax.Array]:
+    """Each of ``linears`` applied to x (..., D), from one product with their
+    :func:`join_linears` ``joined``."""
+    kernel, bias = joined
+    dtype = jnp.result_type(x, kernel)
+    y = x.astype(dtype) @ kernel.astype(dtype) + bias.astype(dtype)
+    ends = np.cumsum([lin.out_features for lin in linears])
+    return [y[..., end - lin.out_features:end] for lin, end in zip(linears, ends)]
+
+
+# Columns of joined input kernels come in multiples of this (aligned rows for the GPU's
+# matrix units; the zero columns are a few hundred KB a layer at the 7B shape).
+JOIN_ALIGN = 128
 
 
 class AttentionCore(nnx.Module):
@@ -114,8 +143,13 @@ class AttentionCore(nnx.Module):
                   rope: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         """RoPE'd queries (B, L, H, Dh) for tokens at integer ``positions`` (B, L)
         (``rope``: their tables from :meth:`rope`, else computed here)."""
-        b, length, _ = x.shape
-        q = self.q_proj(x).reshape(b, length, self.attn_cfg.num_heads, self.attn_cfg.head_dim)
+        return self.rope_queries(self.q_proj(x), positions, rope)
+
+    def rope_queries(self, q: jax.Array, positions: jax.Array,
+                     rope: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """:meth:`project_q` from ``q_proj``'s output (B, L, H * Dh)."""
+        b, length, _ = q.shape
+        q = q.reshape(b, length, self.attn_cfg.num_heads, self.attn_cfg.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
         return apply_rope(q, positions, self.inv_freq, interleaved=self.attn_cfg.rope_interleaved,
@@ -126,22 +160,55 @@ class AttentionCore(nnx.Module):
                    ) -> tuple[jax.Array, jax.Array]:
         """RoPE'd keys and raw values, each (B, L, Hkv, Dh) (``rope`` as for
         :meth:`project_q`)."""
-        b, length, _ = x.shape
+        return self.rope_keys_values(self.k_proj(x), self.v_proj(x), positions, rope)
+
+    def rope_keys_values(self, k: jax.Array, v: jax.Array, positions: jax.Array,
+                         rope: tuple[jax.Array, jax.Array] | None = None
+                         ) -> tuple[jax.Array, jax.Array]:
+        """:meth:`project_kv` from ``k_proj``'s and ``v_proj``'s outputs (B, L, Hkv * Dh)."""
+        b, length, _ = k.shape
         shape = (b, length, self.attn_cfg.num_kv_heads, self.attn_cfg.head_dim)
-        k = self.k_proj(x).reshape(shape)
+        k = k.reshape(shape)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        v = self.v_proj(x).reshape(shape)
         k = apply_rope(k, positions, self.inv_freq, interleaved=self.attn_cfg.rope_interleaved,
                        tables=rope)
-        return k, v
+        return k, v.reshape(shape)
+
+    def input_linears(self) -> list[nnx.Linear]:
+        """The projections of the layer's input, in the order :meth:`joined_inputs`
+        joins them: q, k, v, then the cancellation gate's (differential attention)."""
+        gate = [] if self.lambda_proj is None else [self.lambda_proj]
+        return [self.q_proj, self.k_proj, self.v_proj, *gate]
+
+    def joined_inputs(self) -> tuple[jax.Array, jax.Array]:
+        """:func:`join_linears` of :meth:`input_linears`, padded to ``JOIN_ALIGN``
+        columns. One product of a decode step's token with these reads each weight
+        once as a matrix product, where separate products at batch 1 are vector-matrix
+        products that XLA may run as slower multiply-reduce loops, one launch each.
+        Joining copies the weights: ``generate`` joins them once, before its token loop."""
+        return join_linears(self.input_linears(), align=JOIN_ALIGN)
+
+    def input_products(self, x: jax.Array,
+                       joined: tuple[jax.Array, jax.Array] | None = None) -> list[jax.Array]:
+        """Each :meth:`input_linears` projection of x (B, L, D): from one product with
+        ``joined`` (:meth:`joined_inputs`), else one product each."""
+        linears = self.input_linears()
+        if joined is None:
+            return [lin(x) for lin in linears]
+        return joined_products(x, linears, joined)
 
     def cancellation_gate(self, x: jax.Array) -> jax.Array | None:
         """lambda = sigmoid(lambda_proj(x)) per token and head (B, L, H), float32;
         None without differential attention."""
         if not self.attn_cfg.differential:
             return None
-        return jax.nn.sigmoid(self.lambda_proj(x).astype(jnp.float32))
+        return self.gate_of(self.lambda_proj(x))
+
+    @staticmethod
+    def gate_of(logits: jax.Array) -> jax.Array:
+        """A gate from its projection's output: sigmoid in float32."""
+        return jax.nn.sigmoid(logits.astype(jnp.float32))
 
     def mix_heads(self, q: jax.Array, k: jax.Array, v: jax.Array, lam: jax.Array | None, *,
                   mask: jax.Array | None = None, bias: jax.Array | None = None,
