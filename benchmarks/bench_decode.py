@@ -16,6 +16,8 @@ On a Mistral-7B-shaped bounded model with random bf16 weights (the bank of
   and the share of the bound (those bytes at the copy ceiling, over the step time);
 - with ``--stacked-baseline``, each step also timed with the layers sliced inside the
   token loop (``generate(split_layers=False)``, the default off a GPU);
+- with ``--apart-baseline``, each step also timed with each layer's input projections
+  apart, one product each (``generate(join_projections=False)``);
 - ``query_many`` (``Answerer.many``: prompt, decode, text) at each batch after the
   last document: new tokens per second and its share of the same bound.
 
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                         "each batch's steps compile twice, which a short call may not afford)")
     parser.add_argument("--stacked-baseline", action="store_true",
                         help="also time each step with generate(split_layers=False)")
+    parser.add_argument("--apart-baseline", action="store_true",
+                        help="also time each step with generate(join_projections=False)")
     args = parser.parse_args(argv)
     tiny = args.tiny
     batches = [int(b) for b in (args.batches or ("1,3" if tiny else "1,16,128,256")).split(",")]
@@ -154,12 +158,18 @@ def main(argv: list[str] | None = None) -> int:
                 entry["decode"][-1] |= {"stacked_step_seconds": stacked_s,
                                         "stacked_share_of_bound":
                                             need / ceiling["bytes_per_s"] / stacked_s}
+            if args.apart_baseline:
+                apart_s = decode_step_seconds(model, state, logits, short, long, args.repeats,
+                                              join_projections=False)
+                entry["decode"][-1] |= {"apart_step_seconds": apart_s,
+                                        "apart_share_of_bound":
+                                            need / ceiling["bytes_per_s"] / apart_s}
             del logits, state
             row = entry["decode"][-1]
-            stacked = (f"; stacked {row['stacked_step_seconds'] * 1e3:.2f} ms"
-                       if "stacked_step_seconds" in row else "")
+            baselines = "".join(f"; {name} {row[f'{name}_step_seconds'] * 1e3:.2f} ms"
+                                for name in ("stacked", "apart") if f"{name}_step_seconds" in row)
             print(f"{length} tokens, batch {batch}: {step_s * 1e3:.2f} ms/step, "
-                  f"{row['share_of_bound']:.0%} of the bound, layers split {split}{stacked}",
+                  f"{row['share_of_bound']:.0%} of the bound, layers split {split}{baselines}",
                   flush=True)
         results["documents"].append(entry)
         write_results(args.out, model, results, tiny=tiny, steps=[short, long],

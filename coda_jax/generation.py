@@ -48,7 +48,8 @@ PAD_ID = -1  # what stopped rows emit by default: never a token id
 def generate(model: CausalLM, state: State, logits: jax.Array, *, max_new_tokens: int,
              key: jax.Array | None = None, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, stop_tokens: tuple[int, ...] = (), pad_id: int = PAD_ID,
-             return_state: bool = True, split_layers: bool | None = None
+             return_state: bool = True, split_layers: bool | None = None,
+             join_projections: bool = True
              ) -> tuple[jax.Array, jax.Array, State | None]:
     """Continue from ``logits`` (B, V) (the last prompt token's, e.g. from
     ``model.prefill(..., last_only=True)``) and ``state`` (the model's, every row
@@ -68,7 +69,9 @@ def generate(model: CausalLM, state: State, logits: jax.Array, *, max_new_tokens
     slices the stacked layer weights and state apart once, before the token loop,
     instead of in every step: faster where each slice would be copied before its
     matmul (the GPU), at the cost of a second copy of the layer weights and of the
-    state while ``generate`` runs.
+    state while ``generate`` runs. With it, ``join_projections`` also joins each
+    layer's input projections (q, k, v and the gates) into one kernel before the
+    loop (``joined_inputs``): one product a step instead of one each.
     """
     vocab = model.cfg.vocab_size
     if not hasattr(logits, "ndim") or logits.ndim not in (2, 3) or logits.shape[-1] != vocab:
@@ -104,7 +107,7 @@ def generate(model: CausalLM, state: State, logits: jax.Array, *, max_new_tokens
         model, state, logits, key, jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
         max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, stop_tokens=stops,
         pad_id=pad_id, keep_state=bool(return_state),
-        split_layers=bool(split_layers) and model.bounded)
+        split_layers=bool(split_layers) and model.bounded, join=bool(join_projections))
 
 
 def split_fits(model: CausalLM, state: State, *, keep_state: bool = True) -> bool:
@@ -123,9 +126,9 @@ def split_fits(model: CausalLM, state: State, *, keep_state: bool = True) -> boo
 
 @functools.partial(jax.jit, static_argnames=("max_new_tokens", "greedy", "top_k",
                                              "stop_tokens", "pad_id", "keep_state",
-                                             "split_layers"))
+                                             "split_layers", "join"))
 def _generate_jit(model, state, logits, key, temperature, top_p, *, max_new_tokens, greedy,
-                  top_k, stop_tokens, pad_id, keep_state, split_layers):
+                  top_k, stop_tokens, pad_id, keep_state, split_layers, join):
     runner.count_trace("generate", model)
     batch = logits.shape[0]
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
@@ -134,7 +137,7 @@ def _generate_jit(model, state, logits, key, temperature, top_p, *, max_new_toke
         layers = unstack(model.layers, model.cfg.num_layers)
         state = unstack(state, model.cfg.num_layers)
         # Each layer's input projections joined once here, not in every step.
-        joined = [layer.self_attn.joined_inputs() for layer in layers]
+        joined = [layer.self_attn.joined_inputs() for layer in layers] if join else None
     elif model.bounded:
         state, storage_dtype = widen_buffers(state)
     keys = jax.random.split(key, max_new_tokens)

@@ -106,8 +106,10 @@ def test_layers_split_once_give_the_same_tokens_and_state(model, return_state):
     kwargs = dict(max_new_tokens=6, stop_tokens=(stop,), return_state=return_state)
     stacked = generate(model, state, logits, split_layers=False, **kwargs)
     split = generate(model, state, logits, split_layers=True, **kwargs)
-    np.testing.assert_array_equal(split[0], stacked[0])
-    np.testing.assert_array_equal(split[1], stacked[1])
+    apart = generate(model, state, logits, split_layers=True, join_projections=False, **kwargs)
+    for other in (split, apart):  # input projections joined (the default) and apart
+        np.testing.assert_array_equal(other[0], stacked[0])
+        np.testing.assert_array_equal(other[1], stacked[1])
     assert int(stacked[1][0]) <= 2 and int(stacked[1].max()) == 6  # a row stopped early
     if return_state:
         assert jax.tree.structure(split[2]) == jax.tree.structure(stacked[2])
