@@ -35,6 +35,11 @@ def linear(cfg_in: int, cfg_out: int, *, bias: bool, param_dtype, rngs: nnx.Rngs
                       rngs=rngs)
 
 
+# Columns of joined input kernels come in multiples of this (aligned rows for the GPU's
+# matrix units; the zero columns are under 1 MB a layer at the 7B shape).
+JOIN_ALIGN = 128
+
+
 def join_linears(linears: list[nnx.Linear], *, align: int = 1
                  ) -> tuple[jax.Array, jax.Array]:
     """The kernels of ``linears`` (same input) side by side (D, N) and their biases
@@ -56,11 +61,6 @@ def joined_products(x: jax.Array, linears: list[nnx.Linear],
     y = x.astype(dtype) @ kernel.astype(dtype) + bias.astype(dtype)
     ends = np.cumsum([lin.out_features for lin in linears])
     return [y[..., end - lin.out_features:end] for lin, end in zip(linears, ends)]
-
-
-# Columns of joined input kernels come in multiples of this (aligned rows for the GPU's
-# matrix units; the zero columns are a few hundred KB a layer at the 7B shape).
-JOIN_ALIGN = 128
 
 
 class AttentionCore(nnx.Module):
