@@ -277,6 +277,13 @@ def test_merged_parts_add_their_counts_and_must_share_a_model(results, tmp_path)
                                    for s in results["summaries"]]
     assert merged["unbounded"]["skipped"] == results["unbounded"]["skipped"]
     assert "| state per document |" in retention_plot.markdown_table(merged)
+    # A merged file takes more documents as a part of a new merge, as its parts would.
+    third = results | {"config": results["config"] | {"seed": 3}}
+    again = retention_merge.merge([merged, third])
+    at_once = retention_merge.merge([results, json.loads(b.read_text()), third])
+    assert again["rows"] == at_once["rows"] and again["summaries"] == at_once["summaries"]
+    assert again["config"] == at_once["config"] and again["config"]["seeds"] == [1, 2, 3]
+    assert again["parts"] == at_once["parts"] and len(again["parts"]) == 3
     other = results | {"model": results["model"] | {"weights_sha256": "0" * 64}}
     with pytest.raises(retention_merge.MergeError, match="model weights"):
         retention_merge.merge([results, other])

@@ -5,7 +5,8 @@
 
 A study too long for one call runs as several, split by ``--lengths`` (the
 64K documents cost most), ``--facts`` or ``--caches``, or as more documents
-per cell under other ``--seed`` values; the merge adds the counts of each
+per cell under other ``--seed`` values (a file merged before is a part too: its
+own parts are kept); the merge adds the counts of each
 (cache, length, facts, depth) cell, recomputes the summaries and goals, and
 keeps every part's configuration, timings and workers under ``parts``. The
 parts must come from the same model (weights fingerprint), device kind and
@@ -57,6 +58,17 @@ def _open_failures(parts: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any
     return failures
 
 
+def _part_records(part: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the merged file keeps of ``part`` under ``parts``: its own record, or, for
+    a file merged before, the records it already holds (so a merged study takes more
+    documents by merging it again with a new part)."""
+    if "parts" in part["config"]:
+        return part["parts"]
+    return [{"config": part["config"], "device": part["device"], "versions": part["versions"],
+             "timings": part["timings"], "workers": part.get("workers", {}),
+             "unbounded": part.get("unbounded", {}), "failures": part.get("failures", {})}]
+
+
 def merge(parts: Sequence[dict[str, Any]], *, mixed_devices: bool = False) -> dict[str, Any]:
     """One results dict from the ``parts`` (``MergeError`` when they disagree;
     their device kinds may differ with ``mixed_devices``)."""
@@ -83,7 +95,8 @@ def merge(parts: Sequence[dict[str, Any]], *, mixed_devices: bool = False) -> di
              "correct": c, "total": t, "accuracy": c / t}
             for (cache, length, facts, depth), (c, t) in sorted(
                 cells.items(), key=lambda kv: (CACHES.index(kv[0][0]), *kv[0][1:]))]
-    configs = [p["config"] for p in parts]
+    records = [record for p in parts for record in _part_records(p)]
+    configs = [record["config"] for record in records]
     lengths = sorted({n for c in configs for n in c["lengths"]})
     per_cell = [r["total"] // r["facts"] for r in rows]
     config = {"lengths": lengths,
@@ -116,8 +129,8 @@ def merge(parts: Sequence[dict[str, Any]], *, mixed_devices: bool = False) -> di
         "skipped": [dict(k) for k in dict.fromkeys(
             tuple(sorted(s.items())) for p in parts
             for s in p.get("unbounded", {}).get("skipped", []) if str(s["length"]) not in ran)],
-        "cached_path_checks": [p["unbounded"]["cached_path_check"] for p in parts
-                               if "cached_path_check" in p.get("unbounded", {})]}
+        "cached_path_checks": [r["unbounded"]["cached_path_check"] for r in records
+                               if "cached_path_check" in r["unbounded"]]}
     first = parts[0]
     device = first["device"] if len(kinds) == 1 else {"kind": " + ".join(kinds),
                                                       "parts": [p["device"] for p in parts]}
@@ -130,10 +143,7 @@ def merge(parts: Sequence[dict[str, Any]], *, mixed_devices: bool = False) -> di
                 for (cache, length), (s, t) in sorted(same.items(), key=lambda kv: (
                     CACHES.index(kv[0][0]), kv[0][1]))],
             "state_bytes": state, "unbounded": unbounded,
-            "parts": [{"config": p["config"], "device": p["device"], "versions": p["versions"],
-                       "timings": p["timings"], "workers": p.get("workers", {}),
-                       "unbounded": p.get("unbounded", {}),
-                       "failures": p.get("failures", {})} for p in parts],
+            "parts": records,
             "failures": _open_failures(parts, rows),
             "timings": {"total_s": sum(p["timings"]["total_s"] for p in parts)},
             "samples": [s for p in parts for s in p.get("samples", [])]}
