@@ -198,6 +198,40 @@ def test_scoring_counts_exact_matches_and_the_goals():
     assert [(a["length"], a["same"], a["total"]) for a in same] == [(1024, 1, 3), (4096, 2, 2)]
 
 
+def test_the_chat_tasks_goals_are_its_issues():
+    """Issue #29's goals for chat documents: one fact only up to 16K, all questions at
+    90% up to 16K and 80% beyond, within 3 points of unbounded, above the base, 10 MB."""
+    def summary(cache: str, length: int, facts: int | None, accuracy: float) -> dict:
+        return {"cache": cache, "length": length, "facts": facts, "accuracy": accuracy}
+
+    rows = [summary("bounded", 16384, 1, 1.0), summary("bounded", 16384, None, 0.92),
+            summary("bounded", 32768, 1, 0.5), summary("bounded", 32768, None, 0.81),
+            summary("unbounded", 16384, None, 0.94), summary("base", 16384, None, 0.30),
+            summary("base", 32768, None, 0.0)]
+    small = {"bounded": {"model_cache_bytes": 9_000_000}}
+    goals = retention_scoring.goals(rows, [16384, 32768], task="chat", state_bytes=small)
+    assert goals["one_fact_bounded"] == {"16384": 1.0} and goals["one_fact_met"]
+    assert goals["all_questions_goal"] == {"16384": 0.90, "32768": 0.80}
+    assert goals["all_questions_met"] and goals["above_base_met"] and goals["state_met"]
+    assert goals["unbounded_minus_bounded_points"]["16384"] == pytest.approx(2.0)
+    assert goals["gap_goal_points"] == 3.0 and goals["gap_met"]
+    assert goals["bounded_minus_base_points"] == pytest.approx({"16384": 62.0, "32768": 81.0})
+    line = retention_scoring.goals_line(goals)
+    assert "all questions 90% at 16384, 80% at 32768: met" in line and "<= 10 MB: met" in line
+    # Each goal fails on its own: 80% at 32K, the base ahead, a larger state.
+    worse = [r | {"accuracy": 0.79} if (r["cache"], r["length"], r["facts"]) == (
+        "bounded", 32768, None) else r for r in rows] + [summary("base", 1024, None, 0.5),
+                                                         summary("bounded", 1024, None, 0.4)]
+    goals = retention_scoring.goals(worse, [1024, 16384, 32768], task="chat",
+                                    state_bytes={"bounded": {"model_cache_bytes": 10_000_001}})
+    assert not goals["all_questions_met"] and not goals["above_base_met"]
+    assert not goals["state_met"] and not goals["one_fact_met"]  # no one-fact cell at 1K
+    # The facts task keeps issue #19's: 5 points, one fact at every length.
+    facts = retention_scoring.goals(rows, [16384, 32768])
+    assert facts["gap_goal_points"] == 5.0 and not facts["one_fact_met"]
+    assert "all_questions_met" not in facts
+
+
 def test_the_full_cache_calls_default_to_what_the_devices_memory_holds(inputs):
     """Without --unbounded-batch-tokens a call's K/V fits an eighth of the memory
     (the default 2M tokens of SmolLM2's float32 K/V is 96 GB), capped at 2M tokens."""
@@ -284,6 +318,10 @@ def test_merged_parts_add_their_counts_and_must_share_a_model(results, tmp_path)
     assert again["rows"] == at_once["rows"] and again["summaries"] == at_once["summaries"]
     assert again["config"] == at_once["config"] and again["config"]["seeds"] == [1, 2, 3]
     assert again["parts"] == at_once["parts"] and len(again["parts"]) == 3
+    assert again["config"]["task"] == results["config"]["task"]
+    chat = results | {"config": results["config"] | {"task": "chat"}}
+    with pytest.raises(retention_merge.MergeError, match="differ in task"):
+        retention_merge.merge([results, chat])
     other = results | {"model": results["model"] | {"weights_sha256": "0" * 64}}
     with pytest.raises(retention_merge.MergeError, match="model weights"):
         retention_merge.merge([results, other])

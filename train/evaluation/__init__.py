@@ -44,7 +44,7 @@ _EXPORTS = {
                        "question_rows"),
     "retention_scoring": ("GOAL_ONE_FACT", "GOAL_GAP_POINTS", "EXACT_RULE", "is_correct",
                           "scoring_rule", "cell_rows",
-                          "summaries", "goals", "agreement", "sample_answers"),
+                          "summaries", "goals", "goals_line", "agreement", "sample_answers"),
     "retention_product": ("IngestReport", "document_label", "model_state_bytes",
                           "ingest_library", "WINDOW_ONLY_BANK", "NO_BANKS",
                           "same_weights_twin", "window_only_twin", "window_only_model"),

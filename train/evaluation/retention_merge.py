@@ -98,8 +98,11 @@ def merge(parts: Sequence[dict[str, Any]], *, mixed_devices: bool = False) -> di
     records = [record for p in parts for record in _part_records(p)]
     configs = [record["config"] for record in records]
     lengths = sorted({n for c in configs for n in c["lengths"]})
+    tasks = {c.get("task", "facts") for c in configs}  # files before the chat task: facts
+    if len(tasks) > 1:
+        raise MergeError(f"the parts differ in task: {', '.join(sorted(tasks))}")
     per_cell = [r["total"] // r["facts"] for r in rows]
-    config = {"lengths": lengths,
+    config = {"task": tasks.pop(), "lengths": lengths,
               "depths": sorted({d for c in configs for d in c["depths"]}),
               "facts": sorted({f for c in configs for f in c["facts"]}),
               "caches": [c for c in CACHES if any(c in cfg["caches"] for cfg in configs)],
@@ -137,7 +140,8 @@ def merge(parts: Sequence[dict[str, Any]], *, mixed_devices: bool = False) -> di
     return {"format": FORMAT, "device": device, "versions": first["versions"],
             "model": first["model"], "corpus": first["corpus"],
             "scoring": first.get("scoring", scoring.EXACT_RULE), "config": config,
-            "rows": rows, "summaries": summary, "goals": scoring.goals(summary, lengths),
+            "rows": rows, "summaries": summary,
+            "goals": scoring.goals(summary, lengths, task=config["task"], state_bytes=state),
             "agreement_with_unbounded": [
                 {"cache": cache, "length": length, "same": s, "total": t, "fraction": s / t}
                 for (cache, length), (s, t) in sorted(same.items(), key=lambda kv: (
@@ -171,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(Path(args.out), merged)
         print(f"wrote {args.out} ({len(args.parts)} parts)")
         print(markdown_table(merged))
+        print(scoring.goals_line(merged["goals"]))
         return 0
 
     return run_reporting_errors(run)

@@ -34,8 +34,8 @@ An answer is correct when it equals the expected value after stripping
 whitespace. The results JSON holds the device and versions, the model and
 its weights fingerprint, the configuration, one row per (cache, length,
 facts, depth) cell with its counts, per-length summaries, the goals of the
-issue (>= 95% with one fact at every length; bounded within 5 points of
-unbounded), how often each bounded cache gave the unbounded one's very
+task's issue (``retention_scoring.goals``: for ``facts`` >= 95% with one fact at every
+length and bounded within 5 points of unbounded; ``chat`` adds issue #29's), how often each bounded cache gave the unbounded one's very
 answer, the state size of each cache, timings per phase and sample answers.
 The workers overlap with this process's ingest (and each other) unless
 ``--serial``. A study too long for one run runs in parts (``--lengths``,
@@ -304,7 +304,8 @@ def assemble(args: argparse.Namespace, opened: Any, corpus_tok: str,
                        "tokenizer_sha256": corpus_tok,
                        "same_tokenizer_as_model": corpus_tok == opened.tokenizer_sha256},
             "scoring": scoring.scoring_rule(rows),
-            "config": {"task": args.task, "lengths": args.lengths, "depths": args.depths, "facts": args.facts,
+            "config": {"task": args.task, "lengths": args.lengths, "depths": args.depths,
+                       "facts": args.facts,
                        "count": args.count, "seed": args.seed, "caches": caches,
                        "requested_caches": args.caches,
                        "unbounded_max_length": args.unbounded_max_length,
@@ -317,7 +318,7 @@ def assemble(args: argparse.Namespace, opened: Any, corpus_tok: str,
                        "banks": {c: reports[c]["bank"] for c in PRODUCT_CACHES
                                  if c in reports}},
             "rows": cells, "summaries": summary,
-            "goals": scoring.goals(summary, args.lengths),
+            "goals": scoring.goals(summary, args.lengths, task=args.task, state_bytes=state),
             "agreement_with_unbounded": scoring.agreement(rows, answers, PRODUCT_CACHES),
             "state_bytes": state,
             **{cache: {k: v for k, v in reports.get(cache, {}).items()
@@ -336,11 +337,7 @@ def print_summary(results: dict[str, Any]) -> None:
     from .retention_plot import markdown_table
 
     print(markdown_table(results))
-    g = results["goals"]
-    print(f"goal >= {100 * g['one_fact_goal']:.0f}% with one fact at every length (bounded): "
-          f"{'met' if g['one_fact_met'] else 'not met'}; goal bounded within "
-          f"{g['gap_goal_points']:.0f} points of unbounded: "
-          f"{'met' if g['gap_met'] else 'not met'}")
+    print(scoring.goals_line(results["goals"]))
     t = results["timings"]
     print("timings: " + ", ".join(
         f"{k} {v:.1f} s" if isinstance(v, float) else
