@@ -226,6 +226,12 @@ def test_the_chat_tasks_goals_are_its_issues():
                                     state_bytes={"bounded": {"model_cache_bytes": 10_000_001}})
     assert not goals["all_questions_met"] and not goals["above_base_met"]
     assert not goals["state_met"] and not goals["one_fact_met"]  # no one-fact cell at 1K
+    # A goal whose other arm did not run is not measured, not missed.
+    alone = retention_scoring.goals([r for r in rows if r["cache"] == "bounded"],
+                                    [16384, 32768], task="chat")
+    line = retention_scoring.goals_line(alone)
+    assert "unbounded: not measured" in line and "above the base: not measured" in line
+    assert "<= 10 MB: not measured" in line and "80% at 32768: met" in line
     # The facts task keeps issue #19's: 5 points, one fact at every length.
     facts = retention_scoring.goals(rows, [16384, 32768])
     assert facts["gap_goal_points"] == 5.0 and not facts["one_fact_met"]

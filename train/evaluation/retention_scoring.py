@@ -122,17 +122,24 @@ def goals(summary: Sequence[dict[str, Any]], lengths: Sequence[int], *,
 
 def goals_line(g: Mapping[str, Any]) -> str:
     """The goals of :func:`goals` in one line, each met or not."""
-    def said(key: str) -> str:
+    def said(key: str, measured: str) -> str:
+        if not g[measured] or all(v is None for v in g[measured].values()):
+            return "not measured"  # an arm it compares with did not run
         return "met" if g[key] else "not met"
 
     line = (f"goal >= {100 * g['one_fact_goal']:.0f}% with one fact at "
-            f"{', '.join(g['one_fact_bounded'])} tokens (bounded): {said('one_fact_met')}; "
-            f"bounded within {g['gap_goal_points']:.0f} points of unbounded: {said('gap_met')}")
+            f"{', '.join(g['one_fact_bounded'])} tokens (bounded): "
+            f"{said('one_fact_met', 'one_fact_bounded')}; bounded within "
+            f"{g['gap_goal_points']:.0f} points of unbounded: "
+            f"{said('gap_met', 'unbounded_minus_bounded_points')}")
     if "all_questions_met" in g:  # the chat task's goals
         every = ", ".join(f"{100 * v:.0f}% at {n}" for n, v in g["all_questions_goal"].items())
-        line += (f"; all questions {every}: {said('all_questions_met')}; above the base: "
-                 f"{said('above_base_met')}; state <= {g['state_bytes_goal'] / 1e6:.0f} MB: "
-                 f"{said('state_met')}")
+        size = "not measured" if g["state_bytes_bounded"] is None else (
+            "met" if g["state_met"] else "not met")
+        line += (f"; all questions {every}: "
+                 f"{said('all_questions_met', 'all_questions_bounded')}; above the base: "
+                 f"{said('above_base_met', 'bounded_minus_base_points')}; "
+                 f"state <= {g['state_bytes_goal'] / 1e6:.0f} MB: {size}")
     return line
 
 
