@@ -299,10 +299,17 @@ def test_chat_documents_are_pasted_text_with_free_form_questions(inputs, tmp_pat
                        task="chat")
 
 
+def reseeded(results: dict, seed: int, **changes) -> dict:
+    """``results`` as if run with another seed: other documents (fingerprints)."""
+    docs = [d | {"seed": seed, "sha256": f"seed {seed}: {d['sha256']}"}
+            for d in results["documents"]]
+    return results | {"config": results["config"] | {"seed": seed}, "documents": docs} | changes
+
+
 def test_merged_parts_add_their_counts_and_must_share_a_model(results, tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(results))
-    b.write_text(json.dumps(results | {"config": results["config"] | {"seed": 2}}))
+    b.write_text(json.dumps(reseeded(results, 2)))
     out = tmp_path / "merged.json"
     with contextlib.redirect_stdout(io.StringIO()):
         assert retention_merge.main([str(a), str(b), "--out", str(out)]) == 0
@@ -318,7 +325,7 @@ def test_merged_parts_add_their_counts_and_must_share_a_model(results, tmp_path)
     assert merged["unbounded"]["skipped"] == results["unbounded"]["skipped"]
     assert "| state per document |" in retention_plot.markdown_table(merged)
     # A merged file takes more documents as a part of a new merge, as its parts would.
-    third = results | {"config": results["config"] | {"seed": 3}}
+    third = reseeded(results, 3)
     again = retention_merge.merge([merged, third])
     at_once = retention_merge.merge([results, json.loads(b.read_text()), third])
     assert again["rows"] == at_once["rows"] and again["summaries"] == at_once["summaries"]
@@ -328,11 +335,11 @@ def test_merged_parts_add_their_counts_and_must_share_a_model(results, tmp_path)
     chat = results | {"config": results["config"] | {"task": "chat"}}
     with pytest.raises(retention_merge.MergeError, match="differ in task"):
         retention_merge.merge([results, chat])
-    other = results | {"model": results["model"] | {"weights_sha256": "0" * 64}}
+    other = reseeded(results, 4, model=results["model"] | {"weights_sha256": "0" * 64})
     with pytest.raises(retention_merge.MergeError, match="model weights"):
         retention_merge.merge([results, other])
     # Parts of other device kinds merge only when asked, each keeping its device.
-    gpu = results | {"device": results["device"] | {"kind": "NVIDIA H200"}}
+    gpu = reseeded(results, 5, device=results["device"] | {"kind": "NVIDIA H200"})
     with pytest.raises(retention_merge.MergeError, match="device"):
         retention_merge.merge([results, gpu])
     mixed = retention_merge.merge([results, gpu], mixed_devices=True)
@@ -340,13 +347,35 @@ def test_merged_parts_add_their_counts_and_must_share_a_model(results, tmp_path)
     assert [p["device"]["kind"] for p in mixed["parts"]] == [results["device"]["kind"],
                                                              "NVIDIA H200"]
     # A cache that failed in one part and was measured in another is not failed.
-    failed = results | {"rows": [r for r in results["rows"] if r["cache"] != "bounded"],
-                        "failures": {"bounded": "the bounded query worker failed"}}
+    failed = reseeded(results, 6, rows=[r for r in results["rows"] if r["cache"] != "bounded"],
+                      failures={"bounded": "the bounded query worker failed"})
+    failed["documents"] = [d | {"caches": [c for c in d["caches"] if c != "bounded"]}
+                           for d in failed["documents"]]
     assert retention_merge.merge([failed, results])["failures"] == {}
     assert retention_merge.merge([failed])["failures"] == {
         "bounded": "the bounded query worker failed (lengths "
                    f"{', '.join(map(str, LENGTHS))})"}
     assert len(retention_merge.merge([failed, results])["parts"][0]["failures"]) == 1
+
+
+def test_a_merge_takes_other_arms_on_the_same_documents_but_never_a_document_twice(results):
+    docs = results["documents"]
+    assert len(docs) == results["config"]["documents"] and len({d["sha256"] for d in docs}) == \
+        len(docs)
+    caches = set(results["config"]["caches"])  # the full caches run up to 200 tokens
+    assert all(set(d["caches"]) == (caches if d["length"] <= 200 else
+                                    caches - {"unbounded", "base"}) for d in docs)
+    arm = caches - {"bounded"}
+
+    def only(caches: set[str]) -> dict:
+        return results | {"rows": [r for r in results["rows"] if r["cache"] in caches],
+                          "documents": [d | {"caches": sorted(caches)} for d in docs]}
+
+    merged = retention_merge.merge([only({"bounded"}), only(arm)])  # arms, the same documents
+    assert merged["rows"] == results["rows"] and len(merged["documents"]) == len(docs)
+    assert all(set(d["caches"]) == caches for d in merged["documents"])
+    with pytest.raises(retention_merge.MergeError, match="bounded in two parts"):
+        retention_merge.merge([results, only({"bounded"})])
 
 
 def test_the_table_leaves_blank_the_lengths_a_full_cache_did_not_run():

@@ -69,6 +69,25 @@ def _part_records(part: dict[str, Any]) -> list[dict[str, Any]]:
              "unbounded": part.get("unbounded", {}), "failures": part.get("failures", {})}]
 
 
+def _documents(parts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The parts' document records joined by text (``scoring.document_records``): a
+    document read by several parts holds the union of their caches; one cache
+    answering a document in two parts would count it twice (``MergeError``). Parts
+    written before the records existed are not checked."""
+    joined: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for doc in part.get("documents", []):
+            seen = joined.setdefault(doc["sha256"], doc | {"caches": []})
+            twice = set(seen["caches"]) & set(doc["caches"])
+            if twice:
+                raise MergeError(
+                    f"the {doc['length']}-token document (facts {doc['facts']}, depth "
+                    f"{doc['depth']}, seed {doc['seed']}) is answered by "
+                    f"{', '.join(sorted(twice))} in two parts: it would count twice")
+            seen["caches"] = sorted(set(seen["caches"]) | set(doc["caches"]))
+    return list(joined.values())
+
+
 def merge(parts: Sequence[dict[str, Any]], *, mixed_devices: bool = False) -> dict[str, Any]:
     """One results dict from the ``parts`` (``MergeError`` when they disagree;
     their device kinds may differ with ``mixed_devices``)."""
@@ -101,6 +120,7 @@ def merge(parts: Sequence[dict[str, Any]], *, mixed_devices: bool = False) -> di
     tasks = {c.get("task", "facts") for c in configs}  # files before the chat task: facts
     if len(tasks) > 1:
         raise MergeError(f"the parts differ in task: {', '.join(sorted(tasks))}")
+    documents = _documents(parts)
     per_cell = [r["total"] // r["facts"] for r in rows]
     config = {"task": tasks.pop(), "lengths": lengths,
               "depths": sorted({d for c in configs for d in c["depths"]}),
@@ -146,6 +166,7 @@ def merge(parts: Sequence[dict[str, Any]], *, mixed_devices: bool = False) -> di
                 {"cache": cache, "length": length, "same": s, "total": t, "fraction": s / t}
                 for (cache, length), (s, t) in sorted(same.items(), key=lambda kv: (
                     CACHES.index(kv[0][0]), kv[0][1]))],
+            "documents": documents,
             "state_bytes": state, "unbounded": unbounded,
             "parts": records,
             "failures": _open_failures(parts, rows),

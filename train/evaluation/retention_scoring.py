@@ -11,6 +11,7 @@ exact match (a plain model's completion is the answer itself).
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from typing import Any, Mapping, Sequence
 
@@ -118,6 +119,24 @@ def goals(summary: Sequence[dict[str, Any]], lengths: Sequence[int], *,
         "above_base_met": bool(lead) and min(lead.values()) > 0,
         "state_bytes_bounded": size, "state_bytes_goal": CHAT_GOAL_STATE_BYTES,
         "state_met": size is not None and size <= CHAT_GOAL_STATE_BYTES}
+
+
+def document_records(docs: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],
+                     answers: Mapping[str, Sequence[str | None]], seed: int
+                     ) -> list[dict[str, Any]]:
+    """One record per document: its cell, ``seed``, index, the sha256 of its text and the
+    caches that answered its questions. The documents of a study depend on its whole
+    grid (one generator walks the cells in order), so these tell a merge whether two
+    parts read the same documents (other caches: arms to compare) or count one twice."""
+    answered: dict[int, set[str]] = defaultdict(set)
+    for cache, got in answers.items():
+        for row, answer in zip(rows, got):
+            if answer is not None:
+                answered[row["doc"]].add(cache)
+    return [{"length": d["length"], "facts": d["facts"], "depth": d["depth"],
+             "seed": seed, "index": d.get("index"),
+             "sha256": hashlib.sha256(d["text"].encode()).hexdigest(),
+             "caches": sorted(answered[i])} for i, d in enumerate(docs)]
 
 
 def goals_line(g: Mapping[str, Any]) -> str:

@@ -35,8 +35,12 @@ whitespace. The results JSON holds the device and versions, the model and
 its weights fingerprint, the configuration, one row per (cache, length,
 facts, depth) cell with its counts, per-length summaries, the goals of the
 task's issue (``retention_scoring.goals``: for ``facts`` >= 95% with one fact at every
-length and bounded within 5 points of unbounded; ``chat`` adds issue #29's), how often each bounded cache gave the unbounded one's very
-answer, the state size of each cache, timings per phase and sample answers.
+length and bounded within 5 points of unbounded; ``chat`` adds issue #29's), how often
+each bounded cache gave the unbounded one's very answer, the state size of each cache,
+each document's fingerprint and the caches that answered it (one generator walks the
+grid's cells in order, so a document depends on the whole grid: arms compared on the
+same documents are run with the same grid and seed), timings per phase and sample
+answers.
 The workers overlap with this process's ingest (and each other) unless
 ``--serial``. A study too long for one run runs in parts (``--lengths``,
 ``--facts``, ``--seed``) merged by ``python -m train.evaluation
@@ -320,6 +324,7 @@ def assemble(args: argparse.Namespace, opened: Any, corpus_tok: str,
             "rows": cells, "summaries": summary,
             "goals": scoring.goals(summary, args.lengths, task=args.task, state_bytes=state),
             "agreement_with_unbounded": scoring.agreement(rows, answers, PRODUCT_CACHES),
+            "documents": scoring.document_records(docs, rows, answers, args.seed),
             "state_bytes": state,
             **{cache: {k: v for k, v in reports.get(cache, {}).items()
                        if k != "kv_cache_bytes"} for cache in FULL_CACHES},
